@@ -1,0 +1,83 @@
+"""Static configuration shared by every kernel implementation.
+
+Glossary: N rows (= B·T flattened token positions), V vocabulary, D hidden width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+# A finite stand-in for -inf: keeps `exp(x - m)` NaN-free when a whole tile is
+# masked (−inf − (−inf) is NaN, MIN − MIN is 0).
+NEG_LARGE = float(jax.numpy.finfo(jax.numpy.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes of one kernel call; a hashable static argument.
+
+  Attributes:
+    rows: token positions per tile (TPU: a multiple of 8; GPU: a power of 2).
+    vocab: vocabulary entries per tile (TPU: a multiple of 128; GPU: a power
+      of 2). V need not be a multiple: the tail tile is masked.
+    hidden: hidden-width chunk for the fused matmul on GPU (power of 2);
+      ignored elsewhere (TPU holds the whole D in one tile).
+    vocab_chunk: vocabulary entries per chunk for "chunked_xla" and the GPU
+      linear backward: the peak temporary is rows x vocab_chunk floats.
+  """
+
+  rows: int = 256
+  vocab: int = 2048
+  hidden: int = 64
+  vocab_chunk: int = 4096
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(
+            f"BlockSizes.{field.name} must be a positive int, got {value!r}.")
+
+  def check_tpu(self):
+    if self.rows % 8 or self.vocab % 128:
+      raise ValueError(
+          f"pallas_tpu needs BlockSizes.rows % 8 == 0 and vocab % 128 == 0 "
+          f"(Mosaic tiles are (8, 128)); got rows={self.rows}, "
+          f"vocab={self.vocab}.")
+
+  def check_gpu(self):
+    for name in ("rows", "vocab", "hidden"):
+      value = getattr(self, name)
+      if value & (value - 1):
+        raise ValueError(
+            f"pallas_gpu needs power-of-2 block sizes (Triton); got "
+            f"BlockSizes.{name}={value}.")
+
+
+def round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+def fit_rows(block_rows: int, n_rows: int, multiple: int) -> int:
+  """Shrinks a row tile for short inputs, keeping the layout multiple."""
+  return max(multiple, min(block_rows, round_up(n_rows, multiple)))
+
+
+def tpu_interpret(interpret: Any) -> Any:
+  """`interpret` for a Mosaic kernel: simulate the TPU unless on one."""
+  if interpret is None:
+    if jax.default_backend() == "tpu":
+      return False
+    from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+    return pltpu.InterpretParams()
+  return interpret
+
+
+def gpu_interpret(interpret: Any) -> Any:
+  """`interpret` for a Triton kernel: the generic interpreter unless on a GPU."""
+  if interpret is None:
+    return jax.default_backend() != "gpu"
+  return interpret

@@ -1,0 +1,149 @@
+"""The "pallas_gpu" implementation of the fused linear op (Triton lowering).
+
+Forward: one program per tile of bn rows loops over vocabulary tiles of bv
+columns; each logits tile [bn, bv] is accumulated over hidden chunks of bd
+with pl.dot (tensor cores, float32 accumulation), folded into an online
+log-sum-exp in registers and dropped: no logits reach HBM.
+
+Backward: Triton programs cannot share an accumulator, and a [bn, D] one per
+program does not fit in registers, so d(hidden) and d(weight) are formed one
+vocabulary chunk of c columns at a time: a Pallas kernel recomputes the chunk's
+logits tiles and writes dlogits = g · (onehot − exp(logits − lse)) [N, c]
+(hidden's dtype), and two cuBLAS matmuls contract it into d(hidden) and
+d(weight)[:, chunk]. Peak temporary memory is N × c, independent of V.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from dro_fast.kernels import config
+from dro_fast.kernels.sequence_logprobs.pallas_gpu import check_offsets
+
+_DEFAULT = config.BlockSizes(rows=64, vocab=128, hidden=64, vocab_chunk=4096)
+
+
+def _logits_tile(hidden_ref, weight_ref, rows, row_ok, cols, col_ok, d, bd):
+  """float32 hidden[rows] @ weight[:, cols], accumulated over D in bd chunks."""
+
+  def body(k, acc):
+    ks = k * bd + jnp.arange(bd)
+    k_ok = ks < d
+    h = plgpu.load(hidden_ref.at[rows[:, None], ks[None, :]],
+                   mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    w = plgpu.load(weight_ref.at[ks[:, None], cols[None, :]],
+                   mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+    return acc + plgpu.dot(h, w)
+
+  return jax.lax.fori_loop(0, pl.cdiv(d, bd), body,
+                           jnp.zeros((rows.shape[0], cols.shape[0]),
+                                     jnp.float32))
+
+
+def _forward_kernel(hidden_ref, weight_ref, targets_ref, logprobs_ref, lse_ref,
+                    *, n, d, vocab, bn, bv, bd):
+  rows = pl.program_id(0) * bn + jnp.arange(bn)
+  row_ok = rows < n
+  targets = plgpu.load(targets_ref.at[rows], mask=row_ok, other=0)
+
+  def body(j, carry):
+    m, l, t = carry
+    cols = j * bv + jnp.arange(bv)
+    col_ok = cols < vocab
+    x = _logits_tile(hidden_ref, weight_ref, rows, row_ok, cols, col_ok, d, bd)
+    x = jnp.where(col_ok[None, :], x, config.NEG_LARGE)
+    m_new = jnp.maximum(m, jnp.max(x, axis=1))
+    l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new[:, None]), axis=1)
+    t = t + jnp.sum(jnp.where(cols[None, :] == targets[:, None], x, 0.0),
+                    axis=1)
+    return m_new, l, t
+
+  init = (jnp.full((bn,), config.NEG_LARGE, jnp.float32),
+          jnp.zeros((bn,), jnp.float32), jnp.zeros((bn,), jnp.float32))
+  m, l, t = jax.lax.fori_loop(0, pl.cdiv(vocab, bv), body, init)
+  lse = m + jnp.log(l)
+  plgpu.store(lse_ref.at[rows], lse, mask=row_ok)
+  plgpu.store(logprobs_ref.at[rows], t - lse, mask=row_ok)
+
+
+def _dlogits_kernel(hidden_ref, weight_ref, targets_ref, lse_ref, g_ref,
+                    dlogits_ref, *, n, d, vocab, bn, bv, bd):
+  """dlogits for a weight chunk [D, vocab]; targets are chunk-relative."""
+  rows = pl.program_id(0) * bn + jnp.arange(bn)
+  cols = pl.program_id(1) * bv + jnp.arange(bv)
+  row_ok, col_ok = rows < n, cols < vocab
+  targets = plgpu.load(targets_ref.at[rows], mask=row_ok, other=-1)
+  lse = plgpu.load(lse_ref.at[rows], mask=row_ok, other=0.0)
+  g = plgpu.load(g_ref.at[rows], mask=row_ok, other=0.0)
+  x = _logits_tile(hidden_ref, weight_ref, rows, row_ok, cols, col_ok, d, bd)
+  onehot = (cols[None, :] == targets[:, None]).astype(jnp.float32)
+  dx = g[:, None] * (onehot - jnp.exp(x - lse[:, None]))
+  plgpu.store(dlogits_ref.at[rows[:, None], cols[None, :]],
+              dx.astype(dlogits_ref.dtype),
+              mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _blocks(n, d, vocab, block_sizes):
+  block_sizes = block_sizes or _DEFAULT
+  block_sizes.check_gpu()
+  check_offsets(n, d)
+  check_offsets(d, vocab)
+  # tl.dot needs every tile dimension >= 16.
+  bn = max(16, min(block_sizes.rows, pl.next_power_of_2(n)))
+  bv = max(16, min(block_sizes.vocab, pl.next_power_of_2(vocab)))
+  bd = max(16, min(block_sizes.hidden, pl.next_power_of_2(d)))
+  return block_sizes, dict(n=n, d=d, bn=bn, bv=bv, bd=bd)
+
+
+def _compiler_params():
+  return plgpu.CompilerParams(num_warps=4, num_stages=3)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def linear_token_logprobs(hidden, weight, targets, block_sizes=None,
+                          interpret=None):
+  """Same contract as reference.linear_token_logprobs."""
+  (n, d), vocab = hidden.shape, weight.shape[1]
+  _, kw = _blocks(n, d, vocab, block_sizes)
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, vocab=vocab, **kw),
+      grid=(pl.cdiv(n, kw["bn"]),),
+      out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)] * 2,
+      compiler_params=_compiler_params(),
+      interpret=config.gpu_interpret(interpret),
+      name="linear_token_logprobs_fwd",
+  )(hidden, weight, targets)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def linear_token_logprobs_bwd(hidden, weight, targets, lse, g,
+                              block_sizes=None, interpret=None):
+  """Same contract as reference.linear_token_logprobs_bwd."""
+  (n, d), vocab = hidden.shape, weight.shape[1]
+  block_sizes, kw = _blocks(n, d, vocab, block_sizes)
+  dtype = jnp.result_type(hidden.dtype, weight.dtype)
+  dhidden = jnp.zeros(hidden.shape, jnp.float32)
+  dweight_chunks = []
+  # Static chunk bounds (the last chunk is narrower): a few unrolled steps.
+  for start in range(0, vocab, block_sizes.vocab_chunk):
+    stop = min(start + block_sizes.vocab_chunk, vocab)
+    w = weight[:, start:stop]                                     # [D, c]
+    dlogits = pl.pallas_call(
+        functools.partial(_dlogits_kernel, vocab=stop - start, **kw),
+        grid=(pl.cdiv(n, kw["bn"]), pl.cdiv(stop - start, kw["bv"])),
+        out_shape=jax.ShapeDtypeStruct((n, stop - start), dtype),
+        compiler_params=_compiler_params(),
+        interpret=config.gpu_interpret(interpret),
+        name="linear_token_logprobs_dlogits",
+    )(hidden, w, targets - start, lse, g)                         # [N, c]
+    dhidden += jnp.dot(dlogits, w.T.astype(dtype),
+                       preferred_element_type=jnp.float32)
+    dweight_chunks.append(jnp.dot(hidden.T.astype(dtype), dlogits,
+                                  preferred_element_type=jnp.float32))
+  dweight = jnp.concatenate(dweight_chunks, axis=1)
+  return dhidden.astype(hidden.dtype), dweight.astype(weight.dtype)

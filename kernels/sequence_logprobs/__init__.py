@@ -1,0 +1,1 @@
+"""Per-token log-probabilities of given targets, from logits [N, V]."""

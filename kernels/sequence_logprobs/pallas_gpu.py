@@ -1,0 +1,119 @@
+"""The "pallas_gpu" implementation: Pallas kernels lowered through Triton.
+
+Triton programs run independently, so a reduction cannot span programs the
+way the TPU kernel's sequential grid axis does. Forward: one program per tile
+of bn rows loops over the vocabulary in bv-wide masked loads, keeping the
+online log-sum-exp in registers; the logits are read once. Backward: a fully
+parallel (rows, vocab) grid of tiles, each writing g · (onehot − exp(x − lse)).
+
+Block shapes are powers of 2 (Triton); tails of N and V are masked loads and
+stores. Offsets are int32 in Triton, hence the N·V < 2**31 check.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from dro_fast.kernels import config
+
+_DEFAULT = config.BlockSizes(rows=4, vocab=1024)
+
+
+def check_offsets(*shape: int):
+  size = 1
+  for dim in shape:
+    size *= dim
+  if size >= 2**31:
+    raise ValueError(
+        f"pallas_gpu addresses tensors with int32 offsets; a tensor of shape "
+        f"{shape} has {size} >= 2**31 elements. Split the batch or use "
+        f"implementation='chunked_xla'.")
+
+
+def _forward_kernel(logits_ref, targets_ref, logprobs_ref, lse_ref, *,
+                    n: int, vocab: int, bn: int, bv: int):
+  rows = pl.program_id(0) * bn + jnp.arange(bn)                  # [bn]
+  row_ok = rows < n
+  targets = plgpu.load(targets_ref.at[rows], mask=row_ok, other=0)
+
+  def body(j, carry):
+    m, l, t = carry                                               # [bn] each
+    cols = j * bv + jnp.arange(bv)                                # [bv]
+    ok = row_ok[:, None] & (cols < vocab)[None, :]
+    x = plgpu.load(logits_ref.at[rows[:, None], cols[None, :]], mask=ok,
+                   other=config.NEG_LARGE,
+                   eviction_policy="evict_first").astype(jnp.float32)
+    m_new = jnp.maximum(m, jnp.max(x, axis=1))
+    l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new[:, None]), axis=1)
+    t = t + jnp.sum(jnp.where(cols[None, :] == targets[:, None], x, 0.0),
+                    axis=1)
+    return m_new, l, t
+
+  init = (jnp.full((bn,), config.NEG_LARGE, jnp.float32),
+          jnp.zeros((bn,), jnp.float32), jnp.zeros((bn,), jnp.float32))
+  m, l, t = jax.lax.fori_loop(0, pl.cdiv(vocab, bv), body, init)
+  lse = m + jnp.log(l)
+  plgpu.store(lse_ref.at[rows], lse, mask=row_ok)
+  plgpu.store(logprobs_ref.at[rows], t - lse, mask=row_ok)
+
+
+def _backward_kernel(logits_ref, targets_ref, lse_ref, g_ref, dlogits_ref, *,
+                     n: int, vocab: int, bn: int, bv: int):
+  rows = pl.program_id(0) * bn + jnp.arange(bn)
+  cols = pl.program_id(1) * bv + jnp.arange(bv)
+  row_ok = rows < n
+  ok = row_ok[:, None] & (cols < vocab)[None, :]
+  targets = plgpu.load(targets_ref.at[rows], mask=row_ok, other=0)
+  lse = plgpu.load(lse_ref.at[rows], mask=row_ok, other=0.0)
+  g = plgpu.load(g_ref.at[rows], mask=row_ok, other=0.0)
+  x = plgpu.load(logits_ref.at[rows[:, None], cols[None, :]], mask=ok,
+                 other=0.0, eviction_policy="evict_first").astype(jnp.float32)
+  onehot = (cols[None, :] == targets[:, None]).astype(jnp.float32)
+  dx = g[:, None] * (onehot - jnp.exp(x - lse[:, None]))
+  plgpu.store(dlogits_ref.at[rows[:, None], cols[None, :]],
+              dx.astype(dlogits_ref.dtype), mask=ok)
+
+
+def _tiles(n, vocab, block_sizes):
+  block_sizes = block_sizes or _DEFAULT
+  block_sizes.check_gpu()
+  check_offsets(n, vocab)
+  bv = min(block_sizes.vocab, pl.next_power_of_2(vocab))
+  bn = min(block_sizes.rows, pl.next_power_of_2(n))
+  return bn, bv
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def token_logprobs(logits, targets, block_sizes=None, interpret=None):
+  """Same contract as reference.token_logprobs."""
+  n, vocab = logits.shape
+  bn, bv = _tiles(n, vocab, block_sizes)
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, n=n, vocab=vocab, bn=bn, bv=bv),
+      grid=(pl.cdiv(n, bn),),
+      out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)] * 2,
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+      interpret=config.gpu_interpret(interpret),
+      name="token_logprobs_fwd",
+  )(logits, targets)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def token_logprobs_bwd(logits, targets, lse, g, block_sizes=None,
+                       interpret=None):
+  """Same contract as reference.token_logprobs_bwd."""
+  n, vocab = logits.shape
+  bn, bv = _tiles(n, vocab, block_sizes)
+  return pl.pallas_call(
+      functools.partial(_backward_kernel, n=n, vocab=vocab, bn=bn, bv=bv),
+      grid=(pl.cdiv(n, bn), pl.cdiv(vocab, bv)),
+      out_shape=jax.ShapeDtypeStruct(logits.shape, logits.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+      interpret=config.gpu_interpret(interpret),
+      name="token_logprobs_bwd",
+  )(logits, targets, lse, g)

@@ -1,0 +1,116 @@
+"""The "pallas_tpu" implementation: Mosaic kernels over (row, vocab) tiles.
+
+Forward: grid (N/bn, V/bv); the vocabulary axis is the innermost, sequential
+("arbitrary") axis and carries an online log-sum-exp in VMEM scratch, so the
+logits are read exactly once. Backward: the same grid, both axes parallel;
+each tile writes g · (onehot − exp(x − lse)) from the saved lse, so the
+softmax is never stored.
+
+Layout: per-row vectors travel as [N, 1] columns, so every block's last two
+dimensions are (multiple of 8, multiple of 128) or the full extent, as Mosaic
+requires. Tails of N and V are handled by pl.cdiv grids; entries past V are
+masked before the max and the sum; rows past N are computed on padding and
+their writes dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from dro_fast.kernels import config
+
+
+def _forward_kernel(targets_ref, logits_ref, logprobs_ref, lse_ref,
+                    m_ref, l_ref, t_ref, *, vocab: int, block_vocab: int):
+  j = pl.program_id(1)
+
+  @pl.when(j == 0)
+  def _init():
+    m_ref[...] = jnp.full(m_ref.shape, config.NEG_LARGE, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    t_ref[...] = jnp.zeros(t_ref.shape, jnp.float32)
+
+  x = logits_ref[...].astype(jnp.float32)                         # [bn, bv]
+  cols = j * block_vocab + lax.broadcasted_iota(jnp.int32, x.shape, 1)
+  x = jnp.where(cols < vocab, x, config.NEG_LARGE)
+  is_target = cols == targets_ref[...]                            # [bn, bv]
+  t_ref[...] += jnp.sum(jnp.where(is_target, x, 0.0), axis=1, keepdims=True)
+  m_old = m_ref[...]                                              # [bn, 1]
+  m_new = jnp.maximum(m_old, jnp.max(x, axis=1, keepdims=True))
+  # float32 accumulation whatever the logits' dtype.
+  l_ref[...] = (l_ref[...] * jnp.exp(m_old - m_new)
+                + jnp.sum(jnp.exp(x - m_new), axis=1, keepdims=True))
+  m_ref[...] = m_new
+
+  @pl.when(j == pl.num_programs(1) - 1)
+  def _finish():
+    lse = m_ref[...] + jnp.log(l_ref[...])
+    lse_ref[...] = lse
+    logprobs_ref[...] = t_ref[...] - lse
+
+
+def _backward_kernel(targets_ref, lse_ref, g_ref, logits_ref, dlogits_ref, *,
+                     block_vocab: int):
+  j = pl.program_id(1)
+  x = logits_ref[...].astype(jnp.float32)                         # [bn, bv]
+  cols = j * block_vocab + lax.broadcasted_iota(jnp.int32, x.shape, 1)
+  probs = jnp.exp(x - lse_ref[...])
+  onehot = (cols == targets_ref[...]).astype(jnp.float32)
+  dlogits_ref[...] = (g_ref[...] * (onehot - probs)).astype(dlogits_ref.dtype)
+
+
+def _tiles(n: int, vocab: int, block_sizes: config.BlockSizes):
+  block_sizes.check_tpu()
+  bn = config.fit_rows(block_sizes.rows, n, 8)
+  bv = min(block_sizes.vocab, config.round_up(vocab, 128))
+  return bn, bv
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def token_logprobs(logits, targets, block_sizes=None, interpret=None):
+  """Same contract as reference.token_logprobs."""
+  block_sizes = block_sizes or config.BlockSizes()
+  n, vocab = logits.shape
+  bn, bv = _tiles(n, vocab, block_sizes)
+  row = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))
+  logprobs, lse = pl.pallas_call(
+      functools.partial(_forward_kernel, vocab=vocab, block_vocab=bv),
+      grid=(pl.cdiv(n, bn), pl.cdiv(vocab, bv)),
+      in_specs=[row, pl.BlockSpec((bn, bv), lambda i, j: (i, j))],
+      out_specs=[row, row],
+      out_shape=[jax.ShapeDtypeStruct((n, 1), jnp.float32)] * 2,
+      scratch_shapes=[pltpu.VMEM((bn, 1), jnp.float32)] * 3,
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "arbitrary")),
+      interpret=config.tpu_interpret(interpret),
+      name="token_logprobs_fwd",
+  )(targets.reshape(n, 1), logits)
+  return logprobs[:, 0], lse[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def token_logprobs_bwd(logits, targets, lse, g, block_sizes=None,
+                       interpret=None):
+  """Same contract as reference.token_logprobs_bwd."""
+  block_sizes = block_sizes or config.BlockSizes()
+  n, vocab = logits.shape
+  bn, bv = _tiles(n, vocab, block_sizes)
+  row = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))
+  tile = pl.BlockSpec((bn, bv), lambda i, j: (i, j))
+  return pl.pallas_call(
+      functools.partial(_backward_kernel, block_vocab=bv),
+      grid=(pl.cdiv(n, bn), pl.cdiv(vocab, bv)),
+      in_specs=[row, row, row, tile],
+      out_specs=tile,
+      out_shape=jax.ShapeDtypeStruct(logits.shape, logits.dtype),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel")),
+      interpret=config.tpu_interpret(interpret),
+      name="token_logprobs_bwd",
+  )(targets.reshape(n, 1), lse.reshape(n, 1), g.reshape(n, 1), logits)
