@@ -27,12 +27,14 @@ class BlockSizes:
       ignored elsewhere (TPU holds the whole D in one tile).
     vocab_chunk: vocabulary entries per chunk for "chunked_xla" and the GPU
       linear backward: the peak temporary is rows x vocab_chunk floats.
+    num_warps: warps per Triton program (GPU only; a power of 2).
   """
 
   rows: int = 256
   vocab: int = 2048
   hidden: int = 64
-  vocab_chunk: int = 4096
+  vocab_chunk: int = 2048
+  num_warps: int = 4
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
@@ -49,7 +51,7 @@ class BlockSizes:
           f"vocab={self.vocab}.")
 
   def check_gpu(self):
-    for name in ("rows", "vocab", "hidden"):
+    for name in ("rows", "vocab", "hidden", "num_warps"):
       value = getattr(self, name)
       if value & (value - 1):
         raise ValueError(

@@ -100,8 +100,8 @@ def _blocks(n, d, vocab, block_sizes):
   return block_sizes, dict(n=n, d=d, bn=bn, bv=bv, bd=bd)
 
 
-def _compiler_params():
-  return plgpu.CompilerParams(num_warps=4, num_stages=3)
+def _compiler_params(block_sizes):
+  return plgpu.CompilerParams(num_warps=block_sizes.num_warps, num_stages=3)
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
@@ -109,12 +109,12 @@ def linear_token_logprobs(hidden, weight, targets, block_sizes=None,
                           interpret=None):
   """Same contract as reference.linear_token_logprobs."""
   (n, d), vocab = hidden.shape, weight.shape[1]
-  _, kw = _blocks(n, d, vocab, block_sizes)
+  block_sizes, kw = _blocks(n, d, vocab, block_sizes)
   return pl.pallas_call(
       functools.partial(_forward_kernel, vocab=vocab, **kw),
       grid=(pl.cdiv(n, kw["bn"]),),
       out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)] * 2,
-      compiler_params=_compiler_params(),
+      compiler_params=_compiler_params(block_sizes),
       interpret=config.gpu_interpret(interpret),
       name="linear_token_logprobs_fwd",
   )(hidden, weight, targets)
@@ -137,7 +137,7 @@ def linear_token_logprobs_bwd(hidden, weight, targets, lse, g,
         functools.partial(_dlogits_kernel, vocab=stop - start, **kw),
         grid=(pl.cdiv(n, kw["bn"]), pl.cdiv(stop - start, kw["bv"])),
         out_shape=jax.ShapeDtypeStruct((n, stop - start), dtype),
-        compiler_params=_compiler_params(),
+        compiler_params=_compiler_params(block_sizes),
         interpret=config.gpu_interpret(interpret),
         name="linear_token_logprobs_dlogits",
     )(hidden, w, targets - start, lse, g)                         # [N, c]

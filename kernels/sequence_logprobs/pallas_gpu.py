@@ -85,19 +85,20 @@ def _tiles(n, vocab, block_sizes):
   check_offsets(n, vocab)
   bv = min(block_sizes.vocab, pl.next_power_of_2(vocab))
   bn = min(block_sizes.rows, pl.next_power_of_2(n))
-  return bn, bv
+  params = plgpu.CompilerParams(num_warps=block_sizes.num_warps, num_stages=2)
+  return bn, bv, params
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def token_logprobs(logits, targets, block_sizes=None, interpret=None):
   """Same contract as reference.token_logprobs."""
   n, vocab = logits.shape
-  bn, bv = _tiles(n, vocab, block_sizes)
+  bn, bv, params = _tiles(n, vocab, block_sizes)
   return pl.pallas_call(
       functools.partial(_forward_kernel, n=n, vocab=vocab, bn=bn, bv=bv),
       grid=(pl.cdiv(n, bn),),
       out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)] * 2,
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+      compiler_params=params,
       interpret=config.gpu_interpret(interpret),
       name="token_logprobs_fwd",
   )(logits, targets)
@@ -108,12 +109,12 @@ def token_logprobs_bwd(logits, targets, lse, g, block_sizes=None,
                        interpret=None):
   """Same contract as reference.token_logprobs_bwd."""
   n, vocab = logits.shape
-  bn, bv = _tiles(n, vocab, block_sizes)
+  bn, bv, params = _tiles(n, vocab, block_sizes)
   return pl.pallas_call(
       functools.partial(_backward_kernel, n=n, vocab=vocab, bn=bn, bv=bv),
       grid=(pl.cdiv(n, bn), pl.cdiv(vocab, bv)),
       out_shape=jax.ShapeDtypeStruct(logits.shape, logits.dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+      compiler_params=params,
       interpret=config.gpu_interpret(interpret),
       name="token_logprobs_bwd",
   )(logits, targets, lse, g)

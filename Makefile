@@ -1,0 +1,41 @@
+# dro_fast: `make demo` and `make test` set up .venv/ on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+
+.PHONY: demo test test-fast check-install bazel clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) -c requirements/constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+# The main job on its embedded default. Until the trainer lands this is the
+# CPU kernel benchmark.
+demo: $(STAMP)
+	$(BIN)/python benchmarks/kernels.py --flagfile=configs/kernels_cpu.flags
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q
+	$(MAKE) --no-print-directory check-install
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q -m "not slow"
+
+# A wheel (not the editable install) imports dro_fast.kernels, from outside
+# the repository, and ships no top-level `kernels` package.
+check-install: $(STAMP)
+	rm -rf build/wheel build/site
+	$(BIN)/python -m pip wheel --quiet --no-deps -w build/wheel .
+	$(PIP_INSTALL) --no-deps --target build/site build/wheel/dro_fast-*.whl
+	cd /tmp && PYTHONPATH=$(CURDIR)/build/site $(CURDIR)/$(BIN)/python \
+	  $(CURDIR)/tests/check_wheel.py $(CURDIR)/build/site $(CURDIR)/build/wheel
+
+bazel:
+	bazel build //...
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info bazel-*
