@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$(pwd)/.out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-PY=python3
+PY="${PY:-python3}"
+BENCH_FLAGS="${BENCH_FLAGS:---flagfile=configs/kernels_gpu.flags}"
 log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/device_check.log"; }
 
 log "machine"
@@ -18,11 +19,14 @@ log "machine"
   $PY -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
 } 2>&1 | tee -a "$OUT/device_check.log"
 
-# The project, without its dependencies (the image has jax, absl, numpy).
-log "install dro_fast (no deps, no network)"
-$PY -m pip install -q --no-deps --no-build-isolation --no-index \
-  --target /tmp/dro_site . 2>&1 | tail -3
-export PYTHONPATH=/tmp/dro_site:$(pwd)
+# The installed layout without pip (the image has jax, absl, numpy, pytest):
+# kernels/ becomes dro_fast/kernels, as pyproject's package-dir maps it.
+log "lay out dro_fast as installed (no deps, no network)"
+SITE=/tmp/dro_site
+rm -rf "$SITE" && mkdir -p "$SITE"
+cp -r dro_fast benchmarks tests configs pyproject.toml "$SITE"/
+cp -r kernels "$SITE"/dro_fast/kernels
+cd "$SITE"
 
 log "numerics against float64 (both ops, float32 + bfloat16, V=32128)"
 timeout 150 $PY benchmarks/gpu_numerics.py --json_out="$OUT/numerics.jsonl" \
@@ -34,7 +38,7 @@ timeout 120 $PY -m pytest -q -p no:cacheprovider -x \
   | tail -5 | tee "$OUT/pytest_gpu.txt"
 
 log "kernel benchmark"
-timeout 270 $PY benchmarks/kernels.py --flagfile=configs/kernels_gpu.flags \
+timeout 270 $PY benchmarks/kernels.py $BENCH_FLAGS \
   --json_out="$OUT/kernels.jsonl" 2>&1 | grep -v "Unable to initialize" \
   | tee "$OUT/kernels.txt"
 log "done"

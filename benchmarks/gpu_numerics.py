@@ -22,7 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repository root, for `benchmarks` and `tests`; appended so that an
+# installed dro_fast (with its dro_fast.kernels) is found first.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import kernel_cases as kernel_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast import kernels  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -25,7 +25,9 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repository root, for `benchmarks` and `tests`; appended so that an
+# installed dro_fast (with its dro_fast.kernels) is found first.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import kernel_cases  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast import kernels  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -111,18 +113,21 @@ def format_row(r) -> str:
 
 def sweep_configs(op: str):
   """pallas_gpu block sizes to try on a GPU."""
+  bs = kernels.BlockSizes
   if op == "sequence":
-    return [kernels.BlockSizes(rows=r, vocab=v, num_warps=w)
-            for r, v, w in [(1, 2048, 4), (1, 4096, 8), (2, 1024, 4),
-                            (2, 2048, 8), (4, 512, 4), (4, 1024, 4),
-                            (4, 2048, 8), (8, 512, 4), (8, 1024, 8),
-                            (16, 256, 4)]]
-  return [kernels.BlockSizes(rows=r, vocab=v, hidden=d, num_warps=w,
-                             vocab_chunk=c)
-          for r, v, d, w, c in [(64, 128, 64, 4, 4096), (128, 128, 64, 8, 4096),
-                                (64, 256, 64, 8, 4096), (128, 64, 64, 4, 4096),
-                                (64, 128, 32, 4, 4096), (128, 128, 32, 8, 8192),
-                                (64, 64, 128, 4, 4096)]]
+    return [bs(rows=r, vocab=v, num_warps=w, num_stages=st, vocab_splits=sp)
+            for r, v, w, st, sp in [
+                (1, 2048, 4, 2, 1), (1, 2048, 4, 3, 1), (1, 2048, 4, 4, 1),
+                (1, 2048, 4, 2, 4), (1, 2048, 4, 3, 4), (1, 1024, 4, 3, 8),
+                (1, 4096, 8, 3, 2), (2, 2048, 8, 3, 2), (4, 1024, 4, 3, 4),
+                (1, 1024, 2, 3, 4), (1, 512, 2, 4, 4)]]
+  return [bs(rows=r, vocab=v, hidden=d, num_warps=w, vocab_chunk=c,
+             num_stages=st)
+          for r, v, d, w, c, st in [
+              (128, 128, 64, 8, 2048, 3), (128, 128, 64, 8, 1024, 3),
+              (128, 128, 64, 8, 4096, 3), (128, 128, 64, 8, 2048, 4),
+              (128, 256, 64, 8, 2048, 3), (128, 128, 32, 4, 2048, 4),
+              (64, 128, 64, 4, 2048, 3)]]
 
 
 def main(argv):
@@ -165,11 +170,14 @@ def main(argv):
     for name in ("seq_b32_t512_v32128", "lin_b32_t512_d1024_v32128"):
       shape = kernel_cases.SHAPES[name]
       for block_sizes in sweep_configs(shape.op):
-        try:
-          emit(run_case(shape, "pallas_gpu", "forward_backward", dtype,
-                        _REPEATS.value, True, copy_rate, block_sizes))
-        except Exception as e:  # pylint: disable=broad-except
-          print(f"{name} {block_sizes}: failed: {e!s:.300}", flush=True)
+        modes = (["forward", "forward_backward"] if shape.op == "sequence"
+                 else ["forward_backward"])
+        for mode in modes:
+          try:
+            emit(run_case(shape, "pallas_gpu", mode, dtype, _REPEATS.value,
+                          True, copy_rate, block_sizes))
+          except Exception as e:  # pylint: disable=broad-except
+            print(f"{name} {block_sizes}: failed: {e!s:.300}", flush=True)
   if out:
     out.close()
 

@@ -28,6 +28,10 @@ class BlockSizes:
     vocab_chunk: vocabulary entries per chunk for "chunked_xla" and the GPU
       linear backward: the peak temporary is rows x vocab_chunk floats.
     num_warps: warps per Triton program (GPU only; a power of 2).
+    num_stages: Triton software-pipelining depth of the loops (GPU only).
+    vocab_splits: programs that share one row tile's vocabulary in the GPU
+      forward, each reducing a slice to a partial log-sum-exp that a tiny
+      XLA step combines (split-K style: more loads in flight per row).
   """
 
   rows: int = 256
@@ -35,6 +39,8 @@ class BlockSizes:
   hidden: int = 64
   vocab_chunk: int = 2048
   num_warps: int = 4
+  num_stages: int = 2
+  vocab_splits: int = 1
 
   def __post_init__(self):
     for field in dataclasses.fields(self):

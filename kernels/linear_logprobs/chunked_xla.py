@@ -5,7 +5,7 @@ online log-sum-exp and are dropped. Backward: each chunk's logits are
 recomputed, turned into dlogits = g · (onehot − exp(logits − lse)), and
 contracted at once into d(hidden) += dlogits @ weight[:, chunk]ᵀ and
 d(weight)[:, chunk] = hiddenᵀ @ dlogits. Peak temporary memory is N × c
-floats, independent of V.
+floats plus a float32 d(hidden), independent of V.
 
 The last chunk is shifted left to stay in bounds (no padded copy of the
 weight); entries an earlier chunk covered are masked out.
@@ -57,32 +57,50 @@ def linear_token_logprobs(hidden, weight, targets, block_sizes=None,
   return t - lse, lse
 
 
+def backward_scan(hidden, weight, targets, chunk, dlogits_fn):
+  """d(hidden), d(weight) from per-chunk dlogits, one chunk at a time.
+
+  dlogits_fn(w_chunk [D, c], start) -> dlogits [N, c] in the compute dtype.
+  A column's dlogits does not depend on which chunk computes it, so the
+  shifted last chunk simply rewrites the overlapping d(weight) columns with
+  the same values; for d(hidden) the overlapping weight columns are zeroed so
+  that they count once. d(weight)[:, chunk] is complete within its chunk and
+  goes straight into the output dtype; only d(hidden) needs a float32
+  accumulator.
+  """
+  vocab = weight.shape[1]
+  num_chunks = -(-vocab // chunk)
+
+  def body(carry, j):
+    dhidden, dweight = carry
+    start, w, _, valid = _chunk(weight, j, chunk, vocab)
+    dlogits = dlogits_fn(w, start)                                # [N, c]
+    w_new = jnp.where(valid[None, :], w, jnp.zeros_like(w))
+    dhidden = dhidden + jnp.dot(dlogits, w_new.T.astype(dlogits.dtype),
+                                preferred_element_type=jnp.float32)
+    dw = jnp.dot(hidden.T.astype(dlogits.dtype), dlogits,
+                 preferred_element_type=jnp.float32)              # [D, c]
+    dweight = lax.dynamic_update_slice_in_dim(
+        dweight, dw.astype(dweight.dtype), start, axis=1)
+    return (dhidden, dweight), None
+
+  init = (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros_like(weight))
+  (dhidden, dweight), _ = lax.scan(body, init, jnp.arange(num_chunks))
+  return dhidden.astype(hidden.dtype), dweight
+
+
 def linear_token_logprobs_bwd(hidden, weight, targets, lse, g,
                               block_sizes=None, interpret=None):
   """Same contract as reference.linear_token_logprobs_bwd."""
   del interpret
-  vocab = weight.shape[1]
-  chunk, num_chunks = _chunking(vocab, block_sizes)
+  chunk, _ = _chunking(weight.shape[1], block_sizes)
   compute_dtype = jnp.result_type(hidden.dtype, weight.dtype)
 
-  def body(carry, j):
-    dhidden, dweight = carry
-    start, w, cols, valid = _chunk(weight, j, chunk, vocab)
+  def dlogits_fn(w, start):
     logits = jnp.dot(hidden, w, preferred_element_type=jnp.float32)  # [N, c]
+    cols = start + jnp.arange(w.shape[1], dtype=jnp.int32)
     onehot = cols[None, :] == targets[:, None]
     dlogits = g[:, None] * (onehot - jnp.exp(logits - lse[:, None]))
-    dlogits = jnp.where(valid[None, :], dlogits, 0.0).astype(compute_dtype)
-    dhidden = dhidden + jnp.dot(dlogits, w.T,
-                                preferred_element_type=jnp.float32)
-    dw = jnp.dot(hidden.T, dlogits, preferred_element_type=jnp.float32)
-    # Add (not overwrite): the shifted last chunk overlaps the previous one,
-    # whose columns it leaves at zero.
-    dweight = lax.dynamic_update_slice_in_dim(
-        dweight, lax.dynamic_slice_in_dim(dweight, start, chunk, 1) + dw,
-        start, axis=1)
-    return (dhidden, dweight), None
+    return dlogits.astype(compute_dtype)
 
-  init = (jnp.zeros(hidden.shape, jnp.float32),
-          jnp.zeros(weight.shape, jnp.float32))
-  (dhidden, dweight), _ = lax.scan(body, init, jnp.arange(num_chunks))
-  return dhidden.astype(hidden.dtype), dweight.astype(weight.dtype)
+  return backward_scan(hidden, weight, targets, chunk, dlogits_fn)

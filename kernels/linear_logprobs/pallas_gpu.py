@@ -7,10 +7,11 @@ log-sum-exp in registers and dropped: no logits reach HBM.
 
 Backward: Triton programs cannot share an accumulator, and a [bn, D] one per
 program does not fit in registers, so d(hidden) and d(weight) are formed one
-vocabulary chunk of c columns at a time: a Pallas kernel recomputes the chunk's
-logits tiles and writes dlogits = g · (onehot − exp(logits − lse)) [N, c]
-(hidden's dtype), and two cuBLAS matmuls contract it into d(hidden) and
-d(weight)[:, chunk]. Peak temporary memory is N × c, independent of V.
+vocabulary chunk of c columns at a time, in a lax.scan: a Pallas kernel
+recomputes the chunk's logits tiles and writes dlogits = g · (onehot −
+exp(logits − lse)) [N, c] (hidden's dtype), and two cuBLAS matmuls contract it
+into d(hidden) and d(weight)[:, chunk] (chunked_xla.backward_scan). Peak
+temporary memory is N × c plus a float32 d(hidden), independent of V.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dro_fast.kernels import config
+from dro_fast.kernels.linear_logprobs import chunked_xla
 from dro_fast.kernels.sequence_logprobs.pallas_gpu import check_offsets
 
-_DEFAULT = config.BlockSizes(rows=64, vocab=128, hidden=64, vocab_chunk=4096)
+# Tuned on an H100 (benchmarks/RESULTS.md, block sweep of 2026-11-27).
+_DEFAULT = config.BlockSizes(rows=128, vocab=128, hidden=64, vocab_chunk=2048,
+                             num_warps=8)
 
 
 def _logits_tile(hidden_ref, weight_ref, rows, row_ok, cols, col_ok, d, bd):
@@ -126,24 +130,17 @@ def linear_token_logprobs_bwd(hidden, weight, targets, lse, g,
   """Same contract as reference.linear_token_logprobs_bwd."""
   (n, d), vocab = hidden.shape, weight.shape[1]
   block_sizes, kw = _blocks(n, d, vocab, block_sizes)
+  chunk = min(block_sizes.vocab_chunk, vocab)
   dtype = jnp.result_type(hidden.dtype, weight.dtype)
-  dhidden = jnp.zeros(hidden.shape, jnp.float32)
-  dweight_chunks = []
-  # Static chunk bounds (the last chunk is narrower): a few unrolled steps.
-  for start in range(0, vocab, block_sizes.vocab_chunk):
-    stop = min(start + block_sizes.vocab_chunk, vocab)
-    w = weight[:, start:stop]                                     # [D, c]
-    dlogits = pl.pallas_call(
-        functools.partial(_dlogits_kernel, vocab=stop - start, **kw),
-        grid=(pl.cdiv(n, kw["bn"]), pl.cdiv(stop - start, kw["bv"])),
-        out_shape=jax.ShapeDtypeStruct((n, stop - start), dtype),
-        compiler_params=_compiler_params(block_sizes),
-        interpret=config.gpu_interpret(interpret),
-        name="linear_token_logprobs_dlogits",
-    )(hidden, w, targets - start, lse, g)                         # [N, c]
-    dhidden += jnp.dot(dlogits, w.T.astype(dtype),
-                       preferred_element_type=jnp.float32)
-    dweight_chunks.append(jnp.dot(hidden.T.astype(dtype), dlogits,
-                                  preferred_element_type=jnp.float32))
-  dweight = jnp.concatenate(dweight_chunks, axis=1)
-  return dhidden.astype(hidden.dtype), dweight.astype(weight.dtype)
+  dlogits_call = pl.pallas_call(
+      functools.partial(_dlogits_kernel, vocab=chunk, **kw),
+      grid=(pl.cdiv(n, kw["bn"]), pl.cdiv(chunk, kw["bv"])),
+      out_shape=jax.ShapeDtypeStruct((n, chunk), dtype),
+      compiler_params=_compiler_params(block_sizes),
+      interpret=config.gpu_interpret(interpret),
+      name="linear_token_logprobs_dlogits",
+  )
+  # Chunk-relative targets: the kernel sees its chunk as vocabulary [0, c).
+  return chunked_xla.backward_scan(
+      hidden, weight, targets, chunk,
+      lambda w, start: dlogits_call(hidden, w, targets - start, lse, g))

@@ -1,9 +1,11 @@
 """The "pallas_gpu" implementation: Pallas kernels lowered through Triton.
 
 Triton programs run independently, so a reduction cannot span programs the
-way the TPU kernel's sequential grid axis does. Forward: one program per tile
-of bn rows loops over the vocabulary in bv-wide masked loads, keeping the
-online log-sum-exp in registers; the logits are read once. Backward: a fully
+way the TPU kernel's sequential grid axis does. Forward: a program per tile of
+bn rows and per vocabulary slice (BlockSizes.vocab_splits) loops over its
+slice in bv-wide masked loads, keeping an online log-sum-exp in registers, and
+writes the partial (max, sum, target logit); an O(S·N) XLA step combines the
+slices. The logits are read once. Backward: a fully
 parallel (rows, vocab) grid of tiles, each writing g · (onehot − exp(x − lse)).
 
 Block shapes are powers of 2 (Triton); tails of N and V are masked loads and
@@ -21,7 +23,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from dro_fast.kernels import config
 
-_DEFAULT = config.BlockSizes(rows=4, vocab=1024)
+# Tuned on an H100 (benchmarks/RESULTS.md, block sweep of 2026-11-27).
+_DEFAULT = config.BlockSizes(rows=1, vocab=2048, num_warps=4)
 
 
 def check_offsets(*shape: int):
@@ -35,15 +38,17 @@ def check_offsets(*shape: int):
         f"implementation='chunked_xla'.")
 
 
-def _forward_kernel(logits_ref, targets_ref, logprobs_ref, lse_ref, *,
-                    n: int, vocab: int, bn: int, bv: int):
+def _forward_kernel(logits_ref, targets_ref, m_ref, l_ref, t_ref, *,
+                    n: int, vocab: int, bn: int, bv: int, tiles_per_split: int):
+  """Partial online log-sum-exp of one row tile over one vocabulary slice."""
+  split = pl.program_id(1)
   rows = pl.program_id(0) * bn + jnp.arange(bn)                  # [bn]
   row_ok = rows < n
   targets = plgpu.load(targets_ref.at[rows], mask=row_ok, other=0)
 
   def body(j, carry):
     m, l, t = carry                                               # [bn] each
-    cols = j * bv + jnp.arange(bv)                                # [bv]
+    cols = (split * tiles_per_split + j) * bv + jnp.arange(bv)    # [bv]
     ok = row_ok[:, None] & (cols < vocab)[None, :]
     x = plgpu.load(logits_ref.at[rows[:, None], cols[None, :]], mask=ok,
                    other=config.NEG_LARGE,
@@ -56,10 +61,11 @@ def _forward_kernel(logits_ref, targets_ref, logprobs_ref, lse_ref, *,
 
   init = (jnp.full((bn,), config.NEG_LARGE, jnp.float32),
           jnp.zeros((bn,), jnp.float32), jnp.zeros((bn,), jnp.float32))
-  m, l, t = jax.lax.fori_loop(0, pl.cdiv(vocab, bv), body, init)
-  lse = m + jnp.log(l)
-  plgpu.store(lse_ref.at[rows], lse, mask=row_ok)
-  plgpu.store(logprobs_ref.at[rows], t - lse, mask=row_ok)
+  m, l, t = jax.lax.fori_loop(0, tiles_per_split, body, init)
+  out = split * n + rows                                          # [S·N] slot
+  plgpu.store(m_ref.at[out], m, mask=row_ok)
+  plgpu.store(l_ref.at[out], l, mask=row_ok)
+  plgpu.store(t_ref.at[out], t, mask=row_ok)
 
 
 def _backward_kernel(logits_ref, targets_ref, lse_ref, g_ref, dlogits_ref, *,
@@ -85,7 +91,8 @@ def _tiles(n, vocab, block_sizes):
   check_offsets(n, vocab)
   bv = min(block_sizes.vocab, pl.next_power_of_2(vocab))
   bn = min(block_sizes.rows, pl.next_power_of_2(n))
-  params = plgpu.CompilerParams(num_warps=block_sizes.num_warps, num_stages=2)
+  params = plgpu.CompilerParams(num_warps=block_sizes.num_warps,
+                                num_stages=block_sizes.num_stages)
   return bn, bv, params
 
 
@@ -94,14 +101,22 @@ def token_logprobs(logits, targets, block_sizes=None, interpret=None):
   """Same contract as reference.token_logprobs."""
   n, vocab = logits.shape
   bn, bv, params = _tiles(n, vocab, block_sizes)
-  return pl.pallas_call(
-      functools.partial(_forward_kernel, n=n, vocab=vocab, bn=bn, bv=bv),
-      grid=(pl.cdiv(n, bn),),
-      out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)] * 2,
+  splits = min((block_sizes or _DEFAULT).vocab_splits, pl.cdiv(vocab, bv))
+  tiles_per_split = pl.cdiv(pl.cdiv(vocab, bv), splits)
+  m, l, t = pl.pallas_call(
+      functools.partial(_forward_kernel, n=n, vocab=vocab, bn=bn, bv=bv,
+                        tiles_per_split=tiles_per_split),
+      grid=(pl.cdiv(n, bn), splits),
+      out_shape=[jax.ShapeDtypeStruct((splits * n,), jnp.float32)] * 3,
       compiler_params=params,
       interpret=config.gpu_interpret(interpret),
       name="token_logprobs_fwd",
   )(logits, targets)
+  # Combine the slices' partial states: O(S·N), a few microseconds.
+  m, l, t = (x.reshape(splits, n) for x in (m, l, t))
+  m_all = jnp.max(m, axis=0)
+  lse = m_all + jnp.log(jnp.sum(l * jnp.exp(m - m_all), axis=0))
+  return jnp.sum(t, axis=0) - lse, lse
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))

@@ -140,3 +140,17 @@ def test_block_sizes_are_validated():
     kernels.sequence_logprobs(logits, targets, mask,
                               implementation="pallas_gpu",
                               block_sizes=kernels.BlockSizes(vocab=100))
+
+
+@pytest.mark.parametrize("splits", [3, 16])
+def test_pallas_gpu_vocab_splits(splits):
+  # 300 / 32 = 10 vocab tiles over 3 slices of 4 (the last slice is short)
+  # or more slices than tiles (clamped to 10).
+  logits, targets, mask, g = cases.random_inputs(7, 2, 5, 300, jnp.float32)
+  blocks = kernels.BlockSizes(rows=2, vocab=32, vocab_splits=splits)
+  value, dlogits = _value_and_vjp("pallas_gpu", logits, targets, mask, g,
+                                  block_sizes=blocks)
+  cases.close(value, ref.sequence_logprobs(logits, targets, mask),
+              rtol=1e-5, atol=1e-4)
+  cases.close(dlogits, ref.sequence_logprobs_vjp(logits, targets, mask, g),
+              rtol=1e-4, atol=1e-5)
