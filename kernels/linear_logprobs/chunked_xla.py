@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from dro_fast.kernels import config
-from dro_fast.kernels.sequence_logprobs import chunked_xla
+from dro_fast.kernels import online_lse
 
 
 def _chunking(vocab: int, block_sizes: config.BlockSizes | None):
@@ -48,10 +48,10 @@ def linear_token_logprobs(hidden, weight, targets, block_sizes=None,
     logits = jnp.dot(hidden, w, preferred_element_type=jnp.float32)  # [N, c]
     cols = jnp.broadcast_to(cols, logits.shape)
     valid = jnp.broadcast_to(valid, logits.shape)
-    return chunked_xla.online_lse_update(carry, logits, cols, valid,
+    return online_lse.update(carry, logits, cols, valid,
                                          targets), None
 
-  (m, l, t), _ = lax.scan(body, chunked_xla.init_state(n),
+  (m, l, t), _ = lax.scan(body, online_lse.init_state(n),
                           jnp.arange(num_chunks))
   lse = m + jnp.log(l)
   return t - lse, lse

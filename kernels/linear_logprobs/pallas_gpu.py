@@ -1,9 +1,11 @@
 """The "pallas_gpu" implementation of the fused linear op (Triton lowering).
 
-Forward: one program per tile of bn rows loops over vocabulary tiles of bv
-columns; each logits tile [bn, bv] is accumulated over hidden chunks of bd
-with pl.dot (tensor cores, float32 accumulation), folded into an online
-log-sum-exp in registers and dropped: no logits reach HBM.
+Forward: a program per tile of bn rows and per vocabulary slice loops over
+the slice's tiles of bv columns; each logits tile [bn, bv] is accumulated over
+hidden chunks of bd with plgpu.dot (tensor cores, float32 accumulation),
+folded into an online log-sum-exp in registers and dropped: no logits reach
+HBM. Slices (BlockSizes.vocab_splits; 0 = enough for ~512 programs) keep the
+GPU busy when there are few rows; an O(S·N) XLA step merges their states.
 
 Backward: Triton programs cannot share an accumulator, and a [bn, D] one per
 program does not fit in registers, so d(hidden) and d(weight) are formed one
@@ -24,12 +26,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dro_fast.kernels import config
+from dro_fast.kernels import online_lse
 from dro_fast.kernels.linear_logprobs import chunked_xla
 from dro_fast.kernels.sequence_logprobs.pallas_gpu import check_offsets
 
 # Tuned on an H100 (benchmarks/RESULTS.md, block sweep of 2026-11-27).
+# vocab_splits=0: split the vocabulary across programs when there are few row
+# tiles (short batches), see online_lse.auto_splits.
 _DEFAULT = config.BlockSizes(rows=128, vocab=128, hidden=64, vocab_chunk=2048,
-                             num_warps=8)
+                             num_warps=8, num_stages=3, vocab_splits=0)
 
 
 def _logits_tile(hidden_ref, weight_ref, rows, row_ok, cols, col_ok, d, bd):
@@ -49,15 +54,17 @@ def _logits_tile(hidden_ref, weight_ref, rows, row_ok, cols, col_ok, d, bd):
                                      jnp.float32))
 
 
-def _forward_kernel(hidden_ref, weight_ref, targets_ref, logprobs_ref, lse_ref,
-                    *, n, d, vocab, bn, bv, bd):
+def _forward_kernel(hidden_ref, weight_ref, targets_ref, m_ref, l_ref, t_ref,
+                    *, n, d, vocab, bn, bv, bd, tiles_per_split):
+  """Partial online log-sum-exp of one row tile over one vocabulary slice."""
+  split = pl.program_id(1)
   rows = pl.program_id(0) * bn + jnp.arange(bn)
   row_ok = rows < n
   targets = plgpu.load(targets_ref.at[rows], mask=row_ok, other=0)
 
   def body(j, carry):
     m, l, t = carry
-    cols = j * bv + jnp.arange(bv)
+    cols = (split * tiles_per_split + j) * bv + jnp.arange(bv)
     col_ok = cols < vocab
     x = _logits_tile(hidden_ref, weight_ref, rows, row_ok, cols, col_ok, d, bd)
     x = jnp.where(col_ok[None, :], x, config.NEG_LARGE)
@@ -69,10 +76,11 @@ def _forward_kernel(hidden_ref, weight_ref, targets_ref, logprobs_ref, lse_ref,
 
   init = (jnp.full((bn,), config.NEG_LARGE, jnp.float32),
           jnp.zeros((bn,), jnp.float32), jnp.zeros((bn,), jnp.float32))
-  m, l, t = jax.lax.fori_loop(0, pl.cdiv(vocab, bv), body, init)
-  lse = m + jnp.log(l)
-  plgpu.store(lse_ref.at[rows], lse, mask=row_ok)
-  plgpu.store(logprobs_ref.at[rows], t - lse, mask=row_ok)
+  m, l, t = jax.lax.fori_loop(0, tiles_per_split, body, init)
+  out = split * n + rows
+  plgpu.store(m_ref.at[out], m, mask=row_ok)
+  plgpu.store(l_ref.at[out], l, mask=row_ok)
+  plgpu.store(t_ref.at[out], t, mask=row_ok)
 
 
 def _dlogits_kernel(hidden_ref, weight_ref, targets_ref, lse_ref, g_ref,
@@ -105,7 +113,8 @@ def _blocks(n, d, vocab, block_sizes):
 
 
 def _compiler_params(block_sizes):
-  return plgpu.CompilerParams(num_warps=block_sizes.num_warps, num_stages=3)
+  return plgpu.CompilerParams(num_warps=block_sizes.num_warps,
+                              num_stages=block_sizes.num_stages)
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
@@ -114,14 +123,20 @@ def linear_token_logprobs(hidden, weight, targets, block_sizes=None,
   """Same contract as reference.linear_token_logprobs."""
   (n, d), vocab = hidden.shape, weight.shape[1]
   block_sizes, kw = _blocks(n, d, vocab, block_sizes)
-  return pl.pallas_call(
-      functools.partial(_forward_kernel, vocab=vocab, **kw),
-      grid=(pl.cdiv(n, kw["bn"]),),
-      out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)] * 2,
+  vocab_tiles = pl.cdiv(vocab, kw["bv"])
+  splits = online_lse.auto_splits(pl.cdiv(n, kw["bn"]), vocab_tiles,
+                                  block_sizes.vocab_splits)
+  m, l, t = pl.pallas_call(
+      functools.partial(_forward_kernel, vocab=vocab,
+                        tiles_per_split=pl.cdiv(vocab_tiles, splits), **kw),
+      grid=(pl.cdiv(n, kw["bn"]), splits),
+      out_shape=[jax.ShapeDtypeStruct((splits * n,), jnp.float32)] * 3,
       compiler_params=_compiler_params(block_sizes),
       interpret=config.gpu_interpret(interpret),
       name="linear_token_logprobs_fwd",
   )(hidden, weight, targets)
+  return online_lse.combine_partials(
+      *(x.reshape(splits, n) for x in (m, l, t)))
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))

@@ -13,28 +13,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from dro_fast.kernels import config
+from dro_fast.kernels import online_lse
 from dro_fast.kernels.sequence_logprobs import reference
-
-
-def online_lse_update(carry, x, cols, valid, targets):
-  """Folds one float32 tile x [N, c] into the online log-sum-exp state.
-
-  The state is (running max m, running sum l of exp(x − m), target logit t),
-  each [N]. `cols` [N, c] holds each entry's vocabulary index and `valid`
-  [N, c] says which entries belong to this tile (the rest are padding or were
-  counted by an earlier tile).
-  """
-  m, l, t = carry
-  x = jnp.where(valid, x, config.NEG_LARGE)
-  m_new = jnp.maximum(m, jnp.max(x, axis=1))
-  l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new[:, None]), axis=1)
-  t = t + jnp.sum(jnp.where(valid & (cols == targets[:, None]), x, 0.0), axis=1)
-  return m_new, l, t
-
-
-def init_state(n: int):
-  return (jnp.full((n,), config.NEG_LARGE, jnp.float32),
-          jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array,
@@ -53,10 +33,10 @@ def token_logprobs(logits: jax.Array, targets: jax.Array,
     start = jnp.minimum(j * chunk, vocab - chunk)
     tile = lax.dynamic_slice_in_dim(logits, start, chunk, axis=1)  # [N, c]
     cols = start + lax.broadcasted_iota(jnp.int32, tile.shape, 1)
-    return online_lse_update(carry, tile.astype(jnp.float32), cols,
+    return online_lse.update(carry, tile.astype(jnp.float32), cols,
                              cols >= j * chunk, targets), None
 
-  (m, l, t), _ = lax.scan(body, init_state(n), jnp.arange(num_chunks))
+  (m, l, t), _ = lax.scan(body, online_lse.init_state(n), jnp.arange(num_chunks))
   lse = m + jnp.log(l)
   return t - lse, lse
 

@@ -22,9 +22,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dro_fast.kernels import config
+from dro_fast.kernels import online_lse
 
 # Tuned on an H100 (benchmarks/RESULTS.md, block sweep of 2026-11-27).
-_DEFAULT = config.BlockSizes(rows=1, vocab=2048, num_warps=4)
+_DEFAULT = config.BlockSizes(rows=1, vocab=2048, num_warps=4, num_stages=2,
+                             vocab_splits=4)
 
 
 def check_offsets(*shape: int):
@@ -101,7 +103,8 @@ def token_logprobs(logits, targets, block_sizes=None, interpret=None):
   """Same contract as reference.token_logprobs."""
   n, vocab = logits.shape
   bn, bv, params = _tiles(n, vocab, block_sizes)
-  splits = min((block_sizes or _DEFAULT).vocab_splits, pl.cdiv(vocab, bv))
+  splits = online_lse.auto_splits(pl.cdiv(n, bn), pl.cdiv(vocab, bv),
+                                  (block_sizes or _DEFAULT).vocab_splits)
   tiles_per_split = pl.cdiv(pl.cdiv(vocab, bv), splits)
   m, l, t = pl.pallas_call(
       functools.partial(_forward_kernel, n=n, vocab=vocab, bn=bn, bv=bv,
@@ -113,10 +116,8 @@ def token_logprobs(logits, targets, block_sizes=None, interpret=None):
       name="token_logprobs_fwd",
   )(logits, targets)
   # Combine the slices' partial states: O(S·N), a few microseconds.
-  m, l, t = (x.reshape(splits, n) for x in (m, l, t))
-  m_all = jnp.max(m, axis=0)
-  lse = m_all + jnp.log(jnp.sum(l * jnp.exp(m - m_all), axis=0))
-  return jnp.sum(t, axis=0) - lse, lse
+  return online_lse.combine_partials(
+      *(x.reshape(splits, n) for x in (m, l, t)))
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))

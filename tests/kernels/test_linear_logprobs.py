@@ -70,3 +70,19 @@ def test_bad_weight_shape_is_named():
     kernels.linear_sequence_logprobs(h, w.T, targets, mask)
   with pytest.raises(ValueError, match=r"hidden must be \[B, T, D\]"):
     kernels.linear_sequence_logprobs(h[0], w, targets, mask)
+
+
+@pytest.mark.parametrize("splits", [0, 3])
+def test_pallas_gpu_vocab_splits(splits):
+  h, w, targets, mask, g = _inputs(13, 2, 5, 24, 300, jnp.float32)
+  blocks = kernels.BlockSizes(rows=16, vocab=32, hidden=16, vocab_chunk=128,
+                              vocab_splits=splits)
+  fn = lambda h, w: kernels.linear_sequence_logprobs(
+      h, w, targets, mask, implementation="pallas_gpu", block_sizes=blocks)
+  value, vjp = jax.vjp(fn, h, w)
+  dh, dw = vjp(g)
+  cases.close(value, ref.linear_sequence_logprobs(h, w, targets, mask),
+              rtol=1e-5, atol=5e-4)
+  dh_ref, dw_ref = ref.linear_sequence_logprobs_vjp(h, w, targets, mask, g)
+  cases.close(dh, dh_ref, rtol=1e-4, atol=1e-5)
+  cases.close(dw, dw_ref, rtol=1e-4, atol=1e-5)

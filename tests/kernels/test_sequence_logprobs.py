@@ -129,7 +129,7 @@ def test_bad_arguments_are_named(call, message):
 
 
 def test_block_sizes_are_validated():
-  with pytest.raises(ValueError, match="BlockSizes.rows must be a positive"):
+  with pytest.raises(ValueError, match="BlockSizes.rows must be an int >= 1"):
     kernels.BlockSizes(rows=0)
   logits, targets, mask, _ = cases.random_inputs(6, 2, 3, 20, jnp.float32)
   with pytest.raises(ValueError, match="pallas_tpu needs"):
@@ -142,7 +142,7 @@ def test_block_sizes_are_validated():
                               block_sizes=kernels.BlockSizes(vocab=100))
 
 
-@pytest.mark.parametrize("splits", [3, 16])
+@pytest.mark.parametrize("splits", [0, 3, 16])
 def test_pallas_gpu_vocab_splits(splits):
   # 300 / 32 = 10 vocab tiles over 3 slices of 4 (the last slice is short)
   # or more slices than tiles (clamped to 10).
