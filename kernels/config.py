@@ -68,6 +68,15 @@ class BlockSizes:
             f"BlockSizes.{name}={value}.")
 
 
+@dataclasses.dataclass(frozen=True)
+class CallConfig:
+  """Everything static about one op call: a single hashable custom_vjp
+  argument (not a positional nondiff_argnums list)."""
+  implementation: str
+  block_sizes: BlockSizes | None
+  interpret: Any
+
+
 def round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 

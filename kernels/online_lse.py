@@ -13,25 +13,36 @@ import jax.numpy as jnp
 from dro_fast.kernels import config
 
 
-def update(carry, x, cols, valid, targets):
+def update(state, x, cols, valid, target_col, keepdims: bool = False):
   """Folds one float32 tile x [N, c] into the online log-sum-exp state.
 
-  The state is (running max m, running sum l of exp(x − m), target logit t),
-  each [N]. `cols` [N, c] holds each entry's vocabulary index and `valid`
-  [N, c] says which entries belong to this tile (the rest are padding or were
-  counted by an earlier tile).
+  Args:
+    state: (m, l, t), each [N] (or [N, 1] with keepdims).
+    x: [N, c] float32 tile.
+    cols: vocabulary index of each entry, broadcastable to [N, c].
+    valid: which entries belong to this tile (the rest are padding or were
+      counted by an earlier tile), broadcastable to [N, c].
+    target_col: [N, 1] target ids.
+    keepdims: keep the state as [N, 1] columns (the Mosaic layout).
+
+  Returns:
+    The new state. All accumulation is float32.
   """
-  m, l, t = carry
+  m, l, t = state
   x = jnp.where(valid, x, config.NEG_LARGE)
-  m_new = jnp.maximum(m, jnp.max(x, axis=1))
-  l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new[:, None]), axis=1)
-  t = t + jnp.sum(jnp.where(valid & (cols == targets[:, None]), x, 0.0), axis=1)
+  m_new = jnp.maximum(m, jnp.max(x, axis=1, keepdims=keepdims))
+  m_col = m_new if keepdims else m_new[:, None]
+  l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_col), axis=1,
+                                        keepdims=keepdims)
+  t = t + jnp.sum(jnp.where(valid & (cols == target_col), x, 0.0), axis=1,
+                  keepdims=keepdims)
   return m_new, l, t
 
 
-def init_state(n: int):
-  return (jnp.full((n,), config.NEG_LARGE, jnp.float32),
-          jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
+def init_state(*shape: int):
+  """The empty state: m = NEG_LARGE, l = 0, t = 0, each of `shape`."""
+  return (jnp.full(shape, config.NEG_LARGE, jnp.float32),
+          jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
 
 
 def combine_partials(m: jax.Array, l: jax.Array, t: jax.Array

@@ -49,7 +49,7 @@ def linear_token_logprobs(hidden, weight, targets, block_sizes=None,
     cols = jnp.broadcast_to(cols, logits.shape)
     valid = jnp.broadcast_to(valid, logits.shape)
     return online_lse.update(carry, logits, cols, valid,
-                                         targets), None
+                             targets[:, None]), None
 
   (m, l, t), _ = lax.scan(body, online_lse.init_state(n),
                           jnp.arange(num_chunks))

@@ -6,7 +6,6 @@ Glossary: B batch, T target length, D hidden width, V vocabulary, N = B·T.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -19,15 +18,8 @@ from dro_fast.kernels import validation
 from dro_fast.kernels.sequence_logprobs import ops as sequence_ops
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  implementation: str
-  block_sizes: config.BlockSizes | None
-  interpret: Any
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _rows_custom_vjp(static: _Static, hidden, weight, targets):
+def _rows_custom_vjp(static: config.CallConfig, hidden, weight, targets):
   impl = registry.get(static.implementation)
   logprobs, _ = impl.linear_token_logprobs(hidden, weight, targets,
                                            static.block_sizes,
@@ -86,7 +78,7 @@ def linear_token_logprobs(hidden: jax.Array, weight: jax.Array,
     logprobs, _ = impl.linear_token_logprobs(rows, weight, flat_targets,
                                              block_sizes, interpret)
   else:
-    logprobs = _rows_custom_vjp(_Static(impl.name, block_sizes, interpret),
+    logprobs = _rows_custom_vjp(config.CallConfig(impl.name, block_sizes, interpret),
                                 rows, weight, flat_targets)
   return logprobs.reshape(targets.shape)
 

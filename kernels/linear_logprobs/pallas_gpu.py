@@ -62,21 +62,15 @@ def _forward_kernel(hidden_ref, weight_ref, targets_ref, m_ref, l_ref, t_ref,
   row_ok = rows < n
   targets = plgpu.load(targets_ref.at[rows], mask=row_ok, other=0)
 
-  def body(j, carry):
-    m, l, t = carry
+  def body(j, state):
     cols = (split * tiles_per_split + j) * bv + jnp.arange(bv)
     col_ok = cols < vocab
     x = _logits_tile(hidden_ref, weight_ref, rows, row_ok, cols, col_ok, d, bd)
-    x = jnp.where(col_ok[None, :], x, config.NEG_LARGE)
-    m_new = jnp.maximum(m, jnp.max(x, axis=1))
-    l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new[:, None]), axis=1)
-    t = t + jnp.sum(jnp.where(cols[None, :] == targets[:, None], x, 0.0),
-                    axis=1)
-    return m_new, l, t
+    return online_lse.update(state, x, cols[None, :], col_ok[None, :],
+                             targets[:, None])
 
-  init = (jnp.full((bn,), config.NEG_LARGE, jnp.float32),
-          jnp.zeros((bn,), jnp.float32), jnp.zeros((bn,), jnp.float32))
-  m, l, t = jax.lax.fori_loop(0, tiles_per_split, body, init)
+  m, l, t = jax.lax.fori_loop(0, tiles_per_split, body,
+                              online_lse.init_state(bn))
   out = split * n + rows
   plgpu.store(m_ref.at[out], m, mask=row_ok)
   plgpu.store(l_ref.at[out], l, mask=row_ok)

@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from dro_fast.kernels import config
+from dro_fast.kernels.sequence_logprobs import pallas_tpu as seq_tpu
 
 _DEFAULT = config.BlockSizes(rows=256, vocab=512)
 
@@ -51,29 +52,13 @@ def _dlogits(logits, rows, cols, targets_ref, lse_ref, g_ref, n, vocab):
 def _forward_kernel(targets_ref, hidden_ref, weight_ref, logprobs_ref, lse_ref,
                     m_ref, l_ref, t_ref, *, n, vocab, bn, bv):
   i, j = pl.program_id(0), pl.program_id(1)
-
-  @pl.when(j == 0)
-  def _init():
-    m_ref[...] = jnp.full(m_ref.shape, config.NEG_LARGE, jnp.float32)
-    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-    t_ref[...] = jnp.zeros(t_ref.shape, jnp.float32)
-
+  pl.when(j == 0)(lambda: seq_tpu.init_scratch(m_ref, l_ref, t_ref))
   x, _, cols, _, _ = _logits_tile(hidden_ref, weight_ref, i * bn, j * bv, n,
                                   vocab)
-  x = jnp.where(cols < vocab, x, config.NEG_LARGE)
-  t_ref[...] += jnp.sum(jnp.where(cols == targets_ref[...], x, 0.0), axis=1,
-                        keepdims=True)
-  m_old = m_ref[...]
-  m_new = jnp.maximum(m_old, jnp.max(x, axis=1, keepdims=True))
-  l_ref[...] = (l_ref[...] * jnp.exp(m_old - m_new)
-                + jnp.sum(jnp.exp(x - m_new), axis=1, keepdims=True))
-  m_ref[...] = m_new
-
-  @pl.when(j == pl.num_programs(1) - 1)
-  def _finish():
-    lse = m_ref[...] + jnp.log(l_ref[...])
-    lse_ref[...] = lse
-    logprobs_ref[...] = t_ref[...] - lse
+  seq_tpu.fold_tile(x, cols, vocab, targets_ref, m_ref, l_ref, t_ref)
+  pl.when(j == pl.num_programs(1) - 1)(
+      lambda: seq_tpu.write_outputs(m_ref, l_ref, t_ref, logprobs_ref,
+                                    lse_ref))
 
 
 def _dhidden_kernel(targets_ref, lse_ref, g_ref, hidden_ref, weight_ref,

@@ -34,7 +34,7 @@ def token_logprobs(logits: jax.Array, targets: jax.Array,
     tile = lax.dynamic_slice_in_dim(logits, start, chunk, axis=1)  # [N, c]
     cols = start + lax.broadcasted_iota(jnp.int32, tile.shape, 1)
     return online_lse.update(carry, tile.astype(jnp.float32), cols,
-                             cols >= j * chunk, targets), None
+                             cols >= j * chunk, targets[:, None]), None
 
   (m, l, t), _ = lax.scan(body, online_lse.init_state(n), jnp.arange(num_chunks))
   lse = m + jnp.log(l)

@@ -12,7 +12,6 @@ g·(onehot − softmax) in one more pass, never storing the softmax.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -24,16 +23,8 @@ from dro_fast.kernels import registry
 from dro_fast.kernels import validation
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  """Everything static about one call, as one hashable custom_vjp argument."""
-  implementation: str
-  block_sizes: config.BlockSizes | None
-  interpret: Any
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _rows_custom_vjp(static: _Static, logits, targets):
+def _rows_custom_vjp(static: config.CallConfig, logits, targets):
   impl = registry.get(static.implementation)
   logprobs, _ = impl.token_logprobs(logits, targets, static.block_sizes,
                                     static.interpret)
@@ -90,7 +81,7 @@ def token_logprobs(logits: jax.Array, targets: jax.Array, *,
                                       interpret)
   else:
     logprobs = _rows_custom_vjp(
-        _Static(impl.name, block_sizes, interpret), rows, flat_targets)
+        config.CallConfig(impl.name, block_sizes, interpret), rows, flat_targets)
   return logprobs.reshape(targets.shape)
 
 

@@ -24,35 +24,39 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from dro_fast.kernels import config
+from dro_fast.kernels import online_lse
+
+
+def init_scratch(m_ref, l_ref, t_ref):
+  """Empties the [bn, 1] online log-sum-exp scratch at a row tile's start."""
+  for ref, value in zip((m_ref, l_ref, t_ref), online_lse.init_state(
+      *m_ref.shape)):
+    ref[...] = value
+
+
+def fold_tile(x, cols, vocab, targets_ref, m_ref, l_ref, t_ref):
+  """Folds the float32 tile x [bn, bv] (columns `cols`) into the scratch."""
+  state = online_lse.update((m_ref[...], l_ref[...], t_ref[...]), x, cols,
+                            cols < vocab, targets_ref[...], keepdims=True)
+  for ref, value in zip((m_ref, l_ref, t_ref), state):
+    ref[...] = value
+
+
+def write_outputs(m_ref, l_ref, t_ref, logprobs_ref, lse_ref):
+  lse = m_ref[...] + jnp.log(l_ref[...])
+  lse_ref[...] = lse
+  logprobs_ref[...] = t_ref[...] - lse
 
 
 def _forward_kernel(targets_ref, logits_ref, logprobs_ref, lse_ref,
                     m_ref, l_ref, t_ref, *, vocab: int, block_vocab: int):
   j = pl.program_id(1)
-
-  @pl.when(j == 0)
-  def _init():
-    m_ref[...] = jnp.full(m_ref.shape, config.NEG_LARGE, jnp.float32)
-    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-    t_ref[...] = jnp.zeros(t_ref.shape, jnp.float32)
-
+  pl.when(j == 0)(lambda: init_scratch(m_ref, l_ref, t_ref))
   x = logits_ref[...].astype(jnp.float32)                         # [bn, bv]
   cols = j * block_vocab + lax.broadcasted_iota(jnp.int32, x.shape, 1)
-  x = jnp.where(cols < vocab, x, config.NEG_LARGE)
-  is_target = cols == targets_ref[...]                            # [bn, bv]
-  t_ref[...] += jnp.sum(jnp.where(is_target, x, 0.0), axis=1, keepdims=True)
-  m_old = m_ref[...]                                              # [bn, 1]
-  m_new = jnp.maximum(m_old, jnp.max(x, axis=1, keepdims=True))
-  # float32 accumulation whatever the logits' dtype.
-  l_ref[...] = (l_ref[...] * jnp.exp(m_old - m_new)
-                + jnp.sum(jnp.exp(x - m_new), axis=1, keepdims=True))
-  m_ref[...] = m_new
-
-  @pl.when(j == pl.num_programs(1) - 1)
-  def _finish():
-    lse = m_ref[...] + jnp.log(l_ref[...])
-    lse_ref[...] = lse
-    logprobs_ref[...] = t_ref[...] - lse
+  fold_tile(x, cols, vocab, targets_ref, m_ref, l_ref, t_ref)
+  pl.when(j == pl.num_programs(1) - 1)(
+      lambda: write_outputs(m_ref, l_ref, t_ref, logprobs_ref, lse_ref))
 
 
 def _backward_kernel(targets_ref, lse_ref, g_ref, logits_ref, dlogits_ref, *,
