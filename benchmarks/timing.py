@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+
+
+# jax logs at INFO that it found no TPU library; absl would print it.
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 def device_description() -> str:
