@@ -1,0 +1,143 @@
+"""T5Config: the global hyperparameters of a T5 encoder-decoder.
+
+Sizes follow t5x's t5_1_1 gin files (REFERENCE.md §4). FLAN-T5 uses the v1.1
+architecture. The v1.0 variant differs in its MLP (ReLU, one `wi`), its tied
+input/output embedding and its logits scale d_model^-½.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+VARIANTS = ("v1_1", "v1_0")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Global hyperparameters (frozen, hashable: usable as a static argument).
+
+  Attributes:
+    vocab_size: V, rows of the token embedding.
+    d_model: D, the residual width.
+    d_kv: per-head width (64 for every released size).
+    d_ff: MLP hidden width.
+    num_heads: H.
+    num_encoder_layers: encoder depth.
+    num_decoder_layers: decoder depth.
+    relative_attention_num_buckets: relative-position buckets (32).
+    relative_attention_max_distance: distance of the last bucket (128).
+    dropout_rate: dropout on embeddings, sublayer outputs and attention.
+    layer_norm_epsilon: RMSNorm epsilon.
+    variant: "v1_1" (gated-GELU, untied logits_dense) or "v1_0" (ReLU, tied
+      embedding, logits scaled by d_model^-½).
+    dtype: compute dtype, "float32" or "bfloat16"; parameters stay float32,
+      RMSNorm, softmax and logits are computed in float32.
+    scan_layers: run each stack as one hk.layer_stack (compile time does not
+      grow with depth); parameters are then stacked [L, ...] under
+      ".../layers/..." instead of ".../layers_{i}/...".
+    remat: rematerialise each layer in the backward pass: "none", "full" or
+      "dots" (save matmul outputs only).
+    pad_id: padding id (masked in attention); also the decoder start id.
+    eos_id: end-of-sequence id.
+    name: preset name, informational.
+  """
+
+  vocab_size: int = 32128
+  d_model: int = 512
+  d_kv: int = 64
+  d_ff: int = 1024
+  num_heads: int = 6
+  num_encoder_layers: int = 8
+  num_decoder_layers: int = 8
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  dropout_rate: float = 0.1
+  layer_norm_epsilon: float = 1e-6
+  variant: str = "v1_1"
+  dtype: str = "float32"
+  scan_layers: bool = False
+  remat: str = "none"
+  pad_id: int = 0
+  eos_id: int = 1
+  name: str = "custom"
+
+  def __post_init__(self):
+    if self.variant not in VARIANTS:
+      raise ValueError(f"T5Config.variant must be one of {VARIANTS}, got "
+                       f"{self.variant!r}.")
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"T5Config.dtype must be 'float32' or 'bfloat16', got "
+                       f"{self.dtype!r}.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"T5Config.remat must be one of {REMAT_POLICIES}, got "
+                       f"{self.remat!r}.")
+    for field in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads",
+                  "num_encoder_layers", "num_decoder_layers",
+                  "relative_attention_num_buckets"):
+      if getattr(self, field) <= 0:
+        raise ValueError(f"T5Config.{field} must be positive, got "
+                         f"{getattr(self, field)}.")
+
+  @property
+  def gated(self) -> bool:
+    """Gated-GELU MLP (v1.1) rather than ReLU (v1.0)."""
+    return self.variant == "v1_1"
+
+  @property
+  def tied_embeddings(self) -> bool:
+    return self.variant == "v1_0"
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def decoder_start_id(self) -> int:
+    return self.pad_id
+
+  def replace(self, **changes) -> "T5Config":
+    return dataclasses.replace(self, **changes)
+
+
+_SIZES = {  # name: (d_model, d_ff, num_heads, num_layers)
+    "small": (512, 1024, 6, 8),
+    "base": (768, 2048, 12, 12),
+    "large": (1024, 2816, 16, 24),
+    "xl": (2048, 5120, 32, 24),
+    "xxl": (4096, 10240, 64, 24),
+}
+
+PRESETS: dict[str, T5Config] = {}
+for _size, (_d, _ff, _h, _l) in _SIZES.items():
+  for _family in ("t5-v1_1", "flan-t5"):
+    PRESETS[f"{_family}-{_size}"] = T5Config(
+        d_model=_d, d_ff=_ff, num_heads=_h, num_encoder_layers=_l,
+        num_decoder_layers=_l, name=f"{_family}-{_size}")
+PRESETS["tiny"] = T5Config(
+    vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_heads=4,
+    num_encoder_layers=2, num_decoder_layers=2, name="tiny")
+
+
+def preset(name: str, **overrides) -> T5Config:
+  """A named preset, optionally with fields replaced."""
+  try:
+    config = PRESETS[name]
+  except KeyError:
+    raise ValueError(f"Unknown T5 preset {name!r}; choose one of "
+                     f"{sorted(PRESETS)}.") from None
+  return config.replace(**overrides) if overrides else config
+
+
+def parameter_count(config: T5Config) -> int:
+  """Number of parameters of the encoder-decoder, from the config alone."""
+  d, h = config.d_model, config.num_heads * config.d_kv
+  attention = 4 * d * h
+  mlp = (3 if config.gated else 2) * d * config.d_ff
+  encoder = config.num_encoder_layers * (attention + mlp + 2 * d) + d
+  decoder = config.num_decoder_layers * (2 * attention + mlp + 3 * d) + d
+  relpos = 2 * config.num_heads * config.relative_attention_num_buckets
+  embeddings = config.vocab_size * d * (1 if config.tied_embeddings else 2)
+  return encoder + decoder + relpos + embeddings

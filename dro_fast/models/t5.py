@@ -1,0 +1,483 @@
+"""T5 v1.1 / v1.0 encoder-decoder in Haiku, with T5X parameter names.
+
+Shapes: B batch, S encoder length, T decoder length, D d_model, H heads,
+K d_kv (per-head width), F d_ff, V vocabulary, L layers.
+
+Parameter paths equal T5X's (`encoder/layers_3/attention/query` with param
+`kernel` [D, H·K], `decoder/relpos_bias` with `rel_embedding` [H, 32], ...),
+so checkpoint conversion is a rename table. With `scan_layers` a stack's
+layers are one hk.layer_stack named `layers` and its parameters carry a
+leading [L] axis (`encoder/layers/attention/query`).
+
+v1.1: RMSNorm in float32, no biases, no 1/√K attention scale (folded into
+the query initialisation), one relative-position bias table per stack
+(bidirectional buckets in the encoder, causal in the decoder), gated-GELU MLP
+(tanh approximation), untied `decoder/logits_dense`. v1.0: ReLU MLP with one
+`wi`, logits from the tied `token_embedder` scaled by D^-½.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from dro_fast.models.config import T5Config
+
+# Attention logits at masked positions (finite: a fully masked row stays NaN-free).
+_MASKED = -1e9
+
+
+class LayerCache(NamedTuple):
+  """Decoder key/value cache, stacked over layers.
+
+  self_key, self_value: [L, B, T_max, H, K] self-attention keys and values of
+    the positions decoded so far (zeros beyond).
+  cross_key, cross_value: [L, B, S, H, K] encoder-decoder attention keys and
+    values, computed once from the encoder output.
+  """
+  self_key: jax.Array
+  self_value: jax.Array
+  cross_key: jax.Array
+  cross_value: jax.Array
+
+
+class RMSNorm(hk.Module):
+  """T5's LayerNorm: scale only, no mean subtraction, computed in float32."""
+
+  def __init__(self, epsilon: float, name: str):
+    super().__init__(name=name)
+    self.epsilon = epsilon
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = hk.get_parameter("scale", [x.shape[-1]], jnp.float32,
+                             init=jnp.ones)
+    x32 = x.astype(jnp.float32)
+    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    return (x32 * jax.lax.rsqrt(variance + self.epsilon) * scale).astype(
+        x.dtype)
+
+
+class Dense(hk.Module):
+  """x @ kernel without bias; kernel [in, out] float32, used in `dtype`."""
+
+  def __init__(self, features: int, dtype, init_scale: float = 1.0,
+               name: str | None = None):
+    super().__init__(name=name)
+    self.features = features
+    self.dtype = dtype
+    self.init_scale = init_scale
+
+  def kernel_only(self, in_features: int) -> jax.Array:
+    """The kernel [in, out] in `dtype`, for callers that fuse the matmul."""
+    return self(jnp.zeros((0, in_features), self.dtype), return_kernel=True)
+
+  def __call__(self, x: jax.Array, return_kernel: bool = False) -> jax.Array:
+    init = hk.initializers.VarianceScaling(self.init_scale, "fan_in",
+                                           "truncated_normal")
+    kernel = hk.get_parameter("kernel", [x.shape[-1], self.features],
+                              jnp.float32, init=init).astype(self.dtype)
+    if return_kernel:
+      return kernel
+    return jnp.dot(x.astype(self.dtype), kernel)
+
+
+def relative_position_bucket(relative_position: jax.Array, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> jax.Array:
+  """T5's bucketing of key_position − query_position (Mesh TF / T5X / HF).
+
+  Half the buckets (per direction) hold exact small distances; the rest grow
+  logarithmically up to max_distance, beyond which all share the last.
+  """
+  bucket = jnp.zeros_like(relative_position)
+  if bidirectional:
+    num_buckets //= 2
+    bucket += (relative_position > 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(relative_position)
+  else:
+    n = jnp.maximum(-relative_position, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  log_ratio = (jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
+               / math.log(max_distance / max_exact))
+  large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, num_buckets - 1)
+  return bucket + jnp.where(is_small, n, large)
+
+
+class RelativePositionBias(hk.Module):
+  """One bias table rel_embedding [H, buckets] shared by a stack's layers."""
+
+  def __init__(self, config: T5Config, bidirectional: bool, name="relpos_bias"):
+    super().__init__(name=name)
+    self.config = config
+    self.bidirectional = bidirectional
+
+    config = self.config
+    self.table = hk.get_parameter(
+        "rel_embedding",
+        [config.num_heads, config.relative_attention_num_buckets],
+        jnp.float32, init=hk.initializers.VarianceScaling(1.0, "fan_in",
+                                                          "uniform"))
+
+  def __call__(self, query_positions: jax.Array,
+               key_positions: jax.Array) -> jax.Array:
+    """Bias [1, H, q, k] for integer positions [q] and [k]."""
+    config = self.config
+    buckets = relative_position_bucket(
+        key_positions[None, :] - query_positions[:, None], self.bidirectional,
+        config.relative_attention_num_buckets,
+        config.relative_attention_max_distance)                   # [q, k]
+    return jnp.take(self.table, buckets, axis=1)[None]            # [1,H,q,k]
+
+
+class Attention(hk.Module):
+  """Multi-head attention without biases or 1/√K scaling.
+
+  All projections are created in __call__, so their parameters sit at
+  <name>/{query,key,value,out}/kernel (Haiku adds a "~method" level to the
+  names of submodules that other methods create).
+  """
+
+  def __init__(self, config: T5Config, name: str):
+    super().__init__(name=name)
+    self.config = config
+
+  def _split_heads(self, x: jax.Array) -> jax.Array:
+    return x.reshape(*x.shape[:-1], self.config.num_heads, self.config.d_kv)
+
+  def __call__(self, queries_in: jax.Array | None,
+               kv_inputs: jax.Array | None = None, *,
+               bias: jax.Array | None = None,
+               dropout_rng: jax.Array | None = None,
+               cached_kv: tuple[jax.Array, jax.Array] | None = None,
+               cache_position: jax.Array | None = None):
+    """Attends queries_in [B, q, D] to keys/values.
+
+    Args:
+      queries_in: [B, q, D] inputs of the query projection; None to only
+        project kv_inputs into keys and values.
+      kv_inputs: [B, k, D] inputs of the key/value projections, or None to
+        use cached_kv as they are.
+      bias: additive bias broadcastable to [B, H, q, k] (relative positions
+        and masks).
+      dropout_rng: key for dropout on the attention weights, or None.
+      cached_kv: ([B, T_max, H, K], [B, T_max, H, K]) cache. With kv_inputs,
+        their keys/values are written into it at cache_position.
+      cache_position: where kv_inputs go in the cache.
+
+    Returns:
+      (output [B, q, D] or None, (keys, values) [B, k, H, K]).
+    """
+    config = self.config
+    width = config.num_heads * config.d_kv
+    dense = functools.partial(Dense, width, config.compute_dtype)
+    if kv_inputs is not None:
+      keys = self._split_heads(dense(name="key")(kv_inputs))
+      values = self._split_heads(dense(name="value")(kv_inputs))
+      if cached_kv is not None:
+        keys, values = (
+            jax.lax.dynamic_update_slice_in_dim(
+                cache, new.astype(cache.dtype), cache_position, axis=1)
+            for cache, new in zip(cached_kv, (keys, values)))
+    else:
+      keys, values = cached_kv
+    if queries_in is None:
+      return None, (keys, values)
+    # Query init scaled by 1/K: T5's folded-in 1/√K attention scale.
+    queries = self._split_heads(
+        dense(1.0 / config.d_kv, name="query")(queries_in))       # [B,q,H,K]
+    logits = jnp.einsum("bqhk,bthk->bhqt", queries, keys,
+                        preferred_element_type=jnp.float32) + bias
+    weights = jax.nn.softmax(logits, axis=-1)                      # float32
+    if dropout_rng is not None:
+      weights = hk.dropout(dropout_rng, config.dropout_rate, weights)
+    out = jnp.einsum("bhqt,bthk->bqhk", weights.astype(values.dtype), values)
+    out = out.reshape(*out.shape[:2], -1)                          # [B,q,H·K]
+    out = Dense(config.d_model, config.compute_dtype, name="out")(out)
+    return out, (keys, values)
+
+
+class Mlp(hk.Module):
+  """Gated-GELU (v1.1: wi_0, wi_1, wo) or ReLU (v1.0: wi, wo)."""
+
+  def __init__(self, config: T5Config, name: str = "mlp"):
+    super().__init__(name=name)
+    self.config = config
+
+  def __call__(self, x: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
+    config = self.config
+    dense = functools.partial(Dense, config.d_ff, config.compute_dtype)
+    if config.gated:
+      hidden = (jax.nn.gelu(dense(name="wi_0")(x), approximate=True)
+                * dense(name="wi_1")(x))                           # [B, n, F]
+    else:
+      hidden = jax.nn.relu(dense(name="wi")(x))
+    if dropout_rng is not None:
+      hidden = hk.dropout(dropout_rng, config.dropout_rate, hidden)
+    return Dense(config.d_model, config.compute_dtype, name="wo")(hidden)
+
+
+class Embed(hk.Module):
+  """token_embedder/embedding [V, D], shared by encoder, decoder (and v1.0's
+  output projection)."""
+
+  def __init__(self, config: T5Config, name: str = "token_embedder"):
+    super().__init__(name=name)
+    self.config = config
+    self.embedding = hk.get_parameter(
+        "embedding", [config.vocab_size, config.d_model], jnp.float32,
+        init=hk.initializers.RandomNormal(1.0))
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding, tokens, axis=0).astype(
+        self.config.compute_dtype)
+
+
+class Dropout:
+  """Dropout keyed off the Haiku rng stream; identity when not training."""
+
+  def __init__(self, rate: float, is_training: bool):
+    self.rate = rate if is_training else 0.0
+
+  def rng(self) -> jax.Array | None:
+    return hk.next_rng_key() if self.rate > 0 else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return hk.dropout(hk.next_rng_key(), self.rate, x) if self.rate > 0 else x
+
+
+def _remat(fn: Callable, policy: str) -> Callable:
+  if policy == "none":
+    return fn
+  if policy == "dots":
+    return hk.remat(
+        fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  return hk.remat(fn)
+
+
+def run_layers(layer_fn: Callable, x: jax.Array, per_layer: Any,
+               num_layers: int, config: T5Config) -> tuple[jax.Array, Any]:
+  """Applies layer_fn(x, per_layer_i) -> (x, out_i) for i < num_layers.
+
+  per_layer is a pytree of arrays stacked over layers (or None); the outputs
+  come back stacked the same way. With config.scan_layers this is one
+  hk.layer_stack named "layers"; otherwise a loop whose layers are named
+  "layers_{i}".
+  """
+  layer_fn = _remat(layer_fn, config.remat)
+  if config.scan_layers:
+    if per_layer is None:
+      stack = hk.layer_stack(num_layers, name="layers")
+      return stack(lambda x: layer_fn(x, None)[0])(x), None
+    stack = hk.layer_stack(num_layers, with_per_layer_inputs=True,
+                           name="layers")
+    return stack(layer_fn)(x, per_layer)
+  outputs = []
+  for i in range(num_layers):
+    inputs_i = jax.tree.map(lambda a, i=i: a[i], per_layer)
+    with hk.name_scope(f"layers_{i}"):
+      x, out = layer_fn(x, inputs_i)
+    outputs.append(out)
+  if per_layer is None:
+    return x, None
+  return x, jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+
+
+def padding_bias(mask: jax.Array) -> jax.Array:
+  """[B, k] key mask -> additive bias [B, 1, 1, k]."""
+  return jnp.where(mask, 0.0, _MASKED)[:, None, None, :]
+
+
+class DecoderOutput(NamedTuple):
+  """Final decoder states and the output projection.
+
+  hidden: [B, T, D] (or [B, D] for one cached step), already multiplied by
+    the output scale (D^-½ for v1.0), in the compute dtype.
+  weight: [D, V] output projection in the compute dtype (logits_dense, or
+    the tied embedding transposed for v1.0).
+  cache: the updated LayerCache of a cached step, else None.
+  """
+  hidden: jax.Array
+  weight: jax.Array
+  cache: LayerCache | None = None
+
+  def logits(self) -> jax.Array:
+    """float32 logits [..., V]."""
+    return jnp.dot(self.hidden, self.weight,
+                   preferred_element_type=jnp.float32)
+
+
+class T5:
+  """The encoder-decoder. Methods run inside an hk.transform.
+
+  Not itself an hk.Module, so that parameters sit at the T5X root paths
+  (token_embedder, encoder, decoder). Haiku uniquifies a name scope entered
+  twice ("decoder_1"), so one transformed function calls at most one of
+  decode / init_cache / decode_step.
+  """
+
+  def __init__(self, config: T5Config):
+    self.config = config
+
+  def embedder(self) -> Embed:
+    return Embed(self.config)
+
+  def encode(self, tokens: jax.Array, embedder: Embed,
+             is_training: bool = False) -> jax.Array:
+    """Encoder output [B, S, D] (compute dtype) of tokens [B, S]."""
+    config = self.config
+    dropout = Dropout(config.dropout_rate, is_training)
+    mask_bias = padding_bias(tokens != config.pad_id)             # [B,1,1,S]
+    positions = jnp.arange(tokens.shape[1])
+    with hk.name_scope("encoder"):
+      bias = RelativePositionBias(config, bidirectional=True)(
+          positions, positions) + mask_bias                       # [B,H,S,S]
+
+      def layer(x, _):
+        h = RMSNorm(config.layer_norm_epsilon, "pre_attention_layer_norm")(x)
+        out, _ = Attention(config, "attention")(h, h, bias=bias,
+                                                dropout_rng=dropout.rng())
+        x = x + dropout(out)
+        h = RMSNorm(config.layer_norm_epsilon, "pre_mlp_layer_norm")(x)
+        return x + dropout(Mlp(config)(h, dropout.rng())), None
+
+      x = dropout(embedder(tokens))
+      x, _ = run_layers(layer, x, None, config.num_encoder_layers, config)
+      x = RMSNorm(config.layer_norm_epsilon, "encoder_norm")(x)
+      return dropout(x)
+
+  def _decoder_stack(self, x, self_bias, cross_bias, encoded, cache,
+                     cache_position, embedder, dropout) -> DecoderOutput:
+    """Decoder layers, final norm and output projection (inside "decoder")."""
+    config = self.config
+
+    def layer(x, layer_cache: LayerCache | None):
+      h = RMSNorm(config.layer_norm_epsilon, "pre_self_attention_layer_norm")(x)
+      out, (keys, values) = Attention(config, "self_attention")(
+          h, h, bias=self_bias, dropout_rng=dropout.rng(),
+          cached_kv=None if layer_cache is None else (
+              layer_cache.self_key, layer_cache.self_value),
+          cache_position=cache_position)
+      x = x + dropout(out)
+      h = RMSNorm(config.layer_norm_epsilon,
+                  "pre_cross_attention_layer_norm")(x)
+      out, _ = Attention(config, "encoder_decoder_attention")(
+          h, encoded, bias=cross_bias, dropout_rng=dropout.rng(),
+          cached_kv=None if layer_cache is None else (
+              layer_cache.cross_key, layer_cache.cross_value))
+      x = x + dropout(out)
+      h = RMSNorm(config.layer_norm_epsilon, "pre_mlp_layer_norm")(x)
+      x = x + dropout(Mlp(config)(h, dropout.rng()))
+      if layer_cache is None:
+        return x, None
+      return x, layer_cache._replace(self_key=keys, self_value=values)
+
+    x, cache = run_layers(layer, x, cache, config.num_decoder_layers, config)
+    x = dropout(RMSNorm(config.layer_norm_epsilon, "decoder_norm")(x))
+    if config.tied_embeddings:
+      weight = embedder.embedding.T.astype(config.compute_dtype)
+      x = x * jnp.asarray(config.d_model ** -0.5, x.dtype)
+    else:
+      weight = Dense(config.vocab_size, config.compute_dtype,
+                     name="logits_dense").kernel_only(config.d_model)
+    return DecoderOutput(x, weight, cache)
+
+  def decode(self, encoded: jax.Array, encoder_tokens: jax.Array,
+             decoder_inputs: jax.Array, embedder: Embed,
+             is_training: bool = False) -> DecoderOutput:
+    """Teacher-forced decoder over decoder_inputs [B, T]."""
+    config = self.config
+    dropout = Dropout(config.dropout_rate, is_training)
+    positions = jnp.arange(decoder_inputs.shape[1])
+    causal = jnp.where(positions[None, :] <= positions[:, None], 0.0,
+                       _MASKED)[None, None]                       # [1,1,T,T]
+    cross_bias = padding_bias(encoder_tokens != config.pad_id)
+    with hk.name_scope("decoder"):
+      self_bias = RelativePositionBias(config, bidirectional=False)(
+          positions, positions) + causal
+      x = dropout(embedder(decoder_inputs))
+      return self._decoder_stack(x, self_bias, cross_bias, encoded, None,
+                                 None, embedder, dropout)
+
+  def init_cache(self, encoded: jax.Array, max_length: int) -> LayerCache:
+    """Empty self-attention cache and the cross keys/values of `encoded`."""
+    config = self.config
+
+    def layer(x, _):
+      _, keys_values = Attention(config, "encoder_decoder_attention")(
+          None, encoded)
+      return x, keys_values
+
+    with hk.name_scope("decoder"):
+      # A per-layer dummy input makes run_layers stack the outputs.
+      _, (cross_key, cross_value) = run_layers(
+          layer, jnp.zeros(()), jnp.zeros((config.num_decoder_layers,)),
+          config.num_decoder_layers, config)
+    shape = (config.num_decoder_layers, encoded.shape[0], max_length,
+             config.num_heads, config.d_kv)
+    zeros = jnp.zeros(shape, config.compute_dtype)
+    return LayerCache(zeros, zeros, cross_key, cross_value)
+
+  def decode_step(self, token: jax.Array, position: jax.Array,
+                  cache: LayerCache, encoder_tokens: jax.Array,
+                  embedder: Embed) -> DecoderOutput:
+    """One cached decoder step for token [B] at `position` (a scalar)."""
+    config = self.config
+    dropout = Dropout(0.0, False)
+    key_positions = jnp.arange(cache.self_key.shape[2])
+    visible = jnp.where(key_positions <= position, 0.0, _MASKED)
+    cross_bias = padding_bias(encoder_tokens != config.pad_id)
+    with hk.name_scope("decoder"):
+      self_bias = RelativePositionBias(config, bidirectional=False)(
+          position[None], key_positions) + visible                # [1,H,1,Tm]
+      x = embedder(token[:, None])                                # [B, 1, D]
+      out = self._decoder_stack(x, self_bias, cross_bias, None, cache,
+                                position, embedder, dropout)
+    return out._replace(hidden=out.hidden[:, 0])
+
+
+def shift_right(targets: jax.Array, start_id: int) -> jax.Array:
+  """Decoder inputs under teacher forcing: [start, y_0, ..., y_{T-2}]."""
+  start = jnp.full_like(targets[:, :1], start_id)
+  return jnp.concatenate([start, targets[:, :-1]], axis=1)
+
+
+def t5(config: T5Config) -> hk.Transformed:
+  """The teacher-forced encoder-decoder as an hk.Transformed.
+
+  apply(params, rng, encoder_tokens [B, S], decoder_targets [B, T], *,
+        is_training=False, output="logits")
+    output="logits": float32 logits [B, T, V];
+    output="hidden": (hidden [B, T, D], weight [D, V]) with hidden already
+      scaled for the output projection, so that
+      kernels.linear_sequence_logprobs(hidden, weight, ...) never
+      materialises the logits.
+    output="encoded": the encoder output [B, S, D] (decoder_targets unused).
+  rng may be None unless is_training (dropout).
+  """
+
+  def forward(encoder_tokens, decoder_targets=None, *, is_training=False,
+              output="logits"):
+    if output not in ("logits", "hidden", "encoded"):
+      raise ValueError(f"output must be 'logits', 'hidden' or 'encoded'; got "
+                       f"{output!r}.")
+    model = T5(config)
+    embedder = model.embedder()
+    encoded = model.encode(encoder_tokens, embedder, is_training)
+    if output == "encoded":
+      return encoded
+    if decoder_targets is None:
+      raise ValueError(f"output={output!r} needs decoder_targets.")
+    out = model.decode(encoded, encoder_tokens,
+                       shift_right(decoder_targets, config.decoder_start_id),
+                       embedder, is_training)
+    if output == "hidden":
+      return out.hidden, out.weight
+    return out.logits()
+
+  return hk.transform(forward)

@@ -1,0 +1,71 @@
+"""Value networks V(x) for DRO-V (paper §3.3 and Figure 5).
+
+"separate" (the paper's default, "double net"): a T5 encoder of its own with
+masked mean pooling and a linear head. Its parameters sit at the same paths
+as the policy's encoder (token_embedder, encoder/...) plus value_head, so
+`init_from_policy` copies the policy's encoder into it.
+
+"shared" ("single net"): only the pooling and head, applied to the policy's
+own encoder output, so the value shares the policy's encoder parameters.
+"""
+
+from __future__ import annotations
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from dro_fast.models.config import T5Config
+from dro_fast.models.t5 import T5
+
+KINDS = ("separate", "shared")
+
+
+def masked_mean(encoded: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean of encoded [B, S, D] over positions where mask [B, S] is true."""
+  weights = mask.astype(jnp.float32)[..., None]
+  total = jnp.sum(encoded.astype(jnp.float32) * weights, axis=1)
+  return total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)      # [B, D]
+
+
+def _head(pooled: jax.Array) -> jax.Array:
+  # Zero init: V starts at 0, the mean of normalised rewards.
+  head = hk.Linear(1, w_init=hk.initializers.Constant(0.0), name="value_head")
+  return head(pooled)[:, 0]                                       # [B]
+
+
+def value_network(config: T5Config, kind: str = "separate") -> hk.Transformed:
+  """The value network as an hk.Transformed.
+
+  kind="separate": apply(params, rng, encoder_tokens [B, S], *,
+    is_training=False) -> [B] float32.
+  kind="shared": apply(params, rng, encoded [B, S, D], encoder_tokens
+    [B, S]) -> [B] float32, where encoded is the policy's encoder output
+    (t5(config).apply(..., output="encoded")).
+  """
+  if kind not in KINDS:
+    raise ValueError(f"value network kind must be one of {KINDS}, got "
+                     f"{kind!r}.")
+  if kind == "shared":
+    def shared(encoded, encoder_tokens):
+      return _head(masked_mean(encoded, encoder_tokens != config.pad_id))
+    return hk.transform(shared)
+
+  def separate(encoder_tokens, *, is_training=False):
+    model = T5(config)
+    encoded = model.encode(encoder_tokens, model.embedder(), is_training)
+    return _head(masked_mean(encoded, encoder_tokens != config.pad_id))
+
+  return hk.transform(separate)
+
+
+def init_from_policy(value_params: dict, policy_params: dict) -> dict:
+  """The separate value network's params with the policy's encoder copied in
+  (token_embedder and encoder/*); value_head is kept as initialised."""
+  missing = [k for k in value_params if k != "value_head"
+             and k not in policy_params]
+  if missing:
+    raise ValueError(f"policy params lack {missing[:3]}...: is the value "
+                     f"network built from the same T5Config?")
+  return {k: (v if k == "value_head" else policy_params[k])
+          for k, v in value_params.items()}
