@@ -1,0 +1,198 @@
+"""The Haiku T5 on its own: sizes, layouts, precision and cached decoding."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dro_fast import checkpoints
+from dro_fast import decoding
+from dro_fast import models
+
+CONFIG = models.preset("tiny", dropout_rate=0.0)
+B, S, T = 3, 21, 19
+
+
+def _tokens(seed=0):
+  rng = np.random.default_rng(seed)
+  encoder = rng.integers(2, CONFIG.vocab_size, (B, S)).astype(np.int32)
+  encoder[1, 15:] = CONFIG.pad_id
+  targets = rng.integers(2, CONFIG.vocab_size, (B, T)).astype(np.int32)
+  return jnp.asarray(encoder), jnp.asarray(targets)
+
+
+@pytest.fixture(scope="module")
+def params():
+  encoder, targets = _tokens()
+  return models.t5(CONFIG).init(jax.random.key(0), encoder, targets)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("flan-t5-large", 783_150_080), ("flan-t5-xl", 2_849_757_184),
+    ("t5-v1_1-small", 76_961_152)])
+def test_parameter_counts(name, expected):
+  # The Haiku model's own parameters (shapes only, nothing allocated) agree
+  # with the closed-form count; the expected figures are the published sizes
+  # of google/flan-t5-{large,xl} and t5-v1_1-small.
+  config = models.preset(name, scan_layers=True)
+  tokens = jnp.ones((1, 2), jnp.int32)
+  shapes = jax.eval_shape(models.t5(config).init, jax.random.key(0), tokens,
+                          tokens)
+  assert sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)) == expected
+  assert models.parameter_count(config) == expected
+
+
+def test_parameter_paths_are_t5x_names(params):
+  flat = checkpoints.flatten(params)
+  assert flat["encoder/layers_1/attention/query/kernel"].shape == (32, 32)
+  assert flat["encoder/relpos_bias/rel_embedding"].shape == (4, 32)
+  assert flat["decoder/layers_0/encoder_decoder_attention/out/kernel"].shape \
+      == (32, 32)
+  assert flat["decoder/logits_dense/kernel"].shape == (32, 256)
+  assert flat["token_embedder/embedding"].shape == (256, 32)
+  assert "decoder/layers_1/mlp/wi_1/kernel" in flat
+
+
+@pytest.mark.parametrize("changes", [dict(scan_layers=True),
+                                     dict(remat="full"),
+                                     dict(scan_layers=True, remat="dots")])
+def test_scan_and_remat_compute_the_same_function(params, changes):
+  encoder, targets = _tokens(1)
+  config = CONFIG.replace(**changes)
+  scanned = checkpoints.stack_layers(params, config)
+
+  def loss(model_config, p):
+    logits = models.t5(model_config).apply(p, None, encoder, targets)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
+
+  (value, logits), grads = jax.value_and_grad(
+      lambda p: loss(CONFIG, p), has_aux=True)(params)
+  (value2, logits2), grads2 = jax.value_and_grad(
+      lambda p: loss(config, p), has_aux=True)(scanned)
+  np.testing.assert_allclose(logits2, logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(value2, value, rtol=1e-6)
+  grads = checkpoints.stack_layers(grads, config)
+  for path, g in checkpoints.flatten(grads).items():
+    np.testing.assert_allclose(checkpoints.flatten(grads2)[path], g,
+                               rtol=1e-4, atol=1e-6, err_msg=path)
+
+
+def test_bfloat16_forward_stays_close_to_float32(params):
+  # Stated tolerance: bfloat16 compute (float32 params, norms, softmax and
+  # logits) keeps logits within 3% relative (Frobenius) of float32.
+  encoder, targets = _tokens(2)
+  logits32 = models.t5(CONFIG).apply(params, None, encoder, targets)
+  logits16 = models.t5(CONFIG.replace(dtype="bfloat16")).apply(
+      params, None, encoder, targets)
+  assert logits16.dtype == jnp.float32
+  error = np.linalg.norm(logits16 - logits32) / np.linalg.norm(logits32)
+  assert error < 3e-2, error
+
+
+def test_dropout_only_when_training(params):
+  encoder, targets = _tokens(3)
+  model = models.t5(CONFIG.replace(dropout_rate=0.3))
+  eval1 = model.apply(params, None, encoder, targets)
+  eval2 = model.apply(params, jax.random.key(1), encoder, targets)
+  train1 = model.apply(params, jax.random.key(1), encoder, targets,
+                       is_training=True)
+  train2 = model.apply(params, jax.random.key(2), encoder, targets,
+                       is_training=True)
+  np.testing.assert_array_equal(eval1, eval2)
+  assert not np.allclose(train1, eval1)
+  assert not np.allclose(train1, train2)
+
+
+def _eos_heavy(params):
+  """Params whose EOS logit is boosted so that some rows stop early."""
+  flat = checkpoints.flatten(params)
+  kernel = np.array(flat["decoder/logits_dense/kernel"])
+  kernel[:, CONFIG.eos_id] *= 4.0
+  kernel[:, CONFIG.eos_id] += 0.6
+  flat["decoder/logits_dense/kernel"] = jnp.asarray(kernel)
+  return checkpoints.unflatten(flat)
+
+
+def _uncached_greedy(params, encoder, max_length):
+  """Greedy decoding by re-running the teacher-forced model on the prefix."""
+  model = models.t5(CONFIG)
+  tokens = np.zeros((B, max_length), np.int32)
+  done = np.zeros(B, bool)
+  for i in range(max_length):
+    logits = model.apply(params, None, encoder, jnp.asarray(tokens))
+    chosen = np.where(done, CONFIG.pad_id, np.argmax(logits[:, i], axis=-1))
+    tokens[:, i] = chosen
+    done |= chosen == CONFIG.eos_id
+  return tokens
+
+
+def test_cached_decoding_equals_uncached(params):
+  encoder, _ = _tokens(4)
+  params = _eos_heavy(params)
+  max_length = 12
+  cached = np.asarray(decoding.generate(params, encoder, config=CONFIG,
+                                        max_length=max_length))
+  expected = _uncached_greedy(params, encoder, max_length)
+  np.testing.assert_array_equal(cached, expected)
+  # Stops are exercised: rows end at different steps, padded afterwards.
+  eos_steps = {int(np.argmax(row == CONFIG.eos_id)) for row in expected
+               if (row == CONFIG.eos_id).any()}
+  assert len(eos_steps) >= 2, expected
+  scanned = decoding.generate(
+      checkpoints.stack_layers(params, CONFIG.replace(scan_layers=True)),
+      encoder, config=CONFIG.replace(scan_layers=True), max_length=max_length)
+  np.testing.assert_array_equal(scanned, expected)
+
+
+def test_sampling_is_deterministic_per_rng(params):
+  encoder, _ = _tokens(5)
+  sample = lambda rng, **kw: np.asarray(decoding.generate(
+      params, encoder, config=CONFIG, max_length=10,
+      sampling=decoding.SamplingConfig(**kw), rng=rng))
+  a = sample(jax.random.key(7), temperature=1.0)
+  np.testing.assert_array_equal(a, sample(jax.random.key(7), temperature=1.0))
+  assert not np.array_equal(a, sample(jax.random.key(8), temperature=1.0))
+  greedy = np.asarray(decoding.generate(params, encoder, config=CONFIG,
+                                        max_length=10))
+  # top-k 1 and a tiny top-p keep only the argmax.
+  np.testing.assert_array_equal(
+      sample(jax.random.key(9), temperature=0.7, top_k=1), greedy)
+  np.testing.assert_array_equal(
+      sample(jax.random.key(9), temperature=0.7, top_p=1e-6), greedy)
+
+
+def test_filter_logits_keeps_the_nucleus():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  kept = lambda **kw: np.isfinite(np.asarray(decoding.filter_logits(
+      logits, decoding.SamplingConfig(temperature=1.0, **kw))))[0].tolist()
+  assert kept(top_p=0.75) == [True, True, False, False]
+  assert kept(top_p=0.8) == [True, True, False, False]
+  assert kept(top_p=0.81) == [True, True, True, False]
+  assert kept(top_k=3) == [True, True, True, False]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1.0), "temperature"), (dict(top_k=-2), "top_k"),
+    (dict(top_p=0.0), "top_p")])
+def test_bad_sampling_config(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    decoding.SamplingConfig(**kwargs)
+
+
+def test_sampling_needs_rng(params):
+  encoder, _ = _tokens(6)
+  with pytest.raises(ValueError, match="needs an rng"):
+    decoding.generate(params, encoder, config=CONFIG, max_length=4,
+                      sampling=decoding.SamplingConfig(temperature=1.0))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(variant="v2"), "variant"), (dict(dtype="float16"), "dtype"),
+    (dict(remat="some"), "remat"), (dict(num_heads=0), "num_heads")])
+def test_bad_config(changes, message):
+  with pytest.raises(ValueError, match=message):
+    CONFIG.replace(**changes)
+  with pytest.raises(ValueError, match="Unknown T5 preset"):
+    models.preset("t5-huge")
