@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test test-fast check-install bazel clean
+.PHONY: demo bench-kernels test test-fast check-install bazel clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,9 +13,13 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PIP_INSTALL) -c requirements/constraints.txt -e ".[test,hf]"
 	touch $(STAMP)
 
-# The main job on its embedded default. Until the trainer lands this is the
-# CPU kernel benchmark.
+# The main job on its embedded default: DRO-V on the synthetic task with a
+# tiny T5 (workdir runs/demo; rerunning resumes). The kernel benchmark:
+# `make bench-kernels`.
 demo: $(STAMP)
+	$(BIN)/python -m dro_fast.train
+
+bench-kernels: $(STAMP)
 	$(BIN)/python benchmarks/kernels.py --flagfile=configs/kernels_cpu.flags
 
 test: $(STAMP)

@@ -447,6 +447,9 @@ def shift_right(targets: jax.Array, start_id: int) -> jax.Array:
   return jnp.concatenate([start, targets[:, :-1]], axis=1)
 
 
+OUTPUTS = ("logits", "hidden", "encoded", "hidden_and_encoded")
+
+
 def t5(config: T5Config) -> hk.Transformed:
   """The teacher-forced encoder-decoder as an hk.Transformed.
 
@@ -457,15 +460,16 @@ def t5(config: T5Config) -> hk.Transformed:
       scaled for the output projection, so that
       kernels.linear_sequence_logprobs(hidden, weight, ...) never
       materialises the logits.
-    output="encoded": the encoder output [B, S, D] (decoder_targets unused).
+    output="encoded": the encoder output [B, S, D] (decoder_targets unused);
+    output="hidden_and_encoded": (hidden, weight, encoded), for a value head
+      sharing the policy's encoder.
   rng may be None unless is_training (dropout).
   """
 
   def forward(encoder_tokens, decoder_targets=None, *, is_training=False,
               output="logits"):
-    if output not in ("logits", "hidden", "encoded"):
-      raise ValueError(f"output must be 'logits', 'hidden' or 'encoded'; got "
-                       f"{output!r}.")
+    if output not in OUTPUTS:
+      raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}.")
     model = T5(config)
     embedder = model.embedder()
     encoded = model.encode(encoder_tokens, embedder, is_training)
@@ -478,6 +482,8 @@ def t5(config: T5Config) -> hk.Transformed:
                        embedder, is_training)
     if output == "hidden":
       return out.hidden, out.weight
+    if output == "hidden_and_encoded":
+      return out.hidden, out.weight, encoded
     return out.logits()
 
   return hk.transform(forward)

@@ -29,9 +29,10 @@ def masked_mean(encoded: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def _head(pooled: jax.Array) -> jax.Array:
-  # Zero init: V starts at 0, the mean of normalised rewards.
-  head = hk.Linear(1, w_init=hk.initializers.Constant(0.0), name="value_head")
-  return head(pooled)[:, 0]                                       # [B]
+  # Haiku's default (truncated normal) weights, zero bias. Not all zeros:
+  # Adafactor scales updates by the parameter's RMS, so an all-zero head
+  # would hardly move.
+  return hk.Linear(1, name="value_head")(pooled.astype(jnp.float32))[:, 0]
 
 
 def value_network(config: T5Config, kind: str = "separate") -> hk.Transformed:
@@ -67,5 +68,7 @@ def init_from_policy(value_params: dict, policy_params: dict) -> dict:
   if missing:
     raise ValueError(f"policy params lack {missing[:3]}...: is the value "
                      f"network built from the same T5Config?")
-  return {k: (v if k == "value_head" else policy_params[k])
+  # Copies: the two networks train apart (and donated buffers must not alias).
+  return {k: (v if k == "value_head" else jax.tree.map(jnp.array,
+                                                       policy_params[k]))
           for k, v in value_params.items()}

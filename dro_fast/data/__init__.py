@@ -1,0 +1,30 @@
+"""Alignment data: reading records, normalising rewards, batching.
+
+records   read_triplets / read_ultrafeedback / read_pairwise (JSON Lines or
+          Parquet) -> Triplet / Pair, with DataError naming bad rows;
+rewards   RewardStats: mean 0, variance 1 normalisation, saved with a run;
+pipeline  tokenize_triplets / tokenize_pairs -> arrays, BatchIterator
+          (shuffled, resumable), fingerprint (cache keys).
+"""
+
+from dro_fast.data.pipeline import BatchIterator
+from dro_fast.data.pipeline import fingerprint
+from dro_fast.data.pipeline import tokenize_pairs
+from dro_fast.data.pipeline import tokenize_triplets
+from dro_fast.data.records import DATA_FORMATS
+from dro_fast.data.records import DataError
+from dro_fast.data.records import Pair
+from dro_fast.data.records import read_dataset
+from dro_fast.data.records import read_pairwise
+from dro_fast.data.records import read_triplets
+from dro_fast.data.records import read_ultrafeedback
+from dro_fast.data.records import Triplet
+from dro_fast.data.records import ULTRAFEEDBACK_ASPECTS
+from dro_fast.data.records import ULTRAFEEDBACK_REWARDS
+from dro_fast.data.rewards import RewardStats
+
+__all__ = ["BatchIterator", "DATA_FORMATS", "DataError", "fingerprint",
+           "Pair", "read_dataset", "read_pairwise", "read_triplets",
+           "read_ultrafeedback", "RewardStats", "tokenize_pairs",
+           "tokenize_triplets", "Triplet", "ULTRAFEEDBACK_ASPECTS",
+           "ULTRAFEEDBACK_REWARDS"]

@@ -1,0 +1,671 @@
+"""Reading alignment data: (prompt, completion, reward) triplets and pairs.
+
+Three formats, each stored as JSON Lines (.jsonl or .json, one object per
+line, blank lines ignored) or Parquet (.parquet):
+  triplets       one {"prompt", "completion", "reward"} object per row, the
+                 paper's single-trajectory data (REFERENCE §1);
+  ultrafeedback  OpenBMB UltraFeedback rows (REFERENCE §5), one triplet per
+                 completion, the reward taken from its annotations;
+  pairwise       one {"prompt", "chosen", "rejected"} object per row, for
+                 the pairwise baselines.
+
+The first bad row raises a DataError naming the file, the row, the field,
+what was wrong and what to do. With skip_bad_rows=True bad rows are dropped
+instead and one warning counts them by reason. JSONL lines and Parquet rows
+are numbered from 1; a record's `source` is "path:number", or
+"path:number#k" for completion k (from 0) of an UltraFeedback row.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+import dataclasses
+import json
+import math
+import numbers
+import os
+from typing import Any
+
+from absl import logging
+
+JSONL_EXTENSIONS = (".jsonl", ".json")
+PARQUET_EXTENSIONS = (".parquet",)
+ULTRAFEEDBACK_ASPECTS = ("instruction_following", "honesty", "truthfulness",
+                         "helpfulness")
+ULTRAFEEDBACK_REWARDS = (("mean_rating", "overall_score", "binary")
+                         + ULTRAFEEDBACK_ASPECTS)
+_NOT_APPLICABLE = "N/A"
+_PARQUET_BATCH_ROWS = 1024
+
+
+class DataError(ValueError):
+  """Data that cannot be used; the message says where, what and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Triplet:
+  """One single-trajectory example (x, y, r).
+
+  Attributes:
+    prompt: x, the prompt text.
+    completion: y, the completion text.
+    reward: r, a finite number, not normalised.
+    source: where it was read, "path:number" or "path:number#completion".
+  """
+  prompt: str
+  completion: str
+  reward: float
+  source: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  """One preference pair: `chosen` is preferred to `rejected` for `prompt`.
+
+  Attributes:
+    prompt: the prompt text.
+    chosen: the preferred completion.
+    rejected: the other completion.
+    source: where it was read, "path:number".
+  """
+  prompt: str
+  chosen: str
+  rejected: str
+  source: str
+
+
+class _BadValue(Exception):
+  """One unusable value of a row; the reader turns it into a DataError.
+
+  Attributes:
+    field: the field as the message names it (e.g.
+      "completions[2].annotations.honesty.Rating"), or None for a whole line.
+    reason: a short, index-free label to count skipped rows by, e.g.
+      "reward not finite".
+    detail: what was wrong, as a sentence fragment.
+  """
+
+  def __init__(self, field: str | None, reason: str, detail: str):
+    super().__init__(detail)
+    self.field = field
+    self.reason = reason
+    self.detail = detail
+
+
+@dataclasses.dataclass(frozen=True)
+class _Location:
+  """A row of a file, and optionally one completion of that row."""
+  path: str
+  unit: str  # "line" (JSONL) or "row" (Parquet).
+  number: int  # From 1.
+  completion: int | None = None  # From 0.
+
+  @property
+  def source(self) -> str:
+    source = f"{self.path}:{self.number}"
+    return source if self.completion is None else f"{source}#{self.completion}"
+
+  def __str__(self) -> str:
+    where = f"{self.path} {self.unit} {self.number}"
+    if self.completion is not None:
+      where += f", completion {self.completion}"
+    return where
+
+
+def _json_type(value: Any) -> str:
+  """The JSON name of a value's type, for messages."""
+  if value is None:
+    return "null"
+  if isinstance(value, bool):
+    return "boolean"
+  if isinstance(value, str):
+    return "string"
+  if isinstance(value, numbers.Real):
+    return "number"
+  if isinstance(value, (list, tuple)):
+    return "array"
+  if isinstance(value, dict):
+    return "object"
+  return type(value).__name__
+
+
+def _plural(count: int, noun: str) -> str:
+  return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+class _RowReader:
+  """Iterates over one file's rows; raises on bad rows or counts them.
+
+  Whole-file problems (no such file, unknown extension, a Parquet file
+  without a needed column) always raise. A bad row raises unless
+  `skip_bad_rows`, in which case `finish` logs the counts per reason.
+  """
+
+  def __init__(self, path: str | os.PathLike, columns: tuple[str, ...],
+               skip_bad_rows: bool, column_hint: str):
+    """Checks the file and, for Parquet, its columns.
+
+    Args:
+      path: the data file.
+      columns: the top-level fields every row needs.
+      skip_bad_rows: drop bad rows instead of raising.
+      column_hint: what to do when a Parquet file lacks one of `columns`.
+
+    Raises:
+      DataError: the extension is unknown, the file does not exist, or a
+        Parquet file is unreadable or lacks one of `columns`.
+    """
+    self.path = os.fspath(path)
+    self._columns = columns
+    self._skip = skip_bad_rows
+    self._reasons = collections.Counter()
+    self._skipped_rows = 0
+    self._skipped_completions = 0
+    self._rows_seen = 0
+    extension = os.path.splitext(self.path)[1].lower()
+    if extension not in JSONL_EXTENSIONS + PARQUET_EXTENSIONS:
+      raise DataError(
+          f"{self.path}: cannot tell the format from the extension "
+          f"{extension or '(none)'!r}. Use .jsonl or .json for JSON Lines "
+          "(one object per line) or .parquet for Parquet.")
+    if not os.path.isfile(self.path):
+      raise DataError(f"{self.path} does not exist or is not a file. Check "
+                      "the path (relative paths start from the working "
+                      f"directory, {os.getcwd()}).")
+    self._parquet = extension in PARQUET_EXTENSIONS
+    if self._parquet:
+      self._check_parquet_columns(column_hint)
+
+  def _check_parquet_columns(self, column_hint: str) -> None:
+    import pyarrow  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    try:
+      names = pq.read_schema(self.path).names
+    except pyarrow.ArrowException as e:
+      raise DataError(
+          f"{self.path} is not a readable Parquet file ({e}). Check that "
+          "the file is complete, or rename it if it holds JSON Lines.") from e
+    for column in self._columns:
+      if column not in names:
+        raise DataError(
+            f"{self.path} has no column {column!r}; its columns are "
+            f"{', '.join(map(repr, names)) or '(none)'}. {column_hint}")
+
+  def __iter__(self) -> Iterator[tuple[_Location, dict[str, Any]]]:
+    """Yields (location, row) for each row that is a mapping of fields."""
+    rows = self._parquet_rows() if self._parquet else self._jsonl_rows()
+    for location, row in rows:
+      self._rows_seen += 1
+      if isinstance(row, _BadValue):
+        self.reject(location, row)
+      else:
+        yield location, row
+
+  def _jsonl_rows(self) -> Iterator[tuple[_Location, Any]]:
+    with open(self.path, "rb") as f:
+      for number, raw in enumerate(f, start=1):
+        location = _Location(self.path, "line", number)
+        try:
+          text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+          yield location, _BadValue(None, "not UTF-8",
+                                    f"the line is not valid UTF-8 ({e})")
+          continue
+        if not text.strip():
+          continue
+        try:
+          row = json.loads(text)
+        except json.JSONDecodeError as e:
+          yield location, _BadValue(
+              None, "invalid JSON",
+              f"the line is not valid JSON ({e.msg} at column {e.colno}); "
+              "each line must hold one whole JSON object")
+          continue
+        if not isinstance(row, dict):
+          yield location, _BadValue(
+              None, "not a JSON object",
+              f"the line holds a JSON {_json_type(row)}, not an object; "
+              "each line must hold one JSON object (a .json file holding "
+              "a single array is not JSON Lines)")
+          continue
+        yield location, row
+
+  def _parquet_rows(self) -> Iterator[tuple[_Location, Any]]:
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    number = 0
+    with pq.ParquetFile(self.path) as parquet_file:
+      for batch in parquet_file.iter_batches(
+          batch_size=_PARQUET_BATCH_ROWS, columns=list(self._columns)):
+        for row in batch.to_pylist():
+          number += 1
+          yield _Location(self.path, "row", number), row
+
+  def reject(self, location: _Location, bad: _BadValue) -> None:
+    """Raises a DataError for a bad row or completion, or counts it.
+
+    Args:
+      location: the row, or the completion of a row.
+      bad: what was wrong.
+
+    Raises:
+      DataError: unless the reader skips bad rows.
+    """
+    if not self._skip:
+      field = "" if bad.field is None else f", field {bad.field!r}"
+      what = ("the completion" if location.completion is not None
+              else f"the {location.unit}")
+      raise DataError(
+          f"{location}{field}: {bad.detail}. Fix or remove {what}, or pass "
+          "skip_bad_rows=True to drop bad rows with a warning.")
+    self._reasons[bad.reason] += 1
+    if location.completion is None:
+      self._skipped_rows += 1
+    else:
+      self._skipped_completions += 1
+
+  def _skipped(self) -> str:
+    """E.g. "3 rows", "1 row and 2 completions"."""
+    parts = []
+    if self._skipped_rows:
+      parts.append(_plural(self._skipped_rows, "row"))
+    if self._skipped_completions:
+      parts.append(_plural(self._skipped_completions, "completion"))
+    return " and ".join(parts)
+
+  def finish(self, records: list[Any]) -> list[Any]:
+    """Logs what was skipped and checks that something was read.
+
+    Args:
+      records: the records read from the file.
+
+    Returns:
+      `records`.
+
+    Raises:
+      DataError: `records` is empty.
+    """
+    if self._reasons:
+      reasons = ", ".join(f"{count} {reason}"
+                          for reason, count in self._reasons.most_common())
+      logging.warning("skipped %s of %s: %s", self._skipped(), self.path,
+                      reasons)
+    if records:
+      return records
+    if self._rows_seen == 0:
+      why = "it holds no rows (blank lines are ignored)"
+    elif self._reasons:
+      why = (f"none of its {_plural(self._rows_seen, 'row')} is usable "
+             f"(skipped {self._skipped()}; the warning gives the reasons)")
+    else:
+      why = f"its {_plural(self._rows_seen, 'row')} hold no completions"
+    raise DataError(f"{self.path} has no usable rows: {why}. Check that it "
+                    "is the right file and that its fields are named as the "
+                    "reader expects.")
+
+
+def _present(row: dict[str, Any], key: str, field: str,
+             argument: str | None) -> Any:
+  """row[key], which must be present and not null.
+
+  Args:
+    row: the row or completion.
+    key: the field to read.
+    field: the field as messages name it.
+    argument: the reader argument that names this field, for the hint when
+      the field is missing; None if no argument does.
+
+  Returns:
+    The value.
+
+  Raises:
+    _BadValue: the field is missing or null.
+  """
+  if key not in row:
+    detail = (f"is missing (the fields present are "
+              f"{', '.join(map(repr, row)) or 'none'})")
+    if argument is not None:
+      detail += f"; if the field has another name, pass {argument}=<name>"
+    raise _BadValue(field, f"missing {key}", detail)
+  value = row[key]
+  if value is None:
+    raise _BadValue(field, f"missing {key}", "is null")
+  return value
+
+
+def _text(row: dict[str, Any], key: str, *, field: str | None = None,
+          argument: str | None = None) -> str:
+  """row[key] as a non-blank string, unchanged.
+
+  Args:
+    row: the row or completion.
+    key: the field to read; also names the reason a bad row is counted by.
+    field: the field as messages name it; defaults to `key`.
+    argument: the reader argument that names this field, if any.
+
+  Returns:
+    The string.
+
+  Raises:
+    _BadValue: the field is missing, null, not a string, or blank.
+  """
+  field = key if field is None else field
+  value = _present(row, key, field, argument)
+  if not isinstance(value, str):
+    raise _BadValue(field, f"{key} not a string",
+                    f"is a {_json_type(value)}, not a string")
+  if not value.strip():
+    raise _BadValue(field, f"empty {key}",
+                    "is empty or only whitespace; every text must be "
+                    "non-blank")
+  return value
+
+
+def _number(row: dict[str, Any], key: str, *, field: str | None = None,
+            argument: str | None = None) -> float:
+  """row[key] as a finite float; bools and numeric strings are refused.
+
+  Args:
+    row: the row or completion.
+    key: the field to read; also names the reason a bad row is counted by.
+    field: the field as messages name it; defaults to `key`.
+    argument: the reader argument that names this field, if any.
+
+  Returns:
+    The value as a float.
+
+  Raises:
+    _BadValue: the field is missing, null, a bool, a string, not a real
+      number, or not finite.
+  """
+  field = key if field is None else field
+  value = _present(row, key, field, argument)
+  if isinstance(value, bool):
+    raise _BadValue(field, f"{key} not a number",
+                    f"is {json.dumps(value)} (a boolean), not a number")
+  if isinstance(value, str):
+    try:
+      float(value)
+    except ValueError:
+      raise _BadValue(field, f"{key} not a number",
+                      f"is the string {value!r}, not a number") from None
+    raise _BadValue(field, f"{key} not a number",
+                    f"is the string {value!r}, not a number; write it as a "
+                    f"JSON number ({value.strip()}, without quotes)")
+  if not isinstance(value, numbers.Real):
+    raise _BadValue(field, f"{key} not a number",
+                    f"is a {_json_type(value)}, not a number")
+  try:
+    number = float(value)
+  except OverflowError:
+    number = math.inf
+  if not math.isfinite(number):
+    raise _BadValue(field, f"{key} not finite",
+                    f"is {value!r}; it must be a finite number")
+  return number
+
+
+def read_triplets(path: str | os.PathLike, *, prompt_field: str = "prompt",
+                  completion_field: str = "completion",
+                  reward_field: str = "reward",
+                  skip_bad_rows: bool = False) -> list[Triplet]:
+  """Reads (prompt, completion, reward) rows from JSON Lines or Parquet.
+
+  Args:
+    path: a .jsonl/.json (one object per line) or .parquet file.
+    prompt_field: the field holding the prompt.
+    completion_field: the field holding the completion.
+    reward_field: the field holding the reward, a finite number.
+    skip_bad_rows: drop bad rows, logging one warning with counts per
+      reason, instead of raising on the first.
+
+  Returns:
+    The triplets in file order.
+
+  Raises:
+    DataError: the file is missing, has an unknown extension, lacks a column
+      (Parquet), has a bad row (unless `skip_bad_rows`), or has no usable
+      rows.
+  """
+  reader = _RowReader(
+      path, (prompt_field, completion_field, reward_field), skip_bad_rows,
+      "Name the right columns with prompt_field=, completion_field= and "
+      "reward_field=.")
+  triplets = []
+  for location, row in reader:
+    try:
+      prompt = _text(row, prompt_field, argument="prompt_field")
+      completion = _text(row, completion_field, argument="completion_field")
+      reward = _number(row, reward_field, argument="reward_field")
+    except _BadValue as bad:
+      reader.reject(location, bad)
+      continue
+    triplets.append(Triplet(prompt, completion, reward, location.source))
+  return reader.finish(triplets)
+
+
+def read_pairwise(path: str | os.PathLike, *, prompt_field: str = "prompt",
+                  chosen_field: str = "chosen",
+                  rejected_field: str = "rejected",
+                  skip_bad_rows: bool = False) -> list[Pair]:
+  """Reads (prompt, chosen, rejected) rows from JSON Lines or Parquet.
+
+  Args:
+    path: a .jsonl/.json (one object per line) or .parquet file.
+    prompt_field: the field holding the prompt.
+    chosen_field: the field holding the preferred completion.
+    rejected_field: the field holding the other completion.
+    skip_bad_rows: drop bad rows, logging one warning with counts per
+      reason, instead of raising on the first.
+
+  Returns:
+    The pairs in file order.
+
+  Raises:
+    DataError: as `read_triplets`.
+  """
+  reader = _RowReader(
+      path, (prompt_field, chosen_field, rejected_field), skip_bad_rows,
+      "Name the right columns with prompt_field=, chosen_field= and "
+      "rejected_field=.")
+  pairs = []
+  for location, row in reader:
+    try:
+      pair = Pair(_text(row, prompt_field, argument="prompt_field"),
+                  _text(row, chosen_field, argument="chosen_field"),
+                  _text(row, rejected_field, argument="rejected_field"),
+                  location.source)
+    except _BadValue as bad:
+      reader.reject(location, bad)
+      continue
+    pairs.append(pair)
+  return reader.finish(pairs)
+
+
+def _aspect_rating(annotations: dict[str, Any], aspect: str,
+                   prefix: str) -> float | None:
+  """One aspect's "Rating" as a float; None when "N/A", null or absent.
+
+  Raises:
+    _BadValue: the aspect is not an object, or its rating is neither a
+      number nor "N/A".
+  """
+  field = f"{prefix}.annotations.{aspect}"
+  annotation = annotations.get(aspect)
+  if annotation is None:
+    return None
+  if not isinstance(annotation, dict):
+    raise _BadValue(field, "annotation not an object",
+                    f"is a {_json_type(annotation)}, not an object with a "
+                    "'Rating'")
+  rating = annotation.get("Rating")
+  if rating is None or (isinstance(rating, str)
+                        and rating.strip().upper() == _NOT_APPLICABLE):
+    return None
+  field += ".Rating"
+  if isinstance(rating, str):
+    try:
+      value = float(rating)
+    except ValueError:
+      raise _BadValue(field, "rating not a number",
+                      f"is {rating!r}, neither a number nor "
+                      f"{_NOT_APPLICABLE!r}") from None
+  elif isinstance(rating, numbers.Real) and not isinstance(rating, bool):
+    value = float(rating)
+  else:
+    raise _BadValue(field, "rating not a number",
+                    f"is a {_json_type(rating)}, neither a number nor "
+                    f"{_NOT_APPLICABLE!r}")
+  if not math.isfinite(value):
+    raise _BadValue(field, "rating not finite",
+                    f"is {rating!r}; it must be a finite number")
+  return value
+
+
+def _completion_reward(completion: dict[str, Any], prefix: str, reward: str,
+                       threshold: float | None) -> float:
+  """The reward of one UltraFeedback completion (see read_ultrafeedback)."""
+  if reward == "overall_score":
+    return _number(completion, "overall_score",
+                   field=f"{prefix}.overall_score")
+  annotations = completion.get("annotations")
+  if not isinstance(annotations, dict):
+    raise _BadValue(f"{prefix}.annotations", "annotations not an object",
+                    f"is a {_json_type(annotations)}, not an object of "
+                    "aspect ratings")
+  if reward in ULTRAFEEDBACK_ASPECTS:
+    rating = _aspect_rating(annotations, reward, prefix)
+    if rating is None:
+      raise _BadValue(f"{prefix}.annotations.{reward}.Rating",
+                      f"{reward} rating N/A",
+                      f"is {_NOT_APPLICABLE!r} or absent, so the "
+                      f"{reward} reward is undefined")
+    return rating
+  ratings = [_aspect_rating(annotations, aspect, prefix)
+             for aspect in ULTRAFEEDBACK_ASPECTS]
+  numeric = [rating for rating in ratings if rating is not None]
+  if not numeric:
+    raise _BadValue(f"{prefix}.annotations", "no numeric rating",
+                    "has no numeric aspect 'Rating' (all of "
+                    f"{', '.join(ULTRAFEEDBACK_ASPECTS)} are "
+                    f"{_NOT_APPLICABLE!r} or absent)")
+  mean = sum(numeric) / len(numeric)
+  if reward == "binary":
+    return 1.0 if mean >= threshold else 0.0
+  return mean
+
+
+def read_ultrafeedback(path: str | os.PathLike, *,
+                       reward: str = "mean_rating",
+                       threshold: float | None = None,
+                       skip_bad_rows: bool = False) -> list[Triplet]:
+  """Reads OpenBMB UltraFeedback rows as one triplet per completion.
+
+  Each row holds an "instruction" (the prompt) and "completions", each with
+  a "response" (the completion) and "annotations" of four aspects
+  (instruction_following, honesty, truthfulness, helpfulness) whose
+  "Rating" is a string: a number or "N/A" (REFERENCE §5).
+
+  Args:
+    path: a .jsonl/.json (one object per line) or .parquet file.
+    reward: how a completion's reward is computed:
+      "mean_rating" (default, the paper's and the safer choice): the mean of
+        the aspect ratings that are numbers, "N/A" and absent ones ignored;
+      "overall_score": the completion's "overall_score" (some are wrong in
+        the released data);
+      an aspect name, e.g. "helpfulness": that aspect's rating;
+      "binary": 1.0 if the mean rating is >= `threshold`, else 0.0.
+    threshold: the mean rating at or above which a completion is good;
+      required by, and only allowed with, reward="binary".
+    skip_bad_rows: drop bad rows and bad completions, logging one warning
+      with counts per reason, instead of raising on the first.
+
+  Returns:
+    The triplets in file order, each completion's `source` being
+    "path:number#k" for completion k (from 0) of the row.
+
+  Raises:
+    ValueError: `reward` is unknown, or `threshold` is missing for
+      reward="binary", given for another mode, or not a finite number.
+    DataError: as `read_triplets`; a completion whose reward is undefined
+      (e.g. every rating "N/A") is bad.
+  """
+  if reward not in ULTRAFEEDBACK_REWARDS:
+    raise ValueError(f"reward={reward!r} is not an UltraFeedback reward; "
+                     f"choose one of {', '.join(ULTRAFEEDBACK_REWARDS)}.")
+  if reward == "binary":
+    if threshold is None:
+      raise ValueError(
+          "reward='binary' needs threshold=<mean rating>: completions whose "
+          "mean aspect rating is >= threshold get reward 1.0, the others "
+          "0.0 (ratings run from 1 to 5).")
+    if (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
+        or not math.isfinite(threshold)):
+      raise ValueError(f"threshold must be a finite number, got "
+                       f"{threshold!r}.")
+  elif threshold is not None:
+    raise ValueError(f"threshold={threshold!r} applies only to "
+                     f"reward='binary', not reward={reward!r}; drop it or "
+                     "use reward='binary'.")
+  reader = _RowReader(
+      path, ("instruction", "completions"), skip_bad_rows,
+      "UltraFeedback rows need 'instruction' and 'completions'; is this an "
+      "UltraFeedback file? Use read_triplets for other triplet data.")
+  triplets = []
+  for location, row in reader:
+    try:
+      instruction = _text(row, "instruction")
+      completions = row.get("completions")
+      if not isinstance(completions, (list, tuple)):
+        raise _BadValue("completions", "completions not a list",
+                        f"is a {_json_type(completions)}, not a list of "
+                        "completions")
+    except _BadValue as bad:
+      reader.reject(location, bad)
+      continue
+    for index, completion in enumerate(completions):
+      at = dataclasses.replace(location, completion=index)
+      prefix = f"completions[{index}]"
+      try:
+        if not isinstance(completion, dict):
+          raise _BadValue(prefix, "completion not an object",
+                          f"is a {_json_type(completion)}, not an object")
+        response = _text(completion, "response", field=f"{prefix}.response")
+        value = _completion_reward(completion, prefix, reward, threshold)
+      except _BadValue as bad:
+        reader.reject(at, bad)
+        continue
+      triplets.append(Triplet(instruction, response, value, at.source))
+  return reader.finish(triplets)
+
+
+_READERS = {
+    "triplets": read_triplets,
+    "ultrafeedback": read_ultrafeedback,
+    "pairwise": read_pairwise,
+}
+DATA_FORMATS = tuple(_READERS)
+
+
+def read_dataset(path: str | os.PathLike, data_format: str,
+                 **kwargs: Any) -> list[Triplet] | list[Pair]:
+  """Reads a data file with the reader for `data_format`.
+
+  Args:
+    path: the data file.
+    data_format: "triplets" (read_triplets), "ultrafeedback"
+      (read_ultrafeedback) or "pairwise" (read_pairwise).
+    **kwargs: passed to the reader.
+
+  Returns:
+    The reader's records.
+
+  Raises:
+    ValueError: `data_format` is unknown.
+    DataError: as the reader.
+  """
+  reader = _READERS.get(data_format)
+  if reader is None:
+    raise ValueError(f"data_format={data_format!r} is unknown; choose one "
+                     f"of {', '.join(DATA_FORMATS)}.")
+  return reader(path, **kwargs)

@@ -1,0 +1,319 @@
+"""Training checkpoints: verified, atomic saves and restores that fall back.
+
+A thin wrapper over Orbax's CheckpointManager. Each checkpoint is one step
+directory holding two items, written together under Orbax's commit protocol:
+
+  <directory>/<step>/state   the train-state pytree (Orbax's OCDBT/TensorStore
+                             array format)
+  <directory>/<step>/extra   a small JSON dict (data-iterator state, config)
+
+Atomicity is Orbax's. A save is written into a temporary directory named
+`<step>.orbax-checkpoint-tmp-<timestamp>` and renamed to `<step>` only once
+every item is complete (on object stores, where there is no rename, a
+`commit_success.txt` file marks the finished step instead). Orbax lists only
+finalised steps, so a save killed half-way leaves a temporary directory that
+`all_steps`, `latest_step` and `restore` never see. Leftover temporary
+directories are not deleted here: another process (an evaluator, say) may be
+reading or writing the same directory.
+
+PRNG keys. Typed key arrays (`jax.random.key`) are saved as their raw uint32
+key data (`jax.random.key_data`) and rebuilt on restore with
+`jax.random.wrap_key_data`, using the implementation of the matching leaf of
+the restore template; raw uint32 keys (`jax.random.PRNGKey`) are ordinary
+arrays. Typed keys in a template must therefore be concrete key arrays (any
+value of the right shape and implementation), not `jax.ShapeDtypeStruct`s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+_STATE = "state"
+_EXTRA = "extra"
+
+# How much of an Orbax/TensorStore error message a log line or error keeps.
+_MAX_REASON_CHARS = 300
+
+
+class CorruptCheckpointError(RuntimeError):
+  """No checkpoint that was asked for could be read; the message says why."""
+
+
+class TemplateMismatchError(ValueError):
+  """A restore template whose leaves, shapes or dtypes differ from the saved
+  state's; the message lists them."""
+
+
+def _describe(error: Exception) -> str:
+  """One short line for a read error, without TensorStore's spec dump."""
+  text = str(error)
+  for noise in (" [tensorstore_spec=", " See full TensorStore details"):
+    text = text.split(noise)[0]
+  lines = text.splitlines()
+  text = lines[0] if lines else ""
+  return f"{type(error).__name__}: {text[:_MAX_REASON_CHARS]}"
+
+
+def _is_prng_key(leaf: Any) -> bool:
+  dtype = getattr(leaf, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype,
+                                                     jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree: PyTree) -> PyTree:
+  """Replaces typed PRNG key leaves with their raw uint32 key data."""
+  return jax.tree.map(
+      lambda x: jax.random.key_data(x) if _is_prng_key(x) else x, tree)
+
+
+def _non_finite_paths(state: PyTree) -> list[str]:
+  """Paths of the floating (or complex) leaves holding a NaN or an inf."""
+  paths, flags = [], []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    if _is_prng_key(leaf) or not jnp.issubdtype(jnp.result_type(leaf),
+                                                jnp.inexact):
+      continue
+    paths.append(jax.tree_util.keystr(path))
+    # Reduce on the device for device arrays: one transfer of the flags below
+    # instead of copying every parameter to the host.
+    if isinstance(leaf, jax.Array):
+      flags.append(jnp.all(jnp.isfinite(leaf)))
+    else:
+      flags.append(np.all(np.isfinite(leaf)))
+  return [p for p, ok in zip(paths, jax.device_get(flags)) if not ok]
+
+
+def _shape_and_dtype(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
+  if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+    return tuple(leaf.shape), np.dtype(leaf.dtype)
+  array = np.asarray(leaf)
+  return array.shape, array.dtype
+
+
+class Checkpointer:
+  """Saves and restores (train state, extra JSON dict) checkpoints by step.
+
+  Usage:
+    checkpointer = Checkpointer(workdir + "/checkpoints", keep=3)
+    if checkpointer.latest_step() is not None:
+      state, extra, step = checkpointer.restore(state)
+    ...
+    checkpointer.save(step, state, {"data": iterator_state})
+  """
+
+  def __init__(self, directory: str, keep: int = 3):
+    """Opens (creating it if needed) a checkpoint directory.
+
+    Args:
+      directory: where the step directories live.
+      keep: how many of the newest checkpoints to keep; older ones are
+        deleted after each save.
+    """
+    if keep < 1:
+      raise ValueError(f"keep must be at least 1, got {keep}")
+    self._directory = os.path.abspath(os.fspath(directory))
+    self._manager = ocp.CheckpointManager(
+        self._directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False),
+        item_handlers={_STATE: ocp.StandardCheckpointHandler(),
+                       _EXTRA: ocp.JsonCheckpointHandler()})
+    # Steps that `restore` found unreadable and skipped; `save` may replace
+    # them (see there).
+    self._unreadable_steps: set[int] = set()
+
+  @property
+  def directory(self) -> str:
+    return self._directory
+
+  def all_steps(self) -> list[int]:
+    """Steps of the finalised checkpoints, ascending."""
+    self._manager.reload()
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The newest finalised step, or None when there is none."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state: PyTree, extra: dict[str, Any]) -> None:
+    """Writes one checkpoint and returns once it is committed.
+
+    Nothing is written when `state` holds a NaN or an inf, or when `extra`
+    is not JSON-serialisable.
+
+    A step at or below an existing checkpoint's is refused, unless every such
+    checkpoint is one `restore` skipped as unreadable: after falling back to
+    an older checkpoint, training reaches those steps again and their
+    damaged checkpoints are deleted (with a warning) to make way.
+
+    Args:
+      step: the training step; must be newer than every readable checkpoint.
+      state: a pytree of arrays (jax, numpy, typed or raw PRNG keys).
+      extra: a JSON-serialisable dict saved in the same checkpoint.
+
+    Raises:
+      TypeError: `extra` is not a dict.
+      ValueError: on non-finite values, an `extra` that is not strict JSON
+        (NaN and inf included), or a step that is not newer than the
+        readable checkpoints.
+    """
+    if not isinstance(extra, dict):
+      raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
+    try:
+      json.dumps(extra, allow_nan=False)
+    except (TypeError, ValueError) as e:
+      raise ValueError(
+          f"extra for step {step} is not JSON-serialisable: {e}") from e
+    bad = _non_finite_paths(state)
+    if bad:
+      raise ValueError(f"refusing to checkpoint non-finite values at step "
+                       f"{step}: {', '.join(bad)}")
+
+    existing = [s for s in self.all_steps() if s >= step]
+    if any(s not in self._unreadable_steps for s in existing):
+      raise ValueError(
+          f"cannot save step {step} in {self._directory}: it already holds "
+          f"checkpoints at steps {existing}. Resume from the latest one, or "
+          "delete the newer checkpoints to branch from an older step.")
+    for s in existing:
+      logging.warning("deleting unreadable checkpoint %d in %s to save step "
+                      "%d", s, self._directory, step)
+      self._manager.delete(s)
+      self._unreadable_steps.discard(s)
+
+    saved = self._manager.save(
+        step, force=True,
+        args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardSave(_keys_to_data(state)),
+            _EXTRA: ocp.args.JsonSave(extra)}))
+    self._manager.wait_until_finished()
+    if not saved:
+      raise RuntimeError(f"orbax skipped saving step {step} in "
+                         f"{self._directory}")
+
+  def restore(
+      self, template: PyTree, step: int | None = None
+  ) -> tuple[PyTree, dict[str, Any], int]:
+    """Reads a checkpoint into the structure, shapes and dtypes of `template`.
+
+    Without `step`, reads the newest checkpoint; one that cannot be read
+    (files missing or truncated, metadata garbled) is logged as a warning
+    and the next older one is tried. Orbax does not checksum array data, so
+    a flipped bit inside an array chunk is not detected.
+
+    Args:
+      template: a pytree like the saved state (e.g. a freshly initialised
+        train state); its values are not used, except to give the key
+        implementation of typed PRNG key leaves.
+      step: the step to read; None for the newest readable one.
+
+    Returns:
+      (state, extra, step): the restored state (the saved arrays, bitwise,
+      in `template`'s structure), the saved extra dict, and its step.
+
+    Raises:
+      FileNotFoundError: no checkpoint (or none at `step`) in the directory.
+      TemplateMismatchError: `template`'s leaves, shapes or dtypes differ
+        from the checkpoint's.
+      CorruptCheckpointError: no candidate checkpoint could be read.
+    """
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoints in {self._directory}")
+    if step is None:
+      candidates = steps[::-1]
+    elif step in steps:
+      candidates = [step]
+    else:
+      raise FileNotFoundError(f"no checkpoint for step {step} in "
+                              f"{self._directory}; it has steps {steps}")
+
+    failures = []
+    for candidate in candidates:
+      try:
+        result = self._read(candidate, template)
+      except TemplateMismatchError:
+        raise  # The caller's error, the same for every checkpoint.
+      # A damaged checkpoint fails in many ways: FileNotFoundError, JSON
+      # errors, TensorStore's ValueErrors (OUT_OF_RANGE, DATA_LOSS), and the
+      # bare Exception Orbax raises when an array read fails.
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        failures.append((candidate, e))
+        logging.warning("checkpoint %s is unreadable (%s)%s",
+                        os.path.join(self._directory, str(candidate)),
+                        _describe(e), "; falling back to the previous one"
+                        if candidate != candidates[-1] else "")
+      else:
+        self._unreadable_steps.update(s for s, _ in failures)
+        return result
+
+    reasons = "; ".join(f"step {s}: {_describe(e)}" for s, e in failures)
+    raise CorruptCheckpointError(
+        f"no readable checkpoint in {self._directory} (tried steps "
+        f"{candidates}): {reasons}") from failures[0][1]
+
+  def _read(self, step: int,
+            template: PyTree) -> tuple[PyTree, dict[str, Any], int]:
+    """Checks `template` against checkpoint `step`'s metadata, then reads it."""
+    storable = _keys_to_data(template)
+    metadata = self._manager.item_metadata(step)[_STATE]
+    if metadata is None:
+      raise FileNotFoundError(
+          f"no state metadata in {os.path.join(self._directory, str(step))}")
+    self._check_template(storable, ocp.tree.to_flat_dict(metadata.tree,
+                                                         sep="."), step)
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardRestore(storable),
+            _EXTRA: ocp.args.JsonRestore()}))
+    state = jax.tree.map(
+        lambda t, x: (jax.random.wrap_key_data(x, impl=jax.random.key_impl(t))
+                      if _is_prng_key(t) else x),
+        template, restored[_STATE])
+    return state, restored[_EXTRA], step
+
+  def _check_template(self, template: PyTree, saved: dict[str, Any],
+                      step: int) -> None:
+    """Raises TemplateMismatchError unless `template` has the saved arrays.
+
+    Orbax would silently cast a leaf to the template's dtype; this makes a
+    mismatch an error instead, so that a restore is always bitwise.
+    """
+    wanted = ocp.tree.to_flat_dict(template, sep=".")
+    problems = [f"{name}: missing from the checkpoint"
+                for name in sorted(wanted.keys() - saved.keys())]
+    problems += [f"{name}: in the checkpoint but not in the template"
+                 for name in sorted(saved.keys() - wanted.keys())]
+    for name in sorted(wanted.keys() & saved.keys()):
+      shape, dtype = _shape_and_dtype(wanted[name])
+      saved_shape, saved_dtype = tuple(saved[name].shape), np.dtype(
+          saved[name].dtype)
+      if (shape, dtype) != (saved_shape, saved_dtype):
+        problems.append(f"{name}: template {dtype}{list(shape)}, checkpoint "
+                        f"{saved_dtype}{list(saved_shape)}")
+    if problems:
+      raise TemplateMismatchError(
+          f"restore template does not match checkpoint {step} in "
+          f"{self._directory}: " + "; ".join(problems))
+
+  def close(self) -> None:
+    """Releases Orbax's resources; the object is unusable afterwards."""
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()

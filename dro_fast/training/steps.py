@@ -1,0 +1,247 @@
+"""Train state and the jitted update step of every algorithm.
+
+Batches are dicts of arrays. Single-trajectory algorithms (dro_v, kto, sft)
+take inputs [B, S], targets [B, T], target_mask [B, T], rewards [B] and
+ref_logprobs [B]; KTO also takes mismatched_targets / mismatched_mask (each
+prompt paired with another example's completion, fixed per dataset) and
+mismatched_ref_logprobs. Pairwise algorithms (dpo, ipo, slic) take inputs,
+chosen, chosen_mask, rejected, rejected_mask, chosen_ref_logprobs and
+rejected_ref_logprobs.
+
+Log-probabilities come from the fused linear kernel: the decoder's final
+states and the output projection go to kernels.linear_sequence_logprobs, so
+the [B, T, V] logits are never materialised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dro_fast import kernels
+from dro_fast import losses
+from dro_fast import models
+from dro_fast.models import value
+
+ALGORITHMS = ("dro_v", "kto", "sft", "dpo", "ipo", "slic")
+PAIRWISE = ("dpo", "ipo", "slic")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmConfig:
+  """What is optimised (static, hashable).
+
+  Attributes:
+    algo: one of ALGORITHMS.
+    tau: DRO's KL regularisation strength τ.
+    beta: KTO's / the pairwise losses' β.
+    rescale_policy_grad: DRO-V's 1/τ policy-gradient rescale (paper §3.3).
+    value_net: "separate" (own encoder) or "shared" (head on the policy's).
+    value_granularity: "per_example" V(x_i), or "per_batch": one value for
+      the whole batch (the batch mean of V(x_i)), the paper's single-value
+      ablation (Figure 5).
+    kto_desirable_weight: λ_D.
+    kto_undesirable_weight: λ_U.
+    implementation: kernel implementation (None: by backend).
+  """
+
+  algo: str = "dro_v"
+  tau: float = 1.0
+  beta: float = 1.0
+  rescale_policy_grad: bool = True
+  value_net: str = "separate"
+  value_granularity: str = "per_example"
+  kto_desirable_weight: float = 1.0
+  kto_undesirable_weight: float = 1.0
+  implementation: str | None = None
+
+  def __post_init__(self):
+    if self.algo not in ALGORITHMS:
+      raise ValueError(f"algo must be one of {ALGORITHMS}, got {self.algo!r}.")
+    if self.value_net not in value.KINDS:
+      raise ValueError(f"value_net must be one of {value.KINDS}, got "
+                       f"{self.value_net!r}.")
+    if self.value_granularity not in ("per_example", "per_batch"):
+      raise ValueError("value_granularity must be 'per_example' or "
+                       f"'per_batch', got {self.value_granularity!r}.")
+    if self.tau <= 0 or self.beta <= 0:
+      raise ValueError(f"tau and beta must be > 0, got tau={self.tau}, "
+                       f"beta={self.beta}.")
+
+  @property
+  def has_value(self) -> bool:
+    return self.algo == "dro_v"
+
+
+class TrainState(NamedTuple):
+  """Everything a step changes; checkpointed whole.
+
+  rng is a raw uint32[2] key (jax.random.PRNGKey), so that it checkpoints as
+  a plain array. value_params / value_opt_state are empty dicts for
+  algorithms without a value network.
+  """
+  step: jax.Array
+  policy_params: Any
+  value_params: Any
+  policy_opt_state: Any
+  value_opt_state: Any
+  rng: jax.Array
+
+
+class Trainer(NamedTuple):
+  """The jitted pieces of one training set-up."""
+  init: Callable[..., TrainState]
+  update: Callable[[TrainState, dict], tuple[TrainState, dict]]
+
+
+def sequence_logprobs(model: Any, params: Any, rng: jax.Array | None,
+                      inputs: jax.Array, targets: jax.Array, mask: jax.Array,
+                      *, is_training: bool,
+                      implementation: str | None) -> jax.Array:
+  """log π(targets | inputs) [B] through the fused linear kernel."""
+  hidden, weight = model.apply(params, rng, inputs, targets,
+                               is_training=is_training, output="hidden")
+  return kernels.linear_sequence_logprobs(hidden, weight, targets, mask,
+                                          implementation=implementation)
+
+
+def _global_norm(tree) -> jax.Array:
+  return optax.tree.norm(tree) if jax.tree.leaves(tree) else jnp.zeros(())
+
+
+def make_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
+                 policy_optimizer: optax.GradientTransformation,
+                 value_optimizer: optax.GradientTransformation | None,
+                 learning_rates: Callable[[jax.Array], dict] | None = None
+                 ) -> Trainer:
+  """Builds init and update for one algorithm.
+
+  Args:
+    algorithm: what to optimise.
+    model_config: the policy's (and value encoder's) T5Config.
+    policy_optimizer: optax transformation for the policy.
+    value_optimizer: optax transformation for the value network (dro_v).
+    learning_rates: step -> {"policy_lr": ..., "value_lr": ...} for metrics.
+
+  Returns:
+    Trainer(init(policy_params, value_params, rng), update(state, batch)).
+  """
+  policy = models.t5(model_config)
+  value_net = (value.value_network(model_config, algorithm.value_net)
+               if algorithm.has_value else None)
+  implementation = algorithm.implementation
+
+  def logprobs(params, rng, inputs, targets, mask):
+    return sequence_logprobs(policy, params, rng, inputs, targets, mask,
+                             is_training=True, implementation=implementation)
+
+  def dro_v_loss(policy_params, value_params, batch, rng):
+    policy_rng, value_rng = jax.random.split(rng)
+    inputs, targets = batch["inputs"], batch["targets"]
+    if algorithm.value_net == "shared":
+      hidden, weight, encoded = policy.apply(
+          policy_params, policy_rng, inputs, targets, is_training=True,
+          output="hidden_and_encoded")
+      values = value_net.apply(value_params, None, encoded, inputs)
+    else:
+      hidden, weight = policy.apply(policy_params, policy_rng, inputs,
+                                    targets, is_training=True,
+                                    output="hidden")
+      values = value_net.apply(value_params, value_rng, inputs,
+                               is_training=True)
+    logp = kernels.linear_sequence_logprobs(
+        hidden, weight, targets, batch["target_mask"],
+        implementation=implementation)
+    if algorithm.value_granularity == "per_batch":
+      values = jnp.broadcast_to(jnp.mean(values), values.shape)
+    return losses.dro_v_loss(logp, batch["ref_logprobs"], values,
+                             batch["rewards"], tau=algorithm.tau,
+                             rescale_policy_grad=algorithm.rescale_policy_grad)
+
+  def kto_loss(policy_params, value_params, batch, rng):
+    del value_params
+    batch_size = batch["inputs"].shape[0]
+    # One forward for the examples and their mismatched completions.
+    logp = logprobs(
+        policy_params, rng, jnp.concatenate([batch["inputs"]] * 2),
+        jnp.concatenate([batch["targets"], batch["mismatched_targets"]]),
+        jnp.concatenate([batch["target_mask"], batch["mismatched_mask"]]))
+    return losses.kto_loss(
+        logp[:batch_size], batch["ref_logprobs"], batch["rewards"],
+        logp[batch_size:], batch["mismatched_ref_logprobs"],
+        beta=algorithm.beta,
+        desirable_weight=algorithm.kto_desirable_weight,
+        undesirable_weight=algorithm.kto_undesirable_weight)
+
+  def sft_loss(policy_params, value_params, batch, rng):
+    del value_params
+    mask = batch["target_mask"]
+    logp = logprobs(policy_params, rng, batch["inputs"], batch["targets"],
+                    mask)
+    loss = -jnp.sum(logp) / jnp.maximum(jnp.sum(mask), 1)
+    return loss, {"loss": loss, "logprob_mean": jnp.mean(logp)}
+
+  def pairwise_loss(policy_params, value_params, batch, rng):
+    del value_params
+    batch_size = batch["inputs"].shape[0]
+    logp = logprobs(
+        policy_params, rng, jnp.concatenate([batch["inputs"]] * 2),
+        jnp.concatenate([batch["chosen"], batch["rejected"]]),
+        jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]]))
+    return losses.pairwise_loss(
+        logp[:batch_size], logp[batch_size:], batch["chosen_ref_logprobs"],
+        batch["rejected_ref_logprobs"], beta=algorithm.beta,
+        kind=algorithm.algo)
+
+  loss_fn = {"dro_v": dro_v_loss, "kto": kto_loss,
+             "sft": sft_loss}.get(algorithm.algo, pairwise_loss)
+
+  def init(policy_params, value_params, rng) -> TrainState:
+    value_params = value_params if algorithm.has_value else {}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), policy_params=policy_params,
+        value_params=value_params,
+        policy_opt_state=policy_optimizer.init(policy_params),
+        value_opt_state=(value_optimizer.init(value_params)
+                         if algorithm.has_value else {}),
+        rng=rng)
+
+  def update(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    rng, step_rng = jax.random.split(state.rng)
+    (_, metrics), (policy_grads, value_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(
+            state.policy_params, state.value_params, batch, step_rng)
+    updates, policy_opt_state = policy_optimizer.update(
+        policy_grads, state.policy_opt_state, state.policy_params)
+    policy_params = optax.apply_updates(state.policy_params, updates)
+    value_params, value_opt_state = state.value_params, state.value_opt_state
+    if algorithm.has_value:
+      updates, value_opt_state = value_optimizer.update(
+          value_grads, state.value_opt_state, state.value_params)
+      value_params = optax.apply_updates(state.value_params, updates)
+    metrics = dict(metrics, policy_grad_norm=_global_norm(policy_grads),
+                   value_grad_norm=_global_norm(value_grads))
+    if learning_rates is not None:
+      metrics.update(learning_rates(state.step))
+    new_state = TrainState(state.step + 1, policy_params, value_params,
+                           policy_opt_state, value_opt_state, rng)
+    return new_state, metrics
+
+  return Trainer(init=init, update=update)
+
+
+def reference_logprob_fn(model_config: models.T5Config,
+                         implementation: str | None):
+  """A jitted (params, inputs, targets, mask) -> [B] log π (no dropout)."""
+  policy = models.t5(model_config)
+
+  @jax.jit
+  def fn(params, inputs, targets, mask):
+    return sequence_logprobs(policy, params, None, inputs, targets, mask,
+                             is_training=False, implementation=implementation)
+
+  return fn

@@ -1,0 +1,108 @@
+"""End-to-end runs of `python -m dro_fast.train` on the synthetic task."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--demo_examples=128", "--batch_size=8", "--max_input_length=12",
+         "--max_target_length=8", "--log_every=2", "--checkpoint_every=4",
+         "--tokenizer_vocab_size=48"]
+TIMING = ("examples_per_s", "tokens_per_s")
+
+
+def train(workdir, *flags, check=True):
+  result = subprocess.run(
+      [sys.executable, "-m", "dro_fast.train", f"--workdir={workdir}",
+       *SMALL, *flags], cwd=REPO, capture_output=True, text=True,
+      timeout=600, check=False)
+  if check:
+    assert result.returncode == 0, result.stderr[-4000:]
+  return result
+
+
+def metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def summary(workdir):
+  with open(os.path.join(workdir, "summary.json")) as f:
+    return json.load(f)
+
+
+@pytest.mark.slow
+def test_demo_run_writes_every_output(tmp_path):
+  workdir = tmp_path / "run"
+  train(workdir, "--train_steps=8")
+  assert summary(workdir)["final_step"] == 8
+  assert [m["step"] for m in metrics(workdir)] == [2, 4, 6, 8]
+  assert {"loss", "residual_mean", "residual_std", "value_mean",
+          "log_ratio_mean", "policy_grad_norm", "value_grad_norm",
+          "policy_lr", "value_lr"} <= set(metrics(workdir)[-1])
+  assert sorted(os.listdir(workdir / "checkpoints"))[:2] == ["4", "8"]
+  with open(workdir / "training_curves.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert os.listdir(workdir / "tensorboard")
+  stats = json.loads((workdir / "reward_stats.json").read_text())
+  assert stats["std"] > 0
+  assert len(summary(workdir)["policy_params_sha256"]) == 64
+
+
+@pytest.mark.slow
+def test_resumed_run_equals_uninterrupted_and_is_deterministic(tmp_path):
+  straight, again, resumed = (tmp_path / n for n in ("a", "b", "c"))
+  train(straight, "--train_steps=8")
+  train(again, "--train_steps=8")
+  train(resumed, "--train_steps=4")
+  assert summary(resumed)["final_step"] == 4
+  result = train(resumed, "--train_steps=8")
+  assert "Resumed from step 4" in result.stdout + result.stderr
+  digest = summary(straight)["policy_params_sha256"]
+  assert summary(again)["policy_params_sha256"] == digest
+  assert summary(resumed)["policy_params_sha256"] == digest
+  assert metrics(again) == metrics(straight)
+  assert metrics(resumed) == metrics(straight)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["kto", "sft", "dpo"])
+def test_baselines_run(tmp_path, algo):
+  workdir = tmp_path / algo
+  train(workdir, f"--algo={algo}", "--train_steps=4", "--beta=0.5")
+  assert summary(workdir)["algo"] == algo
+  assert len(metrics(workdir)) == 2
+
+
+@pytest.mark.slow
+def test_reference_logprobs_are_cached_and_reused(tmp_path):
+  cache = tmp_path / "cache"
+  train(tmp_path / "a", "--train_steps=2", f"--ref_cache_dir={cache}")
+  (entry,) = os.listdir(cache)
+  stamp = os.path.getmtime(cache / entry / "manifest.json")
+  train(tmp_path / "b", "--train_steps=2", f"--ref_cache_dir={cache}")
+  assert os.listdir(cache) == [entry]
+  assert os.path.getmtime(cache / entry / "manifest.json") == stamp
+  # Online reference log-probs give the same training.
+  train(tmp_path / "c", "--train_steps=2", "--ref_logprobs=online")
+  assert metrics(tmp_path / "c") == metrics(tmp_path / "a")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size=0"], "--batch_size must be >= 1"),
+    (["--algo=dpo", "--train_data=x.jsonl"], "needs --data_format=pairwise"),
+    (["--mesh=data:3"], "has 3 devices but 1 are available"),
+    (["--policy_lr=-1"], "--policy_lr must be > 0"),
+    (["--train_data=/nonexistent/train.jsonl"], "/nonexistent/train.jsonl"),
+])
+def test_user_errors_exit_2_without_traceback(tmp_path, flags, message):
+  result = train(tmp_path / "w", "--train_steps=2", *flags, check=False)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
