@@ -106,3 +106,25 @@ def test_user_errors_exit_2_without_traceback(tmp_path, flags, message):
   assert result.returncode == 2, result.stderr[-2000:]
   assert message in result.stderr
   assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_init_checkpoint_and_tokenizer_vocabulary(tmp_path):
+  from tests.models import hf_reference  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  for vocab, name in ((97, "fits"), (40, "small")):
+    torch.manual_seed(0)
+    config = transformers.T5Config(**dict(hf_reference.HF_KWARGS,
+                                          vocab_size=vocab),
+                                   **hf_reference.VARIANTS["v1_1"])
+    transformers.T5ForConditionalGeneration(config).save_pretrained(
+        tmp_path / name)
+  train(tmp_path / "run", "--train_steps=2",
+        f"--init_checkpoint={tmp_path / 'fits'}")
+  assert summary(tmp_path / "run")["model"]["vocab_size"] == 97
+  assert summary(tmp_path / "run")["model"]["num_decoder_layers"] == 3
+  result = train(tmp_path / "run2", "--train_steps=2",
+                 f"--init_checkpoint={tmp_path / 'small'}", check=False)
+  assert result.returncode == 2
+  assert "embeds only 40" in result.stderr
