@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from dro_fast import checkpoints as model_checkpoints
 from dro_fast import data
+from dro_fast import decoding
 from dro_fast import models
 from dro_fast.data import synthetic
 from dro_fast.models import value
@@ -78,6 +79,10 @@ _MAX_INPUT_LENGTH = flags.DEFINE_integer("max_input_length", 64,
                                          "Prompt tokens kept (truncation).")
 _MAX_TARGET_LENGTH = flags.DEFINE_integer("max_target_length", 32,
                                           "Completion tokens kept.")
+_SFT_STEPS = flags.DEFINE_integer(
+    "sft_steps", 0, "Steps of supervised fine-tuning on the training "
+    "completions before the main algorithm, when there is no SFT checkpoint; "
+    "the result is both the initial policy and π_ref (the demo uses 400).")
 _DEMO_EXAMPLES = flags.DEFINE_integer(
     "demo_examples", 2048, "Examples of the synthetic demo task (used when "
     "--train_data is unset).")
@@ -163,13 +168,16 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None,
 # minutes on a laptop CPU; everything else keeps the paper's defaults.
 DEMO_DEFAULTS = {"train_steps": 300, "policy_lr": 1e-3, "value_lr": 1e-3,
                  "warmup_steps": 30, "checkpoint_every": 100, "log_every": 25,
-                 "max_input_length": 16, "max_target_length": 12}
+                 "max_input_length": 16, "max_target_length": 12,
+                 "sft_steps": 400}
 
 
 def apply_demo_defaults() -> None:
   if _TRAIN_DATA.value:
     return
   for name, value_ in DEMO_DEFAULTS.items():
+    if name == "sft_steps" and _INIT_CHECKPOINT.value:
+      continue                     # the checkpoint is already the SFT policy
     if not flags.FLAGS[name].present:
       flags.FLAGS[name].value = value_
 
@@ -289,6 +297,42 @@ def model_config_and_params(tokenizer: Tokenizer, rng: jax.Array):
   return config, models.t5(config).init(rng, tokens, tokens)
 
 
+def sft_warm_start(workdir: str, model_config: models.T5Config, params,
+                   arrays: dict, rng: jax.Array):
+  """--sft_steps of SFT from `params`; saved once, reused when resuming."""
+  checkpointer = checkpointing.Checkpointer(
+      os.path.join(workdir, "sft_init"), keep=1)
+  template = {"params": params}
+  if checkpointer.latest_step() is not None:
+    return checkpointer.restore(template)[0]["params"]
+  trainer = steps.make_trainer(
+      steps.AlgorithmConfig(algo="sft", implementation=_KERNEL.value),
+      model_config, optim.make_optimizer(_POLICY_LR.value, _WARMUP.value,
+                                         _DECAY_RATE.value), None)
+  state = trainer.init(params, {}, rng)
+  update = jax.jit(trainer.update)
+  iterator = data.BatchIterator(
+      {k: arrays[k] for k in ("inputs", "targets", "target_mask")},
+      _BATCH_SIZE.value, _SEED.value + 1)
+  for _ in tqdm(range(_SFT_STEPS.value), desc="sft", unit="step",
+                disable=None):
+    state, _ = update(state, next(iterator))
+  checkpointer.save(_SFT_STEPS.value, {"params": state.policy_params}, {})
+  return state.policy_params
+
+
+def demo_reward(model_config: models.T5Config, params, tokenizer: Tokenizer,
+                num: int = 256) -> float:
+  """Mean synthetic reward of greedy completions of held-out prompts."""
+  prompts = [t.prompt for t in synthetic.make_triplets(num, seed=10**6)]
+  inputs, _ = tokenizer.encode_batch(prompts, _MAX_INPUT_LENGTH.value)
+  tokens = decoding.generate(params, jnp.asarray(inputs), config=model_config,
+                             max_length=_MAX_TARGET_LENGTH.value)
+  texts = tokenizer.decode_batch(np.asarray(tokens))
+  return float(np.mean([synthetic.reward(p, y)
+                        for p, y in zip(prompts, texts)]))
+
+
 def _algorithm() -> steps.AlgorithmConfig:
   try:
     return steps.AlgorithmConfig(
@@ -342,6 +386,13 @@ def run() -> dict:
   init_rng, value_rng, train_rng = jax.random.split(rng, 3)
   model_config, policy_params = model_config_and_params(dataset.tokenizer,
                                                         init_rng)
+  if _SFT_STEPS.value and algorithm.algo in ("dro_v", "kto"):
+    if _INIT_CHECKPOINT.value:
+      raise UserError("--sft_steps fine-tunes a policy from scratch; with "
+                      "--init_checkpoint (already the SFT policy) leave it 0.")
+    policy_params = sft_warm_start(workdir, model_config, policy_params,
+                                   arrays, jax.random.fold_in(init_rng, 1))
+  initial_params = jax.tree.map(jnp.copy, policy_params)
 
   # Reference log-probs from the initial parameters.
   ref_fn = steps.reference_logprob_fn(model_config, _KERNEL.value)
@@ -407,13 +458,24 @@ def run() -> dict:
   update = jax.jit(trainer.update, donate_argnums=0)
   batch_sharding = sharding.batch_sharding(mesh)
   # The update donates the state's buffers: the online reference keeps a copy.
-  online_ref = None if ref is not None else (
-      ref_fn, jax.tree.map(jnp.copy, policy_params), outputs)
+  online_ref = None if ref is not None else (ref_fn, initial_params, outputs)
   summary = train_loop(state, update, iterator, batch_sharding, checkpointer,
                        writer, online_ref)
   writer.close()
   summary.update(algo=algorithm.algo, model=dataclasses.asdict(model_config),
                  workdir=workdir)
+  if not _TRAIN_DATA.value and algorithm.algo not in steps.PAIRWISE:
+    # The demo's task has a known reward: score greedy decoding before and
+    # after training on held-out prompts.
+    summary["demo_reward"] = {
+        "behaviour_policy": float(np.mean(
+            [t.reward for t in synthetic.make_triplets(256, seed=10**6)])),
+        "initial_policy": demo_reward(model_config, initial_params,
+                                      dataset.tokenizer),
+        "final_policy": demo_reward(model_config,
+                                    jax.device_get(summary.pop("_params")),
+                                    dataset.tokenizer)}
+  summary.pop("_params", None)
   _write_json(os.path.join(workdir, "summary.json"), summary)
   metrics_lib.plot_curves(os.path.join(workdir, "metrics.jsonl"),
                           os.path.join(workdir, "training_curves.png"))
@@ -468,7 +530,8 @@ def train_loop(state, update, iterator, batch_sharding, checkpointer, writer,
         os.path.join(_WORKDIR.value, "metrics.jsonl")) or [{}])[-1]
   return {"final_step": int(state.step), "final_metrics": last_metrics,
           "policy_params_sha256": metrics_lib.params_digest(
-              jax.device_get(state.policy_params))}
+              jax.device_get(state.policy_params)),
+          "_params": state.policy_params}
 
 
 def main(argv):
@@ -483,7 +546,8 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(json.dumps({k: summary[k] for k in ("final_step", "final_metrics",
-                                            "policy_params_sha256")},
+                                            "policy_params_sha256",
+                                            "demo_reward") if k in summary},
                    indent=2))
 
 

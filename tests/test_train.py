@@ -53,6 +53,11 @@ def test_demo_run_writes_every_output(tmp_path):
   stats = json.loads((workdir / "reward_stats.json").read_text())
   assert stats["std"] > 0
   assert len(summary(workdir)["policy_params_sha256"]) == 64
+  rewards = summary(workdir)["demo_reward"]
+  assert set(rewards) == {"behaviour_policy", "initial_policy",
+                          "final_policy"}
+  assert all(-1.0 <= v <= 1.0 for v in rewards.values())
+  assert os.path.isdir(workdir / "sft_init")      # the demo's SFT warm start
 
 
 @pytest.mark.slow
