@@ -393,6 +393,8 @@ def run() -> dict:
     policy_params = sft_warm_start(workdir, model_config, policy_params,
                                    arrays, jax.random.fold_in(init_rng, 1))
   initial_params = jax.tree.map(jnp.copy, policy_params)
+  _write_json(os.path.join(workdir, "run_config.json"), run_config(
+      algorithm, model_config, dataset.tokenizer))
 
   # Reference log-probs from the initial parameters.
   ref_fn = steps.reference_logprob_fn(model_config, _KERNEL.value)
@@ -480,6 +482,34 @@ def run() -> dict:
   metrics_lib.plot_curves(os.path.join(workdir, "metrics.jsonl"),
                           os.path.join(workdir, "training_curves.png"))
   return summary
+
+
+def run_config(algorithm: steps.AlgorithmConfig,
+               model_config: models.T5Config, tokenizer: Tokenizer) -> dict:
+  """What evaluation needs to rebuild the run's policies (run_config.json)."""
+  if _INIT_CHECKPOINT.value:
+    init = {"kind": "checkpoint", "path": os.path.abspath(
+        _INIT_CHECKPOINT.value)}
+  elif _SFT_STEPS.value and algorithm.algo in ("dro_v", "kto"):
+    init = {"kind": "sft_init"}
+  else:
+    init = {"kind": "random", "seed": _SEED.value}
+  clip = _CLIP.value or None
+  return {
+      "algorithm": dataclasses.asdict(algorithm),
+      "model": dataclasses.asdict(model_config),
+      "policy_optimizer": {"learning_rate": _POLICY_LR.value,
+                           "warmup_steps": _WARMUP.value,
+                           "decay_rate": _DECAY_RATE.value, "clip_norm": clip},
+      "value_optimizer": {"learning_rate": _VALUE_LR.value,
+                          "warmup_steps": _WARMUP.value,
+                          "decay_rate": _DECAY_RATE.value, "clip_norm": clip},
+      "tokenizer": os.path.abspath(tokenizer.path),
+      "max_input_length": _MAX_INPUT_LENGTH.value,
+      "max_target_length": _MAX_TARGET_LENGTH.value,
+      "init": init,
+      "synthetic_task": not _TRAIN_DATA.value,
+  }
 
 
 def _write_json(path: str, obj) -> None:

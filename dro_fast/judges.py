@@ -1,0 +1,375 @@
+"""Side-by-side judges: which of two responses to a prompt is better (§4).
+
+The paper evaluates policies by side-by-side comparison with an LLM judge
+(PaLM2). A `Judge` scores one comparison: 1.0 when response A is better, 0.0
+when B is, 0.5 for a tie.
+
+RewardJudge    compares r(prompt, response) of a reward function;
+HttpJudge      asks an OpenAI-compatible chat-completions endpoint, with the
+               paper's prompt (`build_prompt`);
+make_judge     builds either from a spec string ("reward:MODULE:FUNCTION",
+               "http:URL");
+judge_swapped  judges both orders so that position bias cancels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import http.client
+import importlib
+import json
+import math
+import os
+import re
+import time
+from typing import Any, Protocol
+import urllib.error
+import urllib.request
+
+from absl import logging
+
+# How much of a server's answer or error body goes into a message.
+_QUOTE_CHARS = 200
+_SPEC_FORMS = ("reward:MODULE:FUNCTION (e.g. reward:dro_fast.data.synthetic:"
+               "reward) or http:URL (e.g. http:http://127.0.0.1:8000/v1/chat/"
+               "completions)")
+# A standalone letter A or B: "A", "Response B", "**A**", "B." but not "Bee".
+_UPPER_LETTER = re.compile(r"(?<![A-Za-z0-9])([AB])(?![A-Za-z0-9])")
+_ANY_LETTER = re.compile(r"(?<![A-Za-z0-9])([AaBb])(?![A-Za-z0-9])")
+
+
+class JudgeError(RuntimeError):
+  """A judge could not give a verdict (unreachable, refused, unparseable)."""
+
+
+class Judge(Protocol):
+  """Decides which of two responses to a prompt is better.
+
+  Attributes:
+    name: what the judge is, safe to log (never holds a secret).
+  """
+  name: str
+
+  def judge(self, prompt: str, response_a: str, response_b: str) -> float:
+    """Returns 1.0 if response_a is better, 0.0 if response_b is, 0.5: tie."""
+    ...
+
+
+class RewardJudge:
+  """Prefers the response with the higher reward r(prompt, response)."""
+
+  def __init__(self, reward_fn: Callable[[str, str], float],
+               name: str | None = None):
+    """Wraps a reward function.
+
+    Args:
+      reward_fn: r(prompt, response) -> a finite float.
+      name: the judge's name; by default "reward:MODULE:FUNCTION" of
+        reward_fn.
+    """
+    if not callable(reward_fn):
+      raise TypeError(f"RewardJudge needs a callable reward function, got "
+                      f"{type(reward_fn).__name__}.")
+    self._reward_fn = reward_fn
+    self.name = name or (
+        f"reward:{getattr(reward_fn, '__module__', '?')}:"
+        f"{getattr(reward_fn, '__qualname__', type(reward_fn).__name__)}")
+
+  def __repr__(self) -> str:
+    return f"RewardJudge(name={self.name!r})"
+
+  def _reward(self, prompt: str, response: str) -> float:
+    try:
+      value = float(self._reward_fn(prompt, response))
+    except Exception as err:
+      raise JudgeError(f"reward function {self.name} failed on a response: "
+                       f"{type(err).__name__}: {err}") from err
+    if not math.isfinite(value):
+      raise JudgeError(f"reward function {self.name} returned {value} for a "
+                       "response; rewards must be finite.")
+    return value
+
+  def judge(self, prompt: str, response_a: str, response_b: str) -> float:
+    """Returns 1.0 if A has the higher reward, 0.0 if B has, 0.5 if equal.
+
+    Args:
+      prompt: the instruction both responses answer.
+      response_a: the first response.
+      response_b: the second response.
+
+    Returns:
+      The score of response_a.
+
+    Raises:
+      JudgeError: the reward function raised or returned a non-finite value.
+    """
+    reward_a = self._reward(prompt, response_a)
+    reward_b = self._reward(prompt, response_b)
+    if reward_a == reward_b:
+      return 0.5
+    return 1.0 if reward_a > reward_b else 0.0
+
+
+def build_prompt(instruction: str, response_a: str, response_b: str) -> str:
+  """The paper's side-by-side judging prompt (§4, Evaluation).
+
+  Args:
+    instruction: the prompt both responses answer.
+    response_a: the response shown first ("left").
+    response_b: the response shown second ("right").
+
+  Returns:
+    The prompt, ending with a line asking for a single letter, A or B.
+  """
+  return ("In this task, you will be provided with an instruction and two "
+          "responses. Your job is to assess the helpfulness and fulfillment "
+          "of two responses A and B.\n\n"
+          f"Instruction: {instruction}\n"
+          f"response A (left): {response_a}\n"
+          f"response B (right): {response_b}\n\n"
+          "Which response is better? Answer with a single letter, A or B.")
+
+
+def _parse_answer(answer: str) -> str | None:
+  """"A" or "B" when the answer names exactly one of them, else None.
+
+  Upper-case letters are looked for first, so that an English article "a"
+  ("B is a better answer") does not make the answer ambiguous; a lower-case
+  answer ("response b") is read only when no upper-case letter stands alone.
+  """
+  letters = _UPPER_LETTER.findall(answer) or _ANY_LETTER.findall(answer)
+  named = {letter.upper() for letter in letters}
+  return named.pop() if len(named) == 1 else None
+
+
+def _quote(text: str) -> str:
+  if len(text) > _QUOTE_CHARS:
+    text = text[:_QUOTE_CHARS] + "..."
+  return repr(text)
+
+
+class _RetryableError(Exception):
+  """A failure worth another attempt: no connection, timeout, 429 or 5xx."""
+
+
+class HttpJudge:
+  """An LLM judge behind an OpenAI-compatible chat-completions endpoint.
+
+  The API key is read from the environment at each request and sent only in
+  the Authorization header; it is never stored on the judge, and it is
+  removed from any server text quoted in an error.
+  """
+
+  def __init__(self, url: str, *, model: str = "judge",
+               api_key_env: str = "DRO_FAST_JUDGE_API_KEY",
+               timeout_s: float = 30.0, retries: int = 3,
+               backoff_s: float = 1.0, temperature: float = 0.0):
+    """Configures the judge; nothing is sent until `judge`.
+
+    Args:
+      url: the full URL of the chat-completions route, e.g.
+        http://127.0.0.1:8000/v1/chat/completions.
+      model: the "model" field of the request.
+      api_key_env: the environment variable holding the API key; when it is
+        unset or empty no Authorization header is sent.
+      timeout_s: seconds to wait for each request, > 0.
+      retries: further attempts after a failed one, >= 0.
+      backoff_s: seconds before the first retry, doubling for each next one.
+      temperature: the sampling temperature of the request.
+    """
+    if not url.startswith(("http://", "https://")):
+      raise ValueError(f"judge URL {url!r} must start with http:// or "
+                       "https://, e.g. http://127.0.0.1:8000/v1/chat/"
+                       "completions.")
+    if not timeout_s > 0:
+      raise ValueError(f"timeout_s must be > 0, got {timeout_s}.")
+    if retries < 0:
+      raise ValueError(f"retries must be >= 0, got {retries}.")
+    if backoff_s < 0:
+      raise ValueError(f"backoff_s must be >= 0, got {backoff_s}.")
+    self.url = url
+    self.model = model
+    self.name = f"http:{url}"
+    self._api_key_env = api_key_env
+    self._timeout_s = timeout_s
+    self._retries = retries
+    self._backoff_s = backoff_s
+    self._temperature = temperature
+
+  def __repr__(self) -> str:
+    return (f"HttpJudge(url={self.url!r}, model={self.model!r}, "
+            f"api_key_env={self._api_key_env!r})")
+
+  def _post(self, content: str, api_key: str | None) -> str:
+    """One request; returns choices[0].message.content."""
+    body = json.dumps({"model": self.model,
+                       "messages": [{"role": "user", "content": content}],
+                       "temperature": self._temperature}).encode("utf-8")
+    headers = {"Content-Type": "application/json",
+               "Accept": "application/json"}
+    if api_key:
+      headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(self.url, data=body, headers=headers,
+                                     method="POST")
+
+    def redact(text: str) -> str:
+      return text.replace(api_key, "<redacted>") if api_key else text
+
+    try:
+      with urllib.request.urlopen(request, timeout=self._timeout_s) as resp:
+        raw = resp.read()
+    except urllib.error.HTTPError as err:
+      try:
+        error_body = redact(err.read().decode("utf-8", errors="replace"))
+      finally:
+        err.close()
+      status = f"HTTP {err.code}: {_quote(error_body)}"
+      if err.code == 429 or err.code >= 500:
+        raise _RetryableError(status) from None
+      hint = (f"; check the API key in ${self._api_key_env}"
+              if err.code in (401, 403) else "")
+      raise JudgeError(f"judge at {self.url} rejected the request with "
+                       f"{status}{hint}") from None
+    except urllib.error.URLError as err:
+      raise _RetryableError(redact(str(err.reason))) from None
+    except (TimeoutError, ConnectionError, http.client.HTTPException) as err:
+      reason = str(err) or type(err).__name__
+      raise _RetryableError(redact(reason)) from None
+    text = redact(raw.decode("utf-8", errors="replace"))
+    try:
+      answer = json.loads(text)["choices"][0]["message"]["content"]
+    except (ValueError, LookupError, TypeError):
+      answer = None
+    if not isinstance(answer, str):
+      raise JudgeError(f"judge at {self.url} answered {_quote(text)}, not "
+                       "chat-completions JSON with a string "
+                       "choices[0].message.content; check that the URL is "
+                       "the chat-completions route.")
+    return redact(answer)
+
+  def judge(self, prompt: str, response_a: str, response_b: str) -> float:
+    """Asks the endpoint which response is better.
+
+    Args:
+      prompt: the instruction both responses answer.
+      response_a: the response shown as A.
+      response_b: the response shown as B.
+
+    Returns:
+      1.0 if the judge names A, 0.0 if it names B.
+
+    Raises:
+      JudgeError: the server is unreachable, times out or keeps failing
+        (429, 5xx) after all attempts; it rejects the request (other 4xx);
+        its response is not chat-completions JSON; or no answer names
+        exactly one of A and B.
+    """
+    content = build_prompt(prompt, response_a, response_b)
+    api_key = os.environ.get(self._api_key_env) or None
+    attempts = self._retries + 1
+    unreachable, unparseable = "", None  # How the last attempt failed.
+    for attempt in range(attempts):
+      if attempt:
+        time.sleep(self._backoff_s * 2 ** (attempt - 1))
+      try:
+        answer = self._post(content, api_key)
+      except _RetryableError as err:
+        unreachable, unparseable = str(err), None
+        logging.warning("Judge at %s failed (attempt %d of %d): %s", self.url,
+                        attempt + 1, attempts, unreachable)
+        continue
+      letter = _parse_answer(answer)
+      if letter is not None:
+        return 1.0 if letter == "A" else 0.0
+      unreachable, unparseable = None, answer
+      logging.warning("Judge at %s answered %s, naming neither or both of A "
+                      "and B (attempt %d of %d).", self.url, _quote(answer),
+                      attempt + 1, attempts)
+    if unparseable is not None:
+      raise JudgeError(f"judge at {self.url} gave no answer naming exactly one "
+                       f"of A and B after {attempts} attempts; last answer: "
+                       f"{_quote(unparseable)}")
+    raise JudgeError(f"cannot reach judge at {self.url} after {attempts} "
+                     f"attempts: {unreachable}; check the URL and that the "
+                     "server is running")
+
+
+def _reward_judge_from_spec(spec: str, target: str) -> RewardJudge:
+  module_name, _, function_name = target.rpartition(":")
+  if not module_name or not function_name:
+    raise ValueError(f"judge spec {spec!r} needs a module and a function: "
+                     "reward:MODULE:FUNCTION, e.g. "
+                     "reward:dro_fast.data.synthetic:reward.")
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as err:
+    if err.name and (module_name == err.name or
+                     module_name.startswith(err.name + ".")):
+      raise ValueError(f"judge spec {spec!r}: no module named {module_name!r}"
+                       "; check the module path and that it is "
+                       "installed.") from err
+    raise JudgeError(f"judge spec {spec!r}: importing {module_name} failed: "
+                     f"{err}") from err
+  except Exception as err:
+    raise JudgeError(f"judge spec {spec!r}: importing {module_name} failed: "
+                     f"{type(err).__name__}: {err}") from err
+  function: Any = getattr(module, function_name, None)
+  if function is None:
+    raise ValueError(f"judge spec {spec!r}: module {module_name} has no "
+                     f"{function_name!r}.")
+  if not callable(function):
+    raise ValueError(f"judge spec {spec!r}: {module_name}.{function_name} is "
+                     f"a {type(function).__name__}, not a callable "
+                     "r(prompt, response) -> float.")
+  return RewardJudge(function, name=f"reward:{module_name}:{function_name}")
+
+
+def make_judge(spec: str) -> Judge:
+  """Builds a judge from a spec string (e.g. a command-line flag).
+
+  Args:
+    spec: "reward:MODULE:FUNCTION" for a RewardJudge of MODULE.FUNCTION, or
+      "http:URL" for an HttpJudge of URL with default settings (the spec is
+      split at its first ':' only, so the URL keeps its own).
+
+  Returns:
+    The judge.
+
+  Raises:
+    ValueError: an unknown form, or a module or function that does not
+      exist or is not callable.
+    JudgeError: the module exists but importing it failed.
+  """
+  kind, _, target = spec.partition(":")
+  if kind == "reward" and target:
+    return _reward_judge_from_spec(spec, target)
+  if kind == "http" and target:
+    return HttpJudge(target)
+  raise ValueError(f"unknown judge spec {spec!r}; use {_SPEC_FORMS}.")
+
+
+def judge_swapped(judge: Judge, prompt: str, response_1: str,
+                  response_2: str) -> float:
+  """Judges both orders, so that a preference for a position cancels.
+
+  Args:
+    judge: the judge.
+    prompt: the instruction both responses answer.
+    response_1: the response being scored.
+    response_2: the response it is compared with.
+
+  Returns:
+    The score of response_1 in [0, 1]: (s1 + (1 - s2)) / 2 where s1 judges
+    (response_1, response_2) as (A, B) and s2 the swapped order; verdicts
+    that disagree count as a tie.
+
+  Raises:
+    JudgeError: the judge failed or returned a score outside [0, 1].
+  """
+  scores = (judge.judge(prompt, response_1, response_2),
+            judge.judge(prompt, response_2, response_1))
+  for score in scores:
+    if not 0.0 <= score <= 1.0:
+      raise JudgeError(f"judge {judge.name} returned {score}; scores must be "
+                       "in [0, 1].")
+  return (scores[0] + (1.0 - scores[1])) / 2

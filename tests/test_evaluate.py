@@ -1,0 +1,86 @@
+"""End-to-end `python -m dro_fast.evaluate` on a short demo run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests import test_train
+
+REPO = test_train.REPO
+
+
+def evaluate(*flags, check=True):
+  result = subprocess.run([sys.executable, "-m", "dro_fast.evaluate", *flags],
+                          cwd=REPO, capture_output=True, text=True,
+                          timeout=600, check=False)
+  if check:
+    assert result.returncode == 0, result.stderr[-4000:]
+  return result
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("eval") / "run"
+  test_train.train(workdir, "--train_steps=8", "--sft_steps=20")
+  return workdir
+
+
+@pytest.mark.slow
+def test_side_by_side_against_the_initial_policy(run_dir, tmp_path):
+  out = tmp_path / "out"
+  result = evaluate(f"--policy_a={run_dir}", "--folds=3",
+                    "--prompts_per_fold=16", "--temperature=0.7",
+                    f"--output_dir={out}")
+  assert "mean" in result.stdout and "over 3 folds of 16" in result.stdout
+  summary = json.loads((out / "win_rate.json").read_text())
+  assert summary["policy_b"] == f"{run_dir}:init"
+  assert len(summary["folds"]) == 3
+  assert 0.0 <= summary["win_rate_mean"] <= 1.0
+  pairs = [json.loads(line) for line in (out / "pairs.jsonl").open()]
+  assert len(pairs) == 48 and {p["fold"] for p in pairs} == {0, 1, 2}
+  assert all(p["score_a"] in (0.0, 0.5, 1.0) for p in pairs)
+  assert (out / "win_rate.png").read_bytes()[:4] == b"\x89PNG"
+  # A policy against itself (same samples, same seed) ties everywhere.
+  same = evaluate(f"--policy_a={run_dir}:8", f"--policy_b={run_dir}:8",
+                  "--folds=1", "--prompts_per_fold=8",
+                  f"--output_dir={tmp_path / 'same'}")
+  assert "0.500" in same.stdout
+
+
+@pytest.mark.slow
+def test_best_checkpoint_is_recorded(run_dir):
+  evaluate(f"--best_checkpoint={run_dir}", "--folds=1",
+           "--prompts_per_fold=8")
+  record = json.loads((run_dir / "best_checkpoint.json").read_text())
+  assert set(record["win_rates"]) == {"4", "8"}
+  assert record["best_step"] in (4, 8)
+  assert record["win_rate_vs_init"] == max(record["win_rates"].values())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--policy_a=/nonexistent/run"], "no run_config.json"),
+    ([], "give --policy_a"),
+    (["--folds=0", "--policy_a=x"], "--folds and --prompts_per_fold"),
+])
+def test_user_errors_exit_2(flags, message):
+  result = evaluate(*flags, check=False)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_bad_judge_and_too_few_prompts(run_dir, tmp_path):
+  result = evaluate(f"--policy_a={run_dir}", "--judge=oracle:x",
+                    check=False)
+  assert result.returncode == 2 and "--judge" in result.stderr
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text('{"prompt": "repeat: fox"}\n')
+  result = evaluate(f"--policy_a={run_dir}", f"--prompts={prompts}",
+                    "--folds=2", "--prompts_per_fold=4", check=False)
+  assert result.returncode == 2 and "has 1 prompts" in result.stderr
