@@ -27,7 +27,6 @@ import numpy as np
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import kernel_cases as kernel_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast import kernels  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tests.kernels import numpy_reference as ref  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write JSON lines here.")

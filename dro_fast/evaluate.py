@@ -37,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dro_fast import data
+from dro_fast import fileio
 from dro_fast import decoding
 from dro_fast import judges
 from dro_fast.data import synthetic
@@ -182,26 +183,12 @@ def compare(spec_a: str, spec_b: str, output_dir: str, judge) -> dict:
             "win_rate_std": float(np.std(folds)), "folds": folds,
             "prompts": len(prompts)}
   os.makedirs(output_dir, exist_ok=True)
-  _write_lines(os.path.join(output_dir, "pairs.jsonl"),
+  fileio.atomic_write_lines(os.path.join(output_dir, "pairs.jsonl"),
                [dict(r, fold=i // _PER_FOLD.value) for i, r in
                 enumerate(rows)])
-  _write_json(os.path.join(output_dir, "win_rate.json"), result)
+  fileio.atomic_write_json(os.path.join(output_dir, "win_rate.json"), result)
   _bar_chart(result, os.path.join(output_dir, "win_rate.png"))
   return result
-
-
-def _write_lines(path: str, rows: list[dict]) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
-  os.replace(tmp, path)
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
 
 
 def _bar_chart(result: dict, path: str) -> None:
@@ -253,7 +240,8 @@ def best_checkpoint(workdir: str, judge) -> dict:
   record = {"best_step": best, "win_rate_vs_init": results[best],
             "win_rates": {str(k): v for k, v in results.items()},
             "judge": judge.name}
-  _write_json(os.path.join(workdir, "best_checkpoint.json"), record)
+  fileio.atomic_write_json(os.path.join(workdir, "best_checkpoint.json"),
+                           record)
   return record
 
 

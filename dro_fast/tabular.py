@@ -32,6 +32,15 @@ entries. Learners:
                       mismatched pairs of mismatched_indices, β = τ.
 Each is scored by the mean over prompts of KL(π* || π) and, for the value
 learners, max_x |V(x) − V*(x)|.
+
+Observed with run()'s defaults (K = 6, M = 5, τ = 1, 2,000 steps of batch
+32, Adam 0.02, seed 0; CPU, float32): DRO-V reaches KL ≈ 1e-14 and
+max |V − V*| ≈ 3e-7. The single value ends at KL ≈ 0.09 with max |V − V*| ≈
+1.0, which is its population optimum (full-batch training of the same loss
+gives KL 0.090), not noise. KTO ends at KL ≈ 1.8 and still rising: it keeps
+sharpening π towards above-mean responses, away from π*. Seeds 0-4 agree
+(DRO-V KL < 1e-13; single value 0.05-0.21; KTO 1.1-2.4). Adam 0.05 is too
+large: DRO-V's KL then spikes (up to 1e-3) after converging.
 """
 
 from __future__ import annotations
@@ -43,8 +52,8 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-from matplotlib.backends import backend_agg
 from matplotlib import figure
+from matplotlib.backends import backend_agg
 import numpy as np
 import optax
 
@@ -89,11 +98,11 @@ class Problem:
 
 def _logsumexp(a: np.ndarray) -> np.ndarray:
   peak = a.max(axis=-1)
-  return peak + np.log(np.exp(a - peak[:, None]).sum(axis=-1))
+  return peak + np.log(np.exp(a - peak[..., None]).sum(axis=-1))
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
-  return logits - _logsumexp(logits)[:, None]
+  return logits - _logsumexp(logits)[..., None]
 
 
 def make_problem(num_prompts: int = 6, num_responses: int = 5,
@@ -125,11 +134,19 @@ def make_problem(num_prompts: int = 6, num_responses: int = 5,
                  rewards=(rewards - mean) / std, tau=tau)
 
 
-def kl_to_optimum(problem: Problem, log_policy: np.ndarray) -> float:
-  """Mean over prompts of KL(π* || π) for a [K, M] table of log π."""
+def kl_to_optimum(problem: Problem, log_policy: np.ndarray) -> np.ndarray:
+  """Mean over prompts of KL(π* || π), in float64.
+
+  Args:
+    problem: the bandit.
+    log_policy: [..., K, M] log π.
+
+  Returns:
+    [...] the KL (a 0-d array for one table).
+  """
   log_opt = problem.optimal_log_policy()
-  kl = np.sum(np.exp(log_opt) * (log_opt - log_policy), axis=-1)   # [K]
-  return float(np.mean(kl))
+  kl = np.sum(np.exp(log_opt) * (log_opt - log_policy), axis=-1)   # [..., K]
+  return np.mean(kl, axis=-1)
 
 
 def _loss_fn(learner: str, problem: Problem):
@@ -172,7 +189,8 @@ def train(learner: str, problem: Problem, *, steps: int, batch_size: int,
 
   Returns:
     Params as float32 numpy ("logits" [K, M]; "values" [K] or [] for the
-    value learners) and the KL after each step.
+    value learners) and the KL after each step, computed in float64 from the
+    float32 logits.
   """
   if learner not in LEARNERS:
     raise ValueError(f"unknown learner {learner!r}; expected one of "
@@ -186,7 +204,6 @@ def train(learner: str, problem: Problem, *, steps: int, batch_size: int,
   optimiser = optax.adam(learning_rate)
   loss_fn = _loss_fn(learner, problem)
   log_behaviour = jnp.asarray(problem.log_behaviour, jnp.float32)
-  log_opt = jnp.asarray(problem.optimal_log_policy(), jnp.float32)
 
   def step(carry, key):
     params, opt_state = carry
@@ -196,23 +213,24 @@ def train(learner: str, problem: Problem, *, steps: int, batch_size: int,
     grads, _ = jax.grad(loss_fn, has_aux=True)(params, x, y)
     updates, opt_state = optimiser.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    log_policy = jax.nn.log_softmax(params["logits"], axis=-1)
-    kl = jnp.mean(jnp.sum(jnp.exp(log_opt) * (log_opt - log_policy), -1))
-    return (params, opt_state), kl
+    return (params, opt_state), params["logits"]
 
   @jax.jit
   def run_all(params):
     keys = jax.random.split(jax.random.key(seed), steps)
-    (params, _), kls = jax.lax.scan(step, (params, optimiser.init(params)),
-                                    keys)
-    return params, kls
+    (params, _), logits = jax.lax.scan(
+        step, (params, optimiser.init(params)), keys)       # [steps, K, M]
+    return params, logits
 
-  params, kls = run_all(params)
-  return jax.tree.map(np.asarray, params), np.asarray(kls)
+  params, logits = run_all(params)
+  # KL from float64 log-softmax: a float32 sum of π*·(log π* − log π) has a
+  # rounding floor near 1e-8, far above DRO-V's converged KL.
+  kls = kl_to_optimum(problem, _log_softmax(np.asarray(logits, np.float64)))
+  return jax.tree.map(np.asarray, params), kls
 
 
 def run(num_prompts: int = 6, num_responses: int = 5, tau: float = 1.0,
-        steps: int = 3000, batch_size: int = 32, learning_rate: float = 0.02,
+        steps: int = 2000, batch_size: int = 32, learning_rate: float = 0.02,
         seed: int = 0, learners: Sequence[str] = LEARNERS
         ) -> dict[str, dict]:
   """Trains every learner on one random problem and scores it.
@@ -237,12 +255,11 @@ def run(num_prompts: int = 6, num_responses: int = 5, tau: float = 1.0,
   for learner in learners:
     params, kls = train(learner, problem, steps=steps, batch_size=batch_size,
                         learning_rate=learning_rate, seed=seed)
-    log_policy = _log_softmax(params["logits"].astype(np.float64))
     value_error = None
     if "values" in params:
       values = np.broadcast_to(params["values"], optimal_values.shape)
       value_error = float(np.max(np.abs(values - optimal_values)))
-    results[learner] = {"kl": kl_to_optimum(problem, log_policy),
+    results[learner] = {"kl": float(kls[-1]),
                         "max_value_error": value_error,
                         "kl_history": kls.tolist()}
   return results

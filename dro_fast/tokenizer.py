@@ -13,11 +13,12 @@ from collections.abc import Sequence
 import io
 import os
 import re
-import tempfile
 
 from absl import logging
 import numpy as np
 import sentencepiece as spm
+
+from dro_fast import fileio
 
 PAD_ID = 0
 EOS_ID = 1
@@ -202,23 +203,6 @@ def _train_model_proto(texts: list[str], vocab_size: int,
   return writer.getvalue()
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-  """Writes `data` to `path` so that readers see the old file or all of it."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-",
-                                  suffix=".model")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-  except BaseException:
-    os.unlink(tmp_path)
-    raise
-
-
 def train_sentencepiece(texts: Iterable[str], vocab_size: int,
                         path: str | os.PathLike, *,
                         model_type: str = "unigram",
@@ -289,5 +273,5 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
         "SentencePiece vocabulary reduced from %d to %d pieces: the corpus "
         "cannot supply more.", vocab_size, processor.get_piece_size())
   path = os.fspath(path)
-  _write_atomically(path, proto)
+  fileio.atomic_write_bytes(path, proto)
   return Tokenizer(processor, path)

@@ -18,6 +18,7 @@ policy parameters) and training_curves.png.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import sys
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from dro_fast import checkpoints as model_checkpoints
 from dro_fast import data
+from dro_fast import fileio
 from dro_fast import decoding
 from dro_fast import models
 from dro_fast.data import synthetic
@@ -151,6 +153,9 @@ _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 2000,
 _KEEP_CHECKPOINTS = flags.DEFINE_integer("keep_checkpoints", 3,
                                          "Checkpoints kept.")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 100, "Steps between metrics.")
+_MAX_BAD_STEPS = flags.DEFINE_integer(
+    "max_bad_steps", 10, "Stop after this many consecutive updates skipped "
+    "for a non-finite loss or gradient (checked when logging).")
 _MESH = flags.DEFINE_string(
     "mesh", "", "Device mesh, e.g. data:4,fsdp:2 (batch over both axes, "
     "parameters and optimizer states over fsdp). Unset: all on data.")
@@ -370,6 +375,7 @@ def run() -> dict:
                                _PROCESS_ID.value)
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
+  lock_workdir(workdir)
   algorithm = _algorithm()
   try:
     mesh = sharding.make_mesh(sharding.parse_mesh(_MESH.value))
@@ -393,8 +399,9 @@ def run() -> dict:
     policy_params = sft_warm_start(workdir, model_config, policy_params,
                                    arrays, jax.random.fold_in(init_rng, 1))
   initial_params = jax.tree.map(jnp.copy, policy_params)
-  _write_json(os.path.join(workdir, "run_config.json"), run_config(
-      algorithm, model_config, dataset.tokenizer))
+  fileio.atomic_write_json(
+      os.path.join(workdir, "run_config.json"),
+      run_config(algorithm, model_config, dataset.tokenizer))
 
   # Reference log-probs from the initial parameters.
   ref_fn = steps.reference_logprob_fn(model_config, _KERNEL.value)
@@ -478,10 +485,28 @@ def run() -> dict:
                                     jax.device_get(summary.pop("_params")),
                                     dataset.tokenizer)}
   summary.pop("_params", None)
-  _write_json(os.path.join(workdir, "summary.json"), summary)
+  fileio.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
   metrics_lib.plot_curves(os.path.join(workdir, "metrics.jsonl"),
                           os.path.join(workdir, "training_curves.png"))
   return summary
+
+
+_LOCK = None   # the open lock file, held for the life of the process
+
+
+def lock_workdir(workdir: str) -> None:
+  """An exclusive flock on <workdir>/.lock: one trainer per workdir."""
+  global _LOCK
+  path = os.path.join(workdir, ".lock")
+  handle = open(path, "a+")
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    handle.close()
+    raise UserError(f"--workdir={workdir} is in use by another trainer "
+                    f"(it holds {path}); wait for it to finish or choose "
+                    f"another --workdir.") from None
+  _LOCK = handle
 
 
 def run_config(algorithm: steps.AlgorithmConfig,
@@ -510,13 +535,6 @@ def run_config(algorithm: steps.AlgorithmConfig,
       "init": init,
       "synthetic_task": not _TRAIN_DATA.value,
   }
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def train_loop(state, update, iterator, batch_sharding, checkpointer, writer,
@@ -549,6 +567,14 @@ def train_loop(state, update, iterator, batch_sharding, checkpointer, writer,
                   tokens_per_s=window_tokens / elapsed)
       writer.write(done, host)
       last_metrics = host
+      if host["consecutive_bad_steps"] >= _MAX_BAD_STEPS.value:
+        raise UserError(
+            f"stopping at step {done}: the last "
+            f"{int(host['consecutive_bad_steps'])} updates had a non-finite "
+            f"loss or gradient and were skipped (--max_bad_steps="
+            f"{_MAX_BAD_STEPS.value}); the newest checkpoint in "
+            f"{_WORKDIR.value}/checkpoints holds the last good parameters. "
+            f"Lower the learning rate or check the data.")
       progress.set_postfix(loss=f"{host['loss']:.4f}")
       window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
     if done % _CHECKPOINT_EVERY.value == 0 or done == train_steps:

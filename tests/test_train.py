@@ -12,7 +12,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--demo_examples=128", "--batch_size=8", "--max_input_length=12",
          "--max_target_length=8", "--log_every=2", "--checkpoint_every=4",
-         "--tokenizer_vocab_size=48"]
+         "--tokenizer_vocab_size=48", "--sft_steps=0"]
 TIMING = ("examples_per_s", "tokens_per_s")
 
 
@@ -40,7 +40,7 @@ def summary(workdir):
 @pytest.mark.slow
 def test_demo_run_writes_every_output(tmp_path):
   workdir = tmp_path / "run"
-  train(workdir, "--train_steps=8")
+  train(workdir, "--train_steps=8", "--sft_steps=10")
   assert summary(workdir)["final_step"] == 8
   assert [m["step"] for m in metrics(workdir)] == [2, 4, 6, 8]
   assert {"loss", "residual_mean", "residual_std", "value_mean",
@@ -133,3 +133,16 @@ def test_init_checkpoint_and_tokenizer_vocabulary(tmp_path):
                  f"--init_checkpoint={tmp_path / 'small'}", check=False)
   assert result.returncode == 2
   assert "embeds only 40" in result.stderr
+
+
+def test_second_trainer_on_a_workdir_is_refused(tmp_path):
+  import fcntl  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "busy"
+  workdir.mkdir()
+  with open(workdir / ".lock", "a+") as held:
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    result = train(workdir, "--train_steps=2", check=False)
+  assert result.returncode == 2
+  assert "is in use by another trainer" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (workdir / "checkpoints").exists()

@@ -12,11 +12,11 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 
+from dro_fast import fileio
 from dro_fast.data.records import DataError
 
 
@@ -92,21 +92,7 @@ class RewardStats:
     Args:
       path: the JSON file to write.
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-",
-                                    suffix=".json")
-    try:
-      with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(dataclasses.asdict(self), f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp_path, path)
-    except BaseException:
-      os.unlink(tmp_path)
-      raise
+    fileio.atomic_write_json(path, dataclasses.asdict(self))
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> RewardStats:

@@ -11,12 +11,11 @@ plain function, usable as a judge (reward:dro_fast.data.synthetic:reward).
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Iterable
 
 import numpy as np
 
+from dro_fast import fileio
 from dro_fast.data.records import Pair
 from dro_fast.data.records import Triplet
 
@@ -85,14 +84,12 @@ def corpus() -> list[str]:
 def write_jsonl(path: str, rows: Iterable[Triplet | Pair]) -> None:
   """Writes rows as JSONL (triplets: prompt, completion, reward; pairs:
   prompt, chosen, rejected), atomically."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    for row in rows:
-      if isinstance(row, Triplet):
-        record = {"prompt": row.prompt, "completion": row.completion,
-                  "reward": row.reward}
-      else:
-        record = {"prompt": row.prompt, "chosen": row.chosen,
-                  "rejected": row.rejected}
-      f.write(json.dumps(record) + "\n")
-  os.replace(tmp, path)
+  records = []
+  for row in rows:
+    if isinstance(row, Triplet):
+      records.append({"prompt": row.prompt, "completion": row.completion,
+                      "reward": row.reward})
+    else:
+      records.append({"prompt": row.prompt, "chosen": row.chosen,
+                      "rejected": row.rejected})
+  fileio.atomic_write_lines(path, records)

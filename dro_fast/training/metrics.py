@@ -20,9 +20,8 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import time
-from typing import Any, Callable, IO, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from absl import logging
 import jax
@@ -31,30 +30,10 @@ from matplotlib.backends import backend_agg
 import numpy as np
 import tensorboardX
 
+from dro_fast import fileio
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-
-
-def _atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
-  """Writes `path` through a temporary file in its directory + os.replace."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp_path = tempfile.mkstemp(dir=directory,
-                                  prefix=f".{os.path.basename(path)}.")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-  except BaseException:
-    os.unlink(tmp_path)
-    raise
-  # Make the rename itself durable.
-  dir_fd = os.open(directory, os.O_RDONLY)
-  try:
-    os.fsync(dir_fd)
-  finally:
-    os.close(dir_fd)
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -177,7 +156,7 @@ class MetricsWriter:
     try:
       records = read_metrics(self._path)
       kept = [r for r in records if r["step"] <= step]
-      _atomic_write(self._path, lambda f: f.write(
+      fileio.atomic_write(self._path, lambda f: f.write(
           b"".join(json.dumps(r).encode() + b"\n" for r in kept)))
     finally:
       self._file = open(self._path, "a", encoding="utf-8")
@@ -246,7 +225,7 @@ def plot_curves(metrics_path: str, png_path: str,
     ax.set_ylabel(key)
     ax.grid(True, alpha=0.3)
   axes[-1].set_xlabel("step")
-  _atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
+  fileio.atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def params_digest(params: Any) -> str:

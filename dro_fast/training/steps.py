@@ -82,7 +82,8 @@ class TrainState(NamedTuple):
 
   rng is a raw uint32[2] key (jax.random.PRNGKey), so that it checkpoints as
   a plain array. value_params / value_opt_state are empty dicts for
-  algorithms without a value network.
+  algorithms without a value network. bad_steps counts the consecutive
+  updates skipped for a non-finite loss or gradient.
   """
   step: jax.Array
   policy_params: Any
@@ -90,6 +91,7 @@ class TrainState(NamedTuple):
   policy_opt_state: Any
   value_opt_state: Any
   rng: jax.Array
+  bad_steps: jax.Array
 
 
 class Trainer(NamedTuple):
@@ -208,11 +210,11 @@ def make_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
         policy_opt_state=policy_optimizer.init(policy_params),
         value_opt_state=(value_optimizer.init(value_params)
                          if algorithm.has_value else {}),
-        rng=rng)
+        rng=rng, bad_steps=jnp.zeros((), jnp.int32))
 
   def update(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng, step_rng = jax.random.split(state.rng)
-    (_, metrics), (policy_grads, value_grads) = jax.value_and_grad(
+    (loss, metrics), (policy_grads, value_grads) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(
             state.policy_params, state.value_params, batch, step_rng)
     updates, policy_opt_state = policy_optimizer.update(
@@ -223,12 +225,25 @@ def make_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
       updates, value_opt_state = value_optimizer.update(
           value_grads, state.value_opt_state, state.value_params)
       value_params = optax.apply_updates(state.value_params, updates)
+    # Non-finite guard: a NaN/inf loss or gradient skips the whole update
+    # (parameters and optimizer states stay as they were) and is counted.
+    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(
+            (policy_grads, value_grads))]))
+    keep = lambda new, old: jax.tree.map(
+        lambda a, b: jnp.where(finite, a, b), new, old)
+    bad_steps = jnp.where(finite, 0, state.bad_steps + 1)
     metrics = dict(metrics, policy_grad_norm=_global_norm(policy_grads),
-                   value_grad_norm=_global_norm(value_grads))
+                   value_grad_norm=_global_norm(value_grads),
+                   skipped_update=1.0 - finite.astype(jnp.float32),
+                   consecutive_bad_steps=bad_steps)
     if learning_rates is not None:
       metrics.update(learning_rates(state.step))
-    new_state = TrainState(state.step + 1, policy_params, value_params,
-                           policy_opt_state, value_opt_state, rng)
+    new_state = TrainState(
+        state.step + 1, keep(policy_params, state.policy_params),
+        keep(value_params, state.value_params),
+        keep(policy_opt_state, state.policy_opt_state),
+        keep(value_opt_state, state.value_opt_state), rng, bad_steps)
     return new_state, metrics
 
   return Trainer(init=init, update=update)

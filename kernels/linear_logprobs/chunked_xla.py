@@ -13,7 +13,6 @@ weight); entries an earlier chunk covered are masked out.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

@@ -3,7 +3,6 @@ saved with save_pretrained and read by load_hf."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -121,3 +121,31 @@ def test_algorithm_config_errors():
     steps.AlgorithmConfig(value_net="double")
   with pytest.raises(ValueError, match="tau and beta must be > 0"):
     steps.AlgorithmConfig(tau=0.0)
+
+
+def test_non_finite_updates_are_skipped_and_counted(policy_params):
+  algorithm = steps.AlgorithmConfig(algo="dro_v")
+  trainer = steps.make_trainer(algorithm, CONFIG,
+                               optim.make_optimizer(1e-2, warmup_steps=0),
+                               optim.make_optimizer(1e-2, warmup_steps=0))
+  state = trainer.init(policy_params, _value_params(policy_params,
+                                                    "separate"),
+                       jax.random.PRNGKey(0))
+  update = jax.jit(trainer.update)
+  bad = dict(_batch(4), rewards=jnp.full((B,), jnp.nan))
+  state1, metrics = update(state, bad)
+  assert float(metrics["skipped_update"]) == 1.0
+  assert int(state1.bad_steps) == 1 and int(state1.step) == 1
+  jax.tree.map(np.testing.assert_array_equal,
+               (state1.policy_params, state1.value_params,
+                state1.policy_opt_state),
+               (state.policy_params, state.value_params,
+                state.policy_opt_state))
+  state2, _ = update(state1, bad)
+  assert int(state2.bad_steps) == 2
+  state3, metrics = update(state2, _batch(5))
+  assert float(metrics["skipped_update"]) == 0.0
+  assert int(state3.bad_steps) == 0
+  assert not np.array_equal(
+      state3.policy_params["decoder/logits_dense"]["kernel"],
+      state.policy_params["decoder/logits_dense"]["kernel"])
