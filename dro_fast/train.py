@@ -468,8 +468,8 @@ def run() -> dict:
   batch_sharding = sharding.batch_sharding(mesh)
   # The update donates the state's buffers: the online reference keeps a copy.
   online_ref = None if ref is not None else (ref_fn, initial_params, outputs)
-  summary = train_loop(state, update, iterator, batch_sharding, checkpointer,
-                       writer, online_ref)
+  summary, state = train_loop(state, update, iterator, batch_sharding,
+                              checkpointer, writer, online_ref)
   writer.close()
   summary.update(algo=algorithm.algo, model=dataclasses.asdict(model_config),
                  workdir=workdir)
@@ -482,9 +482,8 @@ def run() -> dict:
         "initial_policy": demo_reward(model_config, initial_params,
                                       dataset.tokenizer),
         "final_policy": demo_reward(model_config,
-                                    jax.device_get(summary.pop("_params")),
+                                    jax.device_get(state.policy_params),
                                     dataset.tokenizer)}
-  summary.pop("_params", None)
   fileio.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
   metrics_lib.plot_curves(os.path.join(workdir, "metrics.jsonl"),
                           os.path.join(workdir, "training_curves.png"))
@@ -538,8 +537,8 @@ def run_config(algorithm: steps.AlgorithmConfig,
 
 
 def train_loop(state, update, iterator, batch_sharding, checkpointer, writer,
-               online_ref) -> dict:
-  """Steps until --train_steps; logs, checkpoints; returns the summary."""
+               online_ref) -> tuple[dict, steps.TrainState]:
+  """Steps until --train_steps; logs, checkpoints; returns (summary, state)."""
   train_steps = _TRAIN_STEPS.value
   start = int(state.step)
   last_metrics: dict = {}
@@ -586,8 +585,7 @@ def train_loop(state, update, iterator, batch_sharding, checkpointer, writer,
         os.path.join(_WORKDIR.value, "metrics.jsonl")) or [{}])[-1]
   return {"final_step": int(state.step), "final_metrics": last_metrics,
           "policy_params_sha256": metrics_lib.params_digest(
-              jax.device_get(state.policy_params)),
-          "_params": state.policy_params}
+              jax.device_get(state.policy_params))}, state
 
 
 def main(argv):
