@@ -384,3 +384,10 @@ def load_t5x(path: str | os.PathLike,
   if config is None:
     config = config_from_shapes({k: v.shape for k, v in flat.items()}, path)
   return config, check_and_build(flat, config, path)
+
+
+def load(path: str | os.PathLike) -> tuple[models.T5Config, Params]:
+  """A T5X directory (it holds a `checkpoint` file) or a Hugging Face one."""
+  if os.path.isfile(os.path.join(os.fspath(path), "checkpoint")):
+    return load_t5x(path)
+  return load_hf(path)

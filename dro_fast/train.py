@@ -282,11 +282,8 @@ def model_config_and_params(tokenizer: Tokenizer, rng: jax.Array):
                    dropout_rate=_DROPOUT.value)
   if _INIT_CHECKPOINT.value:
     path = _INIT_CHECKPOINT.value
-    loader = (model_checkpoints.load_t5x
-              if os.path.isfile(os.path.join(path, "checkpoint"))
-              else model_checkpoints.load_hf)
     try:
-      config, params = loader(path)
+      config, params = model_checkpoints.load(path)
     except model_checkpoints.CheckpointError as e:
       raise UserError(f"--init_checkpoint: {e}") from None
     if tokenizer.vocab_size > config.vocab_size:

@@ -88,11 +88,7 @@ def load_initial_policy(workdir: str):
   init = run["init"]
   tokens = jnp.ones((1, 2), jnp.int32)
   if init["kind"] == "checkpoint":
-    path = init["path"]
-    loader = (model_checkpoints.load_t5x
-              if os.path.isfile(os.path.join(path, "checkpoint"))
-              else model_checkpoints.load_hf)
-    _, params = loader(path)
+    _, params = model_checkpoints.load(init["path"])
     return model_checkpoints.stack_layers(params, config)
   if init["kind"] == "sft_init":
     template = jax.eval_shape(models.t5(config).init, jax.random.key(0),
