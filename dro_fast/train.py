@@ -12,7 +12,8 @@ two. Rerunning with the same --workdir resumes from the latest checkpoint.
 
 Outputs in --workdir: checkpoints/, metrics.jsonl, tensorboard/,
 reward_stats.json, summary.json (final step, metrics, SHA-256 of the final
-policy parameters) and training_curves.png.
+policy parameters) and training_curves.png; with --select_best also
+best_checkpoint.json.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -156,6 +158,16 @@ _LOG_EVERY = flags.DEFINE_integer("log_every", 100, "Steps between metrics.")
 _MAX_BAD_STEPS = flags.DEFINE_integer(
     "max_bad_steps", 10, "Stop after this many consecutive updates skipped "
     "for a non-finite loss or gradient (checked when logging).")
+_SELECT_BEST = flags.DEFINE_bool(
+    "select_best", False, "After training, judge every kept checkpoint "
+    "against the initial (SFT) policy with dro_fast.evaluate "
+    "--best_checkpoint and record the best in <workdir>/"
+    "best_checkpoint.json (the paper's checkpoint selection, §4).")
+_EVAL_FLAGS = flags.DEFINE_multi_string(
+    "eval_flag", [], "A flag passed on to dro_fast.evaluate by --select_best, "
+    "e.g. --eval_flag=--judge=http:URL --eval_flag=--prompts=test.jsonl "
+    "(default for the demo task: 1 fold of 200 held-out prompts, its "
+    "reward as the judge).")
 _MESH = flags.DEFINE_string(
     "mesh", "", "Device mesh, e.g. data:4,fsdp:2 (batch over both axes, "
     "parameters and optimizer states over fsdp). Unset: all on data.")
@@ -484,7 +496,34 @@ def run() -> dict:
   fileio.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
   metrics_lib.plot_curves(os.path.join(workdir, "metrics.jsonl"),
                           os.path.join(workdir, "training_curves.png"))
+  if _SELECT_BEST.value and jax.process_index() == 0:
+    summary["best_checkpoint"] = select_best(workdir)
+    fileio.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
+
+
+def select_best(workdir: str) -> dict:
+  """Runs dro_fast.evaluate --best_checkpoint on this run; returns its record.
+
+  A subprocess: the evaluator has flags of its own (--batch_size, --seed...)
+  that would clash with the trainer's in one process.
+  """
+  extra = list(_EVAL_FLAGS.value)
+  if not any(f.startswith(("--folds", "--prompts_per_fold")) for f in extra):
+    extra += ["--folds=1", "--prompts_per_fold=200"]
+  command = [sys.executable, "-m", "dro_fast.evaluate",
+             f"--best_checkpoint={workdir}", *extra]
+  tqdm.write("Selecting the best checkpoint: " + " ".join(command[1:]))
+  result = subprocess.run(command, capture_output=True, text=True,
+                          check=False)
+  if result.returncode:
+    raise UserError(
+        f"training finished and its checkpoints are saved in {workdir}/"
+        f"checkpoints, but --select_best failed:\n"
+        f"{result.stderr.strip()[-2000:]}\nFix the --eval_flag values and "
+        f"run {' '.join(command[1:])} yourself.")
+  with open(os.path.join(workdir, "best_checkpoint.json")) as f:
+    return json.load(f)
 
 
 _LOCK = None   # the open lock file, held for the life of the process
@@ -598,7 +637,7 @@ def main(argv):
     sys.exit(2)
   print(json.dumps({k: summary[k] for k in ("final_step", "final_metrics",
                                             "policy_params_sha256",
-                                            "demo_reward") if k in summary},
+                                            "demo_reward", "best_checkpoint") if k in summary},
                    indent=2))
 
 

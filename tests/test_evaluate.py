@@ -25,8 +25,19 @@ def evaluate(*flags, check=True):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("eval") / "run"
-  test_train.train(workdir, "--train_steps=8", "--sft_steps=20")
+  test_train.train(workdir, "--train_steps=8", "--sft_steps=20",
+                   "--select_best", "--eval_flag=--folds=1",
+                   "--eval_flag=--prompts_per_fold=8")
   return workdir
+
+
+@pytest.mark.slow
+def test_trainer_selects_the_best_checkpoint_at_the_end(run_dir):
+  summary = json.loads((run_dir / "summary.json").read_text())
+  record = summary["best_checkpoint"]
+  assert set(record["win_rates"]) == {"4", "8"}
+  assert record["best_step"] in (4, 8)
+  assert (run_dir / "eval" / "step_8_vs_init" / "win_rate.json").is_file()
 
 
 @pytest.mark.slow
