@@ -76,8 +76,8 @@ def stack_layers(params: Params, config: models.T5Config) -> Params:
 
 
 def check_and_build(flat: Mapping[str, np.ndarray], config: models.T5Config,
-                    source: str, names: Mapping[str, str] | None = None
-                    ) -> Params:
+                    source: str, names: Mapping[str, str] | None = None,
+                    transposed: frozenset[str] = frozenset()) -> Params:
   """Checks flat params against the config's shapes; returns Haiku params.
 
   Args:
@@ -85,25 +85,38 @@ def check_and_build(flat: Mapping[str, np.ndarray], config: models.T5Config,
     config: the model configuration.
     source: the checkpoint path, for messages.
     names: our flat path -> the checkpoint's own name, for messages.
+    transposed: our paths whose arrays the checkpoint stores transposed;
+      messages give their shapes as stored.
 
   Raises:
     CheckpointError: naming each mismatched, unknown or missing tensor.
   """
   names = names or {}
   expected = expected_shapes(config)
+
+  def stored(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape[::-1] if path in transposed else shape
+
   problems = []
   for path in sorted(set(flat) - set(expected)):
     problems.append(f"unknown tensor {names.get(path, path)!r} (the "
                     f"{config.variant} model has no {path!r})")
   for path in sorted(set(expected) - set(flat)):
-    problems.append(f"missing tensor for {path!r} (shape {expected[path]})")
+    problems.append(f"missing tensor {names.get(path, path)!r} (shape "
+                    f"{stored(path, expected[path])})")
   for path in sorted(set(expected) & set(flat)):
     if tuple(flat[path].shape) != expected[path]:
       problems.append(
           f"tensor {names.get(path, path)!r} has shape "
-          f"{tuple(flat[path].shape)}, expected {expected[path]} for {path!r}")
+          f"{stored(path, tuple(flat[path].shape))}, expected "
+          f"{stored(path, expected[path])}")
   if problems:
-    raise CheckpointError(f"{source}: " + "; ".join(problems))
+    raise CheckpointError(
+        f"{source}: " + "; ".join(problems) + ". The weights do not match "
+        "the model their config describes: check that the config "
+        "(config.json; for T5X, inferred from the shapes) and the weights "
+        "come from the same T5 checkpoint, and that it was copied "
+        "completely.")
   params = unflatten({path: np.asarray(value, np.float32)
                       for path, value in flat.items()})
   return stack_layers(params, config)
@@ -208,8 +221,10 @@ def _read_hf_tensors(path: str) -> dict[str, np.ndarray]:
     try:
       return dict(load_file(safetensors_file))
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"{safetensors_file}: not a readable safetensors "
-                            f"file ({e}).") from e
+      raise CheckpointError(
+          f"{safetensors_file}: not a readable safetensors file ({e}); it is "
+          "damaged or incomplete: copy it again, or save the model again "
+          "with save_pretrained.") from e
   if os.path.exists(bin_file):
     try:
       import torch  # pylint: disable=g-import-not-at-top
@@ -218,8 +233,14 @@ def _read_hf_tensors(path: str) -> dict[str, np.ndarray]:
           f"{bin_file}: reading pytorch_model.bin needs torch (pip install "
           f"'dro_fast[hf]'), or convert the checkpoint to model.safetensors."
       ) from None
-    # weights_only: a checkpoint must never run code.
-    state = torch.load(bin_file, map_location="cpu", weights_only=True)
+    try:
+      # weights_only: a checkpoint must never run code.
+      state = torch.load(bin_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f"{bin_file}: not a readable PyTorch state dict ({e}); it is "
+          "damaged, incomplete or not a plain state dict: copy it again, or "
+          "save the model again with save_pretrained.") from e
     return {name: tensor.float().numpy() for name, tensor in state.items()}
   raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin; "
                         f"is this a Hugging Face checkpoint directory?")
@@ -242,8 +263,13 @@ def load_hf(path: str | os.PathLike) -> tuple[models.T5Config, Params]:
   with open(config_file) as f:
     try:
       hf_config = json.load(f)
-    except json.JSONDecodeError as e:
-      raise CheckpointError(f"{config_file}: invalid JSON ({e}).") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise CheckpointError(f"{config_file}: invalid JSON ({e}); copy it "
+                            "again or save the model again.") from None
+  if not isinstance(hf_config, dict):
+    raise CheckpointError(f"{config_file}: holds a JSON "
+                          f"{type(hf_config).__name__}, not a config object; "
+                          "is this a Hugging Face T5 checkpoint?")
   config = config_from_hf(hf_config, config_file)
   tensors = _read_hf_tensors(path)
   if config.tied_embeddings:
@@ -255,15 +281,17 @@ def load_hf(path: str | os.PathLike) -> tuple[models.T5Config, Params]:
   elif "lm_head.weight" not in tensors and "shared.weight" in tensors:
     tensors["lm_head.weight"] = tensors["shared.weight"]   # tied in the file
   name_map = hf_name_map(config)
-  flat, names = {}, {}
+  names = {ours: name for name, (ours, _) in name_map.items()}
+  transposed = frozenset(ours for ours, transpose in name_map.values()
+                         if transpose)
+  flat = {}
   for name, value in tensors.items():
     if name in name_map:
       ours, transpose = name_map[name]
       flat[ours] = value.T if transpose else value
-      names[ours] = name
     elif name not in _HF_ALIASES:
       flat[name] = value            # reported as unknown by check_and_build
-  return config, check_and_build(flat, config, path, names)
+  return config, check_and_build(flat, config, path, names, transposed)
 
 
 # ---------------------------------------------------------------------------
@@ -387,7 +415,34 @@ def load_t5x(path: str | os.PathLike,
 
 
 def load(path: str | os.PathLike) -> tuple[models.T5Config, Params]:
-  """A T5X directory (it holds a `checkpoint` file) or a Hugging Face one."""
-  if os.path.isfile(os.path.join(os.fspath(path), "checkpoint")):
+  """A T5X directory (it holds a `checkpoint` file) or a Hugging Face one.
+
+  Args:
+    path: the checkpoint directory.
+
+  Returns:
+    (config, params) in dro_fast.models' layout, float32.
+
+  Raises:
+    CheckpointError: `path` is not a directory, holds neither kind of
+      checkpoint, or its checkpoint cannot be read into the model.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path} does not exist. Check the path (relative "
+                          f"paths start from {os.getcwd()}).")
+  if not os.path.isdir(path):
+    raise CheckpointError(
+        f"{path} is a file; pass the checkpoint directory holding it (a "
+        "T5X checkpoint_<step> directory or a Hugging Face one).")
+  if os.path.isfile(os.path.join(path, "checkpoint")):
     return load_t5x(path)
-  return load_hf(path)
+  if os.path.isfile(os.path.join(path, "config.json")):
+    return load_hf(path)
+  entries = sorted(os.listdir(path))
+  holds = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "")
+  raise CheckpointError(
+      f"{path} is not a checkpoint: it has neither T5X's `checkpoint` file "
+      "nor Hugging Face's config.json (it holds "
+      f"{holds or 'nothing'}). Pass a T5X checkpoint_<step> directory or a "
+      "directory written by save_pretrained.")

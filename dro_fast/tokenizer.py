@@ -110,8 +110,23 @@ class Tokenizer:
 
   @property
   def path(self) -> str | None:
-    """The model file this tokenizer came from, or None if unknown."""
+    """The model file this tokenizer came from, or None if not saved."""
     return self._path
+
+  def serialized_model(self) -> bytes:
+    """The SentencePiece model proto, the bytes `save` writes."""
+    return self._sp.serialized_model_proto()
+
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes the model to `path` atomically; it becomes `self.path`.
+
+    Args:
+      path: the `.model` file to write; missing parent directories are
+        created.
+    """
+    path = os.fspath(path)
+    fileio.atomic_write_bytes(path, self.serialized_model())
+    self._path = path
 
   def encode(self, text: str, max_length: int | None = None,
              add_eos: bool = True) -> list[int]:
@@ -204,7 +219,7 @@ def _train_model_proto(texts: list[str], vocab_size: int,
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int,
-                        path: str | os.PathLike, *,
+                        path: str | os.PathLike | None, *,
                         model_type: str = "unigram",
                         character_coverage: float = 1.0,
                         num_threads: int = 1) -> Tokenizer:
@@ -220,8 +235,9 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
   Args:
     texts: the corpus, one sentence or document per string.
     vocab_size: number of pieces wanted, the three special pieces included.
-    path: where to write the `.model` file; missing parent directories are
-      created.
+    path: where to write the `.model` file (missing parent directories are
+      created); None to keep it in memory only, for `Tokenizer.save` to
+      write later.
     model_type: SentencePiece's model type: "unigram" (T5's), "bpe", "char"
       or "word".
     character_coverage: fraction of characters the vocabulary must cover;
@@ -272,6 +288,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
     logging.warning(
         "SentencePiece vocabulary reduced from %d to %d pieces: the corpus "
         "cannot supply more.", vocab_size, processor.get_piece_size())
+  if path is None:
+    return Tokenizer(processor)
   path = os.fspath(path)
   fileio.atomic_write_bytes(path, proto)
   return Tokenizer(processor, path)

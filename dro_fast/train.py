@@ -36,8 +36,9 @@ from tqdm import tqdm
 
 from dro_fast import checkpoints as model_checkpoints
 from dro_fast import data
-from dro_fast import fileio
 from dro_fast import decoding
+from dro_fast import fileio
+from dro_fast import kernels
 from dro_fast import models
 from dro_fast.data import synthetic
 from dro_fast.models import value
@@ -68,8 +69,9 @@ _CHOSEN_FIELD = flags.DEFINE_string("chosen_field", "chosen",
                                     "Preferred completion field (pairwise).")
 _REJECTED_FIELD = flags.DEFINE_string("rejected_field", "rejected",
                                       "Dispreferred completion field.")
-_UF_REWARD = flags.DEFINE_string(
-    "ultrafeedback_reward", "mean_rating", "UltraFeedback reward: "
+_UF_REWARD = flags.DEFINE_enum(
+    "ultrafeedback_reward", "mean_rating", list(data.ULTRAFEEDBACK_REWARDS),
+    "UltraFeedback reward: "
     "mean_rating (mean of the aspect ratings, N/A ignored), overall_score, "
     "an aspect name (helpfulness, honesty, ...), or binary (thumbs-up when "
     "the mean rating >= --binary_threshold).")
@@ -83,10 +85,20 @@ _MAX_INPUT_LENGTH = flags.DEFINE_integer("max_input_length", 64,
                                          "Prompt tokens kept (truncation).")
 _MAX_TARGET_LENGTH = flags.DEFINE_integer("max_target_length", 32,
                                           "Completion tokens kept.")
+_LONG_ROWS = flags.DEFINE_enum(
+    "long_rows", "truncate", ["truncate", "skip", "error"], "Rows whose "
+    "prompt or completion has more tokens (EOS included) than "
+    "--max_input_length or --max_target_length: truncate those texts (EOS "
+    "kept last; a warning counts them), skip those rows (with a warning), or "
+    "stop with an error naming the first.")
 _SFT_STEPS = flags.DEFINE_integer(
     "sft_steps", 0, "Steps of supervised fine-tuning on the training "
     "completions before the main algorithm, when there is no SFT checkpoint; "
     "the result is both the initial policy and π_ref (the demo uses 400).")
+_SFT_LR = flags.DEFINE_float(
+    "sft_lr", None, "Learning rate of the --sft_steps warm start (unset: "
+    "--policy_lr). Set it when sweeping --policy_lr so that every run "
+    "starts from the same SFT policy.")
 _DEMO_EXAMPLES = flags.DEFINE_integer(
     "demo_examples", 2048, "Examples of the synthetic demo task (used when "
     "--train_data is unset).")
@@ -172,8 +184,11 @@ _MESH = flags.DEFINE_string(
     "mesh", "", "Device mesh, e.g. data:4,fsdp:2 (batch over both axes, "
     "parameters and optimizer states over fsdp). Unset: all on data.")
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0, for multi-host "
-    "runs (jax.distributed.initialize).")
+    "coordinator_address", None, "host:port of process 0, for multi-process "
+    "runs (jax.distributed.initialize; needs --num_processes and "
+    "--process_id), or auto where JAX detects the cluster itself (Cloud TPU "
+    "pod slices, SLURM, Open MPI). Every process must see the same --workdir "
+    "(a shared file system); see docs/SCALING.md.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                       "Processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
@@ -205,12 +220,22 @@ class UserError(Exception):
 
 @dataclasses.dataclass
 class Dataset:
+  """The tokenised training data.
+
+  Attributes:
+    arrays: the model's input arrays (see data.tokenize_triplets).
+    tokenizer: the tokenizer; `path` None while one trained here is unsaved.
+    tokenizer_fingerprint: a digest of the SentencePiece model.
+    reward_stats: reward statistics not yet saved in the workdir, or None.
+  """
   arrays: dict[str, np.ndarray]
   tokenizer: Tokenizer
   tokenizer_fingerprint: str
+  reward_stats: data.RewardStats | None = None
 
 
 def _tokenizer(workdir: str, texts: list[str]) -> tuple[Tokenizer, str]:
+  """--tokenizer, the workdir's, or one trained on `texts` (not yet saved)."""
   if _TOKENIZER.value:
     path = _TOKENIZER.value
     try:
@@ -220,11 +245,21 @@ def _tokenizer(workdir: str, texts: list[str]) -> tuple[Tokenizer, str]:
   else:
     path = os.path.join(workdir, "spiece.model")
     if os.path.isfile(path):
-      tok = Tokenizer.load(path)
+      try:
+        tok = Tokenizer.load(path)
+      except ValueError as e:
+        raise UserError(f"{e} It was trained by an earlier run in --workdir="
+                        f"{workdir}: delete it to train a new one, or pass "
+                        "--tokenizer.") from None
     else:
-      tok = train_sentencepiece(texts, _TOKENIZER_VOCAB.value, path)
-  with open(path, "rb") as f:
-    return tok, data.fingerprint({"model": np.frombuffer(f.read(), np.uint8)})
+      try:
+        tok = train_sentencepiece(texts, _TOKENIZER_VOCAB.value, None)
+      except ValueError as e:
+        raise UserError(f"cannot train a tokenizer with --tokenizer_vocab_"
+                        f"size={_TOKENIZER_VOCAB.value}: {e} Pass --tokenizer="
+                        "<spiece.model> instead.") from None
+  return tok, data.fingerprint(
+      {"model": np.frombuffer(tok.serialized_model(), np.uint8)})
 
 
 def _demo_data(workdir: str, pairwise: bool) -> str:
@@ -237,8 +272,46 @@ def _demo_data(workdir: str, pairwise: bool) -> str:
   return path
 
 
+def _check_lengths(rows: list, tokenizer: Tokenizer) -> list:
+  """Applies --long_rows to the rows with texts over the length limits."""
+  long = data.long_texts(rows, tokenizer, _MAX_INPUT_LENGTH.value,
+                         _MAX_TARGET_LENGTH.value)
+  if not long:
+    return rows
+  index, field, length, limit = long[0]
+  flag = "--max_input_length" if field == "prompt" else "--max_target_length"
+  first = (f"{rows[index].source}: the {field} has {length} tokens (EOS "
+           f"included), more than {flag}={limit}")
+  bad = {i for i, *_ in long}
+  if _LONG_ROWS.value == "error":
+    raise UserError(
+        f"{first} ({len(bad)} of {len(rows)} rows are too long; "
+        "--long_rows=error). Raise the length flags, shorten or remove those "
+        "rows, or pass --long_rows=truncate (cut the texts, EOS kept last) "
+        "or --long_rows=skip (drop the rows).")
+  if _LONG_ROWS.value == "truncate":
+    logging.warning("truncating %d of %d rows longer than --max_input_length "
+                    "or --max_target_length (first: %s); --long_rows=skip "
+                    "drops them, --long_rows=error stops.", len(bad),
+                    len(rows), first)
+    return rows
+  kept = [row for i, row in enumerate(rows) if i not in bad]
+  if not kept:
+    raise UserError(f"--long_rows=skip dropped all {len(rows)} rows (first: "
+                    f"{first}). Raise --max_input_length and "
+                    "--max_target_length, or pass --long_rows=truncate.")
+  logging.warning("skipping %d of %d rows longer than --max_input_length or "
+                  "--max_target_length (--long_rows=skip; first: %s).",
+                  len(bad), len(rows), first)
+  return kept
+
+
 def load_dataset(workdir: str, algorithm: steps.AlgorithmConfig) -> Dataset:
-  """Reads, checks, normalises and tokenises the training data."""
+  """Reads, checks, normalises and tokenises the training data.
+
+  A tokenizer trained here and the reward statistics are returned unsaved
+  (see save_inputs), so that a bad input found later leaves neither behind.
+  """
   pairwise = algorithm.algo in steps.PAIRWISE
   if pairwise != (_DATA_FORMAT.value == "pairwise") and _TRAIN_DATA.value:
     raise UserError(f"--algo={algorithm.algo} needs "
@@ -264,16 +337,17 @@ def load_dataset(workdir: str, algorithm: steps.AlgorithmConfig) -> Dataset:
   else:
     texts = [t for r in rows for t in (r.prompt, r.completion)]
   tok, tok_fingerprint = _tokenizer(workdir, texts)
+  rows = _check_lengths(rows, tok)
   if pairwise:
     arrays = data.tokenize_pairs(rows, tok, _MAX_INPUT_LENGTH.value,
                                  _MAX_TARGET_LENGTH.value)
     return Dataset(arrays, tok, tok_fingerprint)
   stats_path = os.path.join(workdir, "reward_stats.json")
+  unsaved = None
   if os.path.isfile(stats_path):
     stats = data.RewardStats.load(stats_path)
   else:
-    stats = data.RewardStats.fit([r.reward for r in rows], path)
-    stats.save(stats_path)
+    stats = unsaved = data.RewardStats.fit([r.reward for r in rows], path)
   arrays = data.tokenize_triplets(rows, tok, _MAX_INPUT_LENGTH.value,
                                   _MAX_TARGET_LENGTH.value, stats)
   if algorithm.algo == "kto":
@@ -285,7 +359,22 @@ def load_dataset(workdir: str, algorithm: steps.AlgorithmConfig) -> Dataset:
     partner[order] = np.roll(order, -1)
     arrays["mismatched_targets"] = arrays["targets"][partner]
     arrays["mismatched_mask"] = arrays["target_mask"][partner]
-  return Dataset(arrays, tok, tok_fingerprint)
+  return Dataset(arrays, tok, tok_fingerprint, unsaved)
+
+
+def save_inputs(workdir: str, dataset: Dataset) -> None:
+  """Saves a tokenizer trained here and the reward statistics in the workdir.
+
+  Called once every input has been checked, so that a run stopped by a bad
+  input leaves nothing that a later run (with fixed inputs) would reuse.
+  """
+  if jax.process_index() != 0:
+    return
+  if dataset.tokenizer.path is None:
+    dataset.tokenizer.save(os.path.join(workdir, "spiece.model"))
+  if dataset.reward_stats is not None:
+    dataset.reward_stats.save(os.path.join(workdir, "reward_stats.json"))
+    dataset.reward_stats = None
 
 
 def model_config_and_params(tokenizer: Tokenizer, rng: jax.Array):
@@ -299,10 +388,13 @@ def model_config_and_params(tokenizer: Tokenizer, rng: jax.Array):
     except model_checkpoints.CheckpointError as e:
       raise UserError(f"--init_checkpoint: {e}") from None
     if tokenizer.vocab_size > config.vocab_size:
+      which = (f"--tokenizer={_TOKENIZER.value}" if _TOKENIZER.value else
+               "the tokenizer trained on the data (--tokenizer_vocab_size="
+               f"{_TOKENIZER_VOCAB.value})")
       raise UserError(
-          f"--tokenizer has {tokenizer.vocab_size} pieces but the checkpoint "
-          f"{path} embeds only {config.vocab_size}: use the checkpoint's own "
-          f"spiece.model.")
+          f"{which} has {tokenizer.vocab_size} pieces but the checkpoint "
+          f"{path} embeds only {config.vocab_size}: pass the checkpoint's "
+          "own spiece.model as --tokenizer.")
     config = config.replace(scan_layers=_SCAN_LAYERS.value, **overrides)
     return config, model_checkpoints.stack_layers(params, config)
   config = models.preset(_MODEL.value, vocab_size=tokenizer.vocab_size,
@@ -311,28 +403,41 @@ def model_config_and_params(tokenizer: Tokenizer, rng: jax.Array):
   return config, models.t5(config).init(rng, tokens, tokens)
 
 
+def _sft_lr() -> float:
+  return _SFT_LR.value if _SFT_LR.value is not None else _POLICY_LR.value
+
+
 def sft_warm_start(workdir: str, model_config: models.T5Config, params,
-                   arrays: dict, rng: jax.Array):
-  """--sft_steps of SFT from `params`; saved once, reused when resuming."""
+                   arrays: dict, rng: jax.Array, mesh: jax.sharding.Mesh):
+  """--sft_steps of SFT from `params`; saved once, reused when resuming.
+
+  Runs on `mesh` like the main loop (so every process of a multi-process
+  run takes part in the checkpoint); returns the parameters as NumPy arrays.
+  """
   checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, "sft_init"), keep=1)
-  template = {"params": params}
   if checkpointer.latest_step() is not None:
-    return checkpointer.restore(template)[0]["params"]
+    template = {"params": params}
+    template = jax.device_put(template,
+                              sharding.tree_shardings(template, mesh))
+    return sharding.to_host(checkpointer.restore(template)[0]["params"])
   trainer = steps.make_trainer(
       steps.AlgorithmConfig(algo="sft", implementation=_KERNEL.value),
-      model_config, optim.make_optimizer(_POLICY_LR.value, _WARMUP.value,
+      model_config, optim.make_optimizer(_sft_lr(), _WARMUP.value,
                                          _DECAY_RATE.value), None)
   state = trainer.init(params, {}, rng)
+  state = jax.device_put(state, sharding.tree_shardings(state, mesh))
   update = jax.jit(trainer.update)
+  batch_sharding = sharding.batch_sharding(mesh)
   iterator = data.BatchIterator(
       {k: arrays[k] for k in ("inputs", "targets", "target_mask")},
       _BATCH_SIZE.value, _SEED.value + 1)
   for _ in tqdm(range(_SFT_STEPS.value), desc="sft", unit="step",
-                disable=None):
-    state, _ = update(state, next(iterator))
+                disable=None if jax.process_index() == 0 else True):
+    state, _ = update(state, sharding.global_batch(next(iterator),
+                                                   batch_sharding))
   checkpointer.save(_SFT_STEPS.value, {"params": state.policy_params}, {})
-  return state.policy_params
+  return sharding.to_host(state.policy_params)
 
 
 def demo_reward(model_config: models.T5Config, params, tokenizer: Tokenizer,
@@ -360,19 +465,66 @@ def _algorithm() -> steps.AlgorithmConfig:
 
 
 def _check_flags():
-  for flag, value_, least in ((_BATCH_SIZE, _BATCH_SIZE.value, 1),
-                              (_TRAIN_STEPS, _TRAIN_STEPS.value, 1),
-                              (_LOG_EVERY, _LOG_EVERY.value, 1),
-                              (_CHECKPOINT_EVERY, _CHECKPOINT_EVERY.value, 1),
-                              (_KEEP_CHECKPOINTS, _KEEP_CHECKPOINTS.value, 1),
-                              (_MAX_INPUT_LENGTH, _MAX_INPUT_LENGTH.value, 2),
-                              (_MAX_TARGET_LENGTH, _MAX_TARGET_LENGTH.value,
-                               2)):
-    if value_ < least:
-      raise UserError(f"--{flag.name} must be >= {least}, got {value_}.")
-  for flag in (_POLICY_LR, _VALUE_LR):
-    if not flag.value > 0:
+  """Flag values out of range or in conflict, before anything is written."""
+  for flag, least in ((_BATCH_SIZE, 1), (_TRAIN_STEPS, 1), (_LOG_EVERY, 1),
+                      (_CHECKPOINT_EVERY, 1), (_KEEP_CHECKPOINTS, 1),
+                      (_MAX_INPUT_LENGTH, 2), (_MAX_TARGET_LENGTH, 2),
+                      (_MAX_BAD_STEPS, 1), (_DEMO_EXAMPLES, 1), (_SEED, 0),
+                      (_WARMUP, 0), (_SFT_STEPS, 0), (_CLIP, 0)):
+    if flag.value < least:
+      raise UserError(f"--{flag.name} must be >= {least}, got {flag.value}.")
+  for flag in (_POLICY_LR, _VALUE_LR, _SFT_LR):
+    if flag.value is not None and not flag.value > 0:
       raise UserError(f"--{flag.name} must be > 0, got {flag.value}.")
+  if not 0 <= _DROPOUT.value < 1:
+    raise UserError(f"--dropout_rate must be in [0, 1), got "
+                    f"{_DROPOUT.value}.")
+  if not _TOKENIZER.value and _TOKENIZER_VOCAB.value < 4:
+    raise UserError(f"--tokenizer_vocab_size must be >= 4 (pad, eos, unk "
+                    f"and one character), got {_TOKENIZER_VOCAB.value}.")
+  if (_KERNEL.value is not None
+      and _KERNEL.value not in kernels.IMPLEMENTATIONS):
+    raise UserError(
+        f"--kernel_implementation={_KERNEL.value} is not available here; "
+        f"choose one of {', '.join(sorted(kernels.IMPLEMENTATIONS))}, or "
+        "leave it unset to pick by backend.")
+  binary = _UF_REWARD.value == "binary"
+  if _BINARY_THRESHOLD.value is not None and not binary:
+    raise UserError(
+        f"--binary_threshold applies only to --ultrafeedback_reward=binary, "
+        f"not --ultrafeedback_reward={_UF_REWARD.value}: drop "
+        "--binary_threshold or set --ultrafeedback_reward=binary.")
+  if binary and _DATA_FORMAT.value == "ultrafeedback":
+    if _BINARY_THRESHOLD.value is None:
+      raise UserError(
+          "--ultrafeedback_reward=binary needs --binary_threshold=<mean "
+          "rating>: completions whose mean aspect rating is at or above it "
+          "get reward 1, the others 0 (ratings run from 1 to 5).")
+    if not np.isfinite(_BINARY_THRESHOLD.value):
+      raise UserError(f"--binary_threshold must be a finite number, got "
+                      f"{_BINARY_THRESHOLD.value}.")
+  if (_SFT_STEPS.value and _INIT_CHECKPOINT.value
+      and _ALGO.value in ("dro_v", "kto")):
+    raise UserError(
+        f"--sft_steps={_SFT_STEPS.value} fine-tunes a policy from scratch, "
+        "but --init_checkpoint is already the SFT policy: leave --sft_steps "
+        "at 0, or drop --init_checkpoint.")
+
+
+def init_distributed() -> None:
+  """Joins a multi-process run (before anything touches a JAX device)."""
+  if _COORDINATOR.value == "auto":
+    sharding.initialize_distributed(None, None, None)
+    return
+  if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+    raise UserError("--coordinator_address needs --num_processes and "
+                    "--process_id (or use --coordinator_address=auto on a "
+                    "cluster JAX detects).")
+  if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+    raise UserError(f"--process_id={_PROCESS_ID.value} must be in [0, "
+                    f"--num_processes={_NUM_PROCESSES.value}).")
+  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                  _PROCESS_ID.value)
 
 
 def run() -> dict:
@@ -380,8 +532,7 @@ def run() -> dict:
   apply_demo_defaults()
   _check_flags()
   if _COORDINATOR.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                               _PROCESS_ID.value)
+    init_distributed()
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
   lock_workdir(workdir)
@@ -392,8 +543,19 @@ def run() -> dict:
   except ValueError as e:
     raise UserError(str(e)) from None
 
-  dataset = load_dataset(workdir, algorithm)
+  primary = jax.process_index() == 0
+  # Process 0 writes the demo data into the (shared) workdir; the other
+  # processes then read it. On a fresh run every process trains the same
+  # tokenizer; save_inputs keeps process 0's (and its reward statistics).
+  with sharding.primary_first("dataset"):
+    dataset = load_dataset(workdir, algorithm)
   arrays = dataset.arrays
+  try:
+    sharding.check_same_on_every_process(
+        data.fingerprint(arrays) + dataset.tokenizer_fingerprint,
+        "the tokenised training data")
+  except ValueError as e:
+    raise UserError(str(e)) from None
   if _BATCH_SIZE.value > len(arrays["inputs"]):
     raise UserError(f"--batch_size={_BATCH_SIZE.value} exceeds the "
                     f"{len(arrays['inputs'])} training examples.")
@@ -401,16 +563,16 @@ def run() -> dict:
   init_rng, value_rng, train_rng = jax.random.split(rng, 3)
   model_config, policy_params = model_config_and_params(dataset.tokenizer,
                                                         init_rng)
+  save_inputs(workdir, dataset)   # every input is checked
   if _SFT_STEPS.value and algorithm.algo in ("dro_v", "kto"):
-    if _INIT_CHECKPOINT.value:
-      raise UserError("--sft_steps fine-tunes a policy from scratch; with "
-                      "--init_checkpoint (already the SFT policy) leave it 0.")
     policy_params = sft_warm_start(workdir, model_config, policy_params,
-                                   arrays, jax.random.fold_in(init_rng, 1))
+                                   arrays, jax.random.fold_in(init_rng, 1),
+                                   mesh)
   initial_params = jax.tree.map(jnp.copy, policy_params)
-  fileio.atomic_write_json(
-      os.path.join(workdir, "run_config.json"),
-      run_config(algorithm, model_config, dataset.tokenizer))
+  if primary:
+    fileio.atomic_write_json(
+        os.path.join(workdir, "run_config.json"),
+        run_config(algorithm, model_config, dataset.tokenizer))
 
   # Reference log-probs from the initial parameters.
   ref_fn = steps.reference_logprob_fn(model_config, _KERNEL.value)
@@ -426,9 +588,10 @@ def run() -> dict:
         data.fingerprint(arrays), dataset.tokenizer_fingerprint,
         metrics_lib.params_digest(policy_params), repr(model_config),
         repr(sorted(outputs.items())))
-    ref = reference.load_or_compute(
-        _REF_CACHE_DIR.value or os.path.join(workdir, "ref_cache"), key,
-        compute)
+    with sharding.primary_first("reference_cache"):
+      ref = reference.load_or_compute(
+          _REF_CACHE_DIR.value or os.path.join(workdir, "ref_cache"), key,
+          compute)
   else:
     ref = None
   if ref is not None:
@@ -465,13 +628,25 @@ def run() -> dict:
   iterator = data.BatchIterator(arrays, _BATCH_SIZE.value, _SEED.value)
   checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=_KEEP_CHECKPOINTS.value)
-  writer = metrics_lib.MetricsWriter(workdir)
+  # Every process saves and restores its shards of the checkpoints (Orbax);
+  # only process 0 writes the metrics and the summary.
+  writer = metrics_lib.MetricsWriter(workdir) if primary else None
+  start = 0
   if checkpointer.latest_step() is not None:
-    state, extra, start = checkpointer.restore(state)
+    state, extra, start = restore(checkpointer, state)
     state = jax.device_put(state, state_shardings)
-    iterator.set_state(extra["data"])
-    writer.truncate_after(start)
+    try:
+      iterator.set_state(extra["data"])
+    except ValueError as e:
+      raise UserError(
+          f"cannot resume from {checkpointer.directory}/{start}: {e} Here: "
+          "rerun with the --train_data and --seed of the run that wrote it, "
+          "or use a new --workdir.") from None
     tqdm.write(f"Resumed from step {start} of {workdir}")
+  if writer is not None:
+    # Forget what a killed run logged after its last checkpoint (all of it
+    # when it had none): those steps are trained again.
+    writer.truncate_after(start)
 
   update = jax.jit(trainer.update, donate_argnums=0)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -479,7 +654,8 @@ def run() -> dict:
   online_ref = None if ref is not None else (ref_fn, initial_params, outputs)
   summary, state = train_loop(state, update, iterator, batch_sharding,
                               checkpointer, writer, online_ref)
-  writer.close()
+  if writer is not None:
+    writer.close()
   summary.update(algo=algorithm.algo, model=dataclasses.asdict(model_config),
                  workdir=workdir)
   if not _TRAIN_DATA.value and algorithm.algo not in steps.PAIRWISE:
@@ -491,15 +667,32 @@ def run() -> dict:
         "initial_policy": demo_reward(model_config, initial_params,
                                       dataset.tokenizer),
         "final_policy": demo_reward(model_config,
-                                    jax.device_get(state.policy_params),
+                                    sharding.to_host(state.policy_params),
                                     dataset.tokenizer)}
+  if not primary:
+    return summary
   fileio.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
   metrics_lib.plot_curves(os.path.join(workdir, "metrics.jsonl"),
                           os.path.join(workdir, "training_curves.png"))
-  if _SELECT_BEST.value and jax.process_index() == 0:
+  if _SELECT_BEST.value:
     summary["best_checkpoint"] = select_best(workdir)
     fileio.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
+
+
+def restore(checkpointer: checkpointing.Checkpointer, template):
+  """The newest readable checkpoint, its problems turned into user errors."""
+  try:
+    return checkpointer.restore(template)
+  except checkpointing.TemplateMismatchError as e:
+    raise UserError(
+        f"{e}. The checkpoints were written by a run with other flags (model, "
+        "algorithm, value network...): rerun with that run's flags (see "
+        "run_config.json beside them), or use a new --workdir.") from None
+  except checkpointing.CorruptCheckpointError as e:
+    raise UserError(
+        f"{e}. Restore the checkpoints from a copy, or move "
+        f"{checkpointer.directory} away to start training again.") from None
 
 
 def select_best(workdir: str) -> dict:
@@ -530,9 +723,15 @@ _LOCK = None   # the open lock file, held for the life of the process
 
 
 def lock_workdir(workdir: str) -> None:
-  """An exclusive flock on <workdir>/.lock: one trainer per workdir."""
+  """An exclusive flock on <workdir>/.lock: one trainer per workdir.
+
+  In a multi-process run process 0 holds .lock and process i .lock.i, so a
+  second run is refused by every process and a run's own processes (sharing
+  the workdir) do not refuse each other.
+  """
   global _LOCK
-  path = os.path.join(workdir, ".lock")
+  index = jax.process_index()
+  path = os.path.join(workdir, f".lock.{index}" if index else ".lock")
   handle = open(path, "a+")
   try:
     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -551,7 +750,8 @@ def run_config(algorithm: steps.AlgorithmConfig,
     init = {"kind": "checkpoint", "path": os.path.abspath(
         _INIT_CHECKPOINT.value)}
   elif _SFT_STEPS.value and algorithm.algo in ("dro_v", "kto"):
-    init = {"kind": "sft_init"}
+    init = {"kind": "sft_init", "steps": _SFT_STEPS.value,
+            "learning_rate": _sft_lr()}
   else:
     init = {"kind": "random", "seed": _SEED.value}
   clip = _CLIP.value or None
@@ -578,7 +778,8 @@ def train_loop(state, update, iterator, batch_sharding, checkpointer, writer,
   train_steps = _TRAIN_STEPS.value
   start = int(state.step)
   last_metrics: dict = {}
-  progress = tqdm(total=train_steps, initial=start, disable=None,
+  progress = tqdm(total=train_steps, initial=start,
+                  disable=None if jax.process_index() == 0 else True,
                   desc="train", unit="step")
   window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
   for step in range(start, train_steps):
@@ -590,7 +791,7 @@ def train_loop(state, update, iterator, batch_sharding, checkpointer, writer,
                                         batch[targets], batch[mask]))
     window_tokens += int(sum(np.sum(v) for k, v in batch.items()
                              if k.endswith("mask")))
-    batch = jax.device_put(batch, batch_sharding)
+    batch = sharding.global_batch(batch, batch_sharding)
     state, step_metrics = update(state, batch)
     window_steps += 1
     done = step + 1
@@ -600,20 +801,32 @@ def train_loop(state, update, iterator, batch_sharding, checkpointer, writer,
       elapsed = time.perf_counter() - window_start
       host.update(examples_per_s=window_steps * _BATCH_SIZE.value / elapsed,
                   tokens_per_s=window_tokens / elapsed)
-      writer.write(done, host)
+      if writer is not None:
+        writer.write(done, host)
       last_metrics = host
       if host["consecutive_bad_steps"] >= _MAX_BAD_STEPS.value:
+        bad = int(host["consecutive_bad_steps"])
+        newest = checkpointer.latest_step()
+        saved = ("no checkpoint was saved" if newest is None else
+                 f"the checkpoints in {checkpointer.directory} (newest: step "
+                 f"{newest}) hold finite parameters, but they may already "
+                 "have diverged")
         raise UserError(
-            f"stopping at step {done}: the last "
-            f"{int(host['consecutive_bad_steps'])} updates had a non-finite "
-            f"loss or gradient and were skipped (--max_bad_steps="
-            f"{_MAX_BAD_STEPS.value}); the newest checkpoint in "
-            f"{_WORKDIR.value}/checkpoints holds the last good parameters. "
-            f"Lower the learning rate or check the data.")
+            f"stopping at step {done}: the last {bad} updates had a "
+            f"non-finite loss or gradient and were skipped (--max_bad_steps="
+            f"{_MAX_BAD_STEPS.value}). Skipped updates change nothing, and "
+            f"{saved}. Lower --policy_lr / --value_lr, set --clip_grad_norm, "
+            "or check the data for extreme rewards, then start again in a "
+            "new --workdir (or delete the newer checkpoints to resume from "
+            "an older one).")
       progress.set_postfix(loss=f"{host['loss']:.4f}")
       window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
     if done % _CHECKPOINT_EVERY.value == 0 or done == train_steps:
-      checkpointer.save(done, state, {"data": iterator.get_state()})
+      try:
+        checkpointer.save(done, state, {"data": iterator.get_state()})
+      except ValueError as e:     # non-finite parameters, a step taken
+        raise UserError(f"cannot save the checkpoint of step {done}: "
+                        f"{e}") from None
     progress.update(1)
   progress.close()
   if not last_metrics:           # resumed at or past the last step
@@ -621,20 +834,40 @@ def train_loop(state, update, iterator, batch_sharding, checkpointer, writer,
         os.path.join(_WORKDIR.value, "metrics.jsonl")) or [{}])[-1]
   return {"final_step": int(state.step), "final_metrics": last_metrics,
           "policy_params_sha256": metrics_lib.params_digest(
-              jax.device_get(state.policy_params))}, state
+              sharding.to_host(state.policy_params))}, state
+
+
+def _user_error(message: str) -> None:
+  """Prints `message` as the CLI's one error line(s) and exits with 2."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, its errors reported as user errors (exit 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    hint = ("Run `python -m dro_fast.train --helpfull` to list the flags and "
+            "their values.")
+    if "flagfile" in str(e):
+      hint = ("Check the --flagfile path (configs/ holds one flagfile per "
+              "model size, e.g. --flagfile=configs/tiny.flags).")
+    _user_error(f"{e}. {hint}")
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    _user_error(f"unexpected arguments {argv[1:]}: every setting is a flag, "
+                "e.g. --train_data=FILE. Run `python -m dro_fast.train "
+                "--helpfull` to list them.")
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs every save at INFO; progress shows on the tqdm bar instead.
     logging.set_verbosity(logging.WARNING)
   try:
     summary = run()
   except (UserError, data.DataError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _user_error(str(e))
   print(json.dumps({k: summary[k] for k in ("final_step", "final_metrics",
                                             "policy_params_sha256",
                                             "demo_reward", "best_checkpoint") if k in summary},
@@ -642,4 +875,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

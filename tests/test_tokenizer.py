@@ -39,6 +39,20 @@ def test_train_writes_only_the_model(tmp_path):
   assert loaded.encode(sentence) == tok.encode(sentence)
 
 
+def test_train_in_memory_then_save(tmp_path):
+  tok = tokenizer_lib.train_sentencepiece(_corpus(), 40, None)
+  assert tok.path is None
+  assert not os.listdir(tmp_path)
+  path = tmp_path / "sub" / "spiece.model"
+  tok.save(path)
+  assert tok.path == str(path)
+  assert os.listdir(tmp_path / "sub") == ["spiece.model"]
+  # The bytes written are those a direct training run writes.
+  direct = tmp_path / "direct.model"
+  tokenizer_lib.train_sentencepiece(_corpus(), 40, direct)
+  assert path.read_bytes() == direct.read_bytes() == tok.serialized_model()
+
+
 def test_special_ids(trained):
   assert (trained.pad_id, trained.eos_id, trained.unk_id) == (0, 1, 2)
   ids = trained.encode("the cat sat")

@@ -99,18 +99,39 @@ def test_reference_logprobs_are_cached_and_reused(tmp_path):
   assert metrics(tmp_path / "c") == metrics(tmp_path / "a")
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--batch_size=0"], "--batch_size must be >= 1"),
-    (["--algo=dpo", "--train_data=x.jsonl"], "needs --data_format=pairwise"),
-    (["--mesh=data:3"], "has 3 devices but 1 are available"),
-    (["--policy_lr=-1"], "--policy_lr must be > 0"),
-    (["--train_data=/nonexistent/train.jsonl"], "/nonexistent/train.jsonl"),
-])
-def test_user_errors_exit_2_without_traceback(tmp_path, flags, message):
-  result = train(tmp_path / "w", "--train_steps=2", *flags, check=False)
-  assert result.returncode == 2, result.stderr[-2000:]
-  assert message in result.stderr
+@pytest.mark.slow
+def test_diverging_run_stops_at_max_bad_steps_with_finite_checkpoints(
+    tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "diverged"
+  # An absurd learning rate: the first update throws the parameters far
+  # out (about 1e30), and the losses and gradients after it are not finite.
+  result = train(workdir, "--train_steps=20", "--policy_lr=1e30",
+                 "--warmup_steps=0", "--log_every=1", "--checkpoint_every=1",
+                 "--max_bad_steps=3", check=False)
+  assert result.returncode == 2, result.stderr[-3000:]
   assert "Traceback" not in result.stderr
+  assert "--max_bad_steps=3" in result.stderr
+  assert "Lower --policy_lr" in result.stderr
+  assert not (workdir / "summary.json").exists()
+  logged = metrics(workdir)
+  # The run stops at the third skipped update in a row.
+  assert [m["consecutive_bad_steps"] for m in logged[-3:]] == [1.0, 2.0, 3.0]
+  assert [m["skipped_update"] for m in logged[-3:]] == [1.0, 1.0, 1.0]
+  assert not np.isfinite(logged[-1]["loss"])
+  assert f"stopping at step {len(logged)}" in result.stderr
+  steps_saved = sorted(int(n) for n in os.listdir(workdir / "checkpoints")
+                       if n.isdigit())
+  assert steps_saved[-1] == len(logged) - 1
+  for step in steps_saved:
+    state = ocp.StandardCheckpointer().restore(
+        workdir / "checkpoints" / str(step) / "state")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+      leaf = np.asarray(leaf)
+      if np.issubdtype(leaf.dtype, np.floating):
+        assert np.isfinite(leaf).all(), (step, jax.tree_util.keystr(path))
 
 
 @pytest.mark.slow

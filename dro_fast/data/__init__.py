@@ -3,12 +3,14 @@
 records   read_triplets / read_ultrafeedback / read_pairwise (JSON Lines or
           Parquet) -> Triplet / Pair, with DataError naming bad rows;
 rewards   RewardStats: mean 0, variance 1 normalisation, saved with a run;
-pipeline  tokenize_triplets / tokenize_pairs -> arrays, BatchIterator
-          (shuffled, resumable), fingerprint (cache keys).
+pipeline  tokenize_triplets / tokenize_pairs -> arrays, long_texts (what
+          they would truncate), BatchIterator (shuffled, resumable),
+          fingerprint (cache keys).
 """
 
 from dro_fast.data.pipeline import BatchIterator
 from dro_fast.data.pipeline import fingerprint
+from dro_fast.data.pipeline import long_texts
 from dro_fast.data.pipeline import tokenize_pairs
 from dro_fast.data.pipeline import tokenize_triplets
 from dro_fast.data.records import DATA_FORMATS
@@ -24,7 +26,7 @@ from dro_fast.data.records import ULTRAFEEDBACK_REWARDS
 from dro_fast.data.rewards import RewardStats
 
 __all__ = ["BatchIterator", "DATA_FORMATS", "DataError", "fingerprint",
-           "Pair", "read_dataset", "read_pairwise", "read_triplets",
-           "read_ultrafeedback", "RewardStats", "tokenize_pairs",
-           "tokenize_triplets", "Triplet", "ULTRAFEEDBACK_ASPECTS",
-           "ULTRAFEEDBACK_REWARDS"]
+           "long_texts", "Pair", "read_dataset", "read_pairwise",
+           "read_triplets", "read_ultrafeedback", "RewardStats",
+           "tokenize_pairs", "tokenize_triplets", "Triplet",
+           "ULTRAFEEDBACK_ASPECTS", "ULTRAFEEDBACK_REWARDS"]

@@ -108,6 +108,37 @@ def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Tokenizer,
   }
 
 
+def long_texts(records: Sequence[Triplet] | Sequence[Pair],
+               tokenizer: Tokenizer, max_input_length: int,
+               max_target_length: int) -> list[tuple[int, str, int, int]]:
+  """The texts that tokenize_triplets / tokenize_pairs would truncate.
+
+  Args:
+    records: triplets or pairs.
+    tokenizer: the model's tokenizer.
+    max_input_length: S, the prompt tokens kept (EOS included).
+    max_target_length: T, the completion tokens kept (EOS included).
+
+  Returns:
+    (record index, field, tokens with EOS, limit) for every prompt longer
+    than S and every completion (triplets) or chosen / rejected completion
+    (pairs) longer than T, in record order.
+  """
+  found = []
+  for index, record in enumerate(records):
+    if isinstance(record, Pair):
+      targets = (("chosen", record.chosen), ("rejected", record.rejected))
+    else:
+      targets = (("completion", record.completion),)
+    for field, text, limit in (("prompt", record.prompt, max_input_length),
+                               *((f, t, max_target_length)
+                                 for f, t in targets)):
+      length = len(tokenizer.encode(text))
+      if length > limit:
+        found.append((index, field, length, limit))
+  return found
+
+
 class BatchIterator:
   """Endless shuffled batches of a dict of arrays, resumable.
 

@@ -36,6 +36,9 @@ ULTRAFEEDBACK_ASPECTS = ("instruction_following", "honesty", "truthfulness",
 ULTRAFEEDBACK_REWARDS = (("mean_rating", "overall_score", "binary")
                          + ULTRAFEEDBACK_ASPECTS)
 _NOT_APPLICABLE = "N/A"
+_NOT_ULTRAFEEDBACK = ("is this an UltraFeedback file? Read other triplet data "
+                      "with read_triplets (the trainer's "
+                      "--data_format=triplets)")
 _PARQUET_BATCH_ROWS = 1024
 
 
@@ -128,6 +131,11 @@ def _json_type(value: Any) -> str:
   if isinstance(value, dict):
     return "object"
   return type(value).__name__
+
+
+def _a(json_type: str) -> str:
+  """"an array", "a string": a JSON type name with its article."""
+  return f"an {json_type}" if json_type[0] in "aeiou" else f"a {json_type}"
 
 
 def _plural(count: int, noun: str) -> str:
@@ -225,7 +233,7 @@ class _RowReader:
         if not isinstance(row, dict):
           yield location, _BadValue(
               None, "not a JSON object",
-              f"the line holds a JSON {_json_type(row)}, not an object; "
+              f"the line holds {_a(_json_type(row))}, not an object; "
               "each line must hold one JSON object (a .json file holding "
               "a single array is not JSON Lines)")
           continue
@@ -257,7 +265,8 @@ class _RowReader:
               else f"the {location.unit}")
       raise DataError(
           f"{location}{field}: {bad.detail}. Fix or remove {what}, or pass "
-          "skip_bad_rows=True to drop bad rows with a warning.")
+          "skip_bad_rows=True (the trainer's --skip_bad_rows) to drop bad "
+          "rows with a warning.")
     self._reasons[bad.reason] += 1
     if location.completion is None:
       self._skipped_rows += 1
@@ -305,7 +314,7 @@ class _RowReader:
 
 
 def _present(row: dict[str, Any], key: str, field: str,
-             argument: str | None) -> Any:
+             argument: str | None, hint: str | None = None) -> Any:
   """row[key], which must be present and not null.
 
   Args:
@@ -314,6 +323,7 @@ def _present(row: dict[str, Any], key: str, field: str,
     field: the field as messages name it.
     argument: the reader argument that names this field, for the hint when
       the field is missing; None if no argument does.
+    hint: what else to say when the field is missing.
 
   Returns:
     The value.
@@ -325,7 +335,10 @@ def _present(row: dict[str, Any], key: str, field: str,
     detail = (f"is missing (the fields present are "
               f"{', '.join(map(repr, row)) or 'none'})")
     if argument is not None:
-      detail += f"; if the field has another name, pass {argument}=<name>"
+      detail += (f"; if the field has another name, pass {argument}=<name>"
+                 f" (the trainer's --{argument})")
+    if hint is not None:
+      detail += f"; {hint}"
     raise _BadValue(field, f"missing {key}", detail)
   value = row[key]
   if value is None:
@@ -334,7 +347,7 @@ def _present(row: dict[str, Any], key: str, field: str,
 
 
 def _text(row: dict[str, Any], key: str, *, field: str | None = None,
-          argument: str | None = None) -> str:
+          argument: str | None = None, hint: str | None = None) -> str:
   """row[key] as a non-blank string, unchanged.
 
   Args:
@@ -342,6 +355,7 @@ def _text(row: dict[str, Any], key: str, *, field: str | None = None,
     key: the field to read; also names the reason a bad row is counted by.
     field: the field as messages name it; defaults to `key`.
     argument: the reader argument that names this field, if any.
+    hint: what else to say when the field is missing.
 
   Returns:
     The string.
@@ -350,10 +364,10 @@ def _text(row: dict[str, Any], key: str, *, field: str | None = None,
     _BadValue: the field is missing, null, not a string, or blank.
   """
   field = key if field is None else field
-  value = _present(row, key, field, argument)
+  value = _present(row, key, field, argument, hint)
   if not isinstance(value, str):
     raise _BadValue(field, f"{key} not a string",
-                    f"is a {_json_type(value)}, not a string")
+                    f"is {_a(_json_type(value))}, not a string")
   if not value.strip():
     raise _BadValue(field, f"empty {key}",
                     "is empty or only whitespace; every text must be "
@@ -394,7 +408,7 @@ def _number(row: dict[str, Any], key: str, *, field: str | None = None,
                     f"JSON number ({value.strip()}, without quotes)")
   if not isinstance(value, numbers.Real):
     raise _BadValue(field, f"{key} not a number",
-                    f"is a {_json_type(value)}, not a number")
+                    f"is {_a(_json_type(value))}, not a number")
   try:
     number = float(value)
   except OverflowError:
@@ -430,7 +444,8 @@ def read_triplets(path: str | os.PathLike, *, prompt_field: str = "prompt",
   reader = _RowReader(
       path, (prompt_field, completion_field, reward_field), skip_bad_rows,
       "Name the right columns with prompt_field=, completion_field= and "
-      "reward_field=.")
+      "reward_field= (the trainer's --prompt_field, --completion_field and "
+      "--reward_field).")
   triplets = []
   for location, row in reader:
     try:
@@ -467,7 +482,8 @@ def read_pairwise(path: str | os.PathLike, *, prompt_field: str = "prompt",
   reader = _RowReader(
       path, (prompt_field, chosen_field, rejected_field), skip_bad_rows,
       "Name the right columns with prompt_field=, chosen_field= and "
-      "rejected_field=.")
+      "rejected_field= (the trainer's --prompt_field, --chosen_field and "
+      "--rejected_field).")
   pairs = []
   for location, row in reader:
     try:
@@ -496,7 +512,7 @@ def _aspect_rating(annotations: dict[str, Any], aspect: str,
     return None
   if not isinstance(annotation, dict):
     raise _BadValue(field, "annotation not an object",
-                    f"is a {_json_type(annotation)}, not an object with a "
+                    f"is {_a(_json_type(annotation))}, not an object with a "
                     "'Rating'")
   rating = annotation.get("Rating")
   if rating is None or (isinstance(rating, str)
@@ -514,7 +530,7 @@ def _aspect_rating(annotations: dict[str, Any], aspect: str,
     value = float(rating)
   else:
     raise _BadValue(field, "rating not a number",
-                    f"is a {_json_type(rating)}, neither a number nor "
+                    f"is {_a(_json_type(rating))}, neither a number nor "
                     f"{_NOT_APPLICABLE!r}")
   if not math.isfinite(value):
     raise _BadValue(field, "rating not finite",
@@ -531,7 +547,7 @@ def _completion_reward(completion: dict[str, Any], prefix: str, reward: str,
   annotations = completion.get("annotations")
   if not isinstance(annotations, dict):
     raise _BadValue(f"{prefix}.annotations", "annotations not an object",
-                    f"is a {_json_type(annotations)}, not an object of "
+                    f"is {_a(_json_type(annotations))}, not an object of "
                     "aspect ratings")
   if reward in ULTRAFEEDBACK_ASPECTS:
     rating = _aspect_rating(annotations, reward, prefix)
@@ -609,16 +625,16 @@ def read_ultrafeedback(path: str | os.PathLike, *,
                      "use reward='binary'.")
   reader = _RowReader(
       path, ("instruction", "completions"), skip_bad_rows,
-      "UltraFeedback rows need 'instruction' and 'completions'; is this an "
-      "UltraFeedback file? Use read_triplets for other triplet data.")
+      "UltraFeedback rows need 'instruction' and 'completions'; "
+      f"{_NOT_ULTRAFEEDBACK}.")
   triplets = []
   for location, row in reader:
     try:
-      instruction = _text(row, "instruction")
+      instruction = _text(row, "instruction", hint=_NOT_ULTRAFEEDBACK)
       completions = row.get("completions")
       if not isinstance(completions, (list, tuple)):
         raise _BadValue("completions", "completions not a list",
-                        f"is a {_json_type(completions)}, not a list of "
+                        f"is {_a(_json_type(completions))}, not a list of "
                         "completions")
     except _BadValue as bad:
       reader.reject(location, bad)
@@ -629,7 +645,7 @@ def read_ultrafeedback(path: str | os.PathLike, *,
       try:
         if not isinstance(completion, dict):
           raise _BadValue(prefix, "completion not an object",
-                          f"is a {_json_type(completion)}, not an object")
+                          f"is {_a(_json_type(completion))}, not an object")
         response = _text(completion, "response", field=f"{prefix}.response")
         value = _completion_reward(completion, prefix, reward, threshold)
       except _BadValue as bad:

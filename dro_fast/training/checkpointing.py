@@ -178,7 +178,8 @@ class Checkpointer:
     bad = _non_finite_paths(state)
     if bad:
       raise ValueError(f"refusing to checkpoint non-finite values at step "
-                       f"{step}: {', '.join(bad)}")
+                       f"{step}: {', '.join(bad)}. Training diverged: lower "
+                       "the learning rate or clip the gradients.")
 
     existing = [s for s in self.all_steps() if s >= step]
     if any(s not in self._unreadable_steps for s in existing):

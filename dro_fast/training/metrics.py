@@ -21,16 +21,16 @@ import math
 import numbers
 import os
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, TYPE_CHECKING
 
 from absl import logging
 import jax
-from matplotlib import figure
-from matplotlib.backends import backend_agg
 import numpy as np
-import tensorboardX
 
 from dro_fast import fileio
+
+if TYPE_CHECKING:
+  import tensorboardX  # pylint: disable=g-bad-import-order
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -134,6 +134,9 @@ class MetricsWriter:
     os.fsync(self._file.fileno())
 
     if self._tensorboard is None:
+      # Imported here: tensorboardX imports torch (seconds), a cost a run
+      # stopped by a bad input should not pay.
+      import tensorboardX  # pylint: disable=g-import-not-at-top,redefined-outer-name
       # tensorboardX names event files by the second and opens them with
       # "wb": the suffix keeps a writer opened in the same second (a quick
       # restart, truncate_after) from clobbering the previous file.
@@ -215,6 +218,8 @@ def plot_curves(metrics_path: str, png_path: str,
   if not keys:
     raise ValueError(f"no numeric metrics to plot in {metrics_path}")
 
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
   fig = figure.Figure(figsize=(6.0, 2.2 * len(keys)), layout="constrained")
   backend_agg.FigureCanvasAgg(fig)
   axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]

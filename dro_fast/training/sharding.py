@@ -5,13 +5,25 @@
 optimizer-state array is split along its largest dimension divisible by the
 fsdp size (replicated when none is), so parameters and optimizer states are
 spread over fsdp and replicated over data. XLA inserts the all-gathers and
-reduce-scatters. Across hosts, call jax.distributed.initialize first (the CLI
-does, from its flags) and the same mesh spans every process's devices.
+reduce-scatters.
+
+Across processes (hosts), call `initialize_distributed` first (the CLI does,
+from --coordinator_address, --num_processes and --process_id); the same mesh
+then spans every process's devices. Every process holds the same global batch
+on the host and `global_batch` copies to each of its devices only that
+device's rows; `to_host` gathers a sharded tree back. docs/SCALING.md says
+how this maps onto TPU pod slices and GPU clusters.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+from typing import Any, Iterator, Mapping
+
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -78,3 +90,93 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   if batch_size % mesh.size:
     raise ValueError(f"--batch_size={batch_size} must be divisible by the "
                      f"number of devices in the mesh ({mesh.size}).")
+
+
+def initialize_distributed(coordinator_address: str | None,
+                           num_processes: int | None,
+                           process_id: int | None) -> None:
+  """jax.distributed.initialize, with CPU collectives that work across hosts.
+
+  Must run before anything touches a JAX device. On the CPU, cross-process
+  collectives need an implementation (gloo, over TCP); GPUs and TPUs use
+  their own (NCCL; ICI and DCN), so the setting is harmless there.
+
+  Args:
+    coordinator_address: host:port of process 0, reachable from every
+      process; None (with the others None) lets JAX detect the cluster
+      (Cloud TPU, SLURM, Open MPI).
+    num_processes: processes in the run.
+    process_id: this process's index, 0 to num_processes - 1.
+  """
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  if jax.default_backend() == "cpu" and jax.local_device_count() > 1:
+    logging.warning(
+        "%d CPU devices in this process: XLA's CPU collectives can deadlock "
+        "across processes when a process has more than one device and "
+        "several computations are in flight (seen with jax 0.10.2 in the "
+        "checkpoint's finiteness check under --mesh=data:2,fsdp:2). Use one CPU "
+        "device per process (see docs/SCALING.md).", jax.local_device_count())
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (no-op alone)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def primary_first(name: str) -> Iterator[None]:
+  """Runs the block on process 0, then on the others.
+
+  For work that writes files into the shared workdir (the demo data, the
+  reference log-prob cache) that the other processes then read instead of
+  writing them too. Every process must reach the end of the block.
+  """
+  primary = jax.process_index() == 0
+  if not primary:
+    barrier(name)
+  yield
+  if primary:
+    barrier(name)
+
+
+def check_same_on_every_process(text: str, what: str) -> None:
+  """Raises ValueError unless `text` is the same on every process.
+
+  Each process feeds its devices' rows of a batch from its own copy of the
+  data, so copies that differ would silently mix two datasets.
+  """
+  if jax.process_count() == 1:
+    return
+  digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:8],
+                         np.uint32)
+  digests = multihost_utils.process_allgather(digest)   # [processes, 2]
+  differ = [i for i, d in enumerate(digests) if (d != digests[0]).any()]
+  if differ:
+    raise ValueError(
+        f"{what} on process(es) {differ} differs from process 0's. Every "
+        "process must read the same files: give them one shared --workdir "
+        "(or the same --train_data and --tokenizer).")
+
+
+def global_batch(batch: Mapping[str, np.ndarray],
+                 sharding: NamedSharding) -> dict[str, jax.Array]:
+  """A host batch (the same global batch on every process) as global arrays.
+
+  Each process copies to its own devices only the rows that `sharding`
+  assigns them, so with several processes no process needs the others' data
+  on its devices; with one process this equals jax.device_put.
+  """
+  return {name: jax.make_array_from_callback(np.shape(x), sharding,
+                                             lambda index, x=x: x[index])
+          for name, x in batch.items()}
+
+
+def to_host(tree: Any) -> Any:
+  """NumPy copies of a tree's arrays, gathered across processes if sharded."""
+  def fetch(leaf):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      return multihost_utils.process_allgather(leaf, tiled=True)
+    return np.asarray(jax.device_get(leaf))
+  return jax.tree.map(fetch, tree)

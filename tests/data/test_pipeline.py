@@ -77,6 +77,29 @@ def test_tokenize_triplets_normalises_rewards(tokenizer):
                              (raw - raw.mean()) / raw.std(), rtol=1e-6)
 
 
+def test_long_texts_lists_what_tokenization_truncates(tokenizer):
+  triplets = _triplets()
+  lengths = [(len(tokenizer.encode(t.prompt)),
+              len(tokenizer.encode(t.completion))) for t in triplets]
+  found = data.long_texts(triplets, tokenizer, max_input_length=11,
+                          max_target_length=7)
+  expected = []
+  for i, (prompt, completion) in enumerate(lengths):
+    if prompt > 11:
+      expected.append((i, "prompt", prompt, 11))
+    if completion > 7:
+      expected.append((i, "completion", completion, 7))
+  assert (3, "completion", lengths[3][1], 7) in expected
+  assert found == expected
+  # At the longest lengths nothing is truncated.
+  assert not data.long_texts(triplets, tokenizer,
+                             max(p for p, _ in lengths),
+                             max(c for _, c in lengths))
+  pair = data.Pair("the cat", "red", " ".join(_WORDS), "p.jsonl:1")
+  assert data.long_texts([pair], tokenizer, 11, 7) == [
+      (0, "rejected", len(tokenizer.encode(pair.rejected)), 7)]
+
+
 def test_tokenize_pairs(tokenizer):
   pairs = [data.Pair(p, c, r, f"p.jsonl:{i}") for i, (p, c, r) in enumerate(
       zip(_sentences(3, 1), _sentences(3, 2), _sentences(3, 3)))]

@@ -74,7 +74,7 @@ def test_t5x_errors_name_the_problem(tmp_path):
   missing = {k: v for k, v in flat.items() if "decoder_norm" not in k}
   t5x_writer.write(str(tmp_path / "missing"), missing)
   with pytest.raises(checkpoints.CheckpointError,
-                     match="missing tensor for 'decoder/decoder_norm/scale'"):
+                     match="missing tensor 'decoder/decoder_norm/scale'"):
     checkpoints.load_t5x(tmp_path / "missing", config)
 
   extra = dict(flat, **{"encoder/extra_bias/b": np.ones(40, np.float32)})
@@ -131,10 +131,11 @@ def test_hf_untied_lm_head_is_used(hf_dir, tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t.__setitem__("encoder.block.1.layer.1.DenseReluDense.wo"
                              ".weight", np.zeros((48, 7), np.float32)),
+     # Shapes as the file stores them ([out, in]), not transposed.
      r"tensor 'encoder.block.1.layer.1.DenseReluDense.wo.weight' has shape "
-     r"\(7, 48\), expected \(80, 48\)"),
+     r"\(48, 7\), expected \(48, 80\)"),
     (lambda t: t.pop("decoder.final_layer_norm.weight"),
-     "missing tensor for 'decoder/decoder_norm/scale'"),
+     r"missing tensor 'decoder.final_layer_norm.weight' \(shape \(48,\)\)"),
     (lambda t: t.__setitem__("encoder.block.0.adapter.weight",
                              np.ones(3, np.float32)),
      "unknown tensor 'encoder.block.0.adapter.weight'"),
@@ -151,6 +152,12 @@ def test_hf_errors_name_the_tensor(hf_dir, tmp_path, edit, message):
 def test_hf_directory_errors(hf_dir, tmp_path):
   with pytest.raises(checkpoints.CheckpointError, match="no config.json"):
     checkpoints.load_hf(tmp_path)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match="neither T5X's `checkpoint` file nor Hugging "
+                           "Face's config.json"):
+    checkpoints.load(tmp_path)
+  with pytest.raises(checkpoints.CheckpointError, match="does not exist"):
+    checkpoints.load(tmp_path / "absent")
   target = _copy(hf_dir, tmp_path)
   os.remove(target / "model.safetensors")
   with pytest.raises(checkpoints.CheckpointError,

@@ -51,3 +51,18 @@ def test_parse_mesh(spec, devices, expected):
 def test_parse_mesh_errors(spec, message):
   with pytest.raises(ValueError, match=message):
     sharding.parse_mesh(spec, 8)
+
+
+def test_global_batch_and_to_host_in_one_process():
+  mesh = sharding.make_mesh(sharding.parse_mesh(""))
+  batch = {"inputs": np.arange(12, dtype=np.int32).reshape(4, 3),
+           "target_mask": np.array([True, False, True, True])}
+  placed = sharding.global_batch(batch, sharding.batch_sharding(mesh))
+  assert placed["inputs"].sharding == sharding.batch_sharding(mesh)
+  host = sharding.to_host(placed)
+  for name, array in batch.items():
+    np.testing.assert_array_equal(host[name], array)
+    assert host[name].dtype == array.dtype
+  sharding.check_same_on_every_process("anything", "data")   # one process
+  with sharding.primary_first("unused"):                      # no barrier
+    pass
