@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo bench-kernels test test-fast check-install bazel clean
+.PHONY: demo bench-kernels bench-step-cpu test test-fast check-install bazel clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,15 @@ demo: $(STAMP)
 
 bench-kernels: $(STAMP)
 	$(BIN)/python benchmarks/kernels.py --flagfile=configs/kernels_cpu.flags
+
+# The DRO-V train step against the same step in PyTorch / transformers
+# (benchmarks/torch_step.py) on the CPU, timed interleaved; the memory and
+# scaling runs are listed in benchmarks/RESULTS.md.
+bench-step-cpu: $(STAMP)
+	$(BIN)/python benchmarks/step_time.py --compare_torch --dtype=float32 \
+	  --remat=none --size=small --batch_size=8 --input_length=128 \
+	  --target_length=64 --implementation=chunked_xla,xla --steps=1 \
+	  --repeats=5
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q

@@ -7,8 +7,27 @@ Builds the real trainer step (dro_fast.training.steps: policy forward and
 backward through the fused linear log-prob kernel, the value network, two
 Adafactor updates; reference log-probs come from the cache, so they cost
 nothing per step), times it on random tokens and prints compile time,
-steps/s, examples/s, tokens/s, peak device memory, MFU and the ratio to the
-paper's per-chip throughput.
+steps/s, examples/s, tokens/s, XLA's planned memory, the process's peak RSS,
+MFU and the ratio to the paper's per-chip throughput.
+
+--size, --batch_size, --target_length, --implementation and --remat take
+comma-separated lists. Every (size, batch, target length) point is timed in
+turn, and at each point every variant (one per implementation and remat
+policy, plus the PyTorch step with --compare_torch) is compiled first and then
+timed interleaved: --repeats rounds of --steps steps each, alternating the
+order; the figures are medians over the rounds. With more than one point a
+scaling table follows (time per example and per token). --memory_only
+compiles and prints XLA's memory plan without running.
+
+  # JAX against the PyTorch baseline (benchmarks/torch_step.py) on a CPU:
+  python benchmarks/step_time.py --compare_torch --dtype=float32 \
+      --remat=none --size=small --batch_size=8 --input_length=128 \
+      --target_length=64
+  # fused (chunked_xla) against materialised (xla) logits:
+  python benchmarks/step_time.py --implementation=chunked_xla,xla ...
+  # scaling:
+  python benchmarks/step_time.py --size=tiny,small --batch_size=2,4,8 \
+      --target_length=16,32,64 ...
 
 FLOPs counted (matmuls and attention; embedding lookups, norms and
 elementwise work are not):
@@ -28,11 +47,14 @@ MFU = counted FLOPs per second / the device's peak dense bf16 FLOP/s
 
 from __future__ import annotations
 
+import itertools
 import json
-import logging as std_logging
 import os
+import resource
+import statistics
 import sys
 import time
+from typing import Any, Callable
 
 from absl import app
 from absl import flags
@@ -40,47 +62,69 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run as a script, Python puts benchmarks/ first on sys.path, where
+# kernels.py would shadow the top-level `kernels` that transformers probes for
+# (--compare_torch); the benchmarks import as `benchmarks.*` from the
+# repository root instead, appended so that an installed dro_fast comes first.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.append(os.path.dirname(_HERE))
+from benchmarks import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast import kernels  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.models import value  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast.models.config import REMAT_POLICIES  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.training import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.training import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+SIZES = ("tiny", "small", "base", "large", "xl", "xxl")
+
 _ALGO = flags.DEFINE_enum("algo", "dro_v", ["dro_v", "kto", "sft"],
                           "Algorithm whose step is timed.")
-_SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "small", "base", "large",
-                                           "xl", "xxl"],
-                          "T5 v1.1 / FLAN-T5 size.")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "Examples per step.")
+_SIZE = flags.DEFINE_list("size", ["tiny"],
+                          f"T5 v1.1 / FLAN-T5 size(s), of {SIZES}.")
+_BATCH = flags.DEFINE_list("batch_size", ["32"], "Examples per step.")
 _INPUT_LENGTH = flags.DEFINE_integer("input_length", 512, "Prompt tokens S.")
-_TARGET_LENGTH = flags.DEFINE_integer("target_length", 128,
-                                      "Completion tokens T.")
-_IMPLEMENTATION = flags.DEFINE_string(
-    "implementation", None, "Kernel implementation (None: by backend).")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up).")
+_TARGET_LENGTH = flags.DEFINE_list("target_length", ["128"],
+                                   "Completion tokens T.")
+_IMPLEMENTATION = flags.DEFINE_list(
+    "implementation", ["default"],
+    "Kernel implementation(s) (default: by backend; xla materialises the "
+    "logits, the others do not).")
+_COMPARE_TORCH = flags.DEFINE_bool(
+    "compare_torch", False, "Also time the PyTorch / transformers DRO-V step "
+    "(benchmarks/torch_step.py), interleaved with the JAX step(s). Needs "
+    "--algo=dro_v, --value_net=separate and --dtype=float32.")
+_MEMORY_ONLY = flags.DEFINE_bool(
+    "memory_only", False, "Compile and report XLA's memory plan without "
+    "running a step (shapes too slow to run here).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed round.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (after 2 "
+                                "warm-up steps per variant).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"],
                            "Compute dtype (parameters and optimizer states "
                            "stay float32).")
-_REMAT = flags.DEFINE_enum("remat", "dots", ["none", "full", "dots"],
-                           "Rematerialisation policy.")
+_REMAT = flags.DEFINE_list("remat", ["dots"], "Rematerialisation "
+                           f"policy or policies, of {REMAT_POLICIES}.")
 _SCAN = flags.DEFINE_bool("scan_layers", True, "Scan over layers.")
 _VALUE_NET = flags.DEFINE_enum("value_net", "separate", ["separate", "shared"],
                                "DRO-V value network.")
 _PEAK_FLOPS = flags.DEFINE_float("peak_flops", None,
                                  "Peak FLOP/s of one device (default: from "
                                  "the device kind).")
-_JSON_OUT = flags.DEFINE_string("json_out", None, "Append a JSON line here.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Append JSON lines here.")
 
 # Paper, §4: T5-L 0.5 steps/s at batch 32 on 16 TPU v5e; T5-XL 0.1 steps/s
 # on 32 chips. Examples per second per chip:
 PAPER_EXAMPLES_PER_CHIP = {"large": 0.5 * 32 / 16, "xl": 0.1 * 32 / 32}
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12,
               "TPU v5 lite": 197e12, "TPU v5e": 197e12}
+TORCH = "torch"
 
 
-def config_for(size: str) -> models.T5Config:
+def config_for(size: str, remat: str) -> models.T5Config:
   name = "tiny" if size == "tiny" else f"flan-t5-{size}"
-  return models.preset(name, dtype=_DTYPE.value, remat=_REMAT.value,
+  return models.preset(name, dtype=_DTYPE.value, remat=remat,
                        scan_layers=_SCAN.value, dropout_rate=0.0)
 
 
@@ -131,87 +175,286 @@ def random_batch(config, batch, s, t, rng):
   }
 
 
-def measure() -> dict:
-  config = config_for(_SIZE.value)
-  algorithm = steps.AlgorithmConfig(algo=_ALGO.value,
-                                    value_net=_VALUE_NET.value,
-                                    implementation=_IMPLEMENTATION.value)
-  b, s, t = _BATCH.value, _INPUT_LENGTH.value, _TARGET_LENGTH.value
-  trainer = steps.make_trainer(algorithm, config, optim.make_optimizer(1e-4),
-                               optim.make_optimizer(1e-4))
-  tokens = jnp.ones((1, 2), jnp.int32)
-  policy_params = jax.jit(models.t5(config).init)(jax.random.key(0), tokens,
-                                                  tokens)
-  value_params = {}
-  if algorithm.has_value:
-    net = value.value_network(config, algorithm.value_net)
-    if algorithm.value_net == "separate":
-      value_params = value.init_from_policy(
-          jax.jit(net.init)(jax.random.key(1), tokens), policy_params)
-    else:
-      value_params = net.init(jax.random.key(1),
-                              jnp.zeros((1, 2, config.d_model)), tokens)
-  state = jax.jit(trainer.init)(policy_params, value_params,
-                                jax.random.PRNGKey(0))
-  del policy_params, value_params
+def peak_rss_bytes() -> int:
+  """The process's peak resident set so far (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class JaxStep:
+  """The compiled dro_fast update and its state; a call runs one step.
+
+  Attributes:
+    compile_s: seconds to lower and compile the update.
+    memory: XLA's planned peak and temporary bytes (timing.compiled_peak_bytes).
+  """
+
+  def __init__(self, config: models.T5Config, implementation: str | None,
+               batches: list[dict[str, np.ndarray]]):
+    algorithm = steps.AlgorithmConfig(algo=_ALGO.value,
+                                      value_net=_VALUE_NET.value,
+                                      implementation=implementation)
+    trainer = steps.make_trainer(algorithm, config,
+                                 optim.make_optimizer(1e-4),
+                                 optim.make_optimizer(1e-4))
+    tokens = jnp.ones((1, 2), jnp.int32)
+    policy_params = jax.jit(models.t5(config).init)(jax.random.key(0), tokens,
+                                                    tokens)
+    value_params = {}
+    if algorithm.has_value:
+      net = value.value_network(config, algorithm.value_net)
+      if algorithm.value_net == "separate":
+        value_params = value.init_from_policy(
+            jax.jit(net.init)(jax.random.key(1), tokens), policy_params)
+      else:
+        value_params = net.init(jax.random.key(1),
+                                jnp.zeros((1, 2, config.d_model)), tokens)
+    self._state = jax.jit(trainer.init)(policy_params, value_params,
+                                        jax.random.PRNGKey(0))
+    self._batches = [jax.device_put(b) for b in batches]
+    start = time.perf_counter()
+    self._update = jax.jit(trainer.update, donate_argnums=0).lower(
+        self._state, self._batches[0]).compile()
+    self.compile_s = time.perf_counter() - start
+    self.memory = timing.compiled_peak_bytes(self._update)
+    self._calls = 0
+    self._metrics = None
+
+  def __call__(self) -> None:
+    self._state, self._metrics = self._update(
+        self._state, self._batches[self._calls % len(self._batches)])
+    self._calls += 1
+    jax.block_until_ready((self._state, self._metrics))
+
+  @property
+  def loss(self) -> float:
+    return float(self._metrics["loss"])
+
+
+class TorchStep:
+  """benchmarks/torch_step.DroVStep on the same batches; a call is one step."""
+
+  def __init__(self, config: models.T5Config,
+               batches: list[dict[str, np.ndarray]]):
+    import torch  # pylint: disable=g-import-not-at-top
+    from benchmarks import torch_step  # pylint: disable=g-import-not-at-top
+    # As many threads as XLA's CPU client uses: the schedulable cores.
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    start = time.perf_counter()
+    self._step = torch_step.DroVStep(config)
+    self.compile_s = time.perf_counter() - start        # construction only
+    self.memory = {"peak_bytes": -1, "temp_bytes": -1}
+    self._batches = [torch_step.to_torch(b) for b in batches]
+    self._calls = 0
+    self._loss = None
+
+  def __call__(self) -> None:
+    self._loss = self._step(self._batches[self._calls % len(self._batches)])
+    self._calls += 1
+
+  @property
+  def loss(self) -> float:
+    return float(self._loss)
+
+
+def interleaved_step_seconds(variants: dict[str, Callable[[], None]],
+                             steps_per_round: int, rounds: int,
+                             warmup: int = 2) -> dict[str, list[float]]:
+  """Seconds per step of each variant in each round, variants alternating.
+
+  Each variant runs `warmup` untimed steps; then every round times
+  `steps_per_round` steps of each variant in turn, reversing the order on
+  odd rounds so that neither side always follows the other.
+  """
+  for step in variants.values():
+    for _ in range(warmup):
+      step()
+  seconds = {name: [] for name in variants}
+  for round_ in range(rounds):
+    order = list(variants.items())
+    for name, step in order[::-1] if round_ % 2 else order:
+      start = time.perf_counter()
+      for _ in range(steps_per_round):
+        step()
+      seconds[name].append((time.perf_counter() - start) / steps_per_round)
+  return seconds
+
+
+def check_flags(implementations: list[str]) -> None:
+  """Raises app.UsageError for flag values this script cannot run."""
+  unknown = [s for s in _SIZE.value if s not in SIZES]
+  if unknown:
+    raise app.UsageError(f"--size: unknown {unknown}; choose from {SIZES}.")
+  unknown = [r for r in _REMAT.value if r not in REMAT_POLICIES]
+  if unknown:
+    raise app.UsageError(f"--remat: unknown {unknown}; choose from "
+                         f"{REMAT_POLICIES}.")
+  for name, values in (("batch_size", _BATCH.value),
+                       ("target_length", _TARGET_LENGTH.value)):
+    if not all(v.isdigit() and int(v) > 0 for v in values):
+      raise app.UsageError(f"--{name} takes positive integers, got {values}.")
+  for name in implementations:
+    if name != "default" and name not in kernels.IMPLEMENTATIONS:
+      raise app.UsageError(f"--implementation: unknown {name!r}; choose from "
+                           f"{sorted(kernels.IMPLEMENTATIONS)} or default.")
+  if _COMPARE_TORCH.value and _MEMORY_ONLY.value:
+    raise app.UsageError("--memory_only plans XLA's memory; PyTorch has no "
+                         "plan: drop --compare_torch.")
+  if _COMPARE_TORCH.value and (_ALGO.value != "dro_v"
+                               or _VALUE_NET.value != "separate"
+                               or _DTYPE.value != "float32"):
+    raise app.UsageError(
+        "--compare_torch times the PyTorch DRO-V step with a separate value "
+        "network in float32: pass --algo=dro_v --value_net=separate "
+        "--dtype=float32.")
+
+
+def measure_point(size: str, b: int, t: int,
+                  implementations: list[str]) -> list[dict[str, Any]]:
+  """Builds every variant at one (size, batch, target length) and times
+  them interleaved (unless --memory_only); one record per variant.
+
+  The JAX variants are every (implementation, remat policy); a variant is
+  named by its implementation, followed by "/" and the policy when several
+  policies are compared.
+  """
+  s = _INPUT_LENGTH.value
+  config = config_for(size, "none")       # shapes (remat changes no shape)
   rng = np.random.default_rng(0)
-  batches = [jax.device_put(random_batch(config, b, s, t, rng))
-             for _ in range(2)]
+  batches = [random_batch(config, b, s, t, rng) for _ in range(2)]
+  variants, settings = {}, {}
+  for name, remat in itertools.product(implementations, _REMAT.value):
+    variant = f"{name}/{remat}" if len(_REMAT.value) > 1 else name
+    settings[variant] = (name, remat)
+    variants[variant] = JaxStep(config_for(size, remat),
+                                None if name == "default" else name, batches)
+  if _COMPARE_TORCH.value:
+    settings[TORCH] = (TORCH, "none")
+    variants[TORCH] = TorchStep(config, batches)
+  seconds = ({name: [] for name in variants} if _MEMORY_ONLY.value else
+             interleaved_step_seconds(variants, _STEPS.value, _REPEATS.value))
 
-  start = time.perf_counter()
-  update = jax.jit(trainer.update, donate_argnums=0).lower(
-      state, batches[0]).compile()
-  compile_s = time.perf_counter() - start
-  for i in range(2):                                  # warm-up
-    state, metrics = update(state, batches[i % 2])
-  jax.block_until_ready(state)
-  start = time.perf_counter()
-  for i in range(_STEPS.value):
-    state, metrics = update(state, batches[i % 2])
-  jax.block_until_ready((state, metrics))
-  elapsed = time.perf_counter() - start
-
-  steps_per_s = _STEPS.value / elapsed
   flops = step_flops(config, _ALGO.value, _VALUE_NET.value, b, s, t)
   peak = peak_flops()
-  stats = jax.devices()[0].memory_stats() or {}
-  memory = update.memory_analysis()
-  record = {
-      "algo": _ALGO.value, "size": _SIZE.value, "batch_size": b,
-      "input_length": s, "target_length": t,
-      "implementation": _IMPLEMENTATION.value or "default",
-      "dtype": _DTYPE.value, "remat": _REMAT.value,
-      "scan_layers": _SCAN.value, "value_net": _VALUE_NET.value,
-      "compile_s": compile_s, "steps_per_s": steps_per_s,
-      "examples_per_s": steps_per_s * b,
-      "tokens_per_s": steps_per_s * b * (s + t),
-      "peak_bytes": int(stats.get("peak_bytes_in_use", -1)),
-      "planned_temp_bytes": int(memory.temp_size_in_bytes) if memory else -1,
-      "flops_per_step": flops,
-      "mfu": flops * steps_per_s / peak if peak else None,
-      "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
-      "loss": float(metrics["loss"]),
-  }
-  paper = PAPER_EXAMPLES_PER_CHIP.get(_SIZE.value)
-  record["ratio_to_paper_per_chip"] = (record["examples_per_s"] / paper
-                                       if paper else None)
-  return record
+  paper = PAPER_EXAMPLES_PER_CHIP.get(size)
+  torch_s = statistics.median(seconds[TORCH]) if TORCH in seconds else None
+  records = []
+  for name, step in variants.items():
+    record = {
+        "algo": _ALGO.value, "size": size, "batch_size": b, "input_length": s,
+        "target_length": t, "framework": TORCH if name == TORCH else "jax",
+        "variant": name, "implementation": settings[name][0],
+        "remat": settings[name][1], "dtype": _DTYPE.value,
+        "scan_layers": _SCAN.value,
+        "value_net": _VALUE_NET.value, "threads": len(os.sched_getaffinity(0)),
+        "compile_s": step.compile_s, "steps_per_round": _STEPS.value,
+        "round_step_s": seconds[name],
+        # The device allocator's peak (GPU/TPU; -1 on a CPU): process-wide,
+        # so with several variants it is the largest so far.
+        "peak_bytes": (-1 if name == TORCH else int(
+            (jax.devices()[0].memory_stats() or {}).get(
+                "peak_bytes_in_use", -1))),
+        "planned_peak_bytes": step.memory["peak_bytes"],
+        "planned_temp_bytes": step.memory["temp_bytes"],
+        "peak_rss_bytes": peak_rss_bytes(),
+        "flops_per_step": flops,
+        "device": timing.device_description(),
+    }
+    if seconds[name]:
+      median_s = statistics.median(seconds[name])
+      steps_per_s = 1.0 / median_s
+      record.update({
+          "median_step_s": median_s, "steps_per_s": steps_per_s,
+          "examples_per_s": steps_per_s * b,
+          "tokens_per_s": steps_per_s * b * (s + t),
+          "s_per_example": median_s / b,
+          "s_per_token": median_s / (b * (s + t)),
+          "speedup_vs_torch": torch_s / median_s if torch_s else None,
+          "mfu": flops * steps_per_s / peak if peak else None,
+          "loss": step.loss,
+          "ratio_to_paper_per_chip": (steps_per_s * b / paper if paper
+                                      else None),
+      })
+    records.append(record)
+  return records
+
+
+def print_point(records: list[dict[str, Any]]) -> None:
+  """One line per variant; timing columns only where it was timed."""
+  r = records[0]
+  timed = "median_step_s" in r
+  print(f"\n{r['device']}  {r['algo']}  size={r['size']}  B={r['batch_size']}"
+        f"  S={r['input_length']}  T={r['target_length']}  {r['dtype']}  "
+        f"scan={r['scan_layers']}  threads={r['threads']}"
+        + (f"  {len(r['round_step_s'])} rounds x {r['steps_per_round']} "
+           f"steps" if timed else "  (memory plan only)"))
+  print(f"{'variant':>16s} {'XLA peak MiB':>12s} {'XLA temp MiB':>12s} "
+        f"{'compile s':>9s}" + (f" {'s/step':>9s} {'ex/s':>9s} {'tok/s':>9s}"
+                                f" {'vs torch':>8s} {'MFU':>7s}  rounds "
+                                f"(s/step)" if timed else ""))
+  mib = lambda n: f"{n / 2**20:12.1f}" if n >= 0 else f"{'n/a':>12s}"
+  for r in records:
+    line = (f"{r['variant']:>16s} {mib(r['planned_peak_bytes'])} "
+            f"{mib(r['planned_temp_bytes'])} {r['compile_s']:9.1f}")
+    if timed:
+      vs = (f"{r['speedup_vs_torch']:7.3f}x" if r["speedup_vs_torch"]
+            else f"{'':8s}")
+      mfu = f"{r['mfu']:7.2%}" if r["mfu"] is not None else f"{'n/a':>7s}"
+      rounds = " ".join(f"{x:.3f}" for x in r["round_step_s"])
+      line += (f" {r['median_step_s']:9.4f} {r['examples_per_s']:9.3f} "
+               f"{r['tokens_per_s']:9.0f} {vs} {mfu}  {rounds}")
+    print(line)
+  print(f"peak RSS of this process so far: "
+        f"{records[-1]['peak_rss_bytes'] / 2**20:.0f} MiB"
+        + ("; loss " + ", ".join(f"{r['variant']} {r['loss']:.6g}"
+                                 for r in records) if timed else ""),
+        flush=True)
+
+
+def print_scaling(records: list[dict[str, Any]]) -> None:
+  """Time per step, per example and per token, and its growth ('x' columns,
+  relative to the first point of the same size and variant) against the
+  growth of the tokens B·(S+T) and of the counted FLOPs."""
+  print("\nScaling (median s/step; per example; per token of B·(S+T))")
+  print(f"{'size':>6s} {'variant':>16s} {'B':>3s} {'T':>4s} {'s/step':>9s} "
+        f"{'ms/example':>10s} {'us/token':>9s} {'time x':>7s} "
+        f"{'tokens x':>8s} {'FLOPs x':>7s}")
+  key = lambda r: (r["size"], r["variant"])
+  for (size, name), group in itertools.groupby(sorted(records, key=key),
+                                               key=key):
+    group = sorted(group, key=lambda r: (r["batch_size"], r["target_length"]))
+    first = group[0]
+    tokens = lambda r: r["batch_size"] * (r["input_length"]
+                                          + r["target_length"])
+    for r in group:
+      print(f"{size:>6s} {name:>16s} {r['batch_size']:3d} "
+            f"{r['target_length']:4d} {r['median_step_s']:9.4f} "
+            f"{r['s_per_example'] * 1e3:10.2f} {r['s_per_token'] * 1e6:9.2f} "
+            f"{r['median_step_s'] / first['median_step_s']:7.2f} "
+            f"{tokens(r) / tokens(first):8.2f} "
+            f"{r['flops_per_step'] / first['flops_per_step']:7.2f}")
 
 
 def main(argv):
   del argv
-  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
-  record = measure()
-  fmt = lambda v: "n/a" if v is None else (f"{v:.4g}" if isinstance(
-      v, float) else str(v))
-  for key in ("device", "algo", "size", "batch_size", "input_length",
-              "target_length", "implementation", "compile_s", "steps_per_s",
-              "examples_per_s", "tokens_per_s", "peak_bytes", "mfu",
-              "ratio_to_paper_per_chip"):
-    print(f"{key:>24s}  {fmt(record[key])}")
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "a") as f:
-      f.write(json.dumps(record) + "\n")
+  implementations = _IMPLEMENTATION.value
+  check_flags(implementations)
+  print(f"jax {jax.__version__}  {timing.device_description()}  "
+        f"threads {len(os.sched_getaffinity(0))}")
+  out = open(_JSON_OUT.value, "a") if _JSON_OUT.value else None
+  records = []
+  for size, b, t in itertools.product(_SIZE.value, _BATCH.value,
+                                      _TARGET_LENGTH.value):
+    point = measure_point(size, int(b), int(t), implementations)
+    print_point(point)
+    records += point
+    if out:
+      out.writelines(json.dumps(r) + "\n" for r in point)
+      out.flush()
+  per_point = len(implementations) * len(_REMAT.value) + _COMPARE_TORCH.value
+  if not _MEMORY_ONLY.value and len(records) > per_point:
+    print_scaling(records)
+  if out:
+    out.close()
 
 
 if __name__ == "__main__":

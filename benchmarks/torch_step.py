@@ -1,0 +1,194 @@
+r"""The DRO-V train step in PyTorch on Hugging Face's T5: the baseline.
+
+Written the way a user of transformers would write it, with nothing fused:
+
+  - policy: transformers.T5ForConditionalGeneration; log π(y|x) from its
+    [B, T, V] logits (cross-entropy per token, masked sum over T);
+  - value: a separate network, transformers.T5EncoderModel (started from the
+    policy's encoder, as dro_fast.models.value.init_from_policy does), masked
+    mean pooling over the prompt and a linear head;
+  - reference log-probs read from the batch (cached, no per-step cost);
+  - the loss of dro_fast/losses/dro_v.py, with DRO-V's 1/τ rescale of the
+    gradient that flows into log π (paper §3.3):
+      δ_i = r_i − V(x_i) − τ · (log π(y_i|x_i) − log π_ref(y_i|x_i)),
+      L = ½ · mean_i δ_i²;
+  - transformers' Adafactor for each network, configured as the paper trains:
+    β₂ decay exponent 0.8 (transformers writes it as decay_rate=-0.8, β₂_t =
+    1 − t^-0.8), a fixed learning rate, no relative step, no parameter
+    scaling, no warm-up init.
+
+Batches are the dicts of benchmarks/step_time.py (NumPy arrays); `to_torch`
+converts one. Shapes: B batch, S prompt length, T completion length, D model
+width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+import transformers
+from transformers import optimization
+
+from dro_fast import models
+
+# Which transformers options give each dro_fast T5 variant. transformers 5
+# reads tie_word_embeddings=False as "do not scale the decoder output by
+# d_model^-½" (v1.1) and then ties lm_head to the embedding anyway; DroVStep
+# unties it (v1.1 has its own output projection).
+_VARIANTS = {
+    "v1_1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    "v1_0": dict(feed_forward_proj="relu", tie_word_embeddings=True),
+}
+
+
+def hf_config(config: models.T5Config) -> transformers.T5Config:
+  """The transformers.T5Config of the same architecture as `config`."""
+  return transformers.T5Config(
+      vocab_size=config.vocab_size, d_model=config.d_model, d_kv=config.d_kv,
+      d_ff=config.d_ff, num_heads=config.num_heads,
+      num_layers=config.num_encoder_layers,
+      num_decoder_layers=config.num_decoder_layers,
+      relative_attention_num_buckets=config.relative_attention_num_buckets,
+      relative_attention_max_distance=config.relative_attention_max_distance,
+      dropout_rate=config.dropout_rate,
+      layer_norm_epsilon=config.layer_norm_epsilon,
+      pad_token_id=config.pad_id, eos_token_id=config.eos_id,
+      decoder_start_token_id=config.decoder_start_id, use_cache=False,
+      **_VARIANTS[config.variant])
+
+
+class ValueNetwork(nn.Module):
+  """V(x): a T5 encoder, masked mean pooling over x, a linear head."""
+
+  def __init__(self, config: transformers.T5Config):
+    super().__init__()
+    # T5EncoderModel edits the config it is given; hand it a copy.
+    self.encoder = transformers.T5EncoderModel(config.__class__(
+        **config.to_dict()))
+    self.head = nn.Linear(config.d_model, 1)
+    self.pad_id = config.pad_token_id
+
+  def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    """inputs [B, S] int64 -> values [B] float32."""
+    mask = inputs != self.pad_id                                    # [B, S]
+    encoded = self.encoder(input_ids=inputs,
+                           attention_mask=mask).last_hidden_state   # [B, S, D]
+    weights = mask.to(encoded.dtype).unsqueeze(-1)                  # [B, S, 1]
+    pooled = (encoded * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    return self.head(pooled).squeeze(-1)
+
+
+class _ScaleGradient(torch.autograd.Function):
+  """Identity forward; multiplies the incoming gradient by `scale`."""
+
+  @staticmethod
+  def forward(ctx, x, scale):  # pylint: disable=arguments-differ
+    ctx.scale = scale
+    return x.view_as(x)
+
+  @staticmethod
+  def backward(ctx, g):  # pylint: disable=arguments-differ
+    return g * ctx.scale, None
+
+
+def sequence_logprobs(policy: transformers.T5ForConditionalGeneration,
+                      inputs: torch.Tensor, targets: torch.Tensor,
+                      mask: torch.Tensor) -> torch.Tensor:
+  """log π(targets | inputs) [B]: masked sum of per-token log-probs."""
+  decoder_inputs = policy.prepare_decoder_input_ids_from_labels(
+      labels=targets)                                               # [B, T]
+  logits = policy(input_ids=inputs, attention_mask=inputs != policy.config.
+                  pad_token_id, decoder_input_ids=decoder_inputs).logits
+  token_logprobs = -F.cross_entropy(logits.flatten(0, 1),
+                                    targets.flatten(),
+                                    reduction="none").view_as(targets)  # [B, T]
+  return torch.where(mask, token_logprobs, 0.0).sum(-1)
+
+
+def dro_v_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+               values: torch.Tensor, rewards: torch.Tensor, *, tau: float,
+               rescale_policy_grad: bool = True) -> torch.Tensor:
+  """½ · mean δ², the gradient into logprobs scaled by 1/τ (DRO-V).
+
+  Args:
+    logprobs: [B] log π_θ(y|x).
+    ref_logprobs: [B] log π_ref(y|x), a constant.
+    values: [B] V_φ(x).
+    rewards: [B] rewards.
+    tau: τ > 0.
+    rescale_policy_grad: scale the gradient into logprobs by 1/τ.
+
+  Returns:
+    The scalar loss.
+  """
+  if rescale_policy_grad:
+    logprobs = _ScaleGradient.apply(logprobs, 1.0 / tau)
+  residual = rewards - values - tau * (logprobs - ref_logprobs.detach())
+  return 0.5 * residual.square().mean()
+
+
+def adafactor(parameters, learning_rate: float) -> optimization.Adafactor:
+  """transformers' Adafactor as the paper configures it (see module doc)."""
+  return optimization.Adafactor(parameters, lr=learning_rate, decay_rate=-0.8,
+                                relative_step=False, scale_parameter=False,
+                                warmup_init=False)
+
+
+def to_torch(batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+  """A step_time batch (NumPy) as torch tensors (token ids int64)."""
+  return {k: torch.from_numpy(np.asarray(v, np.int64) if v.dtype == np.int32
+                              else np.asarray(v)) for k, v in batch.items()}
+
+
+class DroVStep:
+  """Policy, value network and their optimizers; a call is one train step.
+
+  Attributes:
+    policy: the T5ForConditionalGeneration being trained.
+    value: the ValueNetwork being trained.
+    tau: τ.
+  """
+
+  def __init__(self, config: models.T5Config, *, tau: float = 1.0,
+               learning_rate: float = 1e-4, seed: int = 0):
+    torch.manual_seed(seed)
+    hf = hf_config(config)
+    self.policy = transformers.T5ForConditionalGeneration(hf).train()
+    if not config.tied_embeddings:
+      self.policy.lm_head.weight = nn.Parameter(
+          self.policy.shared.weight.detach().clone())
+    self.value = ValueNetwork(hf).train()
+    # The value encoder starts as a copy of the policy's (embedding included).
+    own = self.value.encoder.state_dict()
+    self.value.encoder.load_state_dict(
+        {k: v for k, v in self.policy.state_dict().items() if k in own})
+    self.tau = tau
+    self.policy_optimizer = adafactor(self.policy.parameters(), learning_rate)
+    self.value_optimizer = adafactor(self.value.parameters(), learning_rate)
+
+  def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The DRO-V loss of one batch (differentiable)."""
+    logprobs = sequence_logprobs(self.policy, batch["inputs"],
+                                 batch["targets"], batch["target_mask"])
+    values = self.value(batch["inputs"])
+    return dro_v_loss(logprobs, batch["ref_logprobs"], values,
+                      batch["rewards"], tau=self.tau)
+
+  def backward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Clears the gradients, back-propagates the loss; returns the loss."""
+    self.policy_optimizer.zero_grad(set_to_none=True)
+    self.value_optimizer.zero_grad(set_to_none=True)
+    loss = self.loss(batch)
+    loss.backward()
+    return loss.detach()
+
+  def __call__(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One train step: forward, backward, both Adafactor updates."""
+    loss = self.backward(batch)
+    self.policy_optimizer.step()
+    self.value_optimizer.step()
+    return loss

@@ -1,0 +1,101 @@
+"""The PyTorch DRO-V baseline (benchmarks/torch_step.py) computes our step's
+loss and gradients: the same weights in both, one step on the same batch."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from benchmarks import torch_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast import checkpoints  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast.models import value  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast.training import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast.training import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Distinct small dimensions; sequences past the exact relative-position
+# buckets (8 in the encoder) and padded prompts / masked completions.
+CONFIG = models.T5Config(vocab_size=97, d_model=48, d_kv=16, d_ff=80,
+                         num_heads=4, num_encoder_layers=2,
+                         num_decoder_layers=3, dropout_rate=0.0)
+B, S, T = 3, 13, 7
+TAU = 0.5          # not 1, so that the 1/τ gradient rescale is exercised
+
+
+def _batch():
+  rng = np.random.default_rng(0)
+  inputs = rng.integers(2, CONFIG.vocab_size, (B, S)).astype(np.int32)
+  inputs[1, 9:] = CONFIG.pad_id
+  mask = np.ones((B, T), bool)
+  mask[2, 4:] = False
+  return {
+      "inputs": inputs,
+      "targets": rng.integers(2, CONFIG.vocab_size, (B, T)).astype(np.int32),
+      "target_mask": mask,
+      "rewards": rng.normal(size=B).astype(np.float32),
+      "ref_logprobs": rng.normal(-30.0, 3.0, size=B).astype(np.float32),
+  }
+
+
+def _jax_params(step: torch_step.DroVStep):
+  """The torch policy's and value network's weights in our layout."""
+  state = {k: v.detach().numpy() for k, v in step.policy.state_dict().items()}
+  flat = {ours: state[name].T if transpose else state[name]
+          for name, (ours, transpose) in checkpoints.hf_name_map(
+              CONFIG).items()}
+  policy_params = checkpoints.check_and_build(flat, CONFIG, "torch policy")
+  # The value encoder starts as a copy of the policy's, in both frameworks.
+  tokens = np.ones((1, 2), np.int32)
+  value_params = value.init_from_policy(
+      value.value_network(CONFIG).init(jax.random.key(0), tokens),
+      policy_params)
+  value_params["value_head"] = {
+      "w": step.value.head.weight.detach().numpy().T,              # [D, 1]
+      "b": step.value.head.bias.detach().numpy()}                  # [1]
+  return policy_params, value_params
+
+
+def _grad_norm(module) -> float:
+  return float(torch.sqrt(sum(p.grad.square().sum()
+                              for p in module.parameters()
+                              if p.grad is not None)))
+
+
+def test_torch_step_matches_the_jax_step():
+  step = torch_step.DroVStep(CONFIG, tau=TAU)
+  batch = _batch()
+  loss = float(step.backward(torch_step.to_torch(batch)))
+
+  policy_params, value_params = _jax_params(step)
+  trainer = steps.make_trainer(
+      steps.AlgorithmConfig(tau=TAU, implementation="xla"), CONFIG,
+      optim.make_optimizer(1e-4), optim.make_optimizer(1e-4))
+  state = trainer.init(policy_params, value_params, jax.random.PRNGKey(0))
+  _, metrics = jax.jit(trainer.update)(state, batch)
+
+  np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["policy_grad_norm"]),
+                             _grad_norm(step.policy), rtol=1e-4)
+  np.testing.assert_allclose(float(metrics["value_grad_norm"]),
+                             _grad_norm(step.value), rtol=1e-4)
+
+
+def test_rescale_divides_only_the_policy_gradient_by_tau():
+  logprobs = torch.tensor([-3.0, -5.0], requires_grad=True)
+  values = torch.tensor([0.5, -0.5], requires_grad=True)
+  ref, rewards = torch.tensor([-4.0, -4.0]), torch.tensor([1.0, 0.0])
+  for rescale, scale in ((False, 1.0), (True, 1.0 / TAU)):
+    logprobs.grad = values.grad = None
+    loss = torch_step.dro_v_loss(logprobs, ref, values, rewards, tau=TAU,
+                                 rescale_policy_grad=rescale)
+    loss.backward()
+    delta = (rewards - values - TAU * (logprobs - ref)).detach().numpy()
+    np.testing.assert_allclose(float(loss), 0.5 * np.mean(delta**2),
+                               rtol=1e-6)
+    np.testing.assert_allclose(values.grad.numpy(), -delta / 2, rtol=1e-6)
+    np.testing.assert_allclose(logprobs.grad.numpy(),
+                               -TAU * delta / 2 * scale, rtol=1e-6)
