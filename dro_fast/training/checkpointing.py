@@ -78,19 +78,31 @@ def _keys_to_data(tree: PyTree) -> PyTree:
 
 def _non_finite_paths(state: PyTree) -> list[str]:
   """Paths of the floating (or complex) leaves holding a NaN or an inf."""
-  paths, flags = [], []
+  paths, device_leaves, device_paths = [], [], []
+  host_ok = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
     if _is_prng_key(leaf) or not jnp.issubdtype(jnp.result_type(leaf),
                                                 jnp.inexact):
       continue
-    paths.append(jax.tree_util.keystr(path))
-    # Reduce on the device for device arrays: one transfer of the flags below
-    # instead of copying every parameter to the host.
+    name = jax.tree_util.keystr(path)
+    paths.append(name)
     if isinstance(leaf, jax.Array):
-      flags.append(jnp.all(jnp.isfinite(leaf)))
+      device_paths.append(name)
+      device_leaves.append(leaf)
     else:
-      flags.append(np.all(np.isfinite(leaf)))
-  return [p for p, ok in zip(paths, jax.device_get(flags)) if not ok]
+      host_ok[name] = bool(np.all(np.isfinite(leaf)))
+  if device_leaves:
+    # One program reduces every device array (a copy of only the flags to
+    # the host): a computation per leaf would put hundreds of small
+    # programs, each with its own collectives when sharded, in flight.
+    flags = jax.device_get(_all_finite(device_leaves))
+    host_ok.update(zip(device_paths, (bool(f) for f in flags)))
+  return [p for p in paths if not host_ok[p]]
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> list[jax.Array]:
+  return [jnp.all(jnp.isfinite(leaf)) for leaf in leaves]
 
 
 def _shape_and_dtype(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
