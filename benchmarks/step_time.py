@@ -15,7 +15,9 @@ comma-separated lists. Every (size, batch, target length) point is timed in
 turn, and at each point every variant (one per implementation and remat
 policy, plus the PyTorch step with --compare_torch) is compiled first and then
 timed interleaved: --repeats rounds of --steps steps each, alternating the
-order; the figures are medians over the rounds. With more than one point a
+order; the figures are medians over the rounds ("vs torch": the ratio of
+the medians; "paired": the median of each round's ratio, both sides having
+run back to back under the same load). With more than one point a
 scaling table follows (time per example and per token). --memory_only
 compiles and prints XLA's memory plan without running.
 
@@ -369,6 +371,11 @@ def measure_point(size: str, b: int, t: int,
           "s_per_example": median_s / b,
           "s_per_token": median_s / (b * (s + t)),
           "speedup_vs_torch": torch_s / median_s if torch_s else None,
+          # Median over rounds of the ratio within a round, where both sides
+          # ran back to back under the same load.
+          "paired_speedup_vs_torch": (statistics.median(
+              torch_round / own_round for torch_round, own_round in zip(
+                  seconds[TORCH], seconds[name])) if torch_s else None),
           "mfu": flops * steps_per_s / peak if peak else None,
           "loss": step.loss,
           "ratio_to_paper_per_chip": (steps_per_s * b / paper if paper
@@ -389,15 +396,16 @@ def print_point(records: list[dict[str, Any]]) -> None:
            f"steps" if timed else "  (memory plan only)"))
   print(f"{'variant':>16s} {'XLA peak MiB':>12s} {'XLA temp MiB':>12s} "
         f"{'compile s':>9s}" + (f" {'s/step':>9s} {'ex/s':>9s} {'tok/s':>9s}"
-                                f" {'vs torch':>8s} {'MFU':>7s}  rounds "
-                                f"(s/step)" if timed else ""))
+                                f" {'vs torch':>8s} {'paired':>7s} {'MFU':>7s}"
+                                f"  rounds (s/step)" if timed else ""))
   mib = lambda n: f"{n / 2**20:12.1f}" if n >= 0 else f"{'n/a':>12s}"
   for r in records:
     line = (f"{r['variant']:>16s} {mib(r['planned_peak_bytes'])} "
             f"{mib(r['planned_temp_bytes'])} {r['compile_s']:9.1f}")
     if timed:
-      vs = (f"{r['speedup_vs_torch']:7.3f}x" if r["speedup_vs_torch"]
-            else f"{'':8s}")
+      vs = (f"{r['speedup_vs_torch']:7.3f}x "
+            f"{r['paired_speedup_vs_torch']:6.3f}x" if r["speedup_vs_torch"]
+            else f"{'':16s}")
       mfu = f"{r['mfu']:7.2%}" if r["mfu"] is not None else f"{'n/a':>7s}"
       rounds = " ".join(f"{x:.3f}" for x in r["round_step_s"])
       line += (f" {r['median_step_s']:9.4f} {r['examples_per_s']:9.3f} "

@@ -24,6 +24,7 @@ width, V vocabulary.
 
 from __future__ import annotations
 
+import copy
 from typing import Mapping
 
 import numpy as np
@@ -67,8 +68,7 @@ class ValueNetwork(nn.Module):
   def __init__(self, config: transformers.T5Config):
     super().__init__()
     # T5EncoderModel edits the config it is given; hand it a copy.
-    self.encoder = transformers.T5EncoderModel(config.__class__(
-        **config.to_dict()))
+    self.encoder = transformers.T5EncoderModel(copy.deepcopy(config))
     self.head = nn.Linear(config.d_model, 1)
     self.pad_id = config.pad_token_id
 
@@ -101,8 +101,9 @@ def sequence_logprobs(policy: transformers.T5ForConditionalGeneration,
   """log π(targets | inputs) [B]: masked sum of per-token log-probs."""
   decoder_inputs = policy.prepare_decoder_input_ids_from_labels(
       labels=targets)                                               # [B, T]
-  logits = policy(input_ids=inputs, attention_mask=inputs != policy.config.
-                  pad_token_id, decoder_input_ids=decoder_inputs).logits
+  attention_mask = inputs != policy.config.pad_token_id              # [B, S]
+  logits = policy(input_ids=inputs, attention_mask=attention_mask,
+                  decoder_input_ids=decoder_inputs).logits        # [B, T, V]
   token_logprobs = -F.cross_entropy(logits.flatten(0, 1),
                                     targets.flatten(),
                                     reduction="none").view_as(targets)  # [B, T]
