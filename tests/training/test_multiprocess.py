@@ -19,7 +19,6 @@ a tolerance.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -30,6 +29,8 @@ import time
 import pytest
 
 from dro_fast.data import synthetic
+from tests.test_train import metrics
+from tests.test_train import summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
@@ -37,7 +38,6 @@ FLAGS = ["--batch_size=8", "--max_input_length=16", "--max_target_length=12",
          "--tokenizer_vocab_size=48", "--policy_lr=1e-3", "--value_lr=1e-3",
          "--warmup_steps=2", "--log_every=1", "--checkpoint_every=2",
          "--scan_layers", "--sft_steps=2", "--mesh=fsdp:2"]
-TIMING = ("examples_per_s", "tokens_per_s")
 TIMEOUT_S = 900
 
 
@@ -90,17 +90,6 @@ def train(workdir, processes: int, devices_per_process: int, *flags) -> str:
       f"process {i} exited {c}:\n{o[-3000:]}"
       for i, (c, o) in enumerate(zip(codes, outputs)))
   return outputs[0]
-
-
-def metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
-
-
-def summary(workdir):
-  with open(os.path.join(workdir, "summary.json")) as f:
-    return json.load(f)
 
 
 @pytest.mark.slow
