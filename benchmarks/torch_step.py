@@ -14,8 +14,11 @@ Written the way a user of transformers would write it, with nothing fused:
       L = ½ · mean_i δ_i²;
   - transformers' Adafactor for each network, configured as the paper trains:
     β₂ decay exponent 0.8 (transformers writes it as decay_rate=-0.8, β₂_t =
-    1 − t^-0.8), a fixed learning rate, no relative step, no parameter
-    scaling, no warm-up init.
+    1 − t^-0.8), a fixed learning rate, no relative step, no warm-up init,
+    and the update scaled by each parameter's RMS (scale_parameter=True), as
+    optax.adafactor's multiply_by_parameter_scale does in our step (T5X's
+    default). Our step also warms its learning rate up; a schedule costs
+    nothing per step.
 
 Batches are the dicts of benchmarks/step_time.py (NumPy arrays); `to_torch`
 converts one. Shapes: B batch, S prompt length, T completion length, D model
@@ -135,7 +138,7 @@ def dro_v_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
 def adafactor(parameters, learning_rate: float) -> optimization.Adafactor:
   """transformers' Adafactor as the paper configures it (see module doc)."""
   return optimization.Adafactor(parameters, lr=learning_rate, decay_rate=-0.8,
-                                relative_step=False, scale_parameter=False,
+                                relative_step=False, scale_parameter=True,
                                 warmup_init=False)
 
 

@@ -83,7 +83,12 @@ class Dense(hk.Module):
                               jnp.float32, init=init).astype(self.dtype)
     if return_kernel:
       return kernel
-    return jnp.dot(x.astype(self.dtype), kernel)
+    # One 2-D matmul over all leading dimensions: the weight gradient xᵀ·dy
+    # is then a plain GEMM with a transposed operand. As a dot contracting
+    # [B, n] as two dimensions, XLA:CPU first copied dy into a transposed
+    # layout with a strided loop (~0.5 s of a 3.4 s T5-small step).
+    y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel)
+    return y.reshape(*x.shape[:-1], self.features)
 
 
 def relative_position_bucket(relative_position: jax.Array, bidirectional: bool,

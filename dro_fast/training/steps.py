@@ -217,21 +217,30 @@ def make_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
     (loss, metrics), (policy_grads, value_grads) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(
             state.policy_params, state.value_params, batch, step_rng)
-    updates, policy_opt_state = policy_optimizer.update(
-        policy_grads, state.policy_opt_state, state.policy_params)
-    policy_params = optax.apply_updates(state.policy_params, updates)
-    value_params, value_opt_state = state.value_params, state.value_opt_state
-    if algorithm.has_value:
-      updates, value_opt_state = value_optimizer.update(
-          value_grads, state.value_opt_state, state.value_params)
-      value_params = optax.apply_updates(state.value_params, updates)
     # Non-finite guard: a NaN/inf loss or gradient skips the whole update
     # (parameters and optimizer states stay as they were) and is counted.
+    # lax.cond runs only the taken branch, so a good step pays no select
+    # over every parameter and optimizer-state array.
     finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
         [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(
             (policy_grads, value_grads))]))
-    keep = lambda new, old: jax.tree.map(
-        lambda a, b: jnp.where(finite, a, b), new, old)
+
+    def apply(operands):
+      policy_params, value_params, policy_opt_state, value_opt_state = operands
+      updates, policy_opt_state = policy_optimizer.update(
+          policy_grads, policy_opt_state, policy_params)
+      policy_params = optax.apply_updates(policy_params, updates)
+      if algorithm.has_value:
+        updates, value_opt_state = value_optimizer.update(
+            value_grads, value_opt_state, value_params)
+        value_params = optax.apply_updates(value_params, updates)
+      return policy_params, value_params, policy_opt_state, value_opt_state
+
+    (policy_params, value_params, policy_opt_state,
+     value_opt_state) = jax.lax.cond(
+         finite, apply, lambda operands: operands,
+         (state.policy_params, state.value_params, state.policy_opt_state,
+          state.value_opt_state))
     bad_steps = jnp.where(finite, 0, state.bad_steps + 1)
     metrics = dict(metrics, policy_grad_norm=_global_norm(policy_grads),
                    value_grad_norm=_global_norm(value_grads),
@@ -239,11 +248,8 @@ def make_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
                    consecutive_bad_steps=bad_steps)
     if learning_rates is not None:
       metrics.update(learning_rates(state.step))
-    new_state = TrainState(
-        state.step + 1, keep(policy_params, state.policy_params),
-        keep(value_params, state.value_params),
-        keep(policy_opt_state, state.policy_opt_state),
-        keep(value_opt_state, state.value_opt_state), rng, bad_steps)
+    new_state = TrainState(state.step + 1, policy_params, value_params,
+                           policy_opt_state, value_opt_state, rng, bad_steps)
     return new_state, metrics
 
   return Trainer(init=init, update=update)
