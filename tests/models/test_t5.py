@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from dro_fast import checkpoints
 from dro_fast import decoding
 from dro_fast import models
+from dro_fast.models.t5 import Dense
 
 CONFIG = models.preset("tiny", dropout_rate=0.0)
 B, S, T = 3, 21, 19
@@ -53,6 +55,29 @@ def test_parameter_paths_are_t5x_names(params):
   assert flat["decoder/logits_dense/kernel"].shape == (32, 256)
   assert flat["token_embedder/embedding"].shape == (256, 32)
   assert "decoder/layers_1/mlp/wi_1/kernel" in flat
+
+
+def test_dense_gradients_match_a_float64_reference():
+  # On the CPU Dense runs its own VJP (the weight gradient through an
+  # explicit transpose); its value and both gradients against NumPy float64.
+  assert jax.default_backend() == "cpu"
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 5, 7)).astype(np.float32)
+  cotangent = rng.normal(size=(2, 5, 6)).astype(np.float32)
+  dense = hk.without_apply_rng(hk.transform(lambda x: Dense(6, jnp.float32, name="d")(x)))
+  params = dense.init(jax.random.key(0), x)
+  kernel = np.asarray(params["d"]["kernel"], np.float64)
+
+  def loss(params, x):
+    return jnp.sum(dense.apply(params, x) * cotangent)
+
+  value, (grad_params, grad_x) = jax.value_and_grad(loss, (0, 1))(params, x)
+  x64, c64 = x.astype(np.float64), cotangent.astype(np.float64)
+  np.testing.assert_allclose(value, np.sum((x64 @ kernel) * c64), rtol=1e-5)
+  np.testing.assert_allclose(grad_x, c64 @ kernel.T, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      grad_params["d"]["kernel"],
+      x64.reshape(-1, 7).T @ c64.reshape(-1, 6), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("changes", [dict(scan_layers=True),
