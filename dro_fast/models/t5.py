@@ -83,41 +83,50 @@ class Dense(hk.Module):
                               jnp.float32, init=init).astype(self.dtype)
     if return_kernel:
       return kernel
-    # One 2-D matmul over all leading dimensions: the weight gradient xᵀ·dy
-    # is then a plain GEMM with a transposed operand. As a dot contracting
-    # [B, n] as two dimensions, XLA:CPU first copied dy into a transposed
-    # layout with a strided loop (~0.5 s of a 3.4 s T5-small step).
-    x2d = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-    matmul = _cpu_matmul if jax.default_backend() == "cpu" else jnp.dot
-    return matmul(x2d, kernel).reshape(*x.shape[:-1], self.features)
+    x = x.astype(self.dtype)
+    if jax.default_backend() == "cpu":
+      return _cpu_dense(x, kernel)
+    return jnp.dot(x, kernel)
+
+
+def _dot_2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [..., D] @ kernel [D, F] as one 2-D GEMM over the flattened rows."""
+  y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)
+  return y.reshape(*x.shape[:-1], kernel.shape[1])
 
 
 @jax.custom_vjp
-def _cpu_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """x [N, D] @ kernel [D, F], with a weight gradient XLA:CPU runs faster.
+def _cpu_dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [..., D] @ kernel [D, F] with gradients XLA:CPU runs fast.
 
-  Autodiff's weight gradient xᵀ·dy (contracting the N tokens) goes to Eigen
-  as a transposed-operand GEMM; transposing x once and running a plain GEMM
-  (XLA:CPU's YNNPACK matmul) made the T5-small DRO-V step 1.7–4% faster on
-  2 cores (benchmarks/RESULTS.md). The optimization barrier keeps XLA from
-  folding the transpose back into the dot. Values and gradients are those
-  of jnp.dot; only the CPU uses it.
+  Autodiff of jnp.dot on [B, n, D] contracts [B, n] as two dimensions for
+  the weight gradient xᵀ·dy, and XLA:CPU copied dy into a transposed layout
+  with a strided loop first (~0.5 s of a 3.4 s T5-small DRO-V step); as a
+  2-D dot, it ran as an Eigen transposed-operand GEMM, slower than
+  transposing x once and running a plain GEMM through XLA's YNNPACK matmul
+  (the optimization barrier keeps XLA from folding the transpose back in).
+  Together: the step 1.21x faster (benchmarks/RESULTS.md). The residual is
+  x itself, as the caller holds it: a reshaped copy would be stacked as a
+  second residual under scan_layers. Values and gradients are jnp.dot's;
+  accelerators use jnp.dot.
   """
-  return jnp.dot(x, kernel)
+  return _dot_2d(x, kernel)
 
 
-def _cpu_matmul_fwd(x, kernel):
-  return jnp.dot(x, kernel), (x, kernel)
+def _cpu_dense_fwd(x, kernel):
+  return _dot_2d(x, kernel), (x, kernel)
 
 
-def _cpu_matmul_bwd(residuals, dy):
+def _cpu_dense_bwd(residuals, dy):
   x, kernel = residuals
-  dx = jnp.dot(dy, kernel.T)
-  dkernel = jnp.dot(jax.lax.optimization_barrier(x.T), dy)
+  x2d = x.reshape(-1, x.shape[-1])
+  dy2d = dy.reshape(-1, dy.shape[-1])
+  dx = jnp.dot(dy2d, kernel.T).reshape(x.shape)
+  dkernel = jnp.dot(jax.lax.optimization_barrier(x2d.T), dy2d)
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
-_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
+_cpu_dense.defvjp(_cpu_dense_fwd, _cpu_dense_bwd)
 
 
 def relative_position_bucket(relative_position: jax.Array, bidirectional: bool,
