@@ -64,7 +64,8 @@ def test_dense_gradients_match_a_float64_reference():
   rng = np.random.default_rng(3)
   x = rng.normal(size=(2, 5, 7)).astype(np.float32)
   cotangent = rng.normal(size=(2, 5, 6)).astype(np.float32)
-  dense = hk.without_apply_rng(hk.transform(lambda x: Dense(6, jnp.float32, name="d")(x)))
+  dense = hk.without_apply_rng(hk.transform(
+      lambda x: Dense(6, jnp.float32, name="d")(x)))
   params = dense.init(jax.random.key(0), x)
   kernel = np.asarray(params["d"]["kernel"], np.float64)
 
