@@ -80,53 +80,85 @@ class Dense(hk.Module):
     init = hk.initializers.VarianceScaling(self.init_scale, "fan_in",
                                            "truncated_normal")
     kernel = hk.get_parameter("kernel", [x.shape[-1], self.features],
-                              jnp.float32, init=init).astype(self.dtype)
+                              jnp.float32, init=init)
     if return_kernel:
-      return kernel
+      return kernel.astype(self.dtype)
     x = x.astype(self.dtype)
     if jax.default_backend() == "cpu":
-      return _cpu_dense(x, kernel)
-    return jnp.dot(x, kernel)
+      return cpu_matmul(x, kernel, x.dtype)
+    return jnp.dot(x, kernel.astype(self.dtype))
 
 
-def _dot_2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """x [..., D] @ kernel [D, F] as one 2-D GEMM over the flattened rows."""
-  y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)
+def _row_major_transpose(x2d: jax.Array) -> jax.Array:
+  """x2d [N, D] -> [D, N], materialised in row-major order.
+
+  A bare transpose reaches XLA:CPU as a column-major {0,1} layout, which
+  XLA's YNNPACK matmul does not take: the dot then runs in Eigen, and a
+  bfloat16 one is first upcast to float32 (half the rate on a CPU with
+  AVX512-BF16). Flattening the transpose behind an optimization barrier
+  forces one row-major copy that the dot takes as it is.
+  """
+  n, d = x2d.shape
+  return jax.lax.optimization_barrier(x2d.T.reshape(-1)).reshape(d, n)
+
+
+def _matmul_2d(x: jax.Array, kernel: jax.Array, out_dtype) -> jax.Array:
+  """x [..., D] @ kernel [D, F] as one 2-D GEMM, accumulated in float32."""
+  y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel,
+              preferred_element_type=jnp.float32).astype(out_dtype)
   return y.reshape(*x.shape[:-1], kernel.shape[1])
 
 
-@jax.custom_vjp
-def _cpu_dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """x [..., D] @ kernel [D, F] with gradients XLA:CPU runs fast.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def cpu_matmul(x: jax.Array, kernel: jax.Array, out_dtype) -> jax.Array:
+  """x [..., D] @ kernel [D, F] in x.dtype, as XLA:CPU runs it fast.
 
-  Autodiff of jnp.dot on [B, n, D] contracts [B, n] as two dimensions for
-  the weight gradient xᵀ·dy, and XLA:CPU copied dy into a transposed layout
-  with a strided loop first (~0.5 s of a 3.4 s T5-small DRO-V step); as a
-  2-D dot, it ran as an Eigen transposed-operand GEMM, slower than
-  transposing x once and running a plain GEMM through XLA's YNNPACK matmul
-  (the optimization barrier keeps XLA from folding the transpose back in).
-  Together: the step 1.21x faster (benchmarks/RESULTS.md). The residual is
-  x itself, as the caller holds it: a reshaped copy would be stacked as a
-  second residual under scan_layers. Values and gradients are jnp.dot's;
-  accelerators use jnp.dot.
+  The kernel is cast to x.dtype (the compute dtype) inside, and every
+  matmul, forward and backward, is a 2-D GEMM with both operands in that
+  dtype, accumulated in float32; the result is cast to `out_dtype`. The
+  gradient flowing back is cast to the compute dtype first (mixed
+  precision). d(kernel) comes back in the kernel's own dtype (float32 for
+  a float32 parameter, with no bfloat16 rounding on the way).
+
+  Why not jnp.dot and autodiff, on the CPU:
+    - autodiff of a dot on [B, n, D] contracts [B, n] as two dimensions for
+      the weight gradient xᵀ·dy, and XLA:CPU copied dy into a transposed
+      layout with a strided loop first (~0.5 s of a 3.4 s T5-small DRO-V
+      step);
+    - a transposed operand (xᵀ or kernelᵀ) has a column-major layout that
+      XLA's YNNPACK matmul does not take: the GEMM runs in Eigen instead,
+      and in bfloat16 it is upcast to float32 first. Here d(x) contracts
+      the kernel's last dimension in place and xᵀ is materialised
+      row-major (_row_major_transpose);
+    - a bfloat16 x bfloat16 -> bfloat16 dot is also upcast; with a float32
+      result it runs natively (AVX512-BF16).
+  The residuals are x and the kernel themselves, as the caller holds them
+  (a reshaped or cast copy would be stacked as a second residual under
+  scan_layers). Accelerators use
+  jnp.dot. Measured in benchmarks/RESULTS.md.
   """
-  return _dot_2d(x, kernel)
+  return _matmul_2d(x, kernel.astype(x.dtype), out_dtype)
 
 
-def _cpu_dense_fwd(x, kernel):
-  return _dot_2d(x, kernel), (x, kernel)
+def _cpu_matmul_fwd(x, kernel, out_dtype):
+  return cpu_matmul(x, kernel, out_dtype), (x, kernel)
 
 
-def _cpu_dense_bwd(residuals, dy):
+def _cpu_matmul_bwd(out_dtype, residuals, dy):
+  del out_dtype
   x, kernel = residuals
+  kernel_c = kernel.astype(x.dtype)
   x2d = x.reshape(-1, x.shape[-1])
-  dy2d = dy.reshape(-1, dy.shape[-1])
-  dx = jnp.dot(dy2d, kernel.T).reshape(x.shape)
-  dkernel = jnp.dot(jax.lax.optimization_barrier(x2d.T), dy2d)
-  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+  dy2d = dy.reshape(-1, dy.shape[-1]).astype(x.dtype)
+  dx = jax.lax.dot_general(dy2d, kernel_c, (((1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+  dkernel = jnp.dot(_row_major_transpose(x2d), dy2d,
+                    preferred_element_type=jnp.float32)
+  return (dx.reshape(x.shape).astype(x.dtype),
+          dkernel.astype(kernel.dtype))
 
 
-_cpu_dense.defvjp(_cpu_dense_fwd, _cpu_dense_bwd)
+cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
 
 
 def relative_position_bucket(relative_position: jax.Array, bidirectional: bool,
@@ -351,6 +383,8 @@ class DecoderOutput(NamedTuple):
 
   def logits(self) -> jax.Array:
     """float32 logits [..., V]."""
+    if jax.default_backend() == "cpu":
+      return cpu_matmul(self.hidden, self.weight, jnp.float32)
     return jnp.dot(self.hidden, self.weight,
                    preferred_element_type=jnp.float32)
 

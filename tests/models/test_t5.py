@@ -58,7 +58,7 @@ def test_parameter_paths_are_t5x_names(params):
 
 
 def test_dense_gradients_match_a_float64_reference():
-  # On the CPU Dense runs its own VJP (the weight gradient through an
+  # On the CPU Dense runs its own VJP (cpu_matmul: the weight gradient through an
   # explicit transpose); its value and both gradients against NumPy float64.
   assert jax.default_backend() == "cpu"
   rng = np.random.default_rng(3)
@@ -79,6 +79,47 @@ def test_dense_gradients_match_a_float64_reference():
   np.testing.assert_allclose(
       grad_params["d"]["kernel"],
       x64.reshape(-1, 7).T @ c64.reshape(-1, 6), rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_dense_runs_bfloat16_gemms_with_float32_gradients():
+  # bfloat16 compute: the value and gradients stay within bfloat16 rounding
+  # of a float64 reference, the kernel gradient comes back in float32, and
+  # every GEMM of the compiled gradient takes bfloat16 operands (a float32
+  # one would mean XLA:CPU upcast it: half the speed).
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(2, 24, 32)).astype(np.float32)
+  cotangent = rng.normal(size=(2, 24, 40)).astype(np.float32)
+  dense = hk.without_apply_rng(hk.transform(
+      lambda x: Dense(40, jnp.bfloat16, name="d")(x)))
+  params = dense.init(jax.random.key(0), x)
+
+  def loss(params, x):
+    y = dense.apply(params, x)
+    assert y.dtype == jnp.bfloat16
+    return jnp.sum(y.astype(jnp.float32) * cotangent)
+
+  grad_fn = jax.jit(jax.value_and_grad(loss, (0, 1)))
+  value, (grad_params, grad_x) = grad_fn(params, x)
+  assert grad_params["d"]["kernel"].dtype == jnp.float32
+  # The reference rounds the inputs as the layer does.
+  kernel = np.asarray(params["d"]["kernel"].astype(jnp.bfloat16), np.float64)
+  x64 = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
+  c64 = cotangent.astype(np.float64)
+  want_dx = c64 @ kernel.T
+  want_dk = x64.reshape(-1, 32).T @ c64.reshape(-1, 40)
+  np.testing.assert_allclose(value, np.sum((x64 @ kernel) * c64), rtol=2e-2)
+  for got, want in ((grad_x, want_dx), (grad_params["d"]["kernel"], want_dk)):
+    got = np.asarray(got, np.float64)
+    assert np.linalg.norm(got - want) <= 1e-2 * np.linalg.norm(want)
+  hlo = grad_fn.lower(params, x).compile().as_text()
+  dots = [line for line in hlo.splitlines() if " dot(" in line]
+  assert len(dots) == 3, dots
+  for block in hlo.split("\n\n"):       # one computation per block
+    if " dot(" in block:
+      header = block.strip().splitlines()[0]     # its parameters' types
+      assert "f32[" not in header.split("->")[0], (
+          f"a dot with float32 operands (upcast, or outside a bfloat16 "
+          f"library fusion): {header}")
 
 
 @pytest.mark.parametrize("changes", [dict(scan_layers=True),
