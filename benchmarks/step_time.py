@@ -95,8 +95,9 @@ _IMPLEMENTATION = flags.DEFINE_list(
     "logits, the others do not).")
 _COMPARE_TORCH = flags.DEFINE_bool(
     "compare_torch", False, "Also time the PyTorch / transformers DRO-V step "
-    "(benchmarks/torch_step.py), interleaved with the JAX step(s). Needs "
-    "--algo=dro_v, --value_net=separate and --dtype=float32.")
+    "(benchmarks/torch_step.py), interleaved with the JAX step(s), in "
+    "float32 or, with --dtype=bfloat16, under torch.autocast to bfloat16. "
+    "Needs --algo=dro_v and --value_net=separate.")
 _MEMORY_ONLY = flags.DEFINE_bool(
     "memory_only", False, "Compile and report XLA's memory plan without "
     "running a step (shapes too slow to run here).")
@@ -242,7 +243,10 @@ class TorchStep:
     # As many threads as XLA's CPU client uses: the schedulable cores.
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     start = time.perf_counter()
-    self._step = torch_step.DroVStep(config)
+    # Our compute dtype bfloat16 <-> PyTorch's autocast to bfloat16.
+    autocast = (torch.bfloat16 if config.compute_dtype == jnp.bfloat16
+                else None)
+    self._step = torch_step.DroVStep(config, autocast=autocast)
     self.compile_s = time.perf_counter() - start        # construction only
     self.memory = {"peak_bytes": -1, "temp_bytes": -1}
     self._batches = [torch_step.to_torch(b) for b in batches]
@@ -302,12 +306,10 @@ def check_flags(implementations: list[str]) -> None:
     raise app.UsageError("--memory_only plans XLA's memory; PyTorch has no "
                          "plan: drop --compare_torch.")
   if _COMPARE_TORCH.value and (_ALGO.value != "dro_v"
-                               or _VALUE_NET.value != "separate"
-                               or _DTYPE.value != "float32"):
+                               or _VALUE_NET.value != "separate"):
     raise app.UsageError(
         "--compare_torch times the PyTorch DRO-V step with a separate value "
-        "network in float32: pass --algo=dro_v --value_net=separate "
-        "--dtype=float32.")
+        "network: pass --algo=dro_v --value_net=separate.")
 
 
 def measure_point(size: str, b: int, t: int,

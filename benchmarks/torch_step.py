@@ -20,6 +20,11 @@ Written the way a user of transformers would write it, with nothing fused:
     default). Our step also warms its learning rate up; a schedule costs
     nothing per step.
 
+Mixed precision (`autocast=torch.bfloat16`): the loss's forward runs under
+torch.autocast("cpu", dtype=torch.bfloat16), PyTorch's recipe for bfloat16
+compute with float32 parameters, gradients and optimizer state; it matches
+our step with compute dtype bfloat16.
+
 Batches are the dicts of benchmarks/step_time.py (NumPy arrays); `to_torch`
 converts one. Shapes: B batch, S prompt length, T completion length, D model
 width, V vocabulary.
@@ -158,8 +163,10 @@ class DroVStep:
   """
 
   def __init__(self, config: models.T5Config, *, tau: float = 1.0,
-               learning_rate: float = 1e-4, seed: int = 0):
+               learning_rate: float = 1e-4, seed: int = 0,
+               autocast: torch.dtype | None = None):
     torch.manual_seed(seed)
+    self.autocast = autocast
     hf = hf_config(config)
     self.policy = transformers.T5ForConditionalGeneration(hf).train()
     if not config.tied_embeddings:
@@ -186,7 +193,9 @@ class DroVStep:
     """Clears the gradients, back-propagates the loss; returns the loss."""
     self.policy_optimizer.zero_grad(set_to_none=True)
     self.value_optimizer.zero_grad(set_to_none=True)
-    loss = self.loss(batch)
+    with torch.autocast("cpu", dtype=self.autocast,
+                        enabled=self.autocast is not None):
+      loss = self.loss(batch)
     loss.backward()
     return loss.detach()
 

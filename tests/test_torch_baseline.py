@@ -104,3 +104,18 @@ def test_rescale_divides_only_the_policy_gradient_by_tau():
     np.testing.assert_allclose(values.grad.numpy(), -delta / 2, rtol=1e-6)
     np.testing.assert_allclose(logprobs.grad.numpy(),
                                -TAU * delta / 2 * scale, rtol=1e-6)
+
+
+def test_autocast_step_computes_the_float32_loss_in_bfloat16():
+  # The bfloat16 baseline (step_time --compare_torch --dtype=bfloat16): its
+  # matmuls run in bfloat16, its loss and gradients stay near float32's, and
+  # its parameters and gradients stay float32.
+  batch = torch_step.to_torch(_batch())
+  exact = torch_step.DroVStep(CONFIG, tau=TAU)
+  mixed = torch_step.DroVStep(CONFIG, tau=TAU, autocast=torch.bfloat16)
+  want, got = float(exact.backward(batch)), float(mixed.backward(batch))
+  assert got != want                      # bfloat16 did round something
+  np.testing.assert_allclose(got, want, rtol=5e-2)
+  np.testing.assert_allclose(_grad_norm(mixed.policy),
+                             _grad_norm(exact.policy), rtol=5e-2)
+  assert all(p.grad.dtype == torch.float32 for p in mixed.policy.parameters())
