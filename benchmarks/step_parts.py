@@ -107,13 +107,18 @@ def torch_parts(config: models.T5Config,
   import torch  # pylint: disable=g-import-not-at-top
   from benchmarks import torch_step  # pylint: disable=g-import-not-at-top
   whole = step_time.TorchStep(config, batches)        # sets the threads
-  step = torch_step.DroVStep(config)
+  step = torch_step.DroVStep(config, autocast=whole.autocast)
   batch = torch_step.to_torch(batches[0])
 
+  def autocast():
+    return torch.autocast("cpu", dtype=step.autocast,
+                          enabled=step.autocast is not None)
+
   def logprobs():
-    return torch_step.sequence_logprobs(step.policy, batch["inputs"],
-                                        batch["targets"],
-                                        batch["target_mask"])
+    with autocast():
+      return torch_step.sequence_logprobs(step.policy, batch["inputs"],
+                                          batch["targets"],
+                                          batch["target_mask"])
 
   def no_grad(f):
     def run():
@@ -127,7 +132,10 @@ def torch_parts(config: models.T5Config,
       f().sum().backward()
     return run
 
-  values = lambda: step.value(batch["inputs"])
+  def values():
+    with autocast():
+      return step.value(batch["inputs"])
+
   grad(step.policy, logprobs)()                       # grads for adafactor
   return {
       "policy forward": no_grad(logprobs),

@@ -244,9 +244,9 @@ class TorchStep:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     start = time.perf_counter()
     # Our compute dtype bfloat16 <-> PyTorch's autocast to bfloat16.
-    autocast = (torch.bfloat16 if config.compute_dtype == jnp.bfloat16
-                else None)
-    self._step = torch_step.DroVStep(config, autocast=autocast)
+    self.autocast = (torch.bfloat16 if config.compute_dtype == jnp.bfloat16
+                     else None)
+    self._step = torch_step.DroVStep(config, autocast=self.autocast)
     self.compile_s = time.perf_counter() - start        # construction only
     self.memory = {"peak_bytes": -1, "temp_bytes": -1}
     self._batches = [torch_step.to_torch(b) for b in batches]
