@@ -134,14 +134,14 @@ def cpu_matmul(x: jax.Array, kernel: jax.Array, out_dtype) -> jax.Array:
       result it runs natively (AVX512-BF16).
   The residuals are x and the kernel themselves, as the caller holds them
   (a reshaped or cast copy would be stacked as a second residual under
-  scan_layers). Accelerators use
-  jnp.dot. Measured in benchmarks/RESULTS.md.
+  scan_layers). Accelerators use jnp.dot. Measured in benchmarks/RESULTS.md
+  (and benchmarks/cpu_gemm.py).
   """
   return _matmul_2d(x, kernel.astype(x.dtype), out_dtype)
 
 
 def _cpu_matmul_fwd(x, kernel, out_dtype):
-  return cpu_matmul(x, kernel, out_dtype), (x, kernel)
+  return _matmul_2d(x, kernel.astype(x.dtype), out_dtype), (x, kernel)
 
 
 def _cpu_matmul_bwd(out_dtype, residuals, dy):

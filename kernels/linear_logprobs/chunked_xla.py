@@ -102,8 +102,8 @@ def _transposed(hidden):
 
   XLA:CPU sees a bare transpose as a column-major operand, which its
   YNNPACK matmul does not take: the GEMM falls back to Eigen, and in
-  bfloat16 is upcast to float32 first (dro_fast.models.t5.cpu_matmul has
-  the measurements). Elsewhere the dot takes the transpose as it is.
+  bfloat16 is upcast to float32 first (benchmarks/cpu_gemm.py and
+  benchmarks/RESULTS.md). Elsewhere the dot takes the transpose as it is.
   """
   if jax.default_backend() != "cpu":
     return hidden.T
