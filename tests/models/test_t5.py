@@ -57,22 +57,32 @@ def test_parameter_paths_are_t5x_names(params):
   assert "decoder/layers_1/mlp/wi_1/kernel" in flat
 
 
-def test_dense_gradients_match_a_float64_reference():
-  # On the CPU Dense runs its own VJP (cpu_matmul: the weight gradient through an
-  # explicit transpose); its value and both gradients against NumPy float64.
-  assert jax.default_backend() == "cpu"
-  rng = np.random.default_rng(3)
-  x = rng.normal(size=(2, 5, 7)).astype(np.float32)
-  cotangent = rng.normal(size=(2, 5, 6)).astype(np.float32)
+def _dense_loss(seed, x_shape, features, dtype):
+  """A Dense layer's params, input, cotangent and jitted value-and-grad of
+  sum(Dense(x) · cotangent) w.r.t. (params, x)."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=x_shape).astype(np.float32)
+  cotangent = rng.normal(size=(*x_shape[:-1], features)).astype(np.float32)
   dense = hk.without_apply_rng(hk.transform(
-      lambda x: Dense(6, jnp.float32, name="d")(x)))
+      lambda x: Dense(features, dtype, name="d")(x)))
   params = dense.init(jax.random.key(0), x)
-  kernel = np.asarray(params["d"]["kernel"], np.float64)
 
   def loss(params, x):
-    return jnp.sum(dense.apply(params, x) * cotangent)
+    y = dense.apply(params, x)
+    assert y.dtype == dtype
+    return jnp.sum(y.astype(jnp.float32) * cotangent)
 
-  value, (grad_params, grad_x) = jax.value_and_grad(loss, (0, 1))(params, x)
+  return params, x, cotangent, jax.jit(jax.value_and_grad(loss, (0, 1)))
+
+
+def test_dense_gradients_match_a_float64_reference():
+  # On the CPU Dense runs its own VJP (cpu_matmul: the weight gradient
+  # through an explicit transpose); its value and both gradients against
+  # NumPy float64.
+  assert jax.default_backend() == "cpu"
+  params, x, cotangent, grad_fn = _dense_loss(3, (2, 5, 7), 6, jnp.float32)
+  kernel = np.asarray(params["d"]["kernel"], np.float64)
+  value, (grad_params, grad_x) = grad_fn(params, x)
   x64, c64 = x.astype(np.float64), cotangent.astype(np.float64)
   np.testing.assert_allclose(value, np.sum((x64 @ kernel) * c64), rtol=1e-5)
   np.testing.assert_allclose(grad_x, c64 @ kernel.T, rtol=1e-5, atol=1e-6)
@@ -86,19 +96,8 @@ def test_bfloat16_dense_runs_bfloat16_gemms_with_float32_gradients():
   # of a float64 reference, the kernel gradient comes back in float32, and
   # every GEMM of the compiled gradient takes bfloat16 operands (a float32
   # one would mean XLA:CPU upcast it: half the speed).
-  rng = np.random.default_rng(4)
-  x = rng.normal(size=(2, 24, 32)).astype(np.float32)
-  cotangent = rng.normal(size=(2, 24, 40)).astype(np.float32)
-  dense = hk.without_apply_rng(hk.transform(
-      lambda x: Dense(40, jnp.bfloat16, name="d")(x)))
-  params = dense.init(jax.random.key(0), x)
-
-  def loss(params, x):
-    y = dense.apply(params, x)
-    assert y.dtype == jnp.bfloat16
-    return jnp.sum(y.astype(jnp.float32) * cotangent)
-
-  grad_fn = jax.jit(jax.value_and_grad(loss, (0, 1)))
+  params, x, cotangent, grad_fn = _dense_loss(4, (2, 24, 32), 40,
+                                              jnp.bfloat16)
   value, (grad_params, grad_x) = grad_fn(params, x)
   assert grad_params["d"]["kernel"].dtype == jnp.float32
   # The reference rounds the inputs as the layer does.
