@@ -150,6 +150,7 @@ def torch_parts(config: models.T5Config,
 
 def main(argv):
   del argv
+  how = step_time.apply_host_memory()
   size, b, t = FLAGS.size[0], int(FLAGS.batch_size[0]), int(
       FLAGS.target_length[0])
   implementation = FLAGS.implementation[0]
@@ -170,7 +171,7 @@ def main(argv):
         f"size={size} B={b} S={FLAGS.input_length} T={t} {FLAGS.dtype} "
         f"remat={config.remat} scan={config.scan_layers} "
         f"implementation={implementation or 'default'}  "
-        f"{FLAGS.repeats} rounds")
+        f"{FLAGS.repeats} rounds  host memory: {how}")
   print(f"{'part':>16s} {'JAX s':>8s} {'PyTorch s':>9s} {'JAX speed-up':>12s}"
         f"  rounds JAX | PyTorch")
   records = []
@@ -182,7 +183,7 @@ def main(argv):
         "dtype": FLAGS.dtype, "remat": config.remat,
         "scan_layers": config.scan_layers,
         "implementation": implementation or "default",
-        "threads": len(os.sched_getaffinity(0)),
+        "threads": len(os.sched_getaffinity(0)), "host_memory": how,
         "jax_round_s": jax_s, "torch_round_s": torch_s,
         "jax_median_s": statistics.median(jax_s),
         "torch_median_s": statistics.median(torch_s),

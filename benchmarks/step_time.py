@@ -76,9 +76,11 @@ from dro_fast import kernels  # pylint: disable=g-import-not-at-top,wrong-import
 from dro_fast import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.models import value  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.models.config import REMAT_POLICIES  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast.training import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.training import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.training import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+HOST_MEMORY = ["system"]     # what apply_host_memory() did
 SIZES = ("tiny", "small", "base", "large", "xl", "xxl")
 
 _ALGO = flags.DEFINE_enum("algo", "dro_v", ["dro_v", "kto", "sft"],
@@ -116,6 +118,20 @@ _PEAK_FLOPS = flags.DEFINE_float("peak_flops", None,
                                  "Peak FLOP/s of one device (default: from "
                                  "the device kind).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Append JSON lines here.")
+_TORCH_HOST_MEMORY = flags.DEFINE_list(
+    "torch_host_memory", ["same"],
+    "With --compare_torch, the PyTorch step(s) to time: same (in this "
+    "process, under --host_memory), or keep / system (each in a child "
+    "process of its own under that setting, timed through a pipe, "
+    "interleaved with the rest as usual). `system` is PyTorch as a user "
+    "runs it by default. Speed-ups are against the first.")
+_HOST_MEMORY = flags.DEFINE_enum(
+    "host_memory", "keep", ["keep", "system"],
+    "keep: glibc keeps freed host memory for reuse, as `python -m "
+    "dro_fast.train` does by default (dro_fast.training.host_memory; "
+    "process-wide, so a --compare_torch step runs under it too); system: "
+    "glibc's defaults, which unmap XLA:CPU's temporary buffer after every "
+    "step.")
 
 # Paper, §4: T5-L 0.5 steps/s at batch 32 on 16 TPU v5e; T5-XL 0.1 steps/s
 # on 32 chips. Examples per second per chip:
@@ -176,6 +192,12 @@ def random_batch(config, batch, s, t, rng):
       "mismatched_ref_logprobs": (rng.normal(size=batch) - 5 * t).astype(
           np.float32),
   }
+
+
+def host_usage() -> tuple[int, float]:
+  """This process's minor page faults and system CPU seconds so far."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_minflt, usage.ru_stime
 
 
 def peak_rss_bytes() -> int:
@@ -262,14 +284,75 @@ class TorchStep:
     return float(self._loss)
 
 
-def interleaved_step_seconds(variants: dict[str, Callable[[], None]],
-                             steps_per_round: int, rounds: int,
-                             warmup: int = 2) -> dict[str, list[float]]:
+def _torch_worker(conn, host_memory_mode: str, config: models.T5Config,
+                  batches: list[dict[str, np.ndarray]], threads: int) -> None:
+  """Child process of TorchProcessStep: serves steps until sent None."""
+  if host_memory_mode == "keep":
+    host_memory.keep_freed_host_memory()    # before torch allocates
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(threads)
+  step = TorchStep(config, batches)
+  conn.send(step.compile_s)
+  while (n := conn.recv()) is not None:
+    for _ in range(n):
+      step()
+    conn.send((step.loss, host_usage()))
+
+
+class TorchProcessStep:
+  """TorchStep in a child process with its own host-memory setting.
+
+  The malloc settings (dro_fast.training.host_memory) are process-wide, so
+  PyTorch under glibc's defaults cannot share a process with JAX under
+  `keep`. A call sends one step to the child and waits for it; the pipe's
+  round trip (a few bytes) is part of the time.
+  """
+
+  def __init__(self, config: models.T5Config,
+               batches: list[dict[str, np.ndarray]], host_memory_mode: str):
+    import multiprocessing  # pylint: disable=g-import-not-at-top
+    context = multiprocessing.get_context("spawn")   # no forked JAX state
+    self._conn, child = context.Pipe()
+    self._process = context.Process(
+        target=_torch_worker, daemon=True,
+        args=(child, host_memory_mode, config, batches,
+              len(os.sched_getaffinity(0))))
+    self._process.start()
+    self.compile_s = self._conn.recv()
+    self.memory = {"peak_bytes": -1, "temp_bytes": -1}
+    self._loss = None
+    self._usage = (0, 0.0)
+
+  def __call__(self) -> None:
+    self._conn.send(1)
+    self._loss, self._usage = self._conn.recv()
+
+  def usage(self) -> tuple[int, float]:
+    """The child's page faults and system seconds, as of its last step."""
+    return self._usage
+
+  @property
+  def loss(self) -> float:
+    return float(self._loss)
+
+  def close(self) -> None:
+    self._conn.send(None)
+    self._process.join(timeout=60)
+
+
+def interleaved_step_seconds(
+    variants: dict[str, Callable[[], None]], steps_per_round: int,
+    rounds: int, warmup: int = 2,
+    usage: dict[str, list[tuple[float, float]]] | None = None,
+) -> dict[str, list[float]]:
   """Seconds per step of each variant in each round, variants alternating.
 
   Each variant runs `warmup` untimed steps; then every round times
   `steps_per_round` steps of each variant in turn, reversing the order on
-  odd rounds so that neither side always follows the other.
+  odd rounds so that neither side always follows the other. With `usage`,
+  also records each round's minor page faults and system CPU seconds per
+  step there (from the variant's `usage()` where it runs elsewhere, else
+  this process's).
   """
   for step in variants.values():
     for _ in range(warmup):
@@ -278,10 +361,17 @@ def interleaved_step_seconds(variants: dict[str, Callable[[], None]],
   for round_ in range(rounds):
     order = list(variants.items())
     for name, step in order[::-1] if round_ % 2 else order:
+      count = getattr(step, "usage", host_usage)
+      faults, system_s = count()
       start = time.perf_counter()
       for _ in range(steps_per_round):
         step()
       seconds[name].append((time.perf_counter() - start) / steps_per_round)
+      if usage is not None:
+        now_faults, now_system_s = count()
+        usage.setdefault(name, []).append(
+            ((now_faults - faults) / steps_per_round,
+             (now_system_s - system_s) / steps_per_round))
   return seconds
 
 
@@ -305,6 +395,11 @@ def check_flags(implementations: list[str]) -> None:
   if _COMPARE_TORCH.value and _MEMORY_ONLY.value:
     raise app.UsageError("--memory_only plans XLA's memory; PyTorch has no "
                          "plan: drop --compare_torch.")
+  modes = _TORCH_HOST_MEMORY.value
+  if (not modes or len(set(modes)) != len(modes)
+      or not set(modes) <= {"same", "keep", "system"}):
+    raise app.UsageError(f"--torch_host_memory: got {modes}; give each of "
+                         "same, keep, system at most once.")
   if _COMPARE_TORCH.value and (_ALGO.value != "dro_v"
                                or _VALUE_NET.value != "separate"):
     raise app.UsageError(
@@ -331,21 +426,43 @@ def measure_point(size: str, b: int, t: int,
     settings[variant] = (name, remat)
     variants[variant] = JaxStep(config_for(size, remat),
                                 None if name == "default" else name, batches)
+  torch_names = []
   if _COMPARE_TORCH.value:
-    settings[TORCH] = (TORCH, "none")
-    variants[TORCH] = TorchStep(config, batches)
-  seconds = ({name: [] for name in variants} if _MEMORY_ONLY.value else
-             interleaved_step_seconds(variants, _STEPS.value, _REPEATS.value))
+    for mode in _TORCH_HOST_MEMORY.value:
+      name = TORCH if mode == "same" else f"{TORCH}[{mode}]"
+      torch_names.append(name)
+      settings[name] = (TORCH, "none")
+      variants[name] = (TorchStep(config, batches) if mode == "same" else
+                        TorchProcessStep(config, batches, mode))
+  usage = {name: [] for name in variants}
+  try:
+    seconds = ({name: [] for name in variants} if _MEMORY_ONLY.value else
+               interleaved_step_seconds(variants, _STEPS.value,
+                                        _REPEATS.value, usage=usage))
+  finally:
+    for step in variants.values():
+      if isinstance(step, TorchProcessStep):
+        step.close()
 
   flops = step_flops(config, _ALGO.value, _VALUE_NET.value, b, s, t)
   peak = peak_flops()
   paper = PAPER_EXAMPLES_PER_CHIP.get(size)
-  torch_s = statistics.median(seconds[TORCH]) if TORCH in seconds else None
+
+  def speedup(reference: str, name: str) -> tuple[float, float]:
+    """Median-to-median ratio, and the median of the per-round ratios
+    (both sides ran back to back under the same load)."""
+    return (statistics.median(seconds[reference])
+            / statistics.median(seconds[name]),
+            statistics.median(ref_round / own_round for ref_round, own_round
+                              in zip(seconds[reference], seconds[name])))
+
   records = []
   for name, step in variants.items():
+    is_torch = name in torch_names
+    mode = _TORCH_HOST_MEMORY.value[torch_names.index(name)] if is_torch else "same"
     record = {
         "algo": _ALGO.value, "size": size, "batch_size": b, "input_length": s,
-        "target_length": t, "framework": TORCH if name == TORCH else "jax",
+        "target_length": t, "framework": TORCH if is_torch else "jax",
         "variant": name, "implementation": settings[name][0],
         "remat": settings[name][1], "dtype": _DTYPE.value,
         "scan_layers": _SCAN.value,
@@ -354,7 +471,7 @@ def measure_point(size: str, b: int, t: int,
         "round_step_s": seconds[name],
         # The device allocator's peak (GPU/TPU; -1 on a CPU): process-wide,
         # so with several variants it is the largest so far.
-        "peak_bytes": (-1 if name == TORCH else int(
+        "peak_bytes": (-1 if is_torch else int(
             (jax.devices()[0].memory_stats() or {}).get(
                 "peak_bytes_in_use", -1))),
         "planned_peak_bytes": step.memory["peak_bytes"],
@@ -362,22 +479,28 @@ def measure_point(size: str, b: int, t: int,
         "peak_rss_bytes": peak_rss_bytes(),
         "flops_per_step": flops,
         "device": timing.device_description(),
+        "host_memory": HOST_MEMORY[0] if mode == "same" else mode,
     }
     if seconds[name]:
       median_s = statistics.median(seconds[name])
       steps_per_s = 1.0 / median_s
+      vs = {ref: speedup(ref, name) for ref in torch_names}
       record.update({
           "median_step_s": median_s, "steps_per_s": steps_per_s,
           "examples_per_s": steps_per_s * b,
           "tokens_per_s": steps_per_s * b * (s + t),
           "s_per_example": median_s / b,
           "s_per_token": median_s / (b * (s + t)),
-          "speedup_vs_torch": torch_s / median_s if torch_s else None,
-          # Median over rounds of the ratio within a round, where both sides
-          # ran back to back under the same load.
-          "paired_speedup_vs_torch": (statistics.median(
-              torch_round / own_round for torch_round, own_round in zip(
-                  seconds[TORCH], seconds[name])) if torch_s else None),
+          # Against the first PyTorch variant; every one in speedups_vs.
+          "speedup_vs_torch": vs[torch_names[0]][0] if vs else None,
+          "paired_speedup_vs_torch": vs[torch_names[0]][1] if vs else None,
+          "speedups_vs": {ref: {"median": m, "paired": p}
+                          for ref, (m, p) in vs.items()},
+          # Medians over rounds, in the process that ran the step.
+          "minor_faults_per_step": statistics.median(
+              f for f, _ in usage[name]),
+          "system_s_per_step": statistics.median(
+              sys_s for _, sys_s in usage[name]),
           "mfu": flops * steps_per_s / peak if peak else None,
           "loss": step.loss,
           "ratio_to_paper_per_chip": (steps_per_s * b / paper if paper
@@ -413,6 +536,18 @@ def print_point(records: list[dict[str, Any]]) -> None:
       line += (f" {r['median_step_s']:9.4f} {r['examples_per_s']:9.3f} "
                f"{r['tokens_per_s']:9.0f} {vs} {mfu}  {rounds}")
     print(line)
+  if timed:
+    print("host: " + ", ".join(
+        f"{r['variant']} {r['host_memory']} {r['minor_faults_per_step']:.0f} "
+        f"page faults {r['system_s_per_step']:.2f} system s"
+        for r in records) + " (per step, medians)")
+  for r in records:
+    if (timed and r["framework"] == "jax"
+        and len(r.get("speedups_vs") or {}) > 1):
+      print(f"{r['variant']:>16s} speed-up against each PyTorch step "
+            "(median, paired): " + ", ".join(
+                f"{ref} {v['median']:.3f}x {v['paired']:.3f}x"
+                for ref, v in r["speedups_vs"].items()))
   print(f"peak RSS of this process so far: "
         f"{records[-1]['peak_rss_bytes'] / 2**20:.0f} MiB"
         + ("; loss " + ", ".join(f"{r['variant']} {r['loss']:.6g}"
@@ -444,12 +579,21 @@ def print_scaling(records: list[dict[str, Any]]) -> None:
             f"{r['flops_per_step'] / first['flops_per_step']:7.2f}")
 
 
+def apply_host_memory() -> str:
+  """Applies --host_memory (before the first JAX computation)."""
+  how = (host_memory.keep_freed_host_memory()
+         if _HOST_MEMORY.value == "keep" else "system")
+  HOST_MEMORY[0] = how
+  return how
+
+
 def main(argv):
   del argv
+  how = apply_host_memory()
   implementations = _IMPLEMENTATION.value
   check_flags(implementations)
   print(f"jax {jax.__version__}  {timing.device_description()}  "
-        f"threads {len(os.sched_getaffinity(0))}")
+        f"threads {len(os.sched_getaffinity(0))}  host memory: {how}")
   out = open(_JSON_OUT.value, "a") if _JSON_OUT.value else None
   records = []
   for size, b, t in itertools.product(_SIZE.value, _BATCH.value,
@@ -460,7 +604,8 @@ def main(argv):
     if out:
       out.writelines(json.dumps(r) + "\n" for r in point)
       out.flush()
-  per_point = len(implementations) * len(_REMAT.value) + _COMPARE_TORCH.value
+  per_point = len(implementations) * len(_REMAT.value) + (
+      len(_TORCH_HOST_MEMORY.value) if _COMPARE_TORCH.value else 0)
   if not _MEMORY_ONLY.value and len(records) > per_point:
     print_scaling(records)
   if out:

@@ -45,6 +45,7 @@ from dro_fast.models import value
 from dro_fast.tokenizer import Tokenizer
 from dro_fast.tokenizer import train_sentencepiece
 from dro_fast.training import checkpointing
+from dro_fast.training import host_memory
 from dro_fast.training import metrics as metrics_lib
 from dro_fast.training import optim
 from dro_fast.training import reference
@@ -138,6 +139,12 @@ _SCAN_LAYERS = flags.DEFINE_bool("scan_layers", False,
                                  "Scan over layers (faster compiles).")
 _REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots"],
                            "Rematerialisation policy per layer.")
+_KEEP_HOST_MEMORY = flags.DEFINE_bool(
+    "keep_freed_host_memory", True, "Keep freed host memory for the next "
+    "step instead of returning it to the system (glibc only). XLA:CPU "
+    "otherwise maps its temporary buffer afresh every step and page-faults "
+    "all of it; resident memory then stays at its peak. See "
+    "dro_fast/training/host_memory.py.")
 _DROPOUT = flags.DEFINE_float("dropout_rate", 0.0, "Dropout while training.")
 _POLICY_LR = flags.DEFINE_float("policy_lr", 1e-4, "Policy learning rate.")
 _VALUE_LR = flags.DEFINE_float("value_lr", 1e-4, "Value learning rate.")
@@ -864,6 +871,10 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs every save at INFO; progress shows on the tqdm bar instead.
     logging.set_verbosity(logging.WARNING)
+  if _KEEP_HOST_MEMORY.value:
+    how = host_memory.keep_freed_host_memory()
+    if how != "kept":
+      logging.info("--keep_freed_host_memory: %s", how)
   try:
     summary = run()
   except (UserError, data.DataError) as e:

@@ -1,0 +1,97 @@
+"""Host memory: keep freed blocks for the next step instead of unmapping them.
+
+XLA:CPU gives every execution one temporary buffer of the size its memory
+plan asks for (1.3 GB for the T5-v1.1-small DRO-V step at batch 8, inputs
+128, targets 64) and frees it when the execution ends. The buffer comes from
+malloc on an XLA worker thread, and glibc serves a block that large with a
+fresh mmap and returns it with munmap. So each step the kernel maps the
+whole buffer again and zeroes it page by page on first touch: about 330,000
+page faults and 0.8 s of system time per step in that example. That is
+0.4-0.5 s of the step's 2.8 s wall time on two cores (benchmarks/RESULTS.md,
+"Host memory").
+
+`keep_freed_host_memory()` tells glibc's malloc to keep freed memory instead:
+
+  M_ARENA_MAX = 1       every thread allocates from the main arena, the one
+                        arena that grows contiguously (with brk) rather than
+                        in heaps of at most 64 MB, whose overflow glibc serves
+                        with mmap whatever M_MMAP_MAX says;
+  M_MMAP_MAX = 0        no block is served with its own mmap;
+  M_TRIM_THRESHOLD = -1 freed memory at the top of the heap is never given
+                        back to the system.
+
+The next step then reuses the same pages, already mapped. The cost is the
+usual one of a caching allocator (the GPU's BFC allocator makes the same
+trade): the process's resident memory stays at its peak, and all threads
+share one arena's lock, which matters little at a handful of allocations per
+step. The settings apply to the whole process, so a PyTorch step timed in
+the same process (benchmarks/step_time.py --compare_torch) runs under them
+too.
+
+Call it before the first JAX computation: worker threads that have already
+allocated keep the arena they have, and theirs are the large blocks. It does
+nothing, and says why, where the C library is not glibc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+from absl import logging
+
+# <malloc.h>
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+
+SETTINGS = ((_M_ARENA_MAX, 1, "M_ARENA_MAX=1"),
+            (_M_MMAP_MAX, 0, "M_MMAP_MAX=0"),
+            (_M_TRIM_THRESHOLD, -1, "M_TRIM_THRESHOLD=-1"))
+
+
+def _glibc() -> ctypes.CDLL | None:
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+  except OSError:
+    return None
+  if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+    return None       # musl and other C libraries have no mallopt
+  return libc
+
+
+def _jax_started() -> bool:
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):
+    return False
+
+
+def keep_freed_host_memory() -> str:
+  """Makes glibc keep freed memory for reuse (see the module docstring).
+
+  Returns what it did, for logs and benchmark records: "kept" when every
+  setting took, else "system: <why not>". Logs a warning when JAX has
+  already started its backends, since their worker threads keep the arenas
+  they have.
+  """
+  libc = _glibc()
+  if libc is None:
+    return f"system: not glibc ({sys.platform})"
+  libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+  libc.mallopt.restype = ctypes.c_int
+  refused = [name for param, value, name in SETTINGS
+             if libc.mallopt(param, value) != 1]
+  if refused:
+    return f"system: glibc refused {', '.join(refused)}"
+  if _jax_started():
+    logging.warning(
+        "keep_freed_host_memory() ran after JAX started its backends; the "
+        "threads that already allocated keep their arenas, so XLA:CPU may "
+        "still map its temporary buffer afresh every step. Call it before "
+        "the first JAX computation.")
+  return "kept"
