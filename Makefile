@@ -30,7 +30,7 @@ bench-step-cpu: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py --compare_torch --dtype=float32 \
 	  --remat=none --size=small --batch_size=8 --input_length=128 \
 	  --target_length=64 --implementation=chunked_xla,xla --steps=1 \
-	  --repeats=5 --noscan_layers
+	  --repeats=5 --noscan_layers --torch_host_memory=same,system
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q

@@ -5,10 +5,10 @@ plan asks for (1.3 GB for the T5-v1.1-small DRO-V step at batch 8, inputs
 128, targets 64) and frees it when the execution ends. The buffer comes from
 malloc on an XLA worker thread, and glibc serves a block that large with a
 fresh mmap and returns it with munmap. So each step the kernel maps the
-whole buffer again and zeroes it page by page on first touch: about 330,000
-page faults and 0.8 s of system time per step in that example. That is
-0.4-0.5 s of the step's 2.8 s wall time on two cores (benchmarks/RESULTS.md,
-"Host memory").
+whole buffer again and zeroes it page by page on first touch: 330,000-
+360,000 page faults and 0.8-1.0 s of system time per step in that example,
+on two cores, where the step took 3.0 s with them and 2.5 s without
+(benchmarks/RESULTS.md, "Host memory").
 
 `keep_freed_host_memory()` tells glibc's malloc to keep freed memory instead:
 
