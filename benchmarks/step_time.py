@@ -126,12 +126,13 @@ _TORCH_HOST_MEMORY = flags.DEFINE_list(
     "interleaved with the rest as usual). `system` is PyTorch as a user "
     "runs it by default. Speed-ups are against the first.")
 _HOST_MEMORY = flags.DEFINE_enum(
-    "host_memory", "keep", ["keep", "system"],
-    "keep: glibc keeps freed host memory for reuse, as `python -m "
-    "dro_fast.train` does by default (dro_fast.training.host_memory; "
-    "process-wide, so a --compare_torch step runs under it too); system: "
-    "glibc's defaults, which unmap XLA:CPU's temporary buffer after every "
-    "step.")
+    "host_memory", "auto", ["auto", "keep", "system"],
+    "keep: glibc keeps freed host memory for reuse "
+    "(dro_fast.training.host_memory; process-wide, so a --compare_torch "
+    "step in this process runs under it too); system: glibc's defaults, "
+    "which unmap XLA:CPU's temporary buffer after every step; auto: keep "
+    "where JAX runs on the CPU alone, else system, as `python -m "
+    "dro_fast.train` does.")
 
 # Paper, §4: T5-L 0.5 steps/s at batch 32 on 16 TPU v5e; T5-XL 0.1 steps/s
 # on 32 chips. Examples per second per chip:
@@ -581,8 +582,9 @@ def print_scaling(records: list[dict[str, Any]]) -> None:
 
 def apply_host_memory() -> str:
   """Applies --host_memory (before the first JAX computation)."""
-  how = (host_memory.keep_freed_host_memory()
-         if _HOST_MEMORY.value == "keep" else "system")
+  keep = _HOST_MEMORY.value == "keep" or (_HOST_MEMORY.value == "auto"
+                                          and host_memory.cpu_only_jax())
+  how = host_memory.keep_freed_host_memory() if keep else "system"
   HOST_MEMORY[0] = how
   return how
 

@@ -140,8 +140,9 @@ _SCAN_LAYERS = flags.DEFINE_bool("scan_layers", False,
 _REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots"],
                            "Rematerialisation policy per layer.")
 _KEEP_HOST_MEMORY = flags.DEFINE_bool(
-    "keep_freed_host_memory", True, "Keep freed host memory for the next "
-    "step instead of returning it to the system (glibc only). XLA:CPU "
+    "keep_freed_host_memory", True, "When JAX runs on the CPU alone (no GPU "
+    "or TPU plugin, or JAX_PLATFORMS=cpu), keep freed host memory for the "
+    "next step instead of returning it to the system (glibc only). XLA:CPU "
     "otherwise maps its temporary buffer afresh every step and page-faults "
     "all of it; resident memory then stays at its peak. See "
     "dro_fast/training/host_memory.py.")
@@ -871,7 +872,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs every save at INFO; progress shows on the tqdm bar instead.
     logging.set_verbosity(logging.WARNING)
-  if _KEEP_HOST_MEMORY.value:
+  if _KEEP_HOST_MEMORY.value and host_memory.cpu_only_jax():
     how = host_memory.keep_freed_host_memory()
     if how != "kept":
       logging.info("--keep_freed_host_memory: %s", how)

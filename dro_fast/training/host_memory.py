@@ -30,13 +30,19 @@ too.
 
 Call it before the first JAX computation: worker threads that have already
 allocated keep the arena they have, and theirs are the large blocks. It does
-nothing, and says why, where the C library is not glibc.
+nothing, and says why, where the C library is not glibc. It is meant for
+CPU-only runs (`cpu_only_jax()`); `python -m dro_fast.train` applies it only
+there.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.metadata
+import importlib.util
+import os
+import pkgutil
 import sys
 
 from absl import logging
@@ -69,6 +75,40 @@ def _jax_started() -> bool:
     return bool(xla_bridge.backends_are_initialized())
   except (ImportError, AttributeError):
     return False
+
+
+def _configured_platforms() -> str:
+  """JAX_PLATFORMS, else jax.config's jax_platforms, else ""."""
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if not platforms:
+    try:
+      import jax  # pylint: disable=g-import-not-at-top
+      platforms = jax.config.jax_platforms or ""
+    except (ImportError, AttributeError):
+      platforms = ""
+  return platforms
+
+
+def cpu_only_jax() -> bool:
+  """Whether JAX will run on the CPU alone, judged without starting it.
+
+  Yes where JAX_PLATFORMS (or jax.config's jax_platforms) names only cpu;
+  where it names nothing, yes unless a GPU or TPU plugin is installed (a
+  `jax_plugins` module or entry point, or libtpu). On accelerator hosts
+  the setting is not needed (device memory has its own allocator) and
+  would hold large host buffers, such as a checkpoint being restored, for
+  the life of the process.
+  """
+  platforms = _configured_platforms()
+  if platforms:
+    return {p.strip() for p in platforms.lower().split(",")} == {"cpu"}
+  spec = importlib.util.find_spec("jax_plugins")
+  if spec is not None and any(
+      True for _ in pkgutil.iter_modules(spec.submodule_search_locations)):
+    return False
+  if importlib.metadata.entry_points(group="jax_plugins"):
+    return False
+  return importlib.util.find_spec("libtpu") is None
 
 
 def keep_freed_host_memory() -> str:

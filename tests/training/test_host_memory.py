@@ -83,3 +83,26 @@ def test_keep_freed_host_memory_says_why_not_without_glibc(monkeypatch):
   from dro_fast.training import host_memory  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(host_memory.sys, "platform", "darwin")
   assert host_memory.keep_freed_host_memory() == "system: not glibc (darwin)"
+
+
+@pytest.mark.parametrize("platforms, expected", [
+    ("cpu", True), ("CPU", True), ("cuda", False), ("cuda,cpu", False),
+    ("tpu", False)])
+def test_cpu_only_jax_follows_the_named_platforms(monkeypatch, platforms,
+                                                  expected):
+  from dro_fast.training import host_memory  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(host_memory, "_configured_platforms", lambda: platforms)
+  assert host_memory.cpu_only_jax() is expected
+
+
+def test_cpu_only_jax_sees_an_installed_accelerator_plugin(monkeypatch):
+  from dro_fast.training import host_memory  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(host_memory, "_configured_platforms", lambda: "")
+  monkeypatch.setattr(host_memory.importlib.metadata, "entry_points",
+                      lambda group: [])
+  installed = set()
+  monkeypatch.setattr(host_memory.importlib.util, "find_spec",
+                      lambda name: object() if name in installed else None)
+  assert host_memory.cpu_only_jax()
+  installed.add("libtpu")
+  assert not host_memory.cpu_only_jax()
