@@ -123,6 +123,24 @@ def test_algorithm_config_errors():
     steps.AlgorithmConfig(tau=0.0)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e19, None])
+def test_sum_of_squares_is_the_norm_and_the_non_finite_check(bad):
+  rng = np.random.default_rng(7)
+  tree = {"a": rng.normal(size=(5, 3)), "b": [rng.normal(size=(4,)),
+                                              rng.normal(size=(2, 2, 2))]}
+  if bad is not None:
+    tree["b"][1][1, 0, 1] = bad
+  got = steps.sum_of_squares(jax.tree.map(jnp.float32, tree))
+  with np.errstate(over="ignore"):
+    want = sum(np.sum(np.square(x.astype(np.float64)))
+               for x in jax.tree.leaves(tree))
+  if bad is None:
+    np.testing.assert_allclose(float(got), want, rtol=1e-6)
+  else:      # 3e19 is finite, but its square overflows float32: not finite.
+    assert not np.isfinite(float(got))
+  assert float(steps.sum_of_squares({})) == 0.0
+
+
 def test_non_finite_updates_are_skipped_and_counted(policy_params):
   algorithm = steps.AlgorithmConfig(algo="dro_v")
   trainer = steps.make_trainer(algorithm, CONFIG,
