@@ -354,6 +354,17 @@ def load_dataset(workdir: str, algorithm: steps.AlgorithmConfig) -> Dataset:
   unsaved = None
   if os.path.isfile(stats_path):
     stats = data.RewardStats.load(stats_path)
+    fitted = stats.fitted_on([r.reward for r in rows])
+    if fitted is False:
+      raise UserError(
+          f"{stats_path} holds the reward statistics of other data "
+          f"({stats.count} rewards; {path} now gives {len(rows)}), so this "
+          "workdir was trained on different rewards. Rerun with the "
+          "--train_data and reward flags of the run that wrote it, or use a "
+          "new --workdir.")
+    if fitted is None:
+      logging.warning("%s predates reward fingerprints: reusing it without "
+                      "checking that it was fitted on %s.", stats_path, path)
   else:
     stats = unsaved = data.RewardStats.fit([r.reward for r in rows], path)
   arrays = data.tokenize_triplets(rows, tok, _MAX_INPUT_LENGTH.value,

@@ -604,3 +604,25 @@ def test_bad_input_stops_with_a_clear_error(tmp_path, request, name):
 
 def test_there_are_enough_cases():
   assert len(CASES) >= 25
+
+
+def test_reward_statistics_of_other_data_are_not_reused(tmp_path):
+  """A workdir's reward_stats.json, fitted on other rewards (a run with other
+  data that stopped before its first checkpoint, say), stops the run
+  instead of normalising these rewards with it."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  stats_path = workdir / "reward_stats.json"
+  from dro_fast import data  # pylint: disable=g-import-not-at-top
+  data.RewardStats.fit([0.0, 5.0, 1.0], "old.jsonl").save(stats_path)
+  before = stats_path.read_text()
+  rows = _write_jsonl(tmp_path / "train.jsonl", _good_rows())
+  result = train(workdir, "--train_steps=4", f"--train_data={rows}",
+                 check=False)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  for text in (f"{stats_path} holds the reward statistics of other data",
+               "(3 rewards;", "gives 16)", "new --workdir"):
+    assert text in result.stderr, (text, result.stderr[-3000:])
+  assert stats_path.read_text() == before
+  assert leftovers(workdir) == ["reward_stats.json"]

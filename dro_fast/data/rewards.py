@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
+import hashlib
 import json
 import math
 import numbers
@@ -28,10 +29,14 @@ class RewardStats:
     mean: the mean reward.
     std: the population standard deviation, > 0.
     count: how many rewards were fitted, >= 2.
+    fingerprint: `rewards_fingerprint` of the fitted rewards, so that a
+      workdir's statistics are not reused for other data ("" in files
+      written before it was recorded: unknown).
   """
   mean: float
   std: float
   count: int
+  fingerprint: str = ""
 
   @classmethod
   def fit(cls, rewards: Sequence[float] | np.ndarray,
@@ -68,7 +73,15 @@ class RewardStats:
           f"across the dataset ({values.size} read). Check the reward field "
           "or reward mode (e.g. a 'binary' threshold that every completion "
           "passes), or use more data.")
-    return cls(mean=float(np.mean(values)), std=std, count=int(values.size))
+    return cls(mean=float(np.mean(values)), std=std, count=int(values.size),
+               fingerprint=rewards_fingerprint(values))
+
+  def fitted_on(self, rewards: Sequence[float] | np.ndarray) -> bool | None:
+    """Whether these are the statistics of exactly `rewards` (same values,
+    same order); None when the fingerprint is unknown."""
+    if not self.fingerprint:
+      return None
+    return self.fingerprint == rewards_fingerprint(rewards)
 
   def normalise(self, rewards: Sequence[float] | np.ndarray) -> np.ndarray:
     """(rewards - mean) / std, computed in float64.
@@ -125,9 +138,20 @@ class RewardStats:
       raise DataError(f"reward statistics file {path} holds a JSON "
                       f"{type(stored).__name__}, not an object with mean, "
                       "std and count. Rewrite it with RewardStats.save.")
+    fingerprint = stored.get("fingerprint", "")
+    if not isinstance(fingerprint, str):
+      raise DataError(f"reward statistics file {path}: 'fingerprint' is "
+                      f"{fingerprint!r}, not a string. Rewrite the file with "
+                      "RewardStats.save.")
     return cls(mean=_stored_number(stored, "mean", path),
                std=_stored_number(stored, "std", path, positive=True),
-               count=_stored_count(stored, path))
+               count=_stored_count(stored, path), fingerprint=fingerprint)
+
+
+def rewards_fingerprint(rewards: Sequence[float] | np.ndarray) -> str:
+  """SHA-256 (hex, first 32 digits) of the rewards as float64, in order."""
+  values = np.ascontiguousarray(np.asarray(rewards, np.float64).reshape(-1))
+  return hashlib.sha256(values.tobytes()).hexdigest()[:32]
 
 
 def _stored_number(stored: dict[str, Any], key: str, path: str, *,

@@ -14,8 +14,9 @@ _REWARDS = [1.0, 2.0, 3.0, 6.0, -0.5]
 
 def test_fit_matches_numpy():
   stats = data.RewardStats.fit(_REWARDS, "train.jsonl")
-  assert stats == data.RewardStats(mean=float(np.mean(_REWARDS)),
-                                   std=float(np.std(_REWARDS)), count=5)
+  assert (stats.mean, stats.std, stats.count) == (
+      float(np.mean(_REWARDS)), float(np.std(_REWARDS)), 5)
+  assert stats.fitted_on(_REWARDS)
 
 
 def test_normalise_gives_mean_0_variance_1():
@@ -54,8 +55,9 @@ def test_save_load_round_trip(tmp_path):
   stats.save(path)
   assert data.RewardStats.load(path) == stats
   assert os.listdir(path.parent) == ["reward_stats.json"]
-  assert json.loads(path.read_text()) == {"mean": stats.mean,
-                                          "std": stats.std, "count": 13}
+  assert json.loads(path.read_text()) == {
+      "mean": stats.mean, "std": stats.std, "count": 13,
+      "fingerprint": stats.fingerprint}
   newer = data.RewardStats(mean=1.0, std=2.0, count=4)
   newer.save(path)
   assert data.RewardStats.load(path) == newer
@@ -82,3 +84,28 @@ def test_load_errors_name_the_file(tmp_path):
   no_count.write_text(json.dumps({"mean": 1.0, "std": 1.0}))
   with pytest.raises(data.DataError, match=r"'count' is None"):
     data.RewardStats.load(no_count)
+
+
+def test_statistics_know_which_rewards_they_were_fitted_on(tmp_path):
+  rewards = np.linspace(-1.3, 7.1, 13) ** 2
+  stats = data.RewardStats.fit(rewards, "train")
+  assert stats.fitted_on(rewards) is True
+  assert stats.fitted_on(list(rewards)) is True
+  assert stats.fitted_on(rewards[::-1]) is False       # same values, reordered
+  changed = rewards.copy()
+  changed[4] += 1e-9
+  assert stats.fitted_on(changed) is False
+  assert stats.fitted_on(rewards[:-1]) is False
+  # A file written before fingerprints were recorded: unknown, not a match.
+  path = tmp_path / "reward_stats.json"
+  path.write_text(json.dumps({"mean": 1.0, "std": 2.0, "count": 4}))
+  legacy = data.RewardStats.load(path)
+  assert legacy.fingerprint == "" and legacy.fitted_on(rewards) is None
+
+
+def test_load_rejects_a_fingerprint_that_is_not_a_string(tmp_path):
+  path = tmp_path / "reward_stats.json"
+  path.write_text(json.dumps({"mean": 1.0, "std": 2.0, "count": 4,
+                              "fingerprint": 7}))
+  with pytest.raises(data.DataError, match="'fingerprint' is 7, not a string"):
+    data.RewardStats.load(path)
