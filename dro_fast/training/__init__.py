@@ -1,2 +1,2 @@
 """Training: optimisers, train state and steps, sharding, reference
-log-probs, checkpointing and metrics (the layer after losses)."""
+log-probs, checkpointing, metrics and host memory (the layer after losses)."""
