@@ -80,7 +80,6 @@ from dro_fast.training import host_memory  # pylint: disable=g-import-not-at-top
 from dro_fast.training import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.training import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-HOST_MEMORY = ["system"]     # what apply_host_memory() did
 SIZES = ("tiny", "small", "base", "large", "xl", "xxl")
 
 _ALGO = flags.DEFINE_enum("algo", "dro_v", ["dro_v", "kto", "sft"],
@@ -286,12 +285,10 @@ class TorchStep:
 
 
 def _torch_worker(conn, host_memory_mode: str, config: models.T5Config,
-                  batches: list[dict[str, np.ndarray]], threads: int) -> None:
+                  batches: list[dict[str, np.ndarray]]) -> None:
   """Child process of TorchProcessStep: serves steps until sent None."""
   if host_memory_mode == "keep":
     host_memory.keep_freed_host_memory()    # before torch allocates
-  import torch  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(threads)
   step = TorchStep(config, batches)
   conn.send(step.compile_s)
   while (n := conn.recv()) is not None:
@@ -316,8 +313,7 @@ class TorchProcessStep:
     self._conn, child = context.Pipe()
     self._process = context.Process(
         target=_torch_worker, daemon=True,
-        args=(child, host_memory_mode, config, batches,
-              len(os.sched_getaffinity(0))))
+        args=(child, host_memory_mode, config, batches))
     self._process.start()
     self.compile_s = self._conn.recv()
     self.memory = {"peak_bytes": -1, "temp_bytes": -1}
@@ -408,8 +404,8 @@ def check_flags(implementations: list[str]) -> None:
         "network: pass --algo=dro_v --value_net=separate.")
 
 
-def measure_point(size: str, b: int, t: int,
-                  implementations: list[str]) -> list[dict[str, Any]]:
+def measure_point(size: str, b: int, t: int, implementations: list[str],
+                  host_memory_how: str) -> list[dict[str, Any]]:
   """Builds every variant at one (size, batch, target length) and times
   them interleaved (unless --memory_only); one record per variant.
 
@@ -427,11 +423,11 @@ def measure_point(size: str, b: int, t: int,
     settings[variant] = (name, remat)
     variants[variant] = JaxStep(config_for(size, remat),
                                 None if name == "default" else name, batches)
-  torch_names = []
+  torch_modes = {}                      # PyTorch variant -> its malloc mode
   if _COMPARE_TORCH.value:
     for mode in _TORCH_HOST_MEMORY.value:
       name = TORCH if mode == "same" else f"{TORCH}[{mode}]"
-      torch_names.append(name)
+      torch_modes[name] = mode
       settings[name] = (TORCH, "none")
       variants[name] = (TorchStep(config, batches) if mode == "same" else
                         TorchProcessStep(config, batches, mode))
@@ -459,8 +455,8 @@ def measure_point(size: str, b: int, t: int,
 
   records = []
   for name, step in variants.items():
-    is_torch = name in torch_names
-    mode = _TORCH_HOST_MEMORY.value[torch_names.index(name)] if is_torch else "same"
+    is_torch = name in torch_modes
+    mode = torch_modes.get(name, "same")
     record = {
         "algo": _ALGO.value, "size": size, "batch_size": b, "input_length": s,
         "target_length": t, "framework": TORCH if is_torch else "jax",
@@ -480,12 +476,13 @@ def measure_point(size: str, b: int, t: int,
         "peak_rss_bytes": peak_rss_bytes(),
         "flops_per_step": flops,
         "device": timing.device_description(),
-        "host_memory": HOST_MEMORY[0] if mode == "same" else mode,
+        "host_memory": host_memory_how if mode == "same" else mode,
     }
     if seconds[name]:
       median_s = statistics.median(seconds[name])
       steps_per_s = 1.0 / median_s
-      vs = {ref: speedup(ref, name) for ref in torch_names}
+      vs = {ref: speedup(ref, name) for ref in torch_modes}
+      first = next(iter(torch_modes), None)
       record.update({
           "median_step_s": median_s, "steps_per_s": steps_per_s,
           "examples_per_s": steps_per_s * b,
@@ -493,8 +490,8 @@ def measure_point(size: str, b: int, t: int,
           "s_per_example": median_s / b,
           "s_per_token": median_s / (b * (s + t)),
           # Against the first PyTorch variant; every one in speedups_vs.
-          "speedup_vs_torch": vs[torch_names[0]][0] if vs else None,
-          "paired_speedup_vs_torch": vs[torch_names[0]][1] if vs else None,
+          "speedup_vs_torch": vs[first][0] if vs else None,
+          "paired_speedup_vs_torch": vs[first][1] if vs else None,
           "speedups_vs": {ref: {"median": m, "paired": p}
                           for ref, (m, p) in vs.items()},
           # Medians over rounds, in the process that ran the step.
@@ -584,9 +581,7 @@ def apply_host_memory() -> str:
   """Applies --host_memory (before the first JAX computation)."""
   keep = _HOST_MEMORY.value == "keep" or (_HOST_MEMORY.value == "auto"
                                           and host_memory.cpu_only_jax())
-  how = host_memory.keep_freed_host_memory() if keep else "system"
-  HOST_MEMORY[0] = how
-  return how
+  return host_memory.keep_freed_host_memory() if keep else "system"
 
 
 def main(argv):
@@ -600,7 +595,7 @@ def main(argv):
   records = []
   for size, b, t in itertools.product(_SIZE.value, _BATCH.value,
                                       _TARGET_LENGTH.value):
-    point = measure_point(size, int(b), int(t), implementations)
+    point = measure_point(size, int(b), int(t), implementations, how)
     print_point(point)
     records += point
     if out:

@@ -352,9 +352,10 @@ def load_dataset(workdir: str, algorithm: steps.AlgorithmConfig) -> Dataset:
     return Dataset(arrays, tok, tok_fingerprint)
   stats_path = os.path.join(workdir, "reward_stats.json")
   unsaved = None
+  rewards = [r.reward for r in rows]
   if os.path.isfile(stats_path):
     stats = data.RewardStats.load(stats_path)
-    fitted = stats.fitted_on([r.reward for r in rows])
+    fitted = stats.fitted_on(rewards)
     if fitted is False:
       raise UserError(
           f"{stats_path} holds the reward statistics of other data "
@@ -366,7 +367,7 @@ def load_dataset(workdir: str, algorithm: steps.AlgorithmConfig) -> Dataset:
       logging.warning("%s predates reward fingerprints: reusing it without "
                       "checking that it was fitted on %s.", stats_path, path)
   else:
-    stats = unsaved = data.RewardStats.fit([r.reward for r in rows], path)
+    stats = unsaved = data.RewardStats.fit(rewards, path)
   arrays = data.tokenize_triplets(rows, tok, _MAX_INPUT_LENGTH.value,
                                   _MAX_TARGET_LENGTH.value, stats)
   if algorithm.algo == "kto":
