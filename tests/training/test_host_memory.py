@@ -72,11 +72,14 @@ def test_kept_memory_is_reused_without_page_faults():
   # The control shows what the settings remove: the buffer is faulted in
   # again on every call.
   assert control["faults"] > 0.5 * CALLS * pages, (control, pages)
-  # In this probe the heap still grows by a buffer now and then before it
-  # settles (why is not pinned down): in 12 probes up to 7 times in the
-  # first 20 calls, at most twice after the 10th. The DRO-V step settled
-  # after its first step (benchmarks/RESULTS.md, "Host memory").
-  assert kept["faults"] < 4 * pages, (kept, pages)
+  # In this probe the heap still grows by a buffer now and then (why is
+  # not pinned down; more often when the CPU is contended): in 12 quiet
+  # probes up to 7 times in the first 20 calls and at most twice after the
+  # 10th; with a CPU hog beside it, up to 5 times in calls 11-30 of 8
+  # probes. A bound of 8 of these 20 calls still fails if the settings do
+  # nothing (every call faults). The DRO-V step settled after its first
+  # step (benchmarks/RESULTS.md, "Host memory").
+  assert kept["faults"] < 8 * pages, (kept, pages)
 
 
 def test_keep_freed_host_memory_says_why_not_without_glibc(monkeypatch):
@@ -106,3 +109,42 @@ def test_cpu_only_jax_sees_an_installed_accelerator_plugin(monkeypatch):
   assert host_memory.cpu_only_jax()
   installed.add("libtpu")
   assert not host_memory.cpu_only_jax()
+
+
+class _FakeLibc:
+  """mallopt that answers `accept` and records its calls (the real one
+  would change this test process's allocator)."""
+
+  def __init__(self, accept: int):
+    self.calls = []
+    calls = self.calls
+
+    class Mallopt:     # takes argtypes / restype like a ctypes function
+      def __call__(self, param, value):
+        calls.append((param, value))
+        return accept
+
+    self.mallopt = Mallopt()
+
+
+def test_keep_freed_host_memory_names_the_settings_glibc_refused(
+    monkeypatch):
+  from dro_fast.training import host_memory  # pylint: disable=g-import-not-at-top
+  libc = _FakeLibc(accept=0)
+  monkeypatch.setattr(host_memory, "_glibc", lambda: libc)
+  assert host_memory.keep_freed_host_memory() == (
+      "system: glibc refused M_ARENA_MAX=1, M_MMAP_MAX=0, "
+      "M_TRIM_THRESHOLD=-1")
+  assert libc.calls == [(-8, 1), (-4, 0), (-1, -1)]
+
+
+def test_keep_freed_host_memory_warns_when_jax_has_started(monkeypatch):
+  from dro_fast.training import host_memory  # pylint: disable=g-import-not-at-top
+  warnings = []
+  monkeypatch.setattr(host_memory, "_glibc", lambda: _FakeLibc(accept=1))
+  monkeypatch.setattr(host_memory, "_jax_started", lambda: True)
+  monkeypatch.setattr(host_memory.logging, "warning",
+                      lambda message, *args: warnings.append(message))
+  assert host_memory.keep_freed_host_memory() == "kept"
+  assert len(warnings) == 1 and "before the first JAX computation" in (
+      warnings[0])

@@ -1,0 +1,25 @@
+"""benchmarks/step_time.py refuses flag values it cannot run, before any
+JAX or PyTorch work (absl usage error: exit 1, the flag named)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("value", ["same,bogus", "keep,keep", ""])
+def test_torch_host_memory_takes_same_keep_system_once_each(value):
+  result = subprocess.run(
+      [sys.executable, "benchmarks/step_time.py", "--compare_torch",
+       f"--torch_host_memory={value}"], cwd=REPO, capture_output=True,
+      text=True, timeout=300, check=False,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert ("--torch_host_memory: got" in result.stderr
+          and "give each of same, keep, system at most once"
+          in result.stderr), result.stderr[-3000:]
