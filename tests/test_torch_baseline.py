@@ -4,6 +4,7 @@ loss and gradients: the same weights in both, one step on the same batch."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -15,6 +16,7 @@ from benchmarks import torch_step  # pylint: disable=g-import-not-at-top,wrong-i
 from dro_fast import checkpoints  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.models import value  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast.training import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.training import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Distinct small dimensions; sequences past the exact relative-position
@@ -119,3 +121,44 @@ def test_autocast_step_computes_the_float32_loss_in_bfloat16():
   np.testing.assert_allclose(_grad_norm(mixed.policy),
                              _grad_norm(exact.policy), rtol=5e-2)
   assert all(p.grad.dtype == torch.float32 for p in mixed.policy.parameters())
+
+
+def test_learning_rate_warms_up_like_optax_linear_schedule():
+  # make_optimizer's schedule: update k runs at lr · min(1, k / warmup), k
+  # from 0, so the first update moves nothing.
+  lr, warmup = 1e-3, 4
+  step = torch_step.DroVStep(CONFIG, tau=TAU, learning_rate=lr,
+                             warmup_steps=warmup)
+  schedule = optim.learning_rate_schedule(lr, warmup)
+  batch = torch_step.to_torch(_batch())
+  weight = step.policy.lm_head.weight
+  for k in range(6):
+    for optimizer in (step.policy_optimizer, step.value_optimizer):
+      np.testing.assert_allclose(optimizer.param_groups[0]["lr"],
+                                 float(schedule(k)), rtol=1e-6)
+    before = weight.detach().clone()
+    step(batch)
+    assert torch.equal(before, weight.detach()) == (k == 0)
+
+
+def test_baseline_policy_starts_near_uniform_like_ours():
+  # Both freshly drawn policies are close to uniform: log π per target token
+  # a little below −log V (logits of std ~1 cost about σ²/2 more), so the
+  # two timed steps start at the same loss scale. With lm_head a copy of
+  # the std-1 embedding, the baseline's logits were ~√D times larger.
+  batch = _batch()
+  torch_batch = torch_step.to_torch(batch)
+  step = torch_step.DroVStep(CONFIG, tau=TAU)
+  with torch.no_grad():
+    theirs = torch_step.sequence_logprobs(
+        step.policy, torch_batch["inputs"], torch_batch["targets"],
+        torch_batch["target_mask"]).numpy()
+  tokens = jnp.ones((1, 2), jnp.int32)
+  params = models.t5(CONFIG).init(jax.random.key(0), tokens, tokens)
+  ours = np.asarray(steps.reference_logprob_fn(CONFIG, "xla")(
+      params, batch["inputs"], batch["targets"], batch["target_mask"]))
+  per_token = batch["target_mask"].sum(1)
+  uniform = -np.log(CONFIG.vocab_size)
+  for logprobs in (ours, theirs):
+    assert np.all(logprobs / per_token < uniform + 0.1), logprobs / per_token
+    assert np.all(logprobs / per_token > 1.5 * uniform), logprobs / per_token
