@@ -1,12 +1,25 @@
 #!/usr/bin/env bash
 # The one prepared GPU run (DEVELOPERS.md): installs nothing from the network,
-# checks the kernels' numerics on the GPU against float64, runs the GPU kernel
-# tests, benchmarks the kernels, and times the DRO-V train step. Every figure
-# lands under $OUT as it is measured, so a time-out still returns what was
-# done. Budget: under 8 minutes.
+# checks the kernels' numerics on the GPU against float64, times the DRO-V
+# train step, profiles it op by op, runs the GPU kernel tests and benchmarks
+# the kernels. Every figure lands under $OUT as it is measured, so a time-out
+# still returns what was done. Budget: BUDGET_S seconds (default 450, under
+# the 8 minutes a device call is given); a check that no longer fits in
+# what is left is skipped and logged as such.
 #
-#   bash benchmarks/device_check.sh                   # every check
+#   bash benchmarks/device_check.sh                   # every check, in order
 #   CHECKS="numerics steps" bash benchmarks/device_check.sh
+#   STEP_RUNS="large:dots,none xl:full" bash benchmarks/device_check.sh
+#
+# STEP_RUNS: one step_time process per item SIZE:REMAT[,REMAT...]; the
+# policies of one item are timed side by side in that process (T5-XL's
+# states are too large for two in one process, so give XL one per item).
+# A policy that does not fit is recorded as out of memory and the others
+# are still timed (step_time exits 1 then; the script goes on).
+#
+# JAX preallocates 75% of the GPU by default; T5-XL at batch 32 needs more
+# (on the H100 run of 2026-11-27 XLA planned 71 GiB with remat "dots" and the
+# allocator stopped at 60 GB), so the fraction is raised unless set.
 #
 # The image has jax, absl, numpy, optax, pytest but not dm-haiku: the train
 # step needs its wheels carried in .whl/ (python3 -m pip download --no-deps
@@ -17,12 +30,29 @@ REPO=$(pwd)
 OUT="${OUT:-$REPO/.out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 PY="${PY:-python3}"
-CHECKS="${CHECKS:-numerics tests kernels steps}"
+CHECKS="${CHECKS:-numerics steps profile tests kernels}"
 BENCH_FLAGS="${BENCH_FLAGS:---flagfile=configs/kernels_gpu.flags}"
-STEP_SIZES="${STEP_SIZES:-large xl}"
+STEP_RUNS="${STEP_RUNS:-large:dots,none xl:full}"
+STEP_FLAGS="${STEP_FLAGS:---batch_size=32 --input_length=512 --target_length=128 --steps=4 --repeats=3}"
+PROFILE_FLAGS="${PROFILE_FLAGS:---size=large --remat=dots --profile_steps=2}"
+DEADLINE=$((SECONDS + ${BUDGET_S:-450}))
 log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/device_check.log"; }
 wants() { [[ " $CHECKS " == *" $1 "* ]]; }
+# limit WANT: WANT seconds, or what is left of the budget less 10 s; 0 (and
+# a log line) when under 30 s are left.
+limit() {
+  local left=$((DEADLINE - SECONDS - 10))
+  if (( left < 30 )); then echo 0; return; fi
+  echo $(( $1 < left ? $1 : left ))
+}
+run_for() {          # run_for WANT NAME command...: under limit, or skipped
+  local want=$1 name=$2; shift 2
+  local t; t=$(limit "$want")
+  if (( t == 0 )); then log "skipped $name: budget spent"; return 0; fi
+  timeout "$t" "$@"
+}
 
 log "machine"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -44,32 +74,41 @@ cd "$SITE"
 
 if wants numerics; then
   log "numerics against float64 (both ops, float32 + bfloat16, V=32128)"
-  timeout 150 $PY benchmarks/gpu_numerics.py \
+  run_for 120 numerics $PY benchmarks/gpu_numerics.py \
     --json_out="$OUT/numerics.jsonl" 2>&1 \
     | grep -v "Unable to initialize backend" | tee "$OUT/numerics.txt"
 fi
 
+if wants steps; then
+  for RUN in $STEP_RUNS; do
+    SIZE="${RUN%%:*}"; REMAT="${RUN#*:}"
+    log "step_time $SIZE remat=$REMAT (DRO-V: $STEP_FLAGS)"
+    run_for "${STEP_TIMEOUT:-170}" "step_time $RUN" $PY benchmarks/step_time.py \
+      --size="$SIZE" --remat="$REMAT" $STEP_FLAGS \
+      --json_out="$OUT/step_time.jsonl" 2>&1 \
+      | grep -v "Unable to initialize" | tee -a "$OUT/step_time.txt"
+  done
+fi
+
+if wants profile; then
+  log "step_profile ($PROFILE_FLAGS)"
+  run_for 120 step_profile $PY benchmarks/step_profile.py $PROFILE_FLAGS \
+    --batch_size=32 --input_length=512 --target_length=128 --top=40 \
+    --json_out="$OUT/step_profile.jsonl" 2>&1 \
+    | grep -v "Unable to initialize" | tee "$OUT/step_profile.txt"
+fi
+
 if wants tests; then
   log "kernel tests on the GPU (sequence op: native pallas_gpu and xla)"
-  timeout 120 $PY -m pytest -q -p no:cacheprovider -x \
+  run_for 90 tests $PY -m pytest -q -p no:cacheprovider -x \
     tests/kernels/test_sequence_logprobs.py -k "pallas_gpu or xla" 2>&1 \
     | tail -5 | tee "$OUT/pytest_gpu.txt"
 fi
 
 if wants kernels; then
   log "kernel benchmark"
-  timeout 270 $PY benchmarks/kernels.py $BENCH_FLAGS \
+  run_for 240 kernels $PY benchmarks/kernels.py $BENCH_FLAGS \
     --json_out="$OUT/kernels.jsonl" 2>&1 | grep -v "Unable to initialize" \
     | tee "$OUT/kernels.txt"
-fi
-
-if wants steps; then
-  for SIZE in $STEP_SIZES; do
-    log "step_time $SIZE (DRO-V, batch 32, inputs 512 / targets 128)"
-    timeout "${STEP_TIMEOUT:-150}" $PY benchmarks/step_time.py --size="$SIZE" \
-      --batch_size=32 --input_length=512 --target_length=128 --steps=8 \
-      --json_out="$OUT/step_time.jsonl" 2>&1 \
-      | grep -v "Unable to initialize" | tee -a "$OUT/step_time.txt"
-  done
 fi
 log "done"

@@ -254,6 +254,10 @@ class JaxStep:
   def loss(self) -> float:
     return float(self._metrics["loss"])
 
+  def compiled_text(self) -> str:
+    """The compiled update's HLO module, as text."""
+    return self._update.as_text()
+
 
 class TorchStep:
   """benchmarks/torch_step.DroVStep on the same batches; a call is one step."""
@@ -404,6 +408,27 @@ def check_flags(implementations: list[str]) -> None:
         "network: pass --algo=dro_v --value_net=separate.")
 
 
+def build_jax_step(config: models.T5Config, implementation: str | None,
+                   batches: list[dict[str, np.ndarray]]) -> JaxStep | str:
+  """A compiled JaxStep that has run one step, or why it cannot run.
+
+  A variant that does not fit in the device's memory (XLA's
+  RESOURCE_EXHAUSTED, at compile time or at its first step) is a finding,
+  not a crash: the message is returned so that the other variants are still
+  measured. Any other error propagates.
+  """
+  try:
+    step = JaxStep(config, implementation, batches)
+    if not _MEMORY_ONLY.value:
+      step()               # allocation fails here, not in a timed round
+    return step
+  except jax.errors.JaxRuntimeError as error:
+    if "RESOURCE_EXHAUSTED" not in str(error):
+      raise
+    first_line = str(error).strip().splitlines()[0]
+    return f"out of memory: {first_line[:300]}"
+
+
 def measure_point(size: str, b: int, t: int, implementations: list[str],
                   host_memory_how: str) -> list[dict[str, Any]]:
   """Builds every variant at one (size, batch, target length) and times
@@ -417,12 +442,16 @@ def measure_point(size: str, b: int, t: int, implementations: list[str],
   config = config_for(size, "none")       # shapes (remat changes no shape)
   rng = np.random.default_rng(0)
   batches = [random_batch(config, b, s, t, rng) for _ in range(2)]
-  variants, settings = {}, {}
+  variants, settings, failed = {}, {}, {}
   for name, remat in itertools.product(implementations, _REMAT.value):
     variant = f"{name}/{remat}" if len(_REMAT.value) > 1 else name
     settings[variant] = (name, remat)
-    variants[variant] = JaxStep(config_for(size, remat),
-                                None if name == "default" else name, batches)
+    step = build_jax_step(config_for(size, remat),
+                          None if name == "default" else name, batches)
+    if isinstance(step, str):
+      failed[variant] = step
+    else:
+      variants[variant] = step
   torch_modes = {}                      # PyTorch variant -> its malloc mode
   if _COMPARE_TORCH.value:
     for mode in _TORCH_HOST_MEMORY.value:
@@ -453,7 +482,13 @@ def measure_point(size: str, b: int, t: int, implementations: list[str],
             statistics.median(ref_round / own_round for ref_round, own_round
                               in zip(seconds[reference], seconds[name])))
 
-  records = []
+  records = [{
+      "algo": _ALGO.value, "size": size, "batch_size": b, "input_length": s,
+      "target_length": t, "framework": "jax", "variant": name,
+      "implementation": settings[name][0], "remat": settings[name][1],
+      "dtype": _DTYPE.value, "scan_layers": _SCAN.value,
+      "value_net": _VALUE_NET.value, "device": timing.device_description(),
+      "error": error} for name, error in failed.items()]
   for name, step in variants.items():
     is_torch = name in torch_modes
     mode = torch_modes.get(name, "same")
@@ -508,8 +543,18 @@ def measure_point(size: str, b: int, t: int, implementations: list[str],
   return records
 
 
-def print_point(records: list[dict[str, Any]]) -> None:
-  """One line per variant; timing columns only where it was timed."""
+def print_point(point: list[dict[str, Any]]) -> None:
+  """One line per variant; timing columns only where it was timed; then the
+  variants that could not run, and why."""
+  records = [r for r in point if "error" not in r]
+  for r in point:
+    if "error" in r:
+      print(f"\n{r['device']}  {r['algo']}  size={r['size']}  "
+            f"B={r['batch_size']}  S={r['input_length']}  "
+            f"T={r['target_length']}  {r['dtype']}  {r['variant']}: "
+            f"{r['error']}", flush=True)
+  if not records:
+    return
   r = records[0]
   timed = "median_step_s" in r
   print(f"\n{r['device']}  {r['algo']}  size={r['size']}  B={r['batch_size']}"
@@ -603,10 +648,17 @@ def main(argv):
       out.flush()
   per_point = len(implementations) * len(_REMAT.value) + (
       len(_TORCH_HOST_MEMORY.value) if _COMPARE_TORCH.value else 0)
+  failed = [r for r in records if "error" in r]
   if not _MEMORY_ONLY.value and len(records) > per_point:
-    print_scaling(records)
+    print_scaling([r for r in records if "error" not in r])
   if out:
     out.close()
+  if failed:
+    # The rest were measured and written; the exit status still says that
+    # not every variant ran.
+    sys.exit(f"{len(failed)} variant(s) could not run: " + "; ".join(
+        f"{r['size']} B={r['batch_size']} T={r['target_length']} "
+        f"{r['variant']}: {r['error'][:120]}" for r in failed))
 
 
 if __name__ == "__main__":

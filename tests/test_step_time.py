@@ -1,0 +1,71 @@
+"""benchmarks/step_time.py measures the variants that fit when one does not."""
+
+from __future__ import annotations
+
+from absl import flags
+from absl.testing import flagsaver
+import jax
+import pytest
+
+from benchmarks import step_time
+
+FLAGS = flags.FLAGS
+
+
+@pytest.fixture(name="tiny_flags")
+def _tiny_flags():
+  if not FLAGS.is_parsed():
+    FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(size=["tiny"], batch_size=["2"], input_length=8,
+                           target_length=["4"], steps=1, repeats=1,
+                           dtype="float32", remat=["none"],
+                           scan_layers=False, compare_torch=False,
+                           memory_only=False):
+    yield
+
+
+def test_a_variant_out_of_memory_is_recorded_and_the_others_are_timed(
+    tiny_flags, monkeypatch):
+  del tiny_flags
+  real_step = step_time.JaxStep
+
+  class OutOfMemoryOnChunked(real_step):
+    """chunked_xla fails at its first step as an 80 GB GPU would."""
+
+    def __call__(self):
+      if self.implementation == "chunked_xla":
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+            "56.21GiB with allocator GPU_0_bfc on device 0.\nmore detail")
+      super().__call__()
+
+  def build(config, implementation, batches):
+    step = OutOfMemoryOnChunked(config, implementation, batches)
+    step.implementation = implementation
+    return step
+
+  monkeypatch.setattr(step_time, "JaxStep", build)
+  records = step_time.measure_point("tiny", 2, 4, ["xla", "chunked_xla"],
+                                    "system")
+  by_variant = {r["variant"]: r for r in records}
+  assert set(by_variant) == {"xla", "chunked_xla"}
+  failed = by_variant["chunked_xla"]
+  assert failed["error"] == (
+      "out of memory: RESOURCE_EXHAUSTED: Out of memory while trying to "
+      "allocate 56.21GiB with allocator GPU_0_bfc on device 0.")
+  assert "median_step_s" not in failed
+  timed = by_variant["xla"]
+  assert "error" not in timed and timed["median_step_s"] > 0
+  assert len(timed["round_step_s"]) == 1
+
+
+def test_errors_other_than_out_of_memory_propagate(tiny_flags, monkeypatch):
+  del tiny_flags
+
+  def build(config, implementation, batches):
+    del config, implementation, batches
+    raise jax.errors.JaxRuntimeError("INTERNAL: a real bug")
+
+  monkeypatch.setattr(step_time, "JaxStep", build)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="a real bug"):
+    step_time.measure_point("tiny", 2, 4, ["xla"], "system")
