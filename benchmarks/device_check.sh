@@ -9,7 +9,7 @@
 #
 #   bash benchmarks/device_check.sh                   # every check, in order
 #   CHECKS="numerics steps" bash benchmarks/device_check.sh
-#   STEP_RUNS="large:dots,none xl:full" bash benchmarks/device_check.sh
+#   STEP_RUNS="large:dots,full xl:full" bash benchmarks/device_check.sh
 #
 # STEP_RUNS: one step_time process per item SIZE:REMAT[,REMAT...]; the
 # policies of one item are timed side by side in that process (T5-XL's
@@ -17,9 +17,15 @@
 # A policy that does not fit is recorded as out of memory and the others
 # are still timed (step_time exits 1 then; the script goes on).
 #
+# The default runs: T5-L with remat "dots" (31.7 GB on the H100 run of
+# 2026-11-27) and T5-XL with "full". XLA:CPU's plans from shapes alone
+# (step_time --memory_only, benchmarks/RESULTS.md) put T5-L without remat at
+# 3.6x its "dots" plan, far past 80 GB, and T5-XL "full" at 41% of its
+# "dots" plan, which needed 71 GiB on the H100.
+#
 # JAX preallocates 75% of the GPU by default; T5-XL at batch 32 needs more
-# (on the H100 run of 2026-11-27 XLA planned 71 GiB with remat "dots" and the
-# allocator stopped at 60 GB), so the fraction is raised unless set.
+# (on that run XLA planned 71 GiB with remat "dots" and the allocator
+# stopped at 60 GB), so the fraction is raised unless set.
 #
 # The image has jax, absl, numpy, optax, pytest but not dm-haiku: the train
 # step needs its wheels carried in .whl/ (python3 -m pip download --no-deps
@@ -34,7 +40,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 PY="${PY:-python3}"
 CHECKS="${CHECKS:-numerics steps profile tests kernels}"
 BENCH_FLAGS="${BENCH_FLAGS:---flagfile=configs/kernels_gpu.flags}"
-STEP_RUNS="${STEP_RUNS:-large:dots,none xl:full}"
+STEP_RUNS="${STEP_RUNS:-large:dots xl:full}"
 STEP_FLAGS="${STEP_FLAGS:---batch_size=32 --input_length=512 --target_length=128 --steps=4 --repeats=3}"
 PROFILE_FLAGS="${PROFILE_FLAGS:---size=large --remat=dots --profile_steps=2}"
 DEADLINE=$((SECONDS + ${BUDGET_S:-450}))

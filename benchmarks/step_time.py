@@ -100,8 +100,9 @@ _COMPARE_TORCH = flags.DEFINE_bool(
     "float32 or, with --dtype=bfloat16, under torch.autocast to bfloat16. "
     "Needs --algo=dro_v and --value_net=separate.")
 _MEMORY_ONLY = flags.DEFINE_bool(
-    "memory_only", False, "Compile and report XLA's memory plan without "
-    "running a step (shapes too slow to run here).")
+    "memory_only", False, "Compile from shapes alone and report XLA's memory "
+    "plan without allocating or running anything (shapes too slow to run "
+    "here, models larger than this host's memory).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed round.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (after 2 "
                                 "warm-up steps per variant).")
@@ -214,28 +215,49 @@ class JaxStep:
   """
 
   def __init__(self, config: models.T5Config, implementation: str | None,
-               batches: list[dict[str, np.ndarray]]):
+               batches: list[dict[str, np.ndarray]], abstract: bool = False):
+    """Builds and compiles the step.
+
+    Args:
+      config: the model.
+      implementation: the kernel implementation (None: by backend).
+      batches: the batches a call cycles through.
+      abstract: compile from shapes alone, allocating no parameters,
+        optimizer states or batches (XLA's memory plan of a model larger
+        than this host's memory); such a step cannot be called.
+    """
     algorithm = steps.AlgorithmConfig(algo=_ALGO.value,
                                       value_net=_VALUE_NET.value,
                                       implementation=implementation)
     trainer = steps.make_trainer(algorithm, config,
                                  optim.make_optimizer(1e-4),
                                  optim.make_optimizer(1e-4))
-    tokens = jnp.ones((1, 2), jnp.int32)
-    policy_params = jax.jit(models.t5(config).init)(jax.random.key(0), tokens,
-                                                    tokens)
-    value_params = {}
-    if algorithm.has_value:
-      net = value.value_network(config, algorithm.value_net)
-      if algorithm.value_net == "separate":
-        value_params = value.init_from_policy(
-            jax.jit(net.init)(jax.random.key(1), tokens), policy_params)
-      else:
-        value_params = net.init(jax.random.key(1),
-                                jnp.zeros((1, 2, config.d_model)), tokens)
-    self._state = jax.jit(trainer.init)(policy_params, value_params,
-                                        jax.random.PRNGKey(0))
-    self._batches = [jax.device_put(b) for b in batches]
+
+    def init_state(key):
+      tokens = jnp.ones((1, 2), jnp.int32)
+      policy_key, value_key, state_key = jax.random.split(key, 3)
+      policy_params = models.t5(config).init(policy_key, tokens, tokens)
+      value_params = {}
+      if algorithm.has_value:
+        net = value.value_network(config, algorithm.value_net)
+        if algorithm.value_net == "separate":
+          value_params = value.init_from_policy(
+              net.init(value_key, tokens), policy_params)
+        else:
+          value_params = net.init(value_key,
+                                  jnp.zeros((1, 2, config.d_model)), tokens)
+      return trainer.init(policy_params, value_params, state_key)
+
+    key = jax.random.key(0)
+    if abstract:
+      self._state = jax.eval_shape(init_state, key)
+      self._batches = [jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), b)
+                       for b in batches]
+    else:
+      self._state = jax.jit(init_state)(key)
+      self._batches = [jax.device_put(b) for b in batches]
+    self.abstract = abstract
     start = time.perf_counter()
     self._update = jax.jit(trainer.update, donate_argnums=0).lower(
         self._state, self._batches[0]).compile()
@@ -245,6 +267,8 @@ class JaxStep:
     self._metrics = None
 
   def __call__(self) -> None:
+    if self.abstract:
+      raise RuntimeError("an abstract JaxStep (shapes only) cannot run.")
     self._state, self._metrics = self._update(
         self._state, self._batches[self._calls % len(self._batches)])
     self._calls += 1
@@ -418,7 +442,8 @@ def build_jax_step(config: models.T5Config, implementation: str | None,
   measured. Any other error propagates.
   """
   try:
-    step = JaxStep(config, implementation, batches)
+    step = JaxStep(config, implementation, batches,
+                   abstract=_MEMORY_ONLY.value)
     if not _MEMORY_ONLY.value:
       step()               # allocation fails here, not in a timed round
     return step

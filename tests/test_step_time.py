@@ -5,6 +5,7 @@ from __future__ import annotations
 from absl import flags
 from absl.testing import flagsaver
 import jax
+import numpy as np
 import pytest
 
 from benchmarks import step_time
@@ -39,8 +40,8 @@ def test_a_variant_out_of_memory_is_recorded_and_the_others_are_timed(
             "56.21GiB with allocator GPU_0_bfc on device 0.\nmore detail")
       super().__call__()
 
-  def build(config, implementation, batches):
-    step = OutOfMemoryOnChunked(config, implementation, batches)
+  def build(config, implementation, batches, abstract):
+    step = OutOfMemoryOnChunked(config, implementation, batches, abstract)
     step.implementation = implementation
     return step
 
@@ -62,10 +63,23 @@ def test_a_variant_out_of_memory_is_recorded_and_the_others_are_timed(
 def test_errors_other_than_out_of_memory_propagate(tiny_flags, monkeypatch):
   del tiny_flags
 
-  def build(config, implementation, batches):
-    del config, implementation, batches
+  def build(config, implementation, batches, abstract):
+    del config, implementation, batches, abstract
     raise jax.errors.JaxRuntimeError("INTERNAL: a real bug")
 
   monkeypatch.setattr(step_time, "JaxStep", build)
   with pytest.raises(jax.errors.JaxRuntimeError, match="a real bug"):
     step_time.measure_point("tiny", 2, 4, ["xla"], "system")
+
+
+def test_memory_only_plans_from_shapes_the_same_as_from_arrays(tiny_flags):
+  del tiny_flags
+  config = step_time.config_for("tiny", "none")
+  batches = [step_time.random_batch(config, 2, 8, 4,
+                                    np.random.default_rng(0))]
+  concrete = step_time.JaxStep(config, "xla", batches)
+  abstract = step_time.JaxStep(config, "xla", batches, abstract=True)
+  assert abstract.memory == concrete.memory
+  assert abstract.memory["peak_bytes"] > 0
+  with pytest.raises(RuntimeError, match="abstract"):
+    abstract()
