@@ -34,10 +34,14 @@ compiles and prints XLA's memory plan without running.
 FLOPs counted (matmuls and attention; embedding lookups, norms and
 elementwise work are not):
   forward of one network on one example = 2 · N_matmul · tokens + attention,
-    where the encoder's N_matmul (its layers' projections) sees S tokens and
+    where the encoder's N_matmul (its layers' projections) sees S tokens;
     the decoder's (its layers' projections plus the output projection D·V)
-    sees T tokens, and attention adds 4 · S² · H·K per encoder layer,
-    4 · T² · H·K (self) + 4 · T · S · H·K (cross) per decoder layer;
+    sees T tokens, except cross-attention's key and value projections
+    (2 · D·H·K per layer), which see the S encoder outputs; and attention
+    adds 4 · S² · H·K per encoder layer, 4 · T² · H·K (self) + 4 · T · S ·
+    H·K (cross) per decoder layer. (Until 2026-11-28 the cross-attention
+    keys and values were counted over T tokens: 2.6% too few FLOPs at
+    S=128, T=64 and 4.6% too few at S=512, T=128 for T5-L.)
   a trained network costs 3x its forward (6 · N · tokens), a forward-only
     one 1x (2 · N · tokens).
   dro_v: policy trained + separate value encoder trained (shared: the
@@ -157,9 +161,12 @@ def forward_flops(config: models.T5Config, batch: int, s: int, t: int,
     n = config.num_encoder_layers * (4 * d * hk + mlp)
     attention = config.num_encoder_layers * 4 * s * s * hk
     return batch * (2 * n * s + attention)
-  n = config.num_decoder_layers * (8 * d * hk + mlp) + d * config.vocab_size
+  # Self-attention q, k, v, o and cross-attention q, o see the T targets;
+  # cross-attention k, v see the S encoder outputs.
+  n = config.num_decoder_layers * (6 * d * hk + mlp) + d * config.vocab_size
+  cross_kv = config.num_decoder_layers * 2 * d * hk
   attention = config.num_decoder_layers * (4 * t * t * hk + 4 * t * s * hk)
-  return batch * (2 * n * t + attention)
+  return batch * (2 * n * t + 2 * cross_kv * s + attention)
 
 
 def step_flops(config, algo, value_net, batch, s, t) -> float:
