@@ -141,6 +141,38 @@ def test_sum_of_squares_is_the_norm_and_the_non_finite_check(bad):
   assert float(steps.sum_of_squares({})) == 0.0
 
 
+@pytest.mark.parametrize("spread", ["one element", "whole matrix"])
+def test_gradients_the_guard_passes_keep_parameters_finite(spread):
+  """The guard checks the loss and Σg², not the updated parameters. That is
+  enough for the paper's Adafactor: the largest gradients whose Σg² is
+  still finite in float32 leave parameters and states finite, update after
+  update (Adafactor clips each update's RMS to 1 and scales it by the
+  parameter's RMS)."""
+  rng = np.random.default_rng(3)
+  params = {"w": jnp.asarray(rng.normal(size=(128, 256)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(64,)), jnp.float32)}
+  limit = 0.9 * np.sqrt(np.finfo(np.float32).max)          # 1.66e19
+  grads = jax.tree.map(lambda p: rng.normal(size=p.shape), params)
+  if spread == "one element":
+    grads["w"][5, 7] = limit
+  else:
+    grads["w"] = np.full((128, 256), limit / np.sqrt(128 * 256))
+  grads = jax.tree.map(jnp.float32, grads)
+  assert np.isfinite(float(steps.sum_of_squares(grads)))    # passes the guard
+  optimizer = optim.make_optimizer(1e-2, warmup_steps=0)
+  opt_state = optimizer.init(params)
+  update = jax.jit(optimizer.update)
+  for _ in range(3):
+    updates, opt_state = update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    for leaf in jax.tree.leaves((params, opt_state)):
+      if jnp.issubdtype(leaf.dtype, jnp.floating):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+  # And the update did move the parameters (a zero update would pass too).
+  assert float(jnp.max(jnp.abs(params["w"] - jnp.asarray(
+      np.random.default_rng(3).normal(size=(128, 256)), jnp.float32)))) > 0
+
+
 def test_non_finite_updates_are_skipped_and_counted(policy_params):
   algorithm = steps.AlgorithmConfig(algo="dro_v")
   trainer = steps.make_trainer(algorithm, CONFIG,
