@@ -44,6 +44,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -128,6 +129,16 @@ def _int_list(text: str | None) -> list[int]:
   return [int(x) for x in re.findall(r"\d+", text or "")]
 
 
+def _matmul_flops(out_shape: str, lhs_shape: str,
+                  contracting: list[int]) -> float | None:
+  """2 · (output elements) · (contracted elements of the lhs)."""
+  lhs = _dims(lhs_shape)
+  if not lhs or not all(c < len(lhs) for c in contracting):
+    return None
+  return 2.0 * math.prod(_dims(out_shape)) * math.prod(
+      lhs[c] for c in contracting)
+
+
 def parse_hlo(text: str) -> dict[str, Instruction]:
   """Every instruction of a compiled HLO module's text, by name, with the
   matmul FLOPs of each (a fusion's are those of the dots inside it)."""
@@ -173,15 +184,13 @@ def parse_hlo(text: str) -> dict[str, Instruction]:
       called += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
     instruction = Instruction(name, opcode, computation,
                               op_name.group(1) if op_name else "", called)
+    lhs_shape = shapes.get(operands[0], "") if operands else ""
     flops = None
-    if opcode == "dot" and operands:
-      lhs = _dims(shapes.get(operands[0], ""))
-      contracting = _int_list(re.search(r"lhs_contracting_dims=\{([\d,]*)\}",
-                                        attributes).group(1)
-                              if "lhs_contracting_dims" in attributes else "")
-      if lhs and all(c < len(lhs) for c in contracting):
-        flops = 2.0 * math.prod(_dims(shape)) * math.prod(
-            lhs[c] for c in contracting)
+    if opcode == "dot":
+      contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}",
+                              attributes)
+      flops = _matmul_flops(shape, lhs_shape, _int_list(
+          contracting and contracting.group(1)))
       instruction.matmul = True
     elif opcode == "convolution":
       instruction.matmul = True
@@ -191,10 +200,9 @@ def parse_hlo(text: str) -> dict[str, Instruction]:
         instruction.matmul = True
         contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]',
                                 attributes)
-        lhs = _dims(shapes.get(operands[0], "")) if operands else []
-        if contracting and lhs:
-          flops = 2.0 * math.prod(_dims(shape)) * math.prod(
-              lhs[c] for c in _int_list(contracting.group(1)))
+        if contracting:
+          flops = _matmul_flops(shape, lhs_shape,
+                                _int_list(contracting.group(1)))
     own_flops[name] = flops or 0.0
     instructions[name] = instruction
     by_computation[computation].append(name)
@@ -203,13 +211,12 @@ def parse_hlo(text: str) -> dict[str, Instruction]:
   # fusion, not the jax op it came from).
   for inst in instructions.values():
     if not inst.op_name and inst.opcode == "fusion" and inst.called:
-      members = by_computation.get(inst.called[0], [])
-      named = [instructions[m].op_name for m in members
+      body = inst.called[0]
+      named = [instructions[m].op_name for m in by_computation.get(body, [])
                if instructions[m].op_name]
-      if named:
-        inst.op_name = (roots.get(inst.called[0]) and
-                        instructions[roots[inst.called[0]]].op_name
-                        or named[-1])
+      root = roots.get(body)
+      inst.op_name = ((instructions[root].op_name if root else "")
+                      or (named[-1] if named else ""))
 
   totals: dict[str, tuple[float, bool]] = {}
 
@@ -263,21 +270,21 @@ def op_events(trace: dict[str, Any], instructions: dict[str, Instruction],
                if e.get("ph") == "M" and e.get("name") == "process_name"}
   on_device = lambda e: processes.get(e["pid"], "").startswith(
       ("/device:GPU", "/device:TPU"))
-  ours = [e for e in raw if (e.get("args") or {}).get("hlo_op")
-          and (e["args"].get("hlo_module", module) == module)]
-  device = [e for e in ours if on_device(e)]
+  hlo_op = lambda e: (e.get("args") or {}).get("hlo_op")
+  ours = [(hlo_op(e), e) for e in raw if hlo_op(e)
+          and e["args"].get("hlo_module", module) == module]
+  device = [(name, e) for name, e in ours if on_device(e)]
   missed = 0
   if not device:
     # Device kernels without hlo_op arguments: match the kernel's own name,
     # which XLA derives from its instruction's ("loop_add_fusion_3" for
     # loop_add_fusion.3).
     for e in raw:
-      if not on_device(e) or (e.get("args") or {}).get("hlo_op"):
+      if not on_device(e) or hlo_op(e):
         continue
       for name in (e["name"], re.sub(r"_(\d+)$", r".\1", e["name"])):
         if name in instructions:
-          e.setdefault("args", {})["hlo_op"] = name
-          device.append(e)
+          device.append((name, e))
           break
       else:
         missed += 1
@@ -292,8 +299,8 @@ def op_events(trace: dict[str, Any], instructions: dict[str, Instruction],
   counts = {"device": int(bool(device)),
             "unmatched": missed if device else 0, "control": 0}
   starts: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-  for e in sorted(chosen, key=lambda e: e["ts"]):
-    starts[e["args"]["hlo_op"]].append(e)
+  for name, e in sorted(chosen, key=lambda pair: pair[1]["ts"]):
+    starts[name].append(e)
   events = []
   for name, occurrences in starts.items():
     inst = instructions.get(name)
@@ -435,8 +442,9 @@ def print_summary(summary: dict[str, Any], header: str) -> None:
         f"{s['matmul_gflop_per_step']:.1f} GFLOP, {rate}"
         + (f" ({s['matmul_ms_without_flops']:.1f} ms of matmuls with no "
            "FLOP count)" if s["matmul_ms_without_flops"] > 0.05 else ""))
-  if s.get("formula_gflop_per_step"):
-    print(f"  (step_time's FLOP formula: {s['formula_gflop_per_step']:.1f} "
+  if s.get("formula_flops_per_step"):
+    print(f"  (step_time's FLOP formula: "
+          f"{s['formula_flops_per_step'] / 1e9:.1f} "
           "GFLOP; the HLO also counts what the formula leaves out, and "
           "recomputation)")
   print("running at once (ms per step): " + ", ".join(
@@ -492,7 +500,6 @@ def main(argv):
     trace = load_trace(directory)
   finally:
     if not _TRACE_DIR.value:
-      import shutil  # pylint: disable=g-import-not-at-top
       shutil.rmtree(directory, ignore_errors=True)
   events, counts = op_events(trace, instructions, module_name(hlo))
   if not events:
@@ -505,6 +512,8 @@ def main(argv):
       "unmatched_events": counts["unmatched"],
       "control_events": counts["control"],
       "device_events": bool(counts["device"]),
+      "formula_flops_per_step": step_time.step_flops(
+          config, FLAGS.algo, FLAGS.value_net, b, s, t),
   })
   record = {
       "algo": FLAGS.algo, "size": size, "batch_size": b, "input_length": s,
@@ -513,12 +522,8 @@ def main(argv):
       "value_net": FLAGS.value_net, "profile_steps": _PROFILE_STEPS.value,
       "device": timing.device_description(), "host_memory": how,
       "threads": len(os.sched_getaffinity(0)), "jax": jax.__version__,
-      "loss": step.loss,
-      "formula_flops_per_step": step_time.step_flops(
-          config, FLAGS.algo, FLAGS.value_net, b, s, t),
-      **summary,
+      "loss": step.loss, **summary,
   }
-  summary["formula_gflop_per_step"] = record["formula_flops_per_step"] / 1e9
   print_summary(summary, f"{record['device']}  jax {jax.__version__}  "
                 f"{FLAGS.algo}  size={size}  B={b}  S={s}  T={t}  "
                 f"{FLAGS.dtype}  {implementation}  remat={remat}  "

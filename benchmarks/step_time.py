@@ -514,23 +514,25 @@ def measure_point(size: str, b: int, t: int, implementations: list[str],
             statistics.median(ref_round / own_round for ref_round, own_round
                               in zip(seconds[reference], seconds[name])))
 
-  records = [{
-      "algo": _ALGO.value, "size": size, "batch_size": b, "input_length": s,
-      "target_length": t, "framework": "jax", "variant": name,
-      "implementation": settings[name][0], "remat": settings[name][1],
-      "dtype": _DTYPE.value, "scan_layers": _SCAN.value,
-      "value_net": _VALUE_NET.value, "device": timing.device_description(),
-      "error": error} for name, error in failed.items()]
+  def variant_fields(name: str) -> dict[str, Any]:
+    """What names a variant's record, measured or not."""
+    return {
+        "algo": _ALGO.value, "size": size, "batch_size": b,
+        "input_length": s, "target_length": t,
+        "framework": TORCH if name in torch_modes else "jax",
+        "variant": name, "implementation": settings[name][0],
+        "remat": settings[name][1], "dtype": _DTYPE.value,
+        "scan_layers": _SCAN.value, "value_net": _VALUE_NET.value,
+        "device": timing.device_description()}
+
+  records = [{**variant_fields(name), "error": error}
+             for name, error in failed.items()]
   for name, step in variants.items():
     is_torch = name in torch_modes
     mode = torch_modes.get(name, "same")
     record = {
-        "algo": _ALGO.value, "size": size, "batch_size": b, "input_length": s,
-        "target_length": t, "framework": TORCH if is_torch else "jax",
-        "variant": name, "implementation": settings[name][0],
-        "remat": settings[name][1], "dtype": _DTYPE.value,
-        "scan_layers": _SCAN.value,
-        "value_net": _VALUE_NET.value, "threads": len(os.sched_getaffinity(0)),
+        **variant_fields(name),
+        "threads": len(os.sched_getaffinity(0)),
         "compile_s": step.compile_s, "steps_per_round": _STEPS.value,
         "round_step_s": seconds[name],
         # The device allocator's peak (GPU/TPU; -1 on a CPU): process-wide,
@@ -542,7 +544,6 @@ def measure_point(size: str, b: int, t: int, implementations: list[str],
         "planned_temp_bytes": step.memory["temp_bytes"],
         "peak_rss_bytes": peak_rss_bytes(),
         "flops_per_step": flops,
-        "device": timing.device_description(),
         "host_memory": host_memory_how if mode == "same" else mode,
     }
     if seconds[name]:

@@ -219,3 +219,20 @@ def test_cli_profiles_the_tiny_step(tmp_path):
   # from the config (the formula leaves out only the value head's D x 1).
   assert record["matmul_gflop_per_step"] * 1e9 / record[
       "formula_flops_per_step"] == pytest.approx(1.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("flag", ["--profile_steps=0", "--top=0"])
+def test_cli_refuses_non_positive_counts(flag):
+  result = subprocess.run(
+      [sys.executable, "benchmarks/step_profile.py", "--size=tiny", flag],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert ("--profile_steps and --top take positive integers"
+          in result.stderr), result.stderr[-3000:]
+
+
+def test_a_folder_without_a_trace_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError,
+                     match=f"no \\*.trace.json.gz under {tmp_path}"):
+    step_profile.load_trace(str(tmp_path))

@@ -83,3 +83,21 @@ def test_memory_only_plans_from_shapes_the_same_as_from_arrays(tiny_flags):
   assert abstract.memory["peak_bytes"] > 0
   with pytest.raises(RuntimeError, match="abstract"):
     abstract()
+
+
+def test_main_writes_every_record_then_exits_naming_what_could_not_run(
+    tiny_flags, monkeypatch, tmp_path):
+  del tiny_flags
+  out = tmp_path / "records.jsonl"
+  failed = {"size": "tiny", "batch_size": 2, "target_length": 4,
+            "variant": "chunked_xla", "error": "out of memory: RESOURCE_EX"}
+  monkeypatch.setattr(step_time, "measure_point",
+                      lambda *args: [dict(failed)])
+  monkeypatch.setattr(step_time, "print_point", lambda point: None)
+  with flagsaver.flagsaver(json_out=str(out), host_memory="system"):
+    with pytest.raises(SystemExit) as exit_info:
+      step_time.main(["step_time.py"])
+  assert str(exit_info.value) == (
+      "1 variant(s) could not run: tiny B=2 T=4 chunked_xla: out of memory: "
+      "RESOURCE_EX")
+  assert out.read_text().count('"error"') == 1
