@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one prepared GPU run (DEVELOPERS.md): installs nothing from the network,
 # checks the kernels' numerics on the GPU against float64, times the DRO-V
-# train step, profiles it op by op, runs the GPU kernel tests and benchmarks
-# the kernels. Every figure lands under $OUT as it is measured, so a time-out
-# still returns what was done. Budget: BUDGET_S seconds (default 450, under
+# train step, profiles it op by op, runs the GPU kernel tests, times one
+# Adafactor update (ours against optax's) and benchmarks the kernels. Every
+# figure lands under $OUT as it is measured, so a time-out still returns
+# what was done. Budget: BUDGET_S seconds (default 450, under
 # the 8 minutes a device call is given); a check that no longer fits in
 # what is left is skipped and logged as such.
 #
@@ -38,7 +39,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 PY="${PY:-python3}"
-CHECKS="${CHECKS:-numerics steps profile tests kernels}"
+CHECKS="${CHECKS:-numerics steps profile tests optimizer kernels}"
 BENCH_FLAGS="${BENCH_FLAGS:---flagfile=configs/kernels_gpu.flags}"
 STEP_RUNS="${STEP_RUNS:-large:dots xl:full}"
 STEP_FLAGS="${STEP_FLAGS:---batch_size=32 --input_length=512 --target_length=128 --steps=4 --repeats=3}"
@@ -109,6 +110,13 @@ if wants tests; then
   run_for 90 tests $PY -m pytest -q -p no:cacheprovider -x \
     tests/kernels/test_sequence_logprobs.py -k "pallas_gpu or xla" 2>&1 \
     | tail -5 | tee "$OUT/pytest_gpu.txt"
+fi
+
+if wants optimizer; then
+  log "optimizer_time (T5-L policy + value encoder, optax against fused)"
+  run_for 90 optimizer_time $PY benchmarks/optimizer_time.py --size=large \
+    --repeats=5 --json_out="$OUT/optimizer_time.jsonl" 2>&1 \
+    | grep -v "Unable to initialize" | tee "$OUT/optimizer_time.txt"
 fi
 
 if wants kernels; then
