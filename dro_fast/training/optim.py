@@ -73,16 +73,14 @@ class _LeafUpdate(NamedTuple):
   v: jax.Array
 
 
-def _sum(x: jax.Array, axis: int, weights: jax.Array | None,
-         with_dots: bool) -> jax.Array:
-  """Σ over `axis` of x (times `weights` along it), as a GEMV on the CPU."""
+def _sum(x: jax.Array, axis: int, with_dots: bool) -> jax.Array:
+  """Σ over `axis` of x; as a GEMV (a dot with ones) when with_dots."""
   if not with_dots:
-    return jnp.sum(x if weights is None else x * jnp.expand_dims(
-        weights, tuple(a for a in range(x.ndim) if a != axis)), axis=axis)
+    return jnp.sum(x, axis=axis)
   names = _AXES[:x.ndim]
-  weights = jnp.ones((x.shape[axis],), x.dtype) if weights is None else weights
   return jnp.einsum(f"{names},{names[axis]}->{names.replace(names[axis], '')}",
-                    x, weights, precision=jax.lax.Precision.HIGHEST)
+                    x, jnp.ones((x.shape[axis],), x.dtype),
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def adafactor(learning_rate: float | optax.Schedule,
@@ -157,9 +155,9 @@ def adafactor(learning_rate: float | optax.Schedule,
       else:
         big, small = axes
         v_row = (decay * v_row + (1.0 - decay) * _sum(
-            g2, big, None, with_dots) / p.shape[big]).astype(v_row.dtype)
+            g2, big, with_dots) / p.shape[big]).astype(v_row.dtype)
         v_col = (decay * v_col + (1.0 - decay) * _sum(
-            g2, small, None, with_dots) / p.shape[small]).astype(v_col.dtype)
+            g2, small, with_dots) / p.shape[small]).astype(v_col.dtype)
         small_in_row = small - 1 if small > big else small
         row = v_row.astype(jnp.float32)
         row2 = jnp.mean(row, axis=small_in_row, keepdims=True) / row  # r²
