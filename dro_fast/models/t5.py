@@ -89,17 +89,23 @@ class Dense(hk.Module):
     return jnp.dot(x, kernel.astype(self.dtype))
 
 
-def _row_major_transpose(x2d: jax.Array) -> jax.Array:
-  """x2d [N, D] -> [D, N], materialised in row-major order.
+def _row_major_permute(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """jnp.transpose(x, axes), materialised in row-major order.
 
-  A bare transpose reaches XLA:CPU as a column-major {0,1} layout, which
-  XLA's YNNPACK matmul does not take: the dot then runs in Eigen, and a
-  bfloat16 one is first upcast to float32 (half the rate on a CPU with
-  AVX512-BF16). Flattening the transpose behind an optimization barrier
-  forces one row-major copy that the dot takes as it is.
+  A bare transpose reaches XLA:CPU as a non-default layout of the same
+  buffer, which XLA's YNNPACK matmul does not take: the dot then runs in
+  Eigen, and a bfloat16 one is first upcast to float32 (half the rate on a
+  CPU with AVX512-BF16). Flattening the transpose behind an optimization
+  barrier forces one row-major copy that the dot takes as it is.
   """
-  n, d = x2d.shape
-  return jax.lax.optimization_barrier(x2d.T.reshape(-1)).reshape(d, n)
+  permuted = jnp.transpose(x, axes)
+  return jax.lax.optimization_barrier(
+      permuted.reshape(-1)).reshape(permuted.shape)
+
+
+def _row_major_transpose(x2d: jax.Array) -> jax.Array:
+  """x2d [N, D] -> [D, N], materialised in row-major order."""
+  return _row_major_permute(x2d, (1, 0))
 
 
 def _matmul_2d(x: jax.Array, kernel: jax.Array, out_dtype) -> jax.Array:
@@ -159,6 +165,94 @@ def _cpu_matmul_bwd(out_dtype, residuals, dy):
 
 
 cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
+
+
+# Attention's two batched products on the CPU. Autodiff of the einsums
+# gives backward products that contract a transposed operand ([q, t] over
+# q) or take a float32 cotangent; XLA:CPU runs both as float32 Eigen dots,
+# so in bfloat16 every backward product (and the forward's second) was
+# upcast. These VJPs put every product in the one form YNNPACK runs
+# natively: [B, H] leading batch dimensions, row-major operands in the
+# compute dtype, contraction over the left operand's last dimension,
+# float32 accumulation. Transposed operands are materialised row-major
+# (_row_major_permute); the two that a product would need transposed are
+# produced transposed instead (d(keys)ᵀ = queriesᵀ·d(logits),
+# d(values)ᵀ = d(out)ᵀ·weights). Accelerators use the einsums.
+
+def _head_dot(a: jax.Array, b: jax.Array, a_contract: int,
+              b_contract: int) -> jax.Array:
+  """Batched over [B, H] (dims 0, 1), float32 result."""
+  return jax.lax.dot_general(
+      a, b, (((a_contract,), (b_contract,)), ((0, 1), (0, 1))),
+      preferred_element_type=jnp.float32)
+
+
+_HEADS_FIRST = (0, 2, 1, 3)       # [B, T, H, K] <-> [B, H, T, K]
+
+
+@jax.custom_vjp
+def cpu_attention_logits(queries: jax.Array, keys: jax.Array) -> jax.Array:
+  """queries [B, q, H, K] · keys [B, t, H, K] -> logits [B, H, q, t] float32.
+
+  The same product as einsum("bqhk,bthk->bhqt", preferred float32), in
+  the forms XLA:CPU runs fast (see above). The logits' gradient is cast
+  to the compute dtype before the backward products (mixed precision).
+  """
+  return _head_dot(_row_major_permute(queries, _HEADS_FIRST),
+                   _row_major_permute(keys, _HEADS_FIRST), 3, 3)
+
+
+def _logits_fwd(queries, keys):
+  keys_h = _row_major_permute(keys, _HEADS_FIRST)          # [B, H, t, K]
+  logits = _head_dot(_row_major_permute(queries, _HEADS_FIRST), keys_h,
+                     3, 3)
+  return logits, (queries, keys_h)
+
+
+def _logits_bwd(residuals, d_logits):
+  queries, keys_h = residuals
+  d_logits = d_logits.astype(queries.dtype)                  # [B, H, q, t]
+  d_queries = _head_dot(d_logits, keys_h, 3, 2)              # [B, H, q, K]
+  d_keys_t = _head_dot(_row_major_permute(queries, (0, 2, 3, 1)),
+                       d_logits, 3, 2)                       # [B, H, K, t]
+  return (jnp.transpose(d_queries, _HEADS_FIRST).astype(queries.dtype),
+          jnp.transpose(d_keys_t, (0, 3, 1, 2)).astype(keys_h.dtype))
+
+
+cpu_attention_logits.defvjp(_logits_fwd, _logits_bwd)
+
+
+@jax.custom_vjp
+def cpu_attention_combine(weights: jax.Array, values: jax.Array) -> jax.Array:
+  """weights [B, H, q, t] · values [B, t, H, K] -> [B, q, H, K].
+
+  The same product as einsum("bhqt,bthk->bqhk"), accumulated in float32
+  and returned in values.dtype, in the forms XLA:CPU runs fast (see
+  above). weights must already be in the compute dtype.
+  """
+  out = _head_dot(weights, _row_major_permute(values, _HEADS_FIRST), 3, 2)
+  return jnp.transpose(out, _HEADS_FIRST).astype(values.dtype)
+
+
+def _combine_fwd(weights, values):
+  values_h = _row_major_permute(values, _HEADS_FIRST)        # [B, H, t, K]
+  out = _head_dot(weights, values_h, 3, 2)
+  return (jnp.transpose(out, _HEADS_FIRST).astype(values.dtype),
+          (weights, values_h))
+
+
+def _combine_bwd(residuals, d_out):
+  weights, values_h = residuals
+  d_out = d_out.astype(values_h.dtype)                       # [B, q, H, K]
+  d_weights = _head_dot(_row_major_permute(d_out, _HEADS_FIRST), values_h,
+                        3, 3)                                # [B, H, q, t]
+  d_values_t = _head_dot(_row_major_permute(d_out, (0, 2, 3, 1)), weights,
+                         3, 2)                               # [B, H, K, t]
+  return (d_weights.astype(weights.dtype),
+          jnp.transpose(d_values_t, (0, 3, 1, 2)).astype(values_h.dtype))
+
+
+cpu_attention_combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 def relative_position_bucket(relative_position: jax.Array, bidirectional: bool,
@@ -266,12 +360,20 @@ class Attention(hk.Module):
     # Query init scaled by 1/K: T5's folded-in 1/√K attention scale.
     queries = self._split_heads(
         dense(1.0 / config.d_kv, name="query")(queries_in))       # [B,q,H,K]
-    logits = jnp.einsum("bqhk,bthk->bhqt", queries, keys,
-                        preferred_element_type=jnp.float32) + bias
-    weights = jax.nn.softmax(logits, axis=-1)                      # float32
+    on_cpu = jax.default_backend() == "cpu"
+    if on_cpu:
+      logits = cpu_attention_logits(queries, keys)
+    else:
+      logits = jnp.einsum("bqhk,bthk->bhqt", queries, keys,
+                          preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits + bias, axis=-1)              # float32
     if dropout_rng is not None:
       weights = hk.dropout(dropout_rng, config.dropout_rate, weights)
-    out = jnp.einsum("bhqt,bthk->bqhk", weights.astype(values.dtype), values)
+    weights = weights.astype(values.dtype)
+    if on_cpu:
+      out = cpu_attention_combine(weights, values)
+    else:
+      out = jnp.einsum("bhqt,bthk->bqhk", weights, values)
     out = out.reshape(*out.shape[:2], -1)                          # [B,q,H·K]
     out = Dense(config.d_model, config.compute_dtype, name="out")(out)
     return out, (keys, values)

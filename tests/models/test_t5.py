@@ -12,6 +12,8 @@ from dro_fast import checkpoints
 from dro_fast import decoding
 from dro_fast import models
 from dro_fast.models.t5 import Dense
+from dro_fast.models.t5 import cpu_attention_combine
+from dro_fast.models.t5 import cpu_attention_logits
 
 CONFIG = models.preset("tiny", dropout_rate=0.0)
 B, S, T = 3, 21, 19
@@ -119,6 +121,81 @@ def test_bfloat16_dense_runs_bfloat16_gemms_with_float32_gradients():
       assert "f32[" not in header.split("->")[0], (
           f"a dot with float32 operands (upcast, or outside a bfloat16 "
           f"library fusion): {header}")
+
+
+def _attention_loss(dtype, shape=(2, 5, 7, 3, 4)):
+  """Random q, k, v [B, q|t, H, K], a bias and cotangent, and the jitted
+  value-and-grad of sum(attention(q, k, v) · cotangent) through
+  cpu_attention_logits and cpu_attention_combine."""
+  rng = np.random.default_rng(5)
+  b, q_len, t_len, heads, width = shape
+  q, k, v = (rng.normal(size=(b, n, heads, width)).astype(np.float32)
+             for n in (q_len, t_len, t_len))
+  bias = rng.normal(size=(1, heads, q_len, t_len)).astype(np.float32)
+  cotangent = rng.normal(size=(b, q_len, heads, width)).astype(np.float32)
+
+  def loss(q, k, v, bias):
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    logits = cpu_attention_logits(q, k)
+    assert logits.dtype == jnp.float32
+    weights = jax.nn.softmax(logits + bias, axis=-1).astype(dtype)
+    out = cpu_attention_combine(weights, v)
+    assert out.dtype == dtype
+    return jnp.sum(out.astype(jnp.float32) * cotangent)
+
+  return (q, k, v, bias), cotangent, jax.jit(
+      jax.value_and_grad(loss, (0, 1, 2, 3)))
+
+
+def _attention_reference(q, k, v, bias, cotangent):
+  """The loss and its gradients in float64 NumPy, written out by hand."""
+  q, k, v, bias, c = (np.asarray(x, np.float64)
+                      for x in (q, k, v, bias, cotangent))
+  logits = np.einsum("bqhk,bthk->bhqt", q, k) + bias
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  out = np.einsum("bhqt,bthk->bqhk", w, v)
+  d_w = np.einsum("bqhk,bthk->bhqt", c, v)
+  d_v = np.einsum("bhqt,bqhk->bthk", w, c)
+  d_logits = w * (d_w - np.sum(d_w * w, -1, keepdims=True))
+  d_q = np.einsum("bhqt,bthk->bqhk", d_logits, k)
+  d_k = np.einsum("bhqt,bqhk->bthk", d_logits, q)
+  d_bias = d_logits.sum(0, keepdims=True)
+  return np.sum(out * c), (d_q, d_k, d_v, d_bias)
+
+
+def test_cpu_attention_matches_a_float64_reference():
+  # The two attention products with their own VJPs (every backward product
+  # in another layout than autodiff's), value and all four gradients.
+  args, cotangent, grad_fn = _attention_loss(jnp.float32)
+  value, grads = grad_fn(*args)
+  want_value, want_grads = _attention_reference(*args, cotangent)
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  for got, want in zip(grads, want_grads):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_cpu_attention_runs_bfloat16_products():
+  # In bfloat16 the gradients stay within bfloat16 rounding of float64, and
+  # all six products of the compiled gradient take bfloat16 operands (the
+  # einsums' autodiff had XLA:CPU upcast the backward ones to float32).
+  args, cotangent, grad_fn = _attention_loss(jnp.bfloat16, (2, 8, 16, 2, 16))
+  rounded = [np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
+             for x in args[:3]] + [args[3]]
+  value, grads = grad_fn(*args)
+  want_value, want_grads = _attention_reference(*rounded, cotangent)
+  np.testing.assert_allclose(value, want_value, rtol=2e-2)
+  for got, want in zip(grads, want_grads):
+    got = np.asarray(got, np.float64)
+    assert np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want)
+  hlo = grad_fn.lower(*args).compile().as_text()
+  assert sum(" dot(" in line for line in hlo.splitlines()) == 6
+  for block in hlo.split("\n\n"):
+    if " dot(" in block:
+      header = block.strip().splitlines()[0]
+      assert "f32[" not in header.split("->")[0], (
+          f"a dot with float32 operands: {header}")
 
 
 @pytest.mark.parametrize("changes", [dict(scan_layers=True),
