@@ -72,16 +72,21 @@ class Dense(hk.Module):
     self.dtype = dtype
     self.init_scale = init_scale
 
-  def kernel_only(self, in_features: int) -> jax.Array:
-    """The kernel [in, out] in `dtype`, for callers that fuse the matmul."""
-    return self(jnp.zeros((0, in_features), self.dtype), return_kernel=True)
+  def kernel_only(self, in_features: int, cast: bool = True) -> jax.Array:
+    """The kernel [in, out] in `dtype` (float32 as stored if not cast), for
+    callers that fuse the matmul."""
+    return self(jnp.zeros((0, in_features), self.dtype),
+                return_kernel="cast" if cast else "stored")
 
-  def __call__(self, x: jax.Array, return_kernel: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, return_kernel: str | None = None
+               ) -> jax.Array:
     init = hk.initializers.VarianceScaling(self.init_scale, "fan_in",
                                            "truncated_normal")
     kernel = hk.get_parameter("kernel", [x.shape[-1], self.features],
                               jnp.float32, init=init)
-    if return_kernel:
+    if return_kernel == "stored":
+      return kernel
+    if return_kernel == "cast":
       return kernel.astype(self.dtype)
     x = x.astype(self.dtype)
     if jax.default_backend() == "cpu":
@@ -255,6 +260,75 @@ def _combine_bwd(residuals, d_out):
 cpu_attention_combine.defvjp(_combine_fwd, _combine_bwd)
 
 
+# T5 v1.1's gated GELU, gelu(x·W₀)·(x·W₁), on the CPU. Autodiff of the
+# composition left about a dozen bfloat16 elementwise fusions per MLP in the
+# backward pass (the tanh recomputed, an add_any for gelu's two uses of its
+# input, casts of both GEMM outputs), each a full pass over [N, F] in
+# memory. Here the forward reads the two float32 GEMM outputs once, and the
+# backward forms d(h₀) and d(h₁) in one pass from d(hidden) and the saved
+# h₀, h₁. Every GEMM is cpu_matmul's form.
+
+_GELU_C = math.sqrt(2.0 / math.pi)       # gelu's tanh approximation
+
+
+def _gelu_parts(h0: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """gelu(h0) (tanh approximation) and its derivative, in h0's dtype."""
+  inner = _GELU_C * (h0 + 0.044715 * h0 * h0 * h0)
+  t = jnp.tanh(inner)
+  gelu = 0.5 * h0 * (1.0 + t)
+  d_gelu = 0.5 * (1.0 + t) + 0.5 * h0 * (1.0 - t * t) * _GELU_C * (
+      1.0 + 3 * 0.044715 * h0 * h0)
+  return gelu, d_gelu
+
+
+def _gated_gelu_forward(x, kernel_0, kernel_1):
+  h0 = _matmul_2d(x, kernel_0.astype(x.dtype), jnp.float32)
+  h1 = _matmul_2d(x, kernel_1.astype(x.dtype), jnp.float32)
+  return h0, h1, (_gelu_parts(h0)[0] * h1).astype(x.dtype)
+
+
+@jax.custom_vjp
+def cpu_gated_gelu(x: jax.Array, kernel_0: jax.Array,
+                   kernel_1: jax.Array) -> jax.Array:
+  """gelu(x @ kernel_0) * (x @ kernel_1) [..., F] in x.dtype, on the CPU.
+
+  x [..., D] is in the compute dtype, the kernels [D, F] as stored (cast
+  inside). The GEMMs accumulate in float32 and the gate is computed from
+  their float32 results; the backward pass saves h₀ and h₁ in x.dtype (as
+  autodiff of the bfloat16 composition did) and returns the kernels'
+  gradients in their own dtype.
+  """
+  return _gated_gelu_forward(x, kernel_0, kernel_1)[2]
+
+
+def _gated_gelu_fwd(x, kernel_0, kernel_1):
+  h0, h1, hidden = _gated_gelu_forward(x, kernel_0, kernel_1)
+  return hidden, (x, kernel_0, kernel_1, h0.astype(x.dtype),
+                  h1.astype(x.dtype))
+
+
+def _gated_gelu_bwd(residuals, d_hidden):
+  x, kernel_0, kernel_1, h0, h1 = residuals
+  h0, h1 = h0.astype(jnp.float32), h1.astype(jnp.float32)
+  d_hidden = d_hidden.astype(jnp.float32)
+  gelu, d_gelu = _gelu_parts(h0)
+  d_h0 = (d_hidden * h1 * d_gelu).astype(x.dtype)
+  d_h1 = (d_hidden * gelu).astype(x.dtype)
+  x2d_t = _row_major_transpose(x.reshape(-1, x.shape[-1]))
+  d_x, d_kernels = 0.0, []
+  for d_h, kernel in ((d_h0, kernel_0), (d_h1, kernel_1)):
+    d_h2d = d_h.reshape(-1, d_h.shape[-1])
+    d_x = d_x + jax.lax.dot_general(
+        d_h2d, kernel.astype(x.dtype), (((1,), (1,)), ((), ())),
+        preferred_element_type=jnp.float32)
+    d_kernels.append(jnp.dot(x2d_t, d_h2d, preferred_element_type=jnp.float32
+                             ).astype(kernel.dtype))
+  return (d_x.reshape(x.shape).astype(x.dtype), *d_kernels)
+
+
+cpu_gated_gelu.defvjp(_gated_gelu_fwd, _gated_gelu_bwd)
+
+
 def relative_position_bucket(relative_position: jax.Array, bidirectional: bool,
                              num_buckets: int, max_distance: int) -> jax.Array:
   """T5's bucketing of key_position − query_position (Mesh TF / T5X / HF).
@@ -389,7 +463,12 @@ class Mlp(hk.Module):
   def __call__(self, x: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
     config = self.config
     dense = functools.partial(Dense, config.d_ff, config.compute_dtype)
-    if config.gated:
+    if config.gated and jax.default_backend() == "cpu":
+      x = x.astype(config.compute_dtype)
+      hidden = cpu_gated_gelu(
+          x, *(dense(name=name).kernel_only(x.shape[-1], cast=False)
+               for name in ("wi_0", "wi_1")))                     # [B, n, F]
+    elif config.gated:
       hidden = (jax.nn.gelu(dense(name="wi_0")(x), approximate=True)
                 * dense(name="wi_1")(x))                           # [B, n, F]
     else:

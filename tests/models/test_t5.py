@@ -14,6 +14,7 @@ from dro_fast import models
 from dro_fast.models.t5 import Dense
 from dro_fast.models.t5 import cpu_attention_combine
 from dro_fast.models.t5 import cpu_attention_logits
+from dro_fast.models.t5 import cpu_gated_gelu
 
 CONFIG = models.preset("tiny", dropout_rate=0.0)
 B, S, T = 3, 21, 19
@@ -186,6 +187,74 @@ def test_bfloat16_cpu_attention_runs_bfloat16_products():
   value, grads = grad_fn(*args)
   want_value, want_grads = _attention_reference(*rounded, cotangent)
   np.testing.assert_allclose(value, want_value, rtol=2e-2)
+  for got, want in zip(grads, want_grads):
+    got = np.asarray(got, np.float64)
+    assert np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want)
+  hlo = grad_fn.lower(*args).compile().as_text()
+  assert sum(" dot(" in line for line in hlo.splitlines()) == 6
+  for block in hlo.split("\n\n"):
+    if " dot(" in block:
+      header = block.strip().splitlines()[0]
+      assert "f32[" not in header.split("->")[0], (
+          f"a dot with float32 operands: {header}")
+
+
+def _gated_gelu_loss(dtype):
+  """Random x [2, 8, 16], float32 kernels [16, 32], a cotangent, and the
+  jitted value-and-grad of sum(cpu_gated_gelu(x) · cotangent)."""
+  rng = np.random.default_rng(6)
+  x = rng.normal(size=(2, 8, 16)).astype(np.float32)
+  kernels = [rng.normal(size=(16, 32)).astype(np.float32) / 4
+             for _ in range(2)]
+  cotangent = rng.normal(size=(2, 8, 32)).astype(np.float32)
+
+  def loss(x, kernel_0, kernel_1):
+    hidden = cpu_gated_gelu(x.astype(dtype), kernel_0, kernel_1)
+    assert hidden.dtype == dtype
+    return jnp.sum(hidden.astype(jnp.float32) * cotangent)
+
+  return (x, *kernels), cotangent, jax.jit(
+      jax.value_and_grad(loss, (0, 1, 2)))
+
+
+def _gated_gelu_reference(x, kernel_0, kernel_1, cotangent):
+  """Value and gradients in float64 NumPy; the derivative of gelu's tanh
+  form by central differences of the formula, not by the code under test."""
+  x, k0, k1, c = (np.asarray(a, np.float64)
+                  for a in (x, kernel_0, kernel_1, cotangent))
+  gelu = lambda h: 0.5 * h * (1 + np.tanh(
+      np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+  h0, h1 = x @ k0, x @ k1
+  eps = 1e-6
+  d_gelu = (gelu(h0 + eps) - gelu(h0 - eps)) / (2 * eps)
+  d_h0, d_h1 = c * h1 * d_gelu, c * gelu(h0)
+  x2d = x.reshape(-1, x.shape[-1])
+  return np.sum(gelu(h0) * h1 * c), (
+      d_h0 @ k0.T + d_h1 @ k1.T,
+      x2d.T @ d_h0.reshape(len(x2d), -1), x2d.T @ d_h1.reshape(len(x2d), -1))
+
+
+def test_cpu_gated_gelu_matches_a_float64_reference():
+  args, cotangent, grad_fn = _gated_gelu_loss(jnp.float32)
+  value, grads = grad_fn(*args)
+  want_value, want_grads = _gated_gelu_reference(*args, cotangent)
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  for got, want in zip(grads, want_grads):
+    assert got.dtype == jnp.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_cpu_gated_gelu_runs_bfloat16_gemms():
+  # bfloat16: gradients within bfloat16 rounding of float64 (on the rounded
+  # inputs), the kernels' gradients in float32, and every GEMM of the
+  # compiled gradient on bfloat16 operands.
+  args, cotangent, grad_fn = _gated_gelu_loss(jnp.bfloat16)
+  rounded = [np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)
+             for a in args]
+  value, grads = grad_fn(*args)
+  want_value, want_grads = _gated_gelu_reference(*rounded, cotangent)
+  np.testing.assert_allclose(value, want_value, rtol=2e-2)
+  assert grads[1].dtype == grads[2].dtype == jnp.float32
   for got, want in zip(grads, want_grads):
     got = np.asarray(got, np.float64)
     assert np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want)
