@@ -124,6 +124,17 @@ def test_bfloat16_dense_runs_bfloat16_gemms_with_float32_gradients():
           f"library fusion): {header}")
 
 
+def _assert_bfloat16_dots(hlo: str, count: int):
+  """The compiled module has `count` dots, none on float32 operands (an
+  upcast, or a dot outside a bfloat16 library fusion: half the speed)."""
+  assert sum(" dot(" in line for line in hlo.splitlines()) == count
+  for block in hlo.split("\n\n"):       # one computation per block
+    if " dot(" in block:
+      header = block.strip().splitlines()[0]     # its parameters' types
+      assert "f32[" not in header.split("->")[0], (
+          f"a dot with float32 operands: {header}")
+
+
 def _attention_loss(dtype, shape=(2, 5, 7, 3, 4)):
   """Random q, k, v [B, q|t, H, K], a bias and cotangent, and the jitted
   value-and-grad of sum(attention(q, k, v) · cotangent) through
@@ -190,13 +201,7 @@ def test_bfloat16_cpu_attention_runs_bfloat16_products():
   for got, want in zip(grads, want_grads):
     got = np.asarray(got, np.float64)
     assert np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want)
-  hlo = grad_fn.lower(*args).compile().as_text()
-  assert sum(" dot(" in line for line in hlo.splitlines()) == 6
-  for block in hlo.split("\n\n"):
-    if " dot(" in block:
-      header = block.strip().splitlines()[0]
-      assert "f32[" not in header.split("->")[0], (
-          f"a dot with float32 operands: {header}")
+  _assert_bfloat16_dots(grad_fn.lower(*args).compile().as_text(), 6)
 
 
 def _gated_gelu_loss(dtype):
@@ -258,13 +263,7 @@ def test_bfloat16_cpu_gated_gelu_runs_bfloat16_gemms():
   for got, want in zip(grads, want_grads):
     got = np.asarray(got, np.float64)
     assert np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want)
-  hlo = grad_fn.lower(*args).compile().as_text()
-  assert sum(" dot(" in line for line in hlo.splitlines()) == 6
-  for block in hlo.split("\n\n"):
-    if " dot(" in block:
-      header = block.strip().splitlines()[0]
-      assert "f32[" not in header.split("->")[0], (
-          f"a dot with float32 operands: {header}")
+  _assert_bfloat16_dots(grad_fn.lower(*args).compile().as_text(), 6)
 
 
 @pytest.mark.parametrize("changes", [dict(scan_layers=True),
