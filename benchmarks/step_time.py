@@ -76,6 +76,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.append(os.path.dirname(_HERE))
 from benchmarks import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast import cpu_gemm  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast import kernels  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.models import value  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -523,7 +524,9 @@ def measure_point(size: str, b: int, t: int, implementations: list[str],
         "variant": name, "implementation": settings[name][0],
         "remat": settings[name][1], "dtype": _DTYPE.value,
         "scan_layers": _SCAN.value, "value_net": _VALUE_NET.value,
-        "device": timing.device_description()}
+        "device": timing.device_description(),
+        **({"cpu_bf16_gemm": cpu_gemm.bf16_mode()}
+           if jax.default_backend() == "cpu" else {})}
 
   records = [{**variant_fields(name), "error": error}
              for name, error in failed.items()]
@@ -668,7 +671,9 @@ def main(argv):
   implementations = _IMPLEMENTATION.value
   check_flags(implementations)
   print(f"jax {jax.__version__}  {timing.device_description()}  "
-        f"threads {len(os.sched_getaffinity(0))}  host memory: {how}")
+        f"threads {len(os.sched_getaffinity(0))}  host memory: {how}"
+        + (f"  bfloat16 GEMMs: {cpu_gemm.bf16_mode()} (dro_fast.cpu_gemm)"
+           if jax.default_backend() == "cpu" else ""))
   out = open(_JSON_OUT.value, "a") if _JSON_OUT.value else None
   records = []
   for size, b, t in itertools.product(_SIZE.value, _BATCH.value,

@@ -26,6 +26,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from dro_fast import cpu_gemm
 from dro_fast.models.config import T5Config
 
 # Attention logits at masked positions (finite: a fully masked row stays NaN-free).
@@ -115,7 +116,7 @@ def _row_major_transpose(x2d: jax.Array) -> jax.Array:
 
 def _matmul_2d(x: jax.Array, kernel: jax.Array, out_dtype) -> jax.Array:
   """x [..., D] @ kernel [D, F] as one 2-D GEMM, accumulated in float32."""
-  y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel,
+  y = jnp.dot(*cpu_gemm.operands(x.reshape(-1, x.shape[-1]), kernel),
               preferred_element_type=jnp.float32).astype(out_dtype)
   return y.reshape(*x.shape[:-1], kernel.shape[1])
 
@@ -142,7 +143,10 @@ def cpu_matmul(x: jax.Array, kernel: jax.Array, out_dtype) -> jax.Array:
       the kernel's last dimension in place and xᵀ is materialised
       row-major (_row_major_transpose);
     - a bfloat16 x bfloat16 -> bfloat16 dot is also upcast; with a float32
-      result it runs natively (AVX512-BF16).
+      result it runs natively (AVX512-BF16). On a host without bfloat16
+      arithmetic the native form is emulated and slower than float32, so
+      every CPU GEMM here takes its operands through cpu_gemm.operands,
+      which upcasts them there (dro_fast/cpu_gemm.py).
   The residuals are x and the kernel themselves, as the caller holds them
   (a reshaped or cast copy would be stacked as a second residual under
   scan_layers). Accelerators use jnp.dot. Measured in benchmarks/RESULTS.md
@@ -161,9 +165,10 @@ def _cpu_matmul_bwd(out_dtype, residuals, dy):
   kernel_c = kernel.astype(x.dtype)
   x2d = x.reshape(-1, x.shape[-1])
   dy2d = dy.reshape(-1, dy.shape[-1]).astype(x.dtype)
-  dx = jax.lax.dot_general(dy2d, kernel_c, (((1,), (1,)), ((), ())),
+  dx = jax.lax.dot_general(*cpu_gemm.operands(dy2d, kernel_c),
+                           (((1,), (1,)), ((), ())),
                            preferred_element_type=jnp.float32)
-  dkernel = jnp.dot(_row_major_transpose(x2d), dy2d,
+  dkernel = jnp.dot(*cpu_gemm.operands(_row_major_transpose(x2d), dy2d),
                     preferred_element_type=jnp.float32)
   return (dx.reshape(x.shape).astype(x.dtype),
           dkernel.astype(kernel.dtype))
@@ -188,7 +193,8 @@ def _head_dot(a: jax.Array, b: jax.Array, a_contract: int,
               b_contract: int) -> jax.Array:
   """Batched over [B, H] (dims 0, 1), float32 result."""
   return jax.lax.dot_general(
-      a, b, (((a_contract,), (b_contract,)), ((0, 1), (0, 1))),
+      *cpu_gemm.operands(a, b),
+      (((a_contract,), (b_contract,)), ((0, 1), (0, 1))),
       preferred_element_type=jnp.float32)
 
 
@@ -319,9 +325,10 @@ def _gated_gelu_bwd(residuals, d_hidden):
   for d_h, kernel in ((d_h0, kernel_0), (d_h1, kernel_1)):
     d_h2d = d_h.reshape(-1, d_h.shape[-1])
     d_x = d_x + jax.lax.dot_general(
-        d_h2d, kernel.astype(x.dtype), (((1,), (1,)), ((), ())),
-        preferred_element_type=jnp.float32)
-    d_kernels.append(jnp.dot(x2d_t, d_h2d, preferred_element_type=jnp.float32
+        *cpu_gemm.operands(d_h2d, kernel.astype(x.dtype)),
+        (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    d_kernels.append(jnp.dot(*cpu_gemm.operands(x2d_t, d_h2d),
+                             preferred_element_type=jnp.float32
                              ).astype(kernel.dtype))
   return (d_x.reshape(x.shape).astype(x.dtype), *d_kernels)
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dro_fast import cpu_gemm
 from dro_fast.kernels import config
 from dro_fast.kernels import online_lse
 
@@ -45,7 +46,8 @@ def linear_token_logprobs(hidden, weight, targets, block_sizes=None,
 
   def body(carry, j):
     _, w, cols, valid = _chunk(weight, j, chunk, vocab)
-    logits = jnp.dot(hidden, w, preferred_element_type=jnp.float32)  # [N, c]
+    logits = jnp.dot(*cpu_gemm.operands(hidden, w),
+                     preferred_element_type=jnp.float32)            # [N, c]
     cols = jnp.broadcast_to(cols, logits.shape)
     valid = jnp.broadcast_to(valid, logits.shape)
     return online_lse.update(carry, logits, cols, valid,
@@ -81,9 +83,9 @@ def backward_scan(hidden, weight, targets, chunk, dlogits_fn):
     w_new = jnp.where(valid[None, :], w, jnp.zeros_like(w))
     # dlogits @ w_newᵀ, contracting c in place (no transposed operand).
     dhidden = dhidden + lax.dot_general(
-        dlogits, w_new.astype(dlogits.dtype), (((1,), (1,)), ((), ())),
-        preferred_element_type=jnp.float32)
-    dw = jnp.dot(hidden_t.astype(dlogits.dtype), dlogits,
+        *cpu_gemm.operands(dlogits, w_new.astype(dlogits.dtype)),
+        (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    dw = jnp.dot(*cpu_gemm.operands(hidden_t.astype(dlogits.dtype), dlogits),
                  preferred_element_type=jnp.float32)              # [D, c]
     dweight = lax.dynamic_update_slice_in_dim(
         dweight, dw.astype(dweight.dtype), start, axis=1)
@@ -119,7 +121,8 @@ def linear_token_logprobs_bwd(hidden, weight, targets, lse, g,
   compute_dtype = jnp.result_type(hidden.dtype, weight.dtype)
 
   def dlogits_fn(w, start):
-    logits = jnp.dot(hidden, w, preferred_element_type=jnp.float32)  # [N, c]
+    logits = jnp.dot(*cpu_gemm.operands(hidden, w),
+                     preferred_element_type=jnp.float32)            # [N, c]
     cols = start + jnp.arange(w.shape[1], dtype=jnp.int32)
     onehot = cols[None, :] == targets[:, None]
     dlogits = g[:, None] * (onehot - jnp.exp(logits - lse[:, None]))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dro_fast import checkpoints
+from dro_fast import cpu_gemm
 from dro_fast import decoding
 from dro_fast import models
 from dro_fast.models.t5 import Dense
@@ -94,11 +95,23 @@ def test_dense_gradients_match_a_float64_reference():
       x64.reshape(-1, 7).T @ c64.reshape(-1, 6), rtol=1e-5, atol=1e-6)
 
 
-def test_bfloat16_dense_runs_bfloat16_gemms_with_float32_gradients():
+@pytest.fixture(params=["native", "upcast"])
+def bf16_gemm_mode(request, monkeypatch):
+  """Both ways a CPU GEMM may take bfloat16 operands (dro_fast.cpu_gemm):
+  as they are (hosts with bfloat16 arithmetic) or upcast to float32
+  (hosts without); the mode is read when the function is traced."""
+  monkeypatch.setenv(cpu_gemm.ENV, request.param)
+  return request.param
+
+
+def test_bfloat16_dense_runs_bfloat16_gemms_with_float32_gradients(
+    bf16_gemm_mode):
   # bfloat16 compute: the value and gradients stay within bfloat16 rounding
   # of a float64 reference, the kernel gradient comes back in float32, and
-  # every GEMM of the compiled gradient takes bfloat16 operands (a float32
-  # one would mean XLA:CPU upcast it: half the speed).
+  # every GEMM of the compiled gradient takes operands of the mode's dtype
+  # ("native": bfloat16; a float32 one would mean XLA:CPU upcast it, half
+  # the speed with AVX512-BF16; "upcast": float32, as fast as it gets
+  # without bfloat16 arithmetic).
   params, x, cotangent, grad_fn = _dense_loss(4, (2, 24, 32), 40,
                                               jnp.bfloat16)
   value, (grad_params, grad_x) = grad_fn(params, x)
@@ -113,26 +126,21 @@ def test_bfloat16_dense_runs_bfloat16_gemms_with_float32_gradients():
   for got, want in ((grad_x, want_dx), (grad_params["d"]["kernel"], want_dk)):
     got = np.asarray(got, np.float64)
     assert np.linalg.norm(got - want) <= 1e-2 * np.linalg.norm(want)
-  hlo = grad_fn.lower(params, x).compile().as_text()
-  dots = [line for line in hlo.splitlines() if " dot(" in line]
-  assert len(dots) == 3, dots
-  for block in hlo.split("\n\n"):       # one computation per block
-    if " dot(" in block:
-      header = block.strip().splitlines()[0]     # its parameters' types
-      assert "f32[" not in header.split("->")[0], (
-          f"a dot with float32 operands (upcast, or outside a bfloat16 "
-          f"library fusion): {header}")
+  _assert_gemm_operands(grad_fn.lower(params, x).compile().as_text(), 3,
+                        bf16_gemm_mode)
 
 
-def _assert_bfloat16_dots(hlo: str, count: int):
-  """The compiled module has `count` dots, none on float32 operands (an
-  upcast, or a dot outside a bfloat16 library fusion: half the speed)."""
+def _assert_gemm_operands(hlo: str, count: int, mode: str):
+  """The compiled module has `count` dots, all on bfloat16 operands
+  ("native": a float32 one would be an upcast, or a dot outside a bfloat16
+  library fusion) or all on float32 ones ("upcast")."""
   assert sum(" dot(" in line for line in hlo.splitlines()) == count
+  unwanted = {"native": "f32[", "upcast": "bf16["}[mode]
   for block in hlo.split("\n\n"):       # one computation per block
     if " dot(" in block:
       header = block.strip().splitlines()[0]     # its parameters' types
-      assert "f32[" not in header.split("->")[0], (
-          f"a dot with float32 operands: {header}")
+      assert unwanted not in header.split("->")[0], (
+          f"{mode}: a dot with {unwanted[:-1]} operands: {header}")
 
 
 def _attention_loss(dtype, shape=(2, 5, 7, 3, 4)):
@@ -188,7 +196,7 @@ def test_cpu_attention_matches_a_float64_reference():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_bfloat16_cpu_attention_runs_bfloat16_products():
+def test_bfloat16_cpu_attention_runs_bfloat16_products(bf16_gemm_mode):
   # In bfloat16 the gradients stay within bfloat16 rounding of float64, and
   # all six products of the compiled gradient take bfloat16 operands (the
   # einsums' autodiff had XLA:CPU upcast the backward ones to float32).
@@ -201,7 +209,8 @@ def test_bfloat16_cpu_attention_runs_bfloat16_products():
   for got, want in zip(grads, want_grads):
     got = np.asarray(got, np.float64)
     assert np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want)
-  _assert_bfloat16_dots(grad_fn.lower(*args).compile().as_text(), 6)
+  _assert_gemm_operands(grad_fn.lower(*args).compile().as_text(), 6,
+                        bf16_gemm_mode)
 
 
 def _gated_gelu_loss(dtype):
@@ -249,7 +258,7 @@ def test_cpu_gated_gelu_matches_a_float64_reference():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_bfloat16_cpu_gated_gelu_runs_bfloat16_gemms():
+def test_bfloat16_cpu_gated_gelu_runs_bfloat16_gemms(bf16_gemm_mode):
   # bfloat16: gradients within bfloat16 rounding of float64 (on the rounded
   # inputs), the kernels' gradients in float32, and every GEMM of the
   # compiled gradient on bfloat16 operands.
@@ -263,7 +272,8 @@ def test_bfloat16_cpu_gated_gelu_runs_bfloat16_gemms():
   for got, want in zip(grads, want_grads):
     got = np.asarray(got, np.float64)
     assert np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want)
-  _assert_bfloat16_dots(grad_fn.lower(*args).compile().as_text(), 6)
+  _assert_gemm_operands(grad_fn.lower(*args).compile().as_text(), 6,
+                        bf16_gemm_mode)
 
 
 @pytest.mark.parametrize("changes", [dict(scan_layers=True),

@@ -1,0 +1,91 @@
+"""The operand dtype XLA:CPU's GEMMs run fastest in, on this host.
+
+A bfloat16 GEMM with float32 accumulation gives the same products either
+way (a product of two bfloat16 values is exact in float32), so on the CPU
+the only question is speed:
+
+  - with AVX512-BF16 or AMX-BF16 (x86) or the BF16 extension (Arm), XLA's
+    YNNPACK matmul runs bfloat16 operands natively, at about twice its
+    float32 rate;
+  - without it (an AVX2-only x86, or an AVX-512 one without BF16), the
+    "native" bfloat16 GEMM is emulated: on a 2-core AMD EPYC VM that exposed
+    only AVX2, 88-92 GFLOP/s against 142-152 GFLOP/s for float32 operands
+    (benchmarks/cpu_gemm.py, benchmarks/RESULTS.md), and a bfloat16 T5-small
+    DRO-V step took 1.55x the float32 one.
+
+So the CPU paths of dro_fast.models.t5 and dro_fast.kernels' chunked_xla
+pass their GEMM operands through `operands`, which upcasts bfloat16 to
+float32 where the host lacks bfloat16 arithmetic. The values are first
+rounded to bfloat16 as the compute dtype asks; only the GEMM's input
+format changes. Accelerators are not affected.
+
+DRO_FAST_CPU_BF16_GEMM=native|upcast overrides the detection (benchmarks
+and tests set it); it is read when a function is traced.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+
+import jax
+import jax.numpy as jnp
+
+ENV = "DRO_FAST_CPU_BF16_GEMM"
+_MODES = ("native", "upcast")
+
+# /proc/cpuinfo flags that mean bfloat16 dot products in hardware.
+_X86_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+_ARM_FEATURES = frozenset({"bf16"})
+
+
+def bf16_native_from_cpuinfo(cpuinfo: str, machine: str) -> bool | None:
+  """Whether /proc/cpuinfo's text lists bfloat16 arithmetic; None if the
+  text names no flags for this machine (then assume native)."""
+  key = "features" if machine.lower() in ("aarch64", "arm64") else "flags"
+  for line in cpuinfo.splitlines():
+    name, sep, value = line.partition(":")
+    if sep and name.strip().lower() == key:
+      words = set(value.split())
+      wanted = _ARM_FEATURES if key == "features" else _X86_FLAGS
+      return bool(words & wanted)
+  return None
+
+
+@functools.cache
+def _host_bf16_native() -> bool:
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpuinfo = f.read()
+  except OSError:                       # not Linux: leave XLA's choice alone
+    return True
+  native = bf16_native_from_cpuinfo(cpuinfo, platform.machine())
+  return True if native is None else native
+
+
+def bf16_mode() -> str:
+  """"native" or "upcast": how CPU GEMMs take bfloat16 operands here."""
+  override = os.environ.get(ENV, "").strip().lower()
+  if override:
+    if override not in _MODES:
+      raise ValueError(f"{ENV}={os.environ[ENV]!r}: expected one of "
+                       f"{', '.join(_MODES)} (or unset, to detect).")
+    return override
+  return "native" if _host_bf16_native() else "upcast"
+
+
+def operands(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """The arrays as a CPU GEMM should take them: bfloat16 ones upcast to
+  float32 on hosts without bfloat16 arithmetic, all else unchanged.
+
+  Call it at trace time, on operands already in the compute dtype, right
+  before the dot (XLA fuses the convert into the operand's producer or
+  the GEMM's packing).
+  """
+  if (jax.default_backend() != "cpu"
+      or not any(a.dtype == jnp.bfloat16 for a in arrays)
+      or bf16_mode() == "native"):
+    return arrays
+  return tuple(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a
+               for a in arrays)

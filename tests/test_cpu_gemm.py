@@ -1,0 +1,58 @@
+"""dro_fast.cpu_gemm: which operand dtype the CPU GEMMs take bfloat16 in."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dro_fast import cpu_gemm
+from dro_fast.kernels.linear_logprobs import chunked_xla
+
+_ZEN4 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 "
+         "avx512f avx512bw avx512_bf16 avx512_vnni\n")
+_AVX2 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 "
+         "avx avx2 fma\n")
+
+
+@pytest.mark.parametrize("cpuinfo, machine, want", [
+    (_ZEN4, "x86_64", True),
+    (_AVX2, "x86_64", False),
+    (_AVX2.replace("fma", "fma amx_bf16"), "x86_64", True),
+    ("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n", "aarch64", True),
+    ("processor\t: 0\nFeatures\t: fp asimd\n", "aarch64", False),
+    ("processor\t: 0\n", "x86_64", None),          # no flags line: unknown
+])
+def test_bf16_native_from_cpuinfo(cpuinfo, machine, want):
+  assert cpu_gemm.bf16_native_from_cpuinfo(cpuinfo, machine) is want
+
+
+def test_override_and_bad_value(monkeypatch):
+  x = jnp.ones((2, 3), jnp.bfloat16)
+  y = jnp.ones((3,), jnp.float32)
+  monkeypatch.setenv(cpu_gemm.ENV, "upcast")
+  assert cpu_gemm.bf16_mode() == "upcast"
+  assert [a.dtype for a in cpu_gemm.operands(x, y)] == [jnp.float32] * 2
+  monkeypatch.setenv(cpu_gemm.ENV, "Native ")
+  assert cpu_gemm.bf16_mode() == "native"
+  assert cpu_gemm.operands(x, y)[0].dtype == jnp.bfloat16
+  monkeypatch.setenv(cpu_gemm.ENV, "fast")
+  with pytest.raises(ValueError, match="DRO_FAST_CPU_BF16_GEMM='fast'"):
+    cpu_gemm.operands(x, y)
+
+
+def test_chunked_linear_logprobs_agree_across_modes(monkeypatch):
+  # Both modes give the same bfloat16 log-probs and gradients up to float32
+  # summation order: the products of bfloat16 values are exact in float32.
+  rng = np.random.default_rng(3)
+  hidden = jnp.asarray(rng.normal(size=(6, 16)), jnp.bfloat16)
+  weight = jnp.asarray(rng.normal(size=(16, 40)) / 4, jnp.bfloat16)
+  targets = jnp.asarray(rng.integers(0, 40, 6), jnp.int32)
+  g = jnp.asarray(rng.normal(size=6), jnp.float32)
+  out = {}
+  for mode in ("native", "upcast"):
+    monkeypatch.setenv(cpu_gemm.ENV, mode)
+    logp, lse = chunked_xla.linear_token_logprobs(hidden, weight, targets)
+    grads = chunked_xla.linear_token_logprobs_bwd(hidden, weight, targets,
+                                                  lse, g)
+    out[mode] = [np.asarray(a, np.float64) for a in (logp, *grads)]
+  for a, b in zip(out["native"], out["upcast"]):
+    np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)
