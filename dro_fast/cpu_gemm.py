@@ -9,9 +9,9 @@ the only question is speed:
     float32 rate;
   - without it (an AVX2-only x86, or an AVX-512 one without BF16), the
     "native" bfloat16 GEMM is emulated: on a 2-core AMD EPYC VM that exposed
-    only AVX2, 88-92 GFLOP/s against 142-152 GFLOP/s for float32 operands
-    (benchmarks/cpu_gemm.py, benchmarks/RESULTS.md), and a bfloat16 T5-small
-    DRO-V step took 1.55x the float32 one.
+    only AVX2, 86-95 GFLOP/s against 124-140 GFLOP/s for float32 operands
+    (benchmarks/cpu_gemm.py), and a bfloat16 T5-small DRO-V step took 1.57x
+    the float32 one; upcast, 1.08x (benchmarks/RESULTS.md, ninth session).
 
 So the CPU paths of dro_fast.models.t5 and dro_fast.kernels' chunked_xla
 pass their GEMM operands through `operands`, which upcasts bfloat16 to
@@ -80,8 +80,10 @@ def operands(*arrays: jax.Array) -> tuple[jax.Array, ...]:
   float32 on hosts without bfloat16 arithmetic, all else unchanged.
 
   Call it at trace time, on operands already in the compute dtype, right
-  before the dot (XLA fuses the convert into the operand's producer or
-  the GEMM's packing).
+  before the dot. An upcast costs a convert (a pass over the operand,
+  unless XLA fuses it into the operand's producer) and float32 copies
+  that may stay live: about +320 MiB of XLA peak for the bfloat16 T5-small
+  DRO-V step at batch 8.
   """
   if (jax.default_backend() != "cpu"
       or not any(a.dtype == jnp.bfloat16 for a in arrays)
