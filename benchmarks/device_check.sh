@@ -10,16 +10,20 @@
 #
 #   bash benchmarks/device_check.sh                   # every check, in order
 #   CHECKS="numerics steps" bash benchmarks/device_check.sh
-#   STEP_RUNS="large:dots,full xl:full" bash benchmarks/device_check.sh
+#   STEP_RUNS="large:dots,full xl:full:cudnn" bash benchmarks/device_check.sh
 #
-# STEP_RUNS: one step_time process per item SIZE:REMAT[,REMAT...]; the
-# policies of one item are timed side by side in that process (T5-XL's
-# states are too large for two in one process, so give XL one per item).
-# A policy that does not fit is recorded as out of memory and the others
-# are still timed (step_time exits 1 then; the script goes on).
+# STEP_RUNS: one step_time process per item
+# SIZE:REMAT[,REMAT...][:ATTENTION[,ATTENTION...]] (attention "xla" unless
+# given); the variants of one item are timed side by side in that process
+# (T5-XL's states are too large for two in one process, so give XL one per
+# item). A variant that does not fit is recorded as out of memory, and a
+# cuDNN attention variant that cuDNN refuses is recorded with its error;
+# the others are still timed (step_time exits 1 then; the script goes on).
 #
 # The default runs: T5-L with remat "dots" (31.7 GB on the H100 run of
-# 2026-11-27) and T5-XL with "full". XLA:CPU's plans from shapes alone
+# 2026-11-27), attention materialised ("xla") against cuDNN's fused
+# attention ("cudnn", never yet run on a GPU), and T5-XL with "full" and
+# cuDNN attention. XLA:CPU's plans from shapes alone
 # (step_time --memory_only, benchmarks/RESULTS.md) put T5-L without remat at
 # 3.6x its "dots" plan, far past 80 GB, and T5-XL "full" at 41% of its
 # "dots" plan, which needed 71 GiB on the H100.
@@ -41,7 +45,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 PY="${PY:-python3}"
 CHECKS="${CHECKS:-numerics steps profile tests optimizer kernels}"
 BENCH_FLAGS="${BENCH_FLAGS:---flagfile=configs/kernels_gpu.flags}"
-STEP_RUNS="${STEP_RUNS:-large:dots xl:full}"
+STEP_RUNS="${STEP_RUNS:-large:dots:xla,cudnn xl:full:cudnn}"
 STEP_FLAGS="${STEP_FLAGS:---batch_size=32 --input_length=512 --target_length=128 --steps=4 --repeats=3}"
 PROFILE_FLAGS="${PROFILE_FLAGS:---size=large --remat=dots --profile_steps=2}"
 DEADLINE=$((SECONDS + ${BUDGET_S:-450}))
@@ -88,10 +92,11 @@ fi
 
 if wants steps; then
   for RUN in $STEP_RUNS; do
-    SIZE="${RUN%%:*}"; REMAT="${RUN#*:}"
-    log "step_time $SIZE remat=$REMAT (DRO-V: $STEP_FLAGS)"
+    IFS=: read -r SIZE REMAT ATTENTION <<< "$RUN"
+    ATTENTION="${ATTENTION:-xla}"
+    log "step_time $SIZE remat=$REMAT attention=$ATTENTION (DRO-V: $STEP_FLAGS)"
     run_for "${STEP_TIMEOUT:-170}" "step_time $RUN" $PY benchmarks/step_time.py \
-      --size="$SIZE" --remat="$REMAT" $STEP_FLAGS \
+      --size="$SIZE" --remat="$REMAT" --attention="$ATTENTION" $STEP_FLAGS \
       --json_out="$OUT/step_time.jsonl" 2>&1 \
       | grep -v "Unable to initialize" | tee -a "$OUT/step_time.txt"
   done

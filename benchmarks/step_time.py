@@ -10,10 +10,11 @@ nothing per step), times it on random tokens and prints compile time,
 steps/s, examples/s, tokens/s, XLA's planned memory, the process's peak RSS,
 MFU and the ratio to the paper's per-chip throughput.
 
---size, --batch_size, --target_length, --implementation and --remat take
-comma-separated lists. Every (size, batch, target length) point is timed in
-turn, and at each point every variant (one per implementation and remat
-policy, plus the PyTorch step with --compare_torch) is compiled first and then
+--size, --batch_size, --target_length, --implementation, --remat and
+--attention take comma-separated lists. Every (size, batch, target length)
+point is timed in turn, and at each point every variant (one per
+implementation, remat policy and attention, plus the PyTorch step with
+--compare_torch) is compiled first and then
 timed interleaved: --repeats rounds of --steps steps each, alternating the
 order; the figures are medians over the rounds ("vs torch": the ratio of
 the medians; "paired": the median of each round's ratio, both sides having
@@ -80,6 +81,7 @@ from dro_fast import cpu_gemm  # pylint: disable=g-import-not-at-top,wrong-impor
 from dro_fast import kernels  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.models import value  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast.models.config import ATTENTION_IMPLEMENTATIONS  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.models.config import REMAT_POLICIES  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.training import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.training import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -116,6 +118,10 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"],
                            "stay float32).")
 _REMAT = flags.DEFINE_list("remat", ["dots"], "Rematerialisation "
                            f"policy or policies, of {REMAT_POLICIES}.")
+_ATTENTION = flags.DEFINE_list(
+    "attention", ["xla"], "Attention implementation(s), of "
+    f"{ATTENTION_IMPLEMENTATIONS}: xla materialises the [B, H, q, k] "
+    "logits, cudnn is cuDNN's fused attention (CUDA GPU, bfloat16).")
 _SCAN = flags.DEFINE_bool("scan_layers", True, "Scan over layers.")
 _VALUE_NET = flags.DEFINE_enum("value_net", "separate", ["separate", "shared"],
                                "DRO-V value network.")
@@ -147,9 +153,12 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12,
 TORCH = "torch"
 
 
-def config_for(size: str, remat: str) -> models.T5Config:
+def config_for(size: str, remat: str,
+               attention: str | None = None) -> models.T5Config:
+  """The benchmarked preset; attention defaults to the first --attention."""
   name = "tiny" if size == "tiny" else f"flan-t5-{size}"
   return models.preset(name, dtype=_DTYPE.value, remat=remat,
+                       attention=attention or _ATTENTION.value[0],
                        scan_layers=_SCAN.value, dropout_rate=0.0)
 
 
@@ -417,6 +426,16 @@ def check_flags(implementations: list[str]) -> None:
   if unknown:
     raise app.UsageError(f"--remat: unknown {unknown}; choose from "
                          f"{REMAT_POLICIES}.")
+  unknown = [a for a in _ATTENTION.value if a not in ATTENTION_IMPLEMENTATIONS]
+  if unknown or not _ATTENTION.value:
+    raise app.UsageError(f"--attention: unknown {unknown}; choose from "
+                         f"{ATTENTION_IMPLEMENTATIONS}.")
+  if "cudnn" in _ATTENTION.value and (jax.default_backend() != "gpu"
+                                     or _DTYPE.value != "bfloat16"):
+    raise app.UsageError(
+        "--attention=cudnn runs cuDNN's fused attention: it needs a CUDA GPU "
+        f"(JAX's backend here is {jax.default_backend()!r}) and "
+        "--dtype=bfloat16.")
   for name, values in (("batch_size", _BATCH.value),
                        ("target_length", _TARGET_LENGTH.value)):
     if not all(v.isdigit() and int(v) > 0 for v in values):
@@ -447,7 +466,9 @@ def build_jax_step(config: models.T5Config, implementation: str | None,
   A variant that does not fit in the device's memory (XLA's
   RESOURCE_EXHAUSTED, at compile time or at its first step) is a finding,
   not a crash: the message is returned so that the other variants are still
-  measured. Any other error propagates.
+  measured. So is cuDNN refusing its fused attention (config.attention
+  "cudnn": an unsupported cuDNN version, GPU or shape), which depends on the
+  machine. Any other error propagates.
   """
   try:
     step = JaxStep(config, implementation, batches,
@@ -455,11 +476,15 @@ def build_jax_step(config: models.T5Config, implementation: str | None,
     if not _MEMORY_ONLY.value:
       step()               # allocation fails here, not in a timed round
     return step
-  except jax.errors.JaxRuntimeError as error:
-    if "RESOURCE_EXHAUSTED" not in str(error):
-      raise
-    first_line = str(error).strip().splitlines()[0]
-    return f"out of memory: {first_line[:300]}"
+  except Exception as error:  # pylint: disable=broad-exception-caught
+    first_line = (str(error).strip().splitlines() or [""])[0][:300]
+    if (isinstance(error, jax.errors.JaxRuntimeError)
+        and "RESOURCE_EXHAUSTED" in str(error)):
+      return f"out of memory: {first_line}"
+    if config.attention == "cudnn":
+      return (f"cuDNN attention failed: {type(error).__name__}: "
+              f"{first_line}")
+    raise
 
 
 def measure_point(size: str, b: int, t: int, implementations: list[str],
@@ -467,19 +492,23 @@ def measure_point(size: str, b: int, t: int, implementations: list[str],
   """Builds every variant at one (size, batch, target length) and times
   them interleaved (unless --memory_only); one record per variant.
 
-  The JAX variants are every (implementation, remat policy); a variant is
-  named by its implementation, followed by "/" and the policy when several
-  policies are compared.
+  The JAX variants are every (implementation, remat policy, attention); a
+  variant is named by its implementation, followed by "/" and the policy
+  when several policies are compared, and by "/" and the attention when
+  several attentions are.
   """
   s = _INPUT_LENGTH.value
   config = config_for(size, "none")       # shapes (remat changes no shape)
+  attentions = _ATTENTION.value
   rng = np.random.default_rng(0)
   batches = [random_batch(config, b, s, t, rng) for _ in range(2)]
   variants, settings, failed = {}, {}, {}
-  for name, remat in itertools.product(implementations, _REMAT.value):
-    variant = f"{name}/{remat}" if len(_REMAT.value) > 1 else name
-    settings[variant] = (name, remat)
-    step = build_jax_step(config_for(size, remat),
+  for name, remat, attention in itertools.product(
+      implementations, _REMAT.value, attentions):
+    variant = "/".join([name] + [remat] * (len(_REMAT.value) > 1)
+                       + [attention] * (len(attentions) > 1))
+    settings[variant] = (name, remat, attention)
+    step = build_jax_step(config_for(size, remat, attention),
                           None if name == "default" else name, batches)
     if isinstance(step, str):
       failed[variant] = step
@@ -490,7 +519,7 @@ def measure_point(size: str, b: int, t: int, implementations: list[str],
     for mode in _TORCH_HOST_MEMORY.value:
       name = TORCH if mode == "same" else f"{TORCH}[{mode}]"
       torch_modes[name] = mode
-      settings[name] = (TORCH, "none")
+      settings[name] = (TORCH, "none", "eager")
       variants[name] = (TorchStep(config, batches) if mode == "same" else
                         TorchProcessStep(config, batches, mode))
   usage = {name: [] for name in variants}
@@ -522,7 +551,8 @@ def measure_point(size: str, b: int, t: int, implementations: list[str],
         "input_length": s, "target_length": t,
         "framework": TORCH if name in torch_modes else "jax",
         "variant": name, "implementation": settings[name][0],
-        "remat": settings[name][1], "dtype": _DTYPE.value,
+        "remat": settings[name][1], "attention": settings[name][2],
+        "dtype": _DTYPE.value,
         "scan_layers": _SCAN.value, "value_net": _VALUE_NET.value,
         "device": timing.device_description(),
         **({"cpu_bf16_gemm": cpu_gemm.bf16_mode()}
@@ -684,7 +714,8 @@ def main(argv):
     if out:
       out.writelines(json.dumps(r) + "\n" for r in point)
       out.flush()
-  per_point = len(implementations) * len(_REMAT.value) + (
+  per_point = len(implementations) * len(_REMAT.value) * len(
+      _ATTENTION.value) + (
       len(_TORCH_HOST_MEMORY.value) if _COMPARE_TORCH.value else 0)
   failed = [r for r in records if "error" in r]
   if not _MEMORY_ONLY.value and len(records) > per_point:

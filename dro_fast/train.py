@@ -139,6 +139,12 @@ _SCAN_LAYERS = flags.DEFINE_bool("scan_layers", False,
                                  "Scan over layers (faster compiles).")
 _REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots"],
                            "Rematerialisation policy per layer.")
+_ATTENTION = flags.DEFINE_enum(
+    "attention", "xla", ["xla", "cudnn"],
+    "Attention in training and scoring: xla materialises the [B, H, q, k] "
+    "logits; cudnn runs cuDNN's fused (flash) attention, which does not "
+    "(CUDA GPU, --dtype=bfloat16, --dropout_rate=0 and even "
+    "--max_input_length / --max_target_length only).")
 _KEEP_HOST_MEMORY = flags.DEFINE_bool(
     "keep_freed_host_memory", True, "When JAX runs on the CPU alone (no GPU "
     "or TPU plugin, or JAX_PLATFORMS=cpu), keep freed host memory for the "
@@ -400,7 +406,7 @@ def save_inputs(workdir: str, dataset: Dataset) -> None:
 def model_config_and_params(tokenizer: Tokenizer, rng: jax.Array):
   """The policy's config and initial (SFT) parameters."""
   overrides = dict(dtype=_DTYPE.value, remat=_REMAT.value,
-                   dropout_rate=_DROPOUT.value)
+                   attention=_ATTENTION.value, dropout_rate=_DROPOUT.value)
   if _INIT_CHECKPOINT.value:
     path = _INIT_CHECKPOINT.value
     try:
@@ -499,6 +505,22 @@ def _check_flags():
   if not 0 <= _DROPOUT.value < 1:
     raise UserError(f"--dropout_rate must be in [0, 1), got "
                     f"{_DROPOUT.value}.")
+  if _ATTENTION.value == "cudnn":
+    needs = []
+    if jax.default_backend() != "gpu":
+      needs.append(f"a CUDA GPU (JAX's backend here is "
+                   f"{jax.default_backend()!r})")
+    if _DTYPE.value != "bfloat16":
+      needs.append("--dtype=bfloat16")
+    if _DROPOUT.value:
+      needs.append("--dropout_rate=0 (it has no attention dropout)")
+    odd = [f"--{flag.name}={flag.value}" for flag in
+           (_MAX_INPUT_LENGTH, _MAX_TARGET_LENGTH) if flag.value % 2]
+    if odd:
+      needs.append(f"even sequence lengths, not {' and '.join(odd)}")
+    if needs:
+      raise UserError("--attention=cudnn needs " + "; ".join(needs)
+                      + ". Or use --attention=xla.")
   if not _TOKENIZER.value and _TOKENIZER_VOCAB.value < 4:
     raise UserError(f"--tokenizer_vocab_size must be >= 4 (pad, eos, unk "
                     f"and one character), got {_TOKENIZER_VOCAB.value}.")

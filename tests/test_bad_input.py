@@ -390,6 +390,17 @@ def _flag_not_a_number(inputs):
 
 
 @case
+def _flag_cudnn_attention_without_its_needs(inputs):
+  del inputs
+  return (["--attention=cudnn", "--dropout_rate=0.1",
+           "--max_target_length=9"],
+          ["--attention=cudnn needs a CUDA GPU (JAX's backend here is 'cpu')",
+           "--dtype=bfloat16", "--dropout_rate=0",
+           "even sequence lengths, not --max_target_length=9",
+           "Or use --attention=xla"])
+
+
+@case
 def _flag_missing_flagfile(inputs):
   path = inputs.tmp / "absent.flags"
   return [f"--flagfile={path}"], [str(path), "--flagfile", "configs/"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from absl import flags
 from absl.testing import flagsaver
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ def _tiny_flags():
   with flagsaver.flagsaver(size=["tiny"], batch_size=["2"], input_length=8,
                            target_length=["4"], steps=1, repeats=1,
                            dtype="float32", remat=["none"],
-                           scan_layers=False, compare_torch=False,
+                           attention=["xla"], scan_layers=False, compare_torch=False,
                            memory_only=False):
     yield
 
@@ -101,3 +103,36 @@ def test_main_writes_every_record_then_exits_naming_what_could_not_run(
       "1 variant(s) could not run: tiny B=2 T=4 chunked_xla: out of memory: "
       "RESOURCE_EX")
   assert out.read_text().count('"error"') == 1
+
+
+def test_attention_variants_are_named_and_recorded(tiny_flags, monkeypatch):
+  del tiny_flags
+  # cuDNN's call through jax's XLA implementation: no GPU here.
+  monkeypatch.setattr(sys.modules["dro_fast.models.t5"], "_FUSED_ATTENTION",
+                      {"cudnn": "xla"})
+  with flagsaver.flagsaver(attention=["xla", "cudnn"], dtype="bfloat16",
+                           memory_only=True):
+    records = step_time.measure_point("tiny", 2, 4, ["xla"], "system")
+  assert {(r["variant"], r["attention"]) for r in records} == {
+      ("xla/xla", "xla"), ("xla/cudnn", "cudnn")}
+  assert all(r["planned_peak_bytes"] > 0 for r in records)
+
+
+def test_a_cudnn_attention_variant_that_fails_is_recorded(tiny_flags,
+                                                          monkeypatch):
+  del tiny_flags
+  real_step = step_time.JaxStep
+
+  def build(config, implementation, batches, abstract):
+    if config.attention == "cudnn":
+      raise RuntimeError("cuDNN is not detected.\nmore")
+    return real_step(config, implementation, batches, abstract)
+
+  monkeypatch.setattr(step_time, "JaxStep", build)
+  with flagsaver.flagsaver(attention=["xla", "cudnn"], dtype="bfloat16",
+                           memory_only=True):
+    records = step_time.measure_point("tiny", 2, 4, ["xla"], "system")
+  by_variant = {r["variant"]: r for r in records}
+  assert by_variant["xla/cudnn"]["error"] == (
+      "cuDNN attention failed: RuntimeError: cuDNN is not detected.")
+  assert "error" not in by_variant["xla/xla"]

@@ -23,3 +23,17 @@ def test_torch_host_memory_takes_same_keep_system_once_each(value):
   assert ("--torch_host_memory: got" in result.stderr
           and "give each of same, keep, system at most once"
           in result.stderr), result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("flash", "--attention: unknown ['flash']"),
+    ("xla,cudnn", "--attention=cudnn runs cuDNN's fused attention: it needs "
+                  "a CUDA GPU (JAX's backend here is 'cpu')"),
+])
+def test_attention_takes_known_implementations_it_can_run(value, message):
+  result = subprocess.run(
+      [sys.executable, "benchmarks/step_time.py", f"--attention={value}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert message in result.stderr, result.stderr[-3000:]

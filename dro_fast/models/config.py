@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 VARIANTS = ("v1_1", "v1_0")
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,14 @@ class T5Config:
       ".../layers/..." instead of ".../layers_{i}/...".
     remat: rematerialise each layer in the backward pass: "none", "full" or
       "dots" (save matmul outputs only).
+    attention: how attention runs where no key/value cache is involved
+      (training, scoring): "xla" computes the [B, H, q, k] logits and softmax
+      as arrays; "cudnn" calls cuDNN's fused (flash) attention through
+      jax.nn.dot_product_attention, which never materialises them. "cudnn"
+      needs a CUDA GPU, bfloat16 compute, dropout_rate 0 while training
+      (it has no attention dropout) and right-padded encoder inputs (the
+      padding mask becomes per-example key lengths); cached decoding always
+      takes the "xla" path.
     pad_id: padding id (masked in attention); also the decoder start id.
     eos_id: end-of-sequence id.
     name: preset name, informational.
@@ -60,6 +69,7 @@ class T5Config:
   dtype: str = "float32"
   scan_layers: bool = False
   remat: str = "none"
+  attention: str = "xla"
   pad_id: int = 0
   eos_id: int = 1
   name: str = "custom"
@@ -74,6 +84,13 @@ class T5Config:
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"T5Config.remat must be one of {REMAT_POLICIES}, got "
                        f"{self.remat!r}.")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"T5Config.attention must be one of "
+                       f"{ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}.")
+    if self.attention == "cudnn" and self.dtype != "bfloat16":
+      raise ValueError("T5Config.attention='cudnn' runs cuDNN's fused "
+                       "attention, which takes bfloat16 (not float32) "
+                       "inputs: set dtype='bfloat16' or attention='xla'.")
     for field in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads",
                   "num_encoder_layers", "num_decoder_layers",
                   "relative_attention_num_buckets"):

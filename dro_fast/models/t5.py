@@ -385,6 +385,39 @@ class RelativePositionBias(hk.Module):
     return jnp.take(self.table, buckets, axis=1)[None]            # [1,H,q,k]
 
 
+# T5Config.attention -> jax.nn.dot_product_attention's implementation (tests
+# map "cudnn" to "xla" to check the same call on a CPU).
+_FUSED_ATTENTION = {"cudnn": "cudnn"}
+
+
+def fused_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
+                    bias: jax.Array | None, kv_lengths: jax.Array | None,
+                    causal: bool, implementation: str) -> jax.Array:
+  """T5 attention (no 1/√K scale) as one jax.nn.dot_product_attention call.
+
+  queries [B, q, H, K], keys / values [B, k, H, K] in the compute dtype;
+  bias [1, H, q, k] float32 (cast to the compute dtype: cuDNN takes one
+  dtype), kv_lengths [B] int32 keys valid from the start, causal for the
+  decoder's self-attention. Returns [B, q, H, K].
+  """
+  if implementation == "cudnn" and bias is not None and (
+      queries.shape[1] % 2 or keys.shape[1] % 2):
+    raise ValueError(
+        f"cuDNN's fused attention with a bias needs even sequence lengths; "
+        f"got {queries.shape[1]} queries and {keys.shape[1]} keys: pad the "
+        f"inputs and targets to even lengths, or use attention='xla'.")
+  if bias is not None:
+    bias = bias.astype(queries.dtype)
+  return jax.nn.dot_product_attention(
+      queries, keys, values, bias=bias, scale=1.0, is_causal=causal,
+      key_value_seq_lengths=kv_lengths, implementation=implementation)
+
+
+def key_lengths(tokens: jax.Array, pad_id: int) -> jax.Array:
+  """[B] int32 count of non-padding tokens of right-padded tokens [B, S]."""
+  return jnp.sum(tokens != pad_id, axis=1, dtype=jnp.int32)
+
+
 class Attention(hk.Module):
   """Multi-head attention without biases or 1/√K scaling.
 
@@ -403,6 +436,8 @@ class Attention(hk.Module):
   def __call__(self, queries_in: jax.Array | None,
                kv_inputs: jax.Array | None = None, *,
                bias: jax.Array | None = None,
+               kv_lengths: jax.Array | None = None,
+               causal: bool = False,
                dropout_rng: jax.Array | None = None,
                cached_kv: tuple[jax.Array, jax.Array] | None = None,
                cache_position: jax.Array | None = None):
@@ -413,8 +448,11 @@ class Attention(hk.Module):
         project kv_inputs into keys and values.
       kv_inputs: [B, k, D] inputs of the key/value projections, or None to
         use cached_kv as they are.
-      bias: additive bias broadcastable to [B, H, q, k] (relative positions
-        and masks).
+      bias: additive bias broadcastable to [B, H, q, k]: with
+        config.attention "xla" (or a cache), relative positions and masks
+        summed; with "cudnn", the relative positions [1, H, q, k] alone.
+      kv_lengths: "cudnn" only: [B] int32 count of leading valid keys.
+      causal: "cudnn" only: query i sees keys up to i.
       dropout_rng: key for dropout on the attention weights, or None.
       cached_kv: ([B, T_max, H, K], [B, T_max, H, K]) cache. With kv_inputs,
         their keys/values are written into it at cache_position.
@@ -441,6 +479,20 @@ class Attention(hk.Module):
     # Query init scaled by 1/K: T5's folded-in 1/√K attention scale.
     queries = self._split_heads(
         dense(1.0 / config.d_kv, name="query")(queries_in))       # [B,q,H,K]
+    if config.attention != "xla" and cached_kv is None:
+      if dropout_rng is not None:
+        raise ValueError(
+            f"T5Config.attention={config.attention!r} applies no dropout to "
+            "the attention weights: train with dropout_rate=0, or use "
+            "attention='xla'.")
+      out = fused_attention(queries, keys, values, bias, kv_lengths, causal,
+                            _FUSED_ATTENTION[config.attention])
+      out = out.reshape(*out.shape[:2], -1)                        # [B,q,H·K]
+      out = Dense(config.d_model, config.compute_dtype, name="out")(out)
+      return out, (keys, values)
+    if kv_lengths is not None or causal:
+      raise ValueError("kv_lengths and causal are inputs of fused attention; "
+                       "fold masks into `bias` for attention='xla'.")
     on_cpu = jax.default_backend() == "cpu"
     if on_cpu:
       logits = cpu_attention_logits(queries, keys)
@@ -597,15 +649,19 @@ class T5:
     """Encoder output [B, S, D] (compute dtype) of tokens [B, S]."""
     config = self.config
     dropout = Dropout(config.dropout_rate, is_training)
-    mask_bias = padding_bias(tokens != config.pad_id)             # [B,1,1,S]
     positions = jnp.arange(tokens.shape[1])
     with hk.name_scope("encoder"):
-      bias = RelativePositionBias(config, bidirectional=True)(
-          positions, positions) + mask_bias                       # [B,H,S,S]
+      relpos = RelativePositionBias(config, bidirectional=True)(
+          positions, positions)                                   # [1,H,S,S]
+      if config.attention == "xla":
+        attend = dict(bias=relpos + padding_bias(tokens != config.pad_id))
+      else:
+        attend = dict(bias=relpos,
+                      kv_lengths=key_lengths(tokens, config.pad_id))
 
       def layer(x, _):
         h = RMSNorm(config.layer_norm_epsilon, "pre_attention_layer_norm")(x)
-        out, _ = Attention(config, "attention")(h, h, bias=bias,
+        out, _ = Attention(config, "attention")(h, h, **attend,
                                                 dropout_rng=dropout.rng())
         x = x + dropout(out)
         h = RMSNorm(config.layer_norm_epsilon, "pre_mlp_layer_norm")(x)
@@ -616,15 +672,19 @@ class T5:
       x = RMSNorm(config.layer_norm_epsilon, "encoder_norm")(x)
       return dropout(x)
 
-  def _decoder_stack(self, x, self_bias, cross_bias, encoded, cache,
+  def _decoder_stack(self, x, self_attend, cross_attend, encoded, cache,
                      cache_position, embedder, dropout) -> DecoderOutput:
-    """Decoder layers, final norm and output projection (inside "decoder")."""
+    """Decoder layers, final norm and output projection (inside "decoder").
+
+    self_attend / cross_attend: the bias (and, for fused attention, the key
+    lengths and causal flag) of the two attentions, as Attention takes them.
+    """
     config = self.config
 
     def layer(x, layer_cache: LayerCache | None):
       h = RMSNorm(config.layer_norm_epsilon, "pre_self_attention_layer_norm")(x)
       out, (keys, values) = Attention(config, "self_attention")(
-          h, h, bias=self_bias, dropout_rng=dropout.rng(),
+          h, h, **self_attend, dropout_rng=dropout.rng(),
           cached_kv=None if layer_cache is None else (
               layer_cache.self_key, layer_cache.self_value),
           cache_position=cache_position)
@@ -632,7 +692,7 @@ class T5:
       h = RMSNorm(config.layer_norm_epsilon,
                   "pre_cross_attention_layer_norm")(x)
       out, _ = Attention(config, "encoder_decoder_attention")(
-          h, encoded, bias=cross_bias, dropout_rng=dropout.rng(),
+          h, encoded, **cross_attend, dropout_rng=dropout.rng(),
           cached_kv=None if layer_cache is None else (
               layer_cache.cross_key, layer_cache.cross_value))
       x = x + dropout(out)
@@ -659,14 +719,21 @@ class T5:
     config = self.config
     dropout = Dropout(config.dropout_rate, is_training)
     positions = jnp.arange(decoder_inputs.shape[1])
-    causal = jnp.where(positions[None, :] <= positions[:, None], 0.0,
-                       _MASKED)[None, None]                       # [1,1,T,T]
-    cross_bias = padding_bias(encoder_tokens != config.pad_id)
     with hk.name_scope("decoder"):
-      self_bias = RelativePositionBias(config, bidirectional=False)(
-          positions, positions) + causal
+      relpos = RelativePositionBias(config, bidirectional=False)(
+          positions, positions)                                   # [1,H,T,T]
+      if config.attention == "xla":
+        causal = jnp.where(positions[None, :] <= positions[:, None], 0.0,
+                           _MASKED)[None, None]                   # [1,1,T,T]
+        self_attend = dict(bias=relpos + causal)
+        cross_attend = dict(
+            bias=padding_bias(encoder_tokens != config.pad_id))
+      else:
+        self_attend = dict(bias=relpos, causal=True)
+        cross_attend = dict(
+            kv_lengths=key_lengths(encoder_tokens, config.pad_id))
       x = dropout(embedder(decoder_inputs))
-      return self._decoder_stack(x, self_bias, cross_bias, encoded, None,
+      return self._decoder_stack(x, self_attend, cross_attend, encoded, None,
                                  None, embedder, dropout)
 
   def init_cache(self, encoded: jax.Array, max_length: int) -> LayerCache:
@@ -701,7 +768,8 @@ class T5:
       self_bias = RelativePositionBias(config, bidirectional=False)(
           position[None], key_positions) + visible                # [1,H,1,Tm]
       x = embedder(token[:, None])                                # [B, 1, D]
-      out = self._decoder_stack(x, self_bias, cross_bias, None, cache,
+      out = self._decoder_stack(x, dict(bias=self_bias),
+                                dict(bias=cross_bias), None, cache,
                                 position, embedder, dropout)
     return out._replace(hidden=out.hidden[:, 0])
 

@@ -39,7 +39,10 @@ def read_run_config(workdir: str) -> dict:
 
 
 def model_config(run: dict) -> models.T5Config:
-  return models.T5Config(**run["model"])
+  """The run's T5Config, with attention "xla" whatever the run trained with:
+  cuDNN's fused attention is a choice of the training machine (a CUDA GPU,
+  even lengths), and generation attends through the cache anyway."""
+  return models.T5Config(**run["model"]).replace(attention="xla")
 
 
 def tokenizer(run: dict) -> Tokenizer:
