@@ -22,11 +22,13 @@
 #
 # The default runs: T5-L with remat "dots" (31.7 GB on the H100 run of
 # 2026-11-27), attention materialised ("xla") against cuDNN's fused
-# attention ("cudnn", never yet run on a GPU), and T5-XL with "full" and
-# cuDNN attention. XLA:CPU's plans from shapes alone
-# (step_time --memory_only, benchmarks/RESULTS.md) put T5-L without remat at
-# 3.6x its "dots" plan, far past 80 GB, and T5-XL "full" at 41% of its
-# "dots" plan, which needed 71 GiB on the H100.
+# attention ("cudnn", never yet run on a GPU); then T5-XL with cuDNN
+# attention, first with "dots_except_mlp_hidden", then (if the budget is
+# left) with "full". XLA:CPU's plans of the accelerator's program from
+# shapes alone (step_time --memory_only --accelerator_paths,
+# benchmarks/RESULTS.md, tenth session) put T5-L without remat at 3.6x its
+# "dots" plan, far past 80 GB, and T5-XL's "dots_except_mlp_hidden" at 71%
+# and "full" at 42% of its "dots" plan, which needed 71 GiB on the H100.
 #
 # JAX preallocates 75% of the GPU by default; T5-XL at batch 32 needs more
 # (on that run XLA planned 71 GiB with remat "dots" and the allocator
@@ -45,7 +47,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 PY="${PY:-python3}"
 CHECKS="${CHECKS:-numerics steps profile tests optimizer kernels}"
 BENCH_FLAGS="${BENCH_FLAGS:---flagfile=configs/kernels_gpu.flags}"
-STEP_RUNS="${STEP_RUNS:-large:dots:xla,cudnn xl:full:cudnn}"
+STEP_RUNS="${STEP_RUNS:-large:dots:xla,cudnn xl:dots_except_mlp_hidden:cudnn xl:full:cudnn}"
 STEP_FLAGS="${STEP_FLAGS:---batch_size=32 --input_length=512 --target_length=128 --steps=4 --repeats=3}"
 PROFILE_FLAGS="${PROFILE_FLAGS:---size=large --remat=dots --profile_steps=2}"
 DEADLINE=$((SECONDS + ${BUDGET_S:-450}))

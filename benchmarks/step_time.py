@@ -54,6 +54,7 @@ MFU = counted FLOPs per second / the device's peak dense bf16 FLOP/s
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -110,6 +111,11 @@ _MEMORY_ONLY = flags.DEFINE_bool(
     "memory_only", False, "Compile from shapes alone and report XLA's memory "
     "plan without allocating or running anything (shapes too slow to run "
     "here, models larger than this host's memory).")
+_ACCELERATOR_PATHS = flags.DEFINE_bool(
+    "accelerator_paths", False, "With --memory_only on a CPU: trace the "
+    "program a GPU or TPU would run (dro_fast.cpu_gemm.accelerator_paths: "
+    "no CPU-only VJPs, optimizer GEMVs or bfloat16 upcasts), so that "
+    "XLA:CPU plans its memory rather than the CPU program's.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed round.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (after 2 "
                                 "warm-up steps per variant).")
@@ -444,6 +450,9 @@ def check_flags(implementations: list[str]) -> None:
     if name != "default" and name not in kernels.IMPLEMENTATIONS:
       raise app.UsageError(f"--implementation: unknown {name!r}; choose from "
                            f"{sorted(kernels.IMPLEMENTATIONS)} or default.")
+  if _ACCELERATOR_PATHS.value and not _MEMORY_ONLY.value:
+    raise app.UsageError("--accelerator_paths plans the memory of an "
+                         "accelerator's program: pass --memory_only too.")
   if _COMPARE_TORCH.value and _MEMORY_ONLY.value:
     raise app.UsageError("--memory_only plans XLA's memory; PyTorch has no "
                          "plan: drop --compare_torch.")
@@ -470,9 +479,12 @@ def build_jax_step(config: models.T5Config, implementation: str | None,
   "cudnn": an unsupported cuDNN version, GPU or shape), which depends on the
   machine. Any other error propagates.
   """
+  paths = (cpu_gemm.accelerator_paths() if _ACCELERATOR_PATHS.value
+           else contextlib.nullcontext())
   try:
-    step = JaxStep(config, implementation, batches,
-                   abstract=_MEMORY_ONLY.value)
+    with paths:
+      step = JaxStep(config, implementation, batches,
+                     abstract=_MEMORY_ONLY.value)
     if not _MEMORY_ONLY.value:
       step()               # allocation fails here, not in a timed round
     return step
@@ -555,7 +567,8 @@ def measure_point(size: str, b: int, t: int, implementations: list[str],
         "dtype": _DTYPE.value,
         "scan_layers": _SCAN.value, "value_net": _VALUE_NET.value,
         "device": timing.device_description(),
-        **({"cpu_bf16_gemm": cpu_gemm.bf16_mode()}
+        **({"cpu_bf16_gemm": cpu_gemm.bf16_mode(),
+            "accelerator_paths": _ACCELERATOR_PATHS.value}
            if jax.default_backend() == "cpu" else {})}
 
   records = [{**variant_fields(name), "error": error}
@@ -703,7 +716,10 @@ def main(argv):
   print(f"jax {jax.__version__}  {timing.device_description()}  "
         f"threads {len(os.sched_getaffinity(0))}  host memory: {how}"
         + (f"  bfloat16 GEMMs: {cpu_gemm.bf16_mode()} (dro_fast.cpu_gemm)"
-           if jax.default_backend() == "cpu" else ""))
+           if jax.default_backend() == "cpu" and not _ACCELERATOR_PATHS.value
+           else "")
+        + ("  planning the accelerator's program (--accelerator_paths)"
+           if _ACCELERATOR_PATHS.value else ""))
   out = open(_JSON_OUT.value, "a") if _JSON_OUT.value else None
   records = []
   for size, b, t in itertools.product(_SIZE.value, _BATCH.value,

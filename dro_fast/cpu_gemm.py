@@ -21,10 +21,18 @@ format changes. Accelerators are not affected.
 
 DRO_FAST_CPU_BF16_GEMM=native|upcast overrides the detection (benchmarks
 and tests set it); it is read when a function is traced.
+
+`cpu_paths()` is the one switch for every CPU-only form in dro_fast (this
+upcast, the model's CPU VJPs, the optimizer's GEMV statistics, chunked_xla's
+float32 carry): true when tracing for the CPU backend, except inside
+`accelerator_paths()`, which traces the forms a GPU or TPU gets so that
+XLA:CPU can plan the memory of the program an accelerator would run
+(benchmarks/step_time.py --memory_only --accelerator_paths).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -33,6 +41,25 @@ import jax
 import jax.numpy as jnp
 
 ENV = "DRO_FAST_CPU_BF16_GEMM"
+_ACCELERATOR_PATHS = [False]
+
+
+def cpu_paths() -> bool:
+  """Whether to trace the CPU-only forms: on the CPU backend, unless inside
+  accelerator_paths()."""
+  return jax.default_backend() == "cpu" and not _ACCELERATOR_PATHS[0]
+
+
+@contextlib.contextmanager
+def accelerator_paths():
+  """Within: trace the forms an accelerator gets, on any backend (for
+  memory plans; on a CPU they run, but slower)."""
+  before = _ACCELERATOR_PATHS[0]
+  _ACCELERATOR_PATHS[0] = True
+  try:
+    yield
+  finally:
+    _ACCELERATOR_PATHS[0] = before
 _MODES = ("native", "upcast")
 
 # /proc/cpuinfo flags that mean bfloat16 dot products in hardware.
@@ -85,7 +112,7 @@ def operands(*arrays: jax.Array) -> tuple[jax.Array, ...]:
   that may stay live: about +320 MiB of XLA peak for the bfloat16 T5-small
   DRO-V step at batch 8.
   """
-  if (jax.default_backend() != "cpu"
+  if (not cpu_paths()
       or not any(a.dtype == jnp.bfloat16 for a in arrays)
       or bf16_mode() == "native"):
     return arrays

@@ -137,7 +137,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype (parameters stay float32).")
 _SCAN_LAYERS = flags.DEFINE_bool("scan_layers", False,
                                  "Scan over layers (faster compiles).")
-_REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots"],
+_REMAT = flags.DEFINE_enum("remat", "none", list(models.REMAT_POLICIES),
                            "Rematerialisation policy per layer.")
 _ATTENTION = flags.DEFINE_enum(
     "attention", "xla", ["xla", "cudnn"],

@@ -1,10 +1,12 @@
 """dro_fast.cpu_gemm: which operand dtype the CPU GEMMs take bfloat16 in."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dro_fast import cpu_gemm
+from dro_fast import models
 from dro_fast.kernels.linear_logprobs import chunked_xla
 
 _ZEN4 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 "
@@ -56,3 +58,24 @@ def test_chunked_linear_logprobs_agree_across_modes(monkeypatch):
     out[mode] = [np.asarray(a, np.float64) for a in (logp, *grads)]
   for a, b in zip(out["native"], out["upcast"]):
     np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_accelerator_paths_switch_off_every_cpu_only_form():
+  assert cpu_gemm.cpu_paths()                 # these tests run on the CPU
+  config = models.preset("tiny", dropout_rate=0.0)
+  tokens = jnp.ones((2, 6), jnp.int32)
+  model = models.t5(config)
+  params = model.init(jax.random.key(0), tokens, tokens)
+
+  def forward_jaxpr():
+    return str(jax.make_jaxpr(
+        lambda p: model.apply(p, None, tokens, tokens).sum())(params))
+
+  assert "custom_vjp_call" in forward_jaxpr()   # the CPU VJPs
+  with cpu_gemm.accelerator_paths():
+    assert not cpu_gemm.cpu_paths()
+    assert "custom_vjp_call" not in forward_jaxpr()
+    with cpu_gemm.accelerator_paths():
+      pass
+    assert not cpu_gemm.cpu_paths()           # nesting keeps it
+  assert cpu_gemm.cpu_paths()

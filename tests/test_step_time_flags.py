@@ -37,3 +37,13 @@ def test_attention_takes_known_implementations_it_can_run(value, message):
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode == 1, result.stderr[-3000:]
   assert message in result.stderr, result.stderr[-3000:]
+
+
+def test_accelerator_paths_needs_memory_only():
+  result = subprocess.run(
+      [sys.executable, "benchmarks/step_time.py", "--accelerator_paths"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "--accelerator_paths plans the memory of an accelerator's program: " \
+      "pass --memory_only too." in result.stderr, result.stderr[-3000:]

@@ -12,7 +12,7 @@ import dataclasses
 import jax.numpy as jnp
 
 VARIANTS = ("v1_1", "v1_0")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "dots_except_mlp_hidden")
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 
 
@@ -39,8 +39,10 @@ class T5Config:
     scan_layers: run each stack as one hk.layer_stack (compile time does not
       grow with depth); parameters are then stacked [L, ...] under
       ".../layers/..." instead of ".../layers_{i}/...".
-    remat: rematerialise each layer in the backward pass: "none", "full" or
-      "dots" (save matmul outputs only).
+    remat: rematerialise each layer in the backward pass: "none", "full",
+      "dots" (save matmul outputs only) or "dots_except_mlp_hidden" (save
+      the attentions' projections and outputs, recompute the MLP and its
+      d_ff-wide hidden: less memory than "dots", two GEMMs more per layer).
     attention: how attention runs where no key/value cache is involved
       (training, scoring): "xla" computes the [B, H, q, k] logits and softmax
       as arrays; "cudnn" calls cuDNN's fused (flash) attention through

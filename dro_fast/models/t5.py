@@ -24,6 +24,7 @@ from typing import Any, Callable, NamedTuple
 
 import haiku as hk
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from dro_fast import cpu_gemm
@@ -90,7 +91,7 @@ class Dense(hk.Module):
     if return_kernel == "cast":
       return kernel.astype(self.dtype)
     x = x.astype(self.dtype)
-    if jax.default_backend() == "cpu":
+    if cpu_gemm.cpu_paths():
       return cpu_matmul(x, kernel, x.dtype)
     return jnp.dot(x, kernel.astype(self.dtype))
 
@@ -465,8 +466,10 @@ class Attention(hk.Module):
     width = config.num_heads * config.d_kv
     dense = functools.partial(Dense, width, config.compute_dtype)
     if kv_inputs is not None:
-      keys = self._split_heads(dense(name="key")(kv_inputs))
-      values = self._split_heads(dense(name="value")(kv_inputs))
+      keys = self._split_heads(checkpoint_name(dense(name="key")(kv_inputs),
+                                               "attention_key"))
+      values = self._split_heads(checkpoint_name(
+          dense(name="value")(kv_inputs), "attention_value"))
       if cached_kv is not None:
         keys, values = (
             jax.lax.dynamic_update_slice_in_dim(
@@ -477,8 +480,9 @@ class Attention(hk.Module):
     if queries_in is None:
       return None, (keys, values)
     # Query init scaled by 1/K: T5's folded-in 1/√K attention scale.
-    queries = self._split_heads(
-        dense(1.0 / config.d_kv, name="query")(queries_in))       # [B,q,H,K]
+    queries = self._split_heads(checkpoint_name(
+        dense(1.0 / config.d_kv, name="query")(queries_in),
+        "attention_query"))                                       # [B,q,H,K]
     if config.attention != "xla" and cached_kv is None:
       if dropout_rng is not None:
         raise ValueError(
@@ -489,11 +493,11 @@ class Attention(hk.Module):
                             _FUSED_ATTENTION[config.attention])
       out = out.reshape(*out.shape[:2], -1)                        # [B,q,H·K]
       out = Dense(config.d_model, config.compute_dtype, name="out")(out)
-      return out, (keys, values)
+      return checkpoint_name(out, "attention_out"), (keys, values)
     if kv_lengths is not None or causal:
       raise ValueError("kv_lengths and causal are inputs of fused attention; "
                        "fold masks into `bias` for attention='xla'.")
-    on_cpu = jax.default_backend() == "cpu"
+    on_cpu = cpu_gemm.cpu_paths()
     if on_cpu:
       logits = cpu_attention_logits(queries, keys)
     else:
@@ -509,7 +513,7 @@ class Attention(hk.Module):
       out = jnp.einsum("bhqt,bthk->bqhk", weights, values)
     out = out.reshape(*out.shape[:2], -1)                          # [B,q,H·K]
     out = Dense(config.d_model, config.compute_dtype, name="out")(out)
-    return out, (keys, values)
+    return checkpoint_name(out, "attention_out"), (keys, values)
 
 
 class Mlp(hk.Module):
@@ -522,7 +526,7 @@ class Mlp(hk.Module):
   def __call__(self, x: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
     config = self.config
     dense = functools.partial(Dense, config.d_ff, config.compute_dtype)
-    if config.gated and jax.default_backend() == "cpu":
+    if config.gated and cpu_gemm.cpu_paths():
       x = x.astype(config.compute_dtype)
       hidden = cpu_gated_gelu(
           x, *(dense(name=name).kernel_only(x.shape[-1], cast=False)
@@ -566,12 +570,24 @@ class Dropout:
     return hk.dropout(hk.next_rng_key(), self.rate, x) if self.rate > 0 else x
 
 
+# What remat "dots_except_mlp_hidden" keeps of a layer (checkpoint_name tags):
+# each attention's projections and output. The backward recomputes the MLP
+# from them, its d_ff-wide wi_0 / wi_1 included (two GEMMs per layer that
+# "dots" keeps); the MLP's output needs no saving, since the next layer's
+# input is kept at the remat boundary.
+SAVED_EXCEPT_MLP_HIDDEN = ("attention_query", "attention_key",
+                           "attention_value", "attention_out")
+
+
 def _remat(fn: Callable, policy: str) -> Callable:
   if policy == "none":
     return fn
   if policy == "dots":
     return hk.remat(
         fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  if policy == "dots_except_mlp_hidden":
+    return hk.remat(fn, policy=jax.checkpoint_policies.save_only_these_names(
+        *SAVED_EXCEPT_MLP_HIDDEN))
   return hk.remat(fn)
 
 
@@ -623,7 +639,7 @@ class DecoderOutput(NamedTuple):
 
   def logits(self) -> jax.Array:
     """float32 logits [..., V]."""
-    if jax.default_backend() == "cpu":
+    if cpu_gemm.cpu_paths():
       return cpu_matmul(self.hidden, self.weight, jnp.float32)
     return jnp.dot(self.hidden, self.weight,
                    preferred_element_type=jnp.float32)

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dro_fast import cpu_gemm
+
 # One name per axis of a parameter, for einsum.
 _AXES = string.ascii_lowercase
 
@@ -133,7 +135,7 @@ def adafactor(learning_rate: float | optax.Schedule,
       raise ValueError("adafactor scales updates by the parameters' RMS: "
                        "pass params to update().")
     factored, clip_state, schedule_state, scale_state, sign_state = state
-    with_dots = (jax.default_backend() == "cpu" if reduce_with_dots is None
+    with_dots = (cpu_gemm.cpu_paths() if reduce_with_dots is None
                  else reduce_with_dots)
     t = jnp.asarray(factored.count + 1, jnp.float32)
     decay = 1.0 - t ** (-decay_rate)

@@ -13,7 +13,6 @@ weight); entries an earlier chunk covered are masked out.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -91,8 +90,7 @@ def backward_scan(hidden, weight, targets, chunk, dlogits_fn):
         dweight, dw.astype(dweight.dtype), start, axis=1)
     return (dhidden, dweight), None
 
-  carry_dtype = (jnp.float32 if jax.default_backend() == "cpu"
-                 else weight.dtype)
+  carry_dtype = jnp.float32 if cpu_gemm.cpu_paths() else weight.dtype
   init = (jnp.zeros(hidden.shape, jnp.float32),
           jnp.zeros(weight.shape, carry_dtype))
   (dhidden, dweight), _ = lax.scan(body, init, jnp.arange(num_chunks))
@@ -107,7 +105,7 @@ def _transposed(hidden):
   bfloat16 is upcast to float32 first (benchmarks/cpu_gemm.py and
   benchmarks/RESULTS.md). Elsewhere the dot takes the transpose as it is.
   """
-  if jax.default_backend() != "cpu":
+  if not cpu_gemm.cpu_paths():
     return hidden.T
   n, d = hidden.shape
   return lax.optimization_barrier(hidden.T.reshape(-1)).reshape(d, n)

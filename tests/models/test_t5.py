@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sys
+
 from dro_fast import checkpoints
 from dro_fast import cpu_gemm
 from dro_fast import decoding
@@ -18,6 +20,7 @@ from dro_fast.models.t5 import cpu_attention_logits
 from dro_fast.models.t5 import cpu_gated_gelu
 
 CONFIG = models.preset("tiny", dropout_rate=0.0)
+t5_module = sys.modules["dro_fast.models.t5"]
 B, S, T = 3, 21, 19
 
 
@@ -278,7 +281,9 @@ def test_bfloat16_cpu_gated_gelu_runs_bfloat16_gemms(bf16_gemm_mode):
 
 @pytest.mark.parametrize("changes", [dict(scan_layers=True),
                                      dict(remat="full"),
-                                     dict(scan_layers=True, remat="dots")])
+                                     dict(scan_layers=True, remat="dots"),
+                                     dict(scan_layers=True,
+                                          remat="dots_except_mlp_hidden")])
 def test_scan_and_remat_compute_the_same_function(params, changes):
   encoder, targets = _tokens(1)
   config = CONFIG.replace(**changes)
@@ -298,6 +303,30 @@ def test_scan_and_remat_compute_the_same_function(params, changes):
   for path, g in checkpoints.flatten(grads).items():
     np.testing.assert_allclose(checkpoints.flatten(grads2)[path], g,
                                rtol=1e-4, atol=1e-6, err_msg=path)
+
+
+def test_remat_policies_keep_less_in_the_documented_order():
+  # What the backward keeps of the forward (jax's own accounting of a
+  # function's residuals), per remat policy, for the tiny model.
+  from jax._src.ad_checkpoint import saved_residuals  # pylint: disable=g-import-not-at-top
+  encoder, targets = _tokens()
+  kept = {}
+  for remat in models.REMAT_POLICIES:
+    model = models.t5(CONFIG.replace(remat=remat))
+    params = model.init(jax.random.key(0), encoder, targets)
+    residuals = saved_residuals(
+        lambda p, model=model: model.apply(p, None, encoder, targets).sum(),
+        params)
+    kept[remat] = (sum(a.size * a.dtype.itemsize for a, _ in residuals),
+                   sum(f"'{name}'" in description for _, description
+                       in residuals for name
+                       in t5_module.SAVED_EXCEPT_MLP_HIDDEN))
+  assert (kept["none"][0] > kept["dots"][0] > kept["dots_except_mlp_hidden"][0]
+          > kept["full"][0]), kept
+  # Query, key, value and output of each attention: one per encoder layer,
+  # two per decoder layer.
+  assert kept["dots_except_mlp_hidden"][1] == 4 * (
+      CONFIG.num_encoder_layers + 2 * CONFIG.num_decoder_layers), kept
 
 
 def test_bfloat16_forward_stays_close_to_float32(params):
