@@ -195,6 +195,49 @@ def test_model_lowers_to_cudnn_fused_attention_for_cuda(monkeypatch):
   assert logits in lowered(config.replace(attention="xla"))
 
 
+def test_dro_v_step_lowers_with_cudnn_attention_for_cuda(monkeypatch):
+  # The whole trainer step (policy, separate value encoder, losses, two
+  # Adafactor updates) as a GPU would build it, with the leaner remat.
+  from dro_fast import cpu_gemm  # pylint: disable=g-import-not-at-top
+  from dro_fast.models import value  # pylint: disable=g-import-not-at-top
+  from dro_fast.training import optim  # pylint: disable=g-import-not-at-top
+  from dro_fast.training import steps  # pylint: disable=g-import-not-at-top
+  _pretend_cudnn(monkeypatch)
+  config = CONFIG.replace(attention="cudnn", scan_layers=True,
+                          remat="dots_except_mlp_hidden")
+  algorithm = steps.AlgorithmConfig(algo="dro_v", value_net="separate")
+  trainer = steps.make_trainer(algorithm, config, optim.make_optimizer(1e-4),
+                               optim.make_optimizer(1e-4))
+
+  def init_state(key):
+    tokens = jnp.ones((1, 2), jnp.int32)
+    policy_key, value_key, state_key = jax.random.split(key, 3)
+    policy = models.t5(config).init(policy_key, tokens, tokens)
+    net = value.value_network(config, "separate")
+    values = value.init_from_policy(net.init(value_key, tokens), policy)
+    return trainer.init(policy, values, state_key)
+
+  b, s, t = 4, 16, 8
+  spec = jax.ShapeDtypeStruct
+  batch = {"inputs": spec((b, s), jnp.int32),
+           "targets": spec((b, t), jnp.int32),
+           "target_mask": spec((b, t), jnp.bool_),
+           "mismatched_targets": spec((b, t), jnp.int32),
+           "mismatched_mask": spec((b, t), jnp.bool_),
+           **{name: spec((b,), jnp.float32) for name in
+              ("rewards", "ref_logprobs", "mismatched_ref_logprobs")}}
+  state = jax.eval_shape(init_state, jax.random.key(0))
+  with cpu_gemm.accelerator_paths():
+    text = jax.jit(trainer.update).trace(state, batch).lower(
+        lowering_platforms=("cuda",)).as_text()
+  calls = {line.split("custom_call @")[1].split("(")[0]
+           for line in text.splitlines() if "custom_call @__cudnn$fmha" in line}
+  assert calls == {
+      "__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward",
+      "__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"}, calls
+  assert f"tensor<{b}x{config.num_heads}x{s}x{s}x" not in text
+
+
 def test_cudnn_refuses_odd_lengths_with_a_clear_error(monkeypatch):
   _pretend_cudnn(monkeypatch)
   model = models.t5(CONFIG.replace(attention="cudnn"))
