@@ -115,7 +115,10 @@ _ACCELERATOR_PATHS = flags.DEFINE_bool(
     "accelerator_paths", False, "With --memory_only on a CPU: trace the "
     "program a GPU or TPU would run (dro_fast.cpu_gemm.accelerator_paths: "
     "no CPU-only VJPs, optimizer GEMVs or bfloat16 upcasts), so that "
-    "XLA:CPU plans its memory rather than the CPU program's.")
+    "XLA:CPU plans its memory rather than the CPU program's. The kernel "
+    "registry still picks by the real backend: the default implementation "
+    "stays chunked_xla, not pallas_gpu, and XLA:CPU's fusion and buffer "
+    "reuse differ from XLA:GPU's, so the plan approximates the GPU's.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed round.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (after 2 "
                                 "warm-up steps per variant).")
@@ -475,9 +478,10 @@ def build_jax_step(config: models.T5Config, implementation: str | None,
   A variant that does not fit in the device's memory (XLA's
   RESOURCE_EXHAUSTED, at compile time or at its first step) is a finding,
   not a crash: the message is returned so that the other variants are still
-  measured. So is cuDNN refusing its fused attention (config.attention
-  "cudnn": an unsupported cuDNN version, GPU or shape), which depends on the
-  machine. Any other error propagates.
+  measured. So is a variant with config.attention "cudnn" failing with
+  a RuntimeError (XLA's runtime errors included), ValueError or
+  NotImplementedError: cuDNN refusing its fused attention depends on the
+  machine's cuDNN version, GPU and the shapes. Any other error propagates.
   """
   paths = (cpu_gemm.accelerator_paths() if _ACCELERATOR_PATHS.value
            else contextlib.nullcontext())
@@ -488,13 +492,13 @@ def build_jax_step(config: models.T5Config, implementation: str | None,
     if not _MEMORY_ONLY.value:
       step()               # allocation fails here, not in a timed round
     return step
-  except Exception as error:  # pylint: disable=broad-exception-caught
+  except (RuntimeError, ValueError, NotImplementedError) as error:
     first_line = (str(error).strip().splitlines() or [""])[0][:300]
     if (isinstance(error, jax.errors.JaxRuntimeError)
         and "RESOURCE_EXHAUSTED" in str(error)):
       return f"out of memory: {first_line}"
     if config.attention == "cudnn":
-      return (f"cuDNN attention failed: {type(error).__name__}: "
+      return (f"attention=cudnn variant failed: {type(error).__name__}: "
               f"{first_line}")
     raise
 
@@ -567,7 +571,10 @@ def measure_point(size: str, b: int, t: int, implementations: list[str],
         "dtype": _DTYPE.value,
         "scan_layers": _SCAN.value, "value_net": _VALUE_NET.value,
         "device": timing.device_description(),
-        **({"cpu_bf16_gemm": cpu_gemm.bf16_mode(),
+        # Under --accelerator_paths no GEMM goes through cpu_gemm's
+        # upcast, so its mode would describe nothing.
+        **({"cpu_bf16_gemm": (None if _ACCELERATOR_PATHS.value
+                              else cpu_gemm.bf16_mode()),
             "accelerator_paths": _ACCELERATOR_PATHS.value}
            if jax.default_backend() == "cpu" else {})}
 

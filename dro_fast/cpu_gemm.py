@@ -53,7 +53,13 @@ def cpu_paths() -> bool:
 @contextlib.contextmanager
 def accelerator_paths():
   """Within: trace the forms an accelerator gets, on any backend (for
-  memory plans; on a CPU they run, but slower)."""
+  memory plans; on a CPU they run, but slower).
+
+  Only the forms cpu_paths() chooses change: the kernel registry still
+  picks by the real backend (chunked_xla on a CPU, not pallas_gpu). The
+  switch is read at trace time and is not part of jax.jit's cache key, so a
+  function jitted and traced outside the context keeps its CPU forms when
+  called inside it: build (or jax.jit anew) what is traced within."""
   before = _ACCELERATOR_PATHS[0]
   _ACCELERATOR_PATHS[0] = True
   try:

@@ -7,6 +7,7 @@ import pytest
 
 from dro_fast import cpu_gemm
 from dro_fast import models
+from dro_fast.training import optim
 from dro_fast.kernels.linear_logprobs import chunked_xla
 
 _ZEN4 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 "
@@ -60,21 +61,41 @@ def test_chunked_linear_logprobs_agree_across_modes(monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)
 
 
-def test_accelerator_paths_switch_off_every_cpu_only_form():
+def test_accelerator_paths_switch_off_every_cpu_only_form(monkeypatch):
   assert cpu_gemm.cpu_paths()                 # these tests run on the CPU
+  monkeypatch.setenv(cpu_gemm.ENV, "upcast")
   config = models.preset("tiny", dropout_rate=0.0)
   tokens = jnp.ones((2, 6), jnp.int32)
   model = models.t5(config)
   params = model.init(jax.random.key(0), tokens, tokens)
+  optimizer = optim.adafactor(1e-3, min_dim_size_to_factor=4)
+  weights = {"w": jnp.ones((8, 8), jnp.float32)}
+  hidden = jnp.ones((4, 8), jnp.bfloat16)
+  weight = jnp.ones((8, 16), jnp.bfloat16)
+  targets = jnp.zeros((4,), jnp.int32)
 
-  def forward_jaxpr():
-    return str(jax.make_jaxpr(
+  def forms():
+    """What each CPU-only form traces to, as text to search."""
+    model_jaxpr = str(jax.make_jaxpr(
         lambda p: model.apply(p, None, tokens, tokens).sum())(params))
+    optimizer_jaxpr = str(jax.make_jaxpr(
+        lambda g: optimizer.update(g, optimizer.init(weights), weights))(
+            weights))
+    kernel_jaxpr = str(jax.make_jaxpr(
+        lambda h, w: chunked_xla.linear_token_logprobs_bwd(
+            h, w, targets, jnp.zeros((4,), jnp.float32),
+            jnp.ones((4,), jnp.float32)))(hidden, weight))
+    return {
+        "model's VJPs": "custom_vjp_call" in model_jaxpr,
+        "optimizer's dots": "dot_general" in optimizer_jaxpr,
+        "kernel's row-major transpose": "optimization_barrier" in kernel_jaxpr,
+        "bfloat16 upcast": cpu_gemm.operands(hidden)[0].dtype == jnp.float32,
+    }
 
-  assert "custom_vjp_call" in forward_jaxpr()   # the CPU VJPs
+  assert all(forms().values()), forms()
   with cpu_gemm.accelerator_paths():
     assert not cpu_gemm.cpu_paths()
-    assert "custom_vjp_call" not in forward_jaxpr()
+    assert not any(forms().values()), forms()
     with cpu_gemm.accelerator_paths():
       pass
     assert not cpu_gemm.cpu_paths()           # nesting keeps it

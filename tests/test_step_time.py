@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from absl import flags
-from absl.testing import flagsaver
 import sys
 
+from absl import flags
+from absl.testing import flagsaver
 import jax
 import numpy as np
 import pytest
@@ -134,5 +134,6 @@ def test_a_cudnn_attention_variant_that_fails_is_recorded(tiny_flags,
     records = step_time.measure_point("tiny", 2, 4, ["xla"], "system")
   by_variant = {r["variant"]: r for r in records}
   assert by_variant["xla/cudnn"]["error"] == (
-      "cuDNN attention failed: RuntimeError: cuDNN is not detected.")
+      "attention=cudnn variant failed: RuntimeError: cuDNN is not "
+      "detected.")
   assert "error" not in by_variant["xla/xla"]

@@ -403,10 +403,14 @@ def fused_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
   """
   if implementation == "cudnn" and bias is not None and (
       queries.shape[1] % 2 or keys.shape[1] % 2):
+    # jax refuses odd lengths with a bias only when the attention is
+    # differentiated; refusing them always keeps one config valid for both
+    # training and evaluation.
     raise ValueError(
-        f"cuDNN's fused attention with a bias needs even sequence lengths; "
-        f"got {queries.shape[1]} queries and {keys.shape[1]} keys: pad the "
-        f"inputs and targets to even lengths, or use attention='xla'.")
+        f"cuDNN's fused attention with a bias refuses odd sequence lengths "
+        f"in its backward pass; got {queries.shape[1]} queries and "
+        f"{keys.shape[1]} keys: pad the inputs and targets to even lengths, "
+        f"or use attention='xla'.")
   if bias is not None:
     bias = bias.astype(queries.dtype)
   return jax.nn.dot_product_attention(

@@ -242,7 +242,7 @@ def test_cudnn_refuses_odd_lengths_with_a_clear_error(monkeypatch):
   _pretend_cudnn(monkeypatch)
   model = models.t5(CONFIG.replace(attention="cudnn"))
   encoder, targets = _tokens()           # S = 21: odd
-  with pytest.raises(ValueError, match="even sequence lengths; got 21"):
+  with pytest.raises(ValueError, match="odd sequence lengths in its backward pass; got 21"):
     jax.eval_shape(model.init, jax.random.key(0), encoder, targets)
 
 

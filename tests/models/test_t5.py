@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import sys
 
 from dro_fast import checkpoints
 from dro_fast import cpu_gemm
