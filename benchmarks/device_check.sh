@@ -80,7 +80,7 @@ log "machine"
 # The installed layout without pip: kernels/ becomes dro_fast/kernels, as
 # pyproject's package-dir maps it.
 log "lay out dro_fast as installed (no deps, no network)"
-SITE=/tmp/dro_site
+SITE="${SITE:-/tmp/dro_site}"
 rm -rf "$SITE" && mkdir -p "$SITE"
 cp -r dro_fast benchmarks tests configs pyproject.toml "$SITE"/
 cp -r kernels "$SITE"/dro_fast/kernels
