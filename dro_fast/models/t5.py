@@ -583,15 +583,40 @@ SAVED_EXCEPT_MLP_HIDDEN = ("attention_query", "attention_key",
                            "attention_value", "attention_out")
 
 
+# jax's cuDNN attention forward (jax/_src/cudnn/fused_attention_stablehlo.py):
+# its outputs, the attention's output and the softmax statistics ([B, H, q]
+# float32), are the residuals of cuDNN's backward. A policy that does not
+# save them makes the backward run cuDNN's forward again, once per attention
+# (found by counting the calls in the lowered step).
+_FUSED_ATTENTION_FORWARD = frozenset({"dot_product_attention_fwd_wrapper",
+                                      "dot_product_attention_fwd"})
+
+
+def _saving_fused_attention(policy: Callable) -> Callable:
+  """`policy`, also saving what cuDNN attention's backward needs."""
+
+  def save(prim, *avals, **params):
+    return (prim.name in _FUSED_ATTENTION_FORWARD
+            or policy(prim, *avals, **params))
+
+  return save
+
+
 def _remat(fn: Callable, policy: str) -> Callable:
+  """fn under remat `policy` (REMAT_POLICIES). "dots" and
+  "dots_except_mlp_hidden" also keep fused attention's outputs (with
+  attention "cudnn": [B, q, H·K] in the compute dtype and [B, H, q] float32
+  per attention) so that its forward is not run twice; "full" keeps
+  nothing."""
   if policy == "none":
     return fn
   if policy == "dots":
-    return hk.remat(
-        fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return hk.remat(fn, policy=_saving_fused_attention(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable))
   if policy == "dots_except_mlp_hidden":
-    return hk.remat(fn, policy=jax.checkpoint_policies.save_only_these_names(
-        *SAVED_EXCEPT_MLP_HIDDEN))
+    return hk.remat(fn, policy=_saving_fused_attention(
+        jax.checkpoint_policies.save_only_these_names(
+            *SAVED_EXCEPT_MLP_HIDDEN)))
   return hk.remat(fn)
 
 

@@ -195,6 +195,40 @@ def test_model_lowers_to_cudnn_fused_attention_for_cuda(monkeypatch):
   assert logits in lowered(config.replace(attention="xla"))
 
 
+def test_remat_keeps_cudnn_forward_outputs(monkeypatch):
+  # cuDNN's backward needs its forward's output and softmax statistics. The
+  # "dots" policies save them (jax's policies alone did not: the backward
+  # ran every cuDNN forward again); "full" recomputes every one.
+  from dro_fast import cpu_gemm  # pylint: disable=g-import-not-at-top
+  _pretend_cudnn(monkeypatch)
+  encoder, targets = _tokens()
+  encoder, targets = encoder[:, :S - 1], targets[:, :T - 1]
+
+  def forward_calls(remat):
+    config = CONFIG.replace(attention="cudnn", scan_layers=False,
+                            remat=remat)
+    model = models.t5(config)
+    params = jax.eval_shape(model.init, jax.random.key(0), encoder, targets)
+
+    def loss(params):
+      return jnp.sum(model.apply(params, None, encoder, targets).astype(
+          jnp.float32))
+
+    with cpu_gemm.accelerator_paths():
+      text = jax.jit(jax.grad(loss)).trace(params).lower(
+          lowering_platforms=("cuda",)).as_text()
+    return sum(1 for line in text.splitlines()
+               if "custom_call @__cudnn$fmha" in line
+               and "Backward" not in line)
+
+  # One per attention: encoder self, decoder self and cross.
+  attentions = CONFIG.num_encoder_layers + 2 * CONFIG.num_decoder_layers
+  assert forward_calls("none") == attentions
+  assert forward_calls("dots") == attentions
+  assert forward_calls("dots_except_mlp_hidden") == attentions
+  assert forward_calls("full") == 2 * attentions
+
+
 def test_dro_v_step_lowers_with_cudnn_attention_for_cuda(monkeypatch):
   # The whole trainer step (policy, separate value encoder, losses, two
   # Adafactor updates) as a GPU would build it, with the leaner remat.
