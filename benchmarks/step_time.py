@@ -84,6 +84,7 @@ from dro_fast import models  # pylint: disable=g-import-not-at-top,wrong-import-
 from dro_fast.models import value  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.models.config import ATTENTION_IMPLEMENTATIONS  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.models.config import REMAT_POLICIES  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast.models.t5 import cudnn_memory_stand_in  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.training import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.training import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.training import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -130,7 +131,11 @@ _REMAT = flags.DEFINE_list("remat", ["dots"], "Rematerialisation "
 _ATTENTION = flags.DEFINE_list(
     "attention", ["xla"], "Attention implementation(s), of "
     f"{ATTENTION_IMPLEMENTATIONS}: xla materialises the [B, H, q, k] "
-    "logits, cudnn is cuDNN's fused attention (CUDA GPU, bfloat16).")
+    "logits, cudnn is cuDNN's fused attention (CUDA GPU, bfloat16). "
+    "Without a GPU, --memory_only --accelerator_paths plans cudnn's memory "
+    "with a stand-in that keeps what cuDNN keeps for its backward "
+    "(dro_fast.models.t5.cudnn_memory_stand_in; an upper bound: its one "
+    "layer's [B, H, q, k] logits are a workspace cuDNN does not have).")
 _SCAN = flags.DEFINE_bool("scan_layers", True, "Scan over layers.")
 _VALUE_NET = flags.DEFINE_enum("value_net", "separate", ["separate", "shared"],
                                "DRO-V value network.")
@@ -439,11 +444,13 @@ def check_flags(implementations: list[str]) -> None:
   if unknown or not _ATTENTION.value:
     raise app.UsageError(f"--attention: unknown {unknown}; choose from "
                          f"{ATTENTION_IMPLEMENTATIONS}.")
-  if "cudnn" in _ATTENTION.value and (jax.default_backend() != "gpu"
-                                     or _DTYPE.value != "bfloat16"):
+  if "cudnn" in _ATTENTION.value and (
+      not (jax.default_backend() == "gpu" or _cudnn_stand_in())
+      or _DTYPE.value != "bfloat16"):
     raise app.UsageError(
         "--attention=cudnn runs cuDNN's fused attention: it needs a CUDA GPU "
-        f"(JAX's backend here is {jax.default_backend()!r}) and "
+        f"(JAX's backend here is {jax.default_backend()!r}; without one, "
+        "--memory_only --accelerator_paths plans its memory) and "
         "--dtype=bfloat16.")
   for name, values in (("batch_size", _BATCH.value),
                        ("target_length", _TARGET_LENGTH.value)):
@@ -471,6 +478,13 @@ def check_flags(implementations: list[str]) -> None:
         "network: pass --algo=dro_v --value_net=separate.")
 
 
+def _cudnn_stand_in() -> bool:
+  """Whether attention "cudnn" is planned with the memory stand-in: a
+  memory plan of the accelerator's program, on a backend without cuDNN."""
+  return (_MEMORY_ONLY.value and _ACCELERATOR_PATHS.value
+          and jax.default_backend() != "gpu")
+
+
 def build_jax_step(config: models.T5Config, implementation: str | None,
                    batches: list[dict[str, np.ndarray]]) -> JaxStep | str:
   """A compiled JaxStep that has run one step, or why it cannot run.
@@ -485,8 +499,11 @@ def build_jax_step(config: models.T5Config, implementation: str | None,
   """
   paths = (cpu_gemm.accelerator_paths() if _ACCELERATOR_PATHS.value
            else contextlib.nullcontext())
+  stand_in = (cudnn_memory_stand_in()
+              if config.attention == "cudnn" and _cudnn_stand_in()
+              else contextlib.nullcontext())
   try:
-    with paths:
+    with paths, stand_in:
       step = JaxStep(config, implementation, batches,
                      abstract=_MEMORY_ONLY.value)
     if not _MEMORY_ONLY.value:
@@ -568,6 +585,8 @@ def measure_point(size: str, b: int, t: int, implementations: list[str],
         "framework": TORCH if name in torch_modes else "jax",
         "variant": name, "implementation": settings[name][0],
         "remat": settings[name][1], "attention": settings[name][2],
+        **({"attention_stand_in": True}
+           if settings[name][2] == "cudnn" and _cudnn_stand_in() else {}),
         "dtype": _DTYPE.value,
         "scan_layers": _SCAN.value, "value_net": _VALUE_NET.value,
         "device": timing.device_description(),
@@ -726,7 +745,9 @@ def main(argv):
            if jax.default_backend() == "cpu" and not _ACCELERATOR_PATHS.value
            else "")
         + ("  planning the accelerator's program (--accelerator_paths)"
-           if _ACCELERATOR_PATHS.value else ""))
+           if _ACCELERATOR_PATHS.value else "")
+        + ("; cudnn attention planned with its memory stand-in"
+           if "cudnn" in _ATTENTION.value and _cudnn_stand_in() else ""))
   out = open(_JSON_OUT.value, "a") if _JSON_OUT.value else None
   records = []
   for size, b, t in itertools.product(_SIZE.value, _BATCH.value,

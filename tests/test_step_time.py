@@ -118,6 +118,26 @@ def test_attention_variants_are_named_and_recorded(tiny_flags, monkeypatch):
   assert all(r["planned_peak_bytes"] > 0 for r in records)
 
 
+def test_cudnn_memory_is_planned_with_the_stand_in_without_a_gpu(tiny_flags):
+  del tiny_flags
+  # No remat: the "xla" variant keeps every layer's [B, H, S, S] softmax for
+  # the backward, the stand-in (as cuDNN) only outputs and log-sum-exps.
+  with flagsaver.flagsaver(attention=["xla", "cudnn"], dtype="bfloat16",
+                           input_length=128, memory_only=True,
+                           accelerator_paths=True):
+    step_time.check_flags(["xla"])
+    records = step_time.measure_point("tiny", 4, 8, ["xla"], "system")
+  by_attention = {r["attention"]: r for r in records}
+  assert "error" not in by_attention["cudnn"], by_attention["cudnn"]
+  assert by_attention["cudnn"]["attention_stand_in"] is True
+  assert "attention_stand_in" not in by_attention["xla"]
+  assert (by_attention["cudnn"]["planned_peak_bytes"]
+          < by_attention["xla"]["planned_peak_bytes"]), by_attention
+  # Traced within the context only.
+  assert sys.modules["dro_fast.models.t5"]._FUSED_ATTENTION == {  # pylint: disable=protected-access
+      "cudnn": "cudnn"}
+
+
 def test_a_cudnn_attention_variant_that_fails_is_recorded(tiny_flags,
                                                           monkeypatch):
   del tiny_flags

@@ -18,6 +18,7 @@ the query initialisation), one relative-position bias table per stack
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any, Callable, NamedTuple
@@ -387,8 +388,96 @@ class RelativePositionBias(hk.Module):
 
 
 # T5Config.attention -> jax.nn.dot_product_attention's implementation (tests
-# map "cudnn" to "xla" to check the same call on a CPU).
+# map "cudnn" to "xla" to check the same call on a CPU), or MEMORY_STAND_IN.
 _FUSED_ATTENTION = {"cudnn": "cudnn"}
+
+# fused_attention's implementation that keeps what cuDNN's keeps for its
+# backward (the output and the softmax's log-sum-exp), in plain XLA: for
+# planning cuDNN attention's memory where cuDNN cannot compile (a CPU).
+MEMORY_STAND_IN = "memory_stand_in"
+
+# checkpoint_name tags of the stand-in's residuals, saved by the "dots"
+# remat policies as they save cuDNN's (_saving_fused_attention).
+_STAND_IN_RESIDUALS = ("fused_attention_out", "fused_attention_lse")
+
+
+@contextlib.contextmanager
+def cudnn_memory_stand_in():
+  """Within: T5Config.attention "cudnn" traces MEMORY_STAND_IN instead of
+  cuDNN, so that XLA on any backend can plan the memory of a cuDNN model
+  (benchmarks/step_time.py --memory_only --accelerator_paths). Its one
+  layer's transient [B, H, q, k] float32 logits are a workspace cuDNN does
+  not have, so the plan is an upper bound. Read at trace time."""
+  before = _FUSED_ATTENTION["cudnn"]
+  _FUSED_ATTENTION["cudnn"] = MEMORY_STAND_IN
+  try:
+    yield
+  finally:
+    _FUSED_ATTENTION["cudnn"] = before
+
+
+def _stand_in_probabilities(queries, keys, bias, kv_lengths, causal, lse):
+  """Softmax logits [B, H, q, k] float32 with masks, and (when lse is None)
+  their log-sum-exp [B, H, q]; else the probabilities exp(logits - lse)."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", queries, keys,
+                      preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  key_index = jnp.arange(keys.shape[1])
+  visible = jnp.ones((1, 1, 1, keys.shape[1]), jnp.bool_)
+  if kv_lengths is not None:
+    visible = key_index[None, None, None, :] < kv_lengths[:, None, None, None]
+  if causal:
+    visible = visible & (key_index[None, :]
+                         <= jnp.arange(queries.shape[1])[:, None])
+  logits = jnp.where(visible, logits, -1e30)
+  if lse is None:
+    return logits, jax.nn.logsumexp(logits, axis=-1)
+  return jnp.exp(logits - lse[..., None])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _stand_in_attention(queries, keys, values, bias, kv_lengths, causal):
+  return _stand_in_attention_fwd(queries, keys, values, bias, kv_lengths,
+                                 causal)[0]
+
+
+def _stand_in_attention_fwd(queries, keys, values, bias, kv_lengths, causal):
+  logits, lse = _stand_in_probabilities(queries, keys, bias, kv_lengths,
+                                        causal, None)
+  probabilities = jnp.exp(logits - lse[..., None]).astype(values.dtype)
+  out = jnp.einsum("bhqk,bkhd->bqhd", probabilities, values,
+                   preferred_element_type=jnp.float32).astype(queries.dtype)
+  out = checkpoint_name(out, _STAND_IN_RESIDUALS[0])
+  lse = checkpoint_name(lse, _STAND_IN_RESIDUALS[1])
+  return out, (queries, keys, values, bias, kv_lengths, out, lse)
+
+
+def _stand_in_attention_bwd(causal, residuals, d_out):
+  queries, keys, values, bias, kv_lengths, out, lse = residuals
+  probabilities = _stand_in_probabilities(queries, keys, bias, kv_lengths,
+                                          causal, lse)
+  d_out = d_out.astype(queries.dtype)
+  d_values = jnp.einsum("bhqk,bqhd->bkhd", probabilities.astype(d_out.dtype),
+                        d_out, preferred_element_type=jnp.float32)
+  d_probabilities = jnp.einsum("bqhd,bkhd->bhqk", d_out, values,
+                               preferred_element_type=jnp.float32)
+  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32),
+                     out.astype(jnp.float32))
+  d_logits = probabilities * (d_probabilities - delta[..., None])
+  d_logits_low = d_logits.astype(queries.dtype)
+  d_queries = jnp.einsum("bhqk,bkhd->bqhd", d_logits_low, keys,
+                         preferred_element_type=jnp.float32)
+  d_keys = jnp.einsum("bhqk,bqhd->bkhd", d_logits_low, queries,
+                      preferred_element_type=jnp.float32)
+  d_bias = None
+  if bias is not None:
+    d_bias = jnp.sum(d_logits, axis=0, keepdims=True).astype(bias.dtype)
+  return (d_queries.astype(queries.dtype), d_keys.astype(keys.dtype),
+          d_values.astype(values.dtype), d_bias, None)
+
+
+_stand_in_attention.defvjp(_stand_in_attention_fwd, _stand_in_attention_bwd)
 
 
 def fused_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
@@ -413,6 +502,9 @@ def fused_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
         f"or use attention='xla'.")
   if bias is not None:
     bias = bias.astype(queries.dtype)
+  if implementation == MEMORY_STAND_IN:
+    return _stand_in_attention(queries, keys, values, bias, kv_lengths,
+                               causal)
   return jax.nn.dot_product_attention(
       queries, keys, values, bias=bias, scale=1.0, is_causal=causal,
       key_value_seq_lengths=kv_lengths, implementation=implementation)
@@ -595,8 +687,12 @@ _FUSED_ATTENTION_FORWARD = frozenset({"dot_product_attention_fwd_wrapper",
 def _saving_fused_attention(policy: Callable) -> Callable:
   """`policy`, also saving what cuDNN attention's backward needs."""
 
+  stand_in = jax.checkpoint_policies.save_only_these_names(
+      *_STAND_IN_RESIDUALS)
+
   def save(prim, *avals, **params):
     return (prim.name in _FUSED_ATTENTION_FORWARD
+            or stand_in(prim, *avals, **params)
             or policy(prim, *avals, **params))
 
   return save

@@ -26,10 +26,11 @@ CONFIG = models.preset("tiny", dropout_rate=0.0, dtype="bfloat16")
 B, S, T = 3, 21, 19
 
 
-@pytest.fixture
-def fused_on_cpu(monkeypatch):
-  """Runs attention="cudnn" through jax's XLA implementation of the call."""
-  monkeypatch.setattr(t5_module, "_FUSED_ATTENTION", {"cudnn": "xla"})
+@pytest.fixture(params=["xla", t5_module.MEMORY_STAND_IN])
+def fused_on_cpu(request, monkeypatch):
+  """Runs attention="cudnn" through jax's XLA implementation of the call,
+  and through the memory stand-in (what cudnn_memory_stand_in() swaps in)."""
+  monkeypatch.setattr(t5_module, "_FUSED_ATTENTION", {"cudnn": request.param})
 
 
 def _attention_reference(q, k, v, bias, lengths, causal, cotangent):
@@ -54,8 +55,9 @@ def _attention_reference(q, k, v, bias, lengths, causal, cotangent):
                d_logits.sum(0, keepdims=True))
 
 
+@pytest.mark.parametrize("implementation", ["xla", t5_module.MEMORY_STAND_IN])
 @pytest.mark.parametrize("causal", [False, True], ids=["padded", "causal"])
-def test_fused_attention_matches_a_float64_reference(causal):
+def test_fused_attention_matches_a_float64_reference(causal, implementation):
   rng = np.random.default_rng(1)
   b, q_len, k_len, h, d = 3, 6, 6 if causal else 9, 2, 8
   q, k, v, cotangent = (rng.normal(size=shape).astype(np.float32) for shape in
@@ -66,7 +68,7 @@ def test_fused_attention_matches_a_float64_reference(causal):
 
   def loss(q, k, v, bias):
     out = fused_attention(q, k, v, bias, None if causal else lengths, causal,
-                          "xla")
+                          implementation)
     return jnp.sum(out * cotangent), out
 
   (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3),
@@ -227,6 +229,32 @@ def test_remat_keeps_cudnn_forward_outputs(monkeypatch):
   assert forward_calls("dots") == attentions
   assert forward_calls("dots_except_mlp_hidden") == attentions
   assert forward_calls("full") == 2 * attentions
+
+
+def test_memory_stand_in_keeps_what_cudnn_keeps():
+  # Under the "dots" policies the stand-in's output and log-sum-exp are
+  # saved for the backward, as cuDNN's are; the [B, H, q, k] logits are
+  # not, under any policy but "none".
+  from jax._src.ad_checkpoint import saved_residuals  # pylint: disable=g-import-not-at-top
+  encoder, targets = _tokens()
+  attentions = CONFIG.num_encoder_layers + 2 * CONFIG.num_decoder_layers
+  for remat in ("dots", "dots_except_mlp_hidden", "full"):
+    config = CONFIG.replace(attention="cudnn", remat=remat)
+    model = models.t5(config)
+    with t5_module.cudnn_memory_stand_in():
+      params = model.init(jax.random.key(0), encoder, targets)
+      residuals = saved_residuals(
+          lambda p, model=model: model.apply(p, None, encoder, targets).sum(),
+          params)
+    tagged = sum("fused_attention_" in description
+                 for _, description in residuals)
+    assert tagged == (0 if remat == "full" else 2 * attentions), (remat,
+                                                                  tagged)
+    # (The [1, H, q, k] relative-position bias is kept, as cuDNN keeps it.)
+    assert not any(a.ndim == 4 and a.shape[0] == B
+                   and a.shape[-2:] in ((S, S), (T, T), (T, S))
+                   for a, _ in residuals), remat
+  assert t5_module._FUSED_ATTENTION == {"cudnn": "cudnn"}  # pylint: disable=protected-access
 
 
 def test_dro_v_step_lowers_with_cudnn_attention_for_cuda(monkeypatch):
