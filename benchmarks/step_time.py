@@ -134,8 +134,9 @@ _ATTENTION = flags.DEFINE_list(
     "logits, cudnn is cuDNN's fused attention (CUDA GPU, bfloat16). "
     "Without a GPU, --memory_only --accelerator_paths plans cudnn's memory "
     "with a stand-in that keeps what cuDNN keeps for its backward "
-    "(dro_fast.models.t5.cudnn_memory_stand_in; an upper bound: its one "
-    "layer's [B, H, q, k] logits are a workspace cuDNN does not have).")
+    "(dro_fast.models.t5.cudnn_memory_stand_in; it overstates cuDNN: its "
+    "[B, H, q, k] float32 temporaries, one layer at a time, are a "
+    "workspace cuDNN does not have).")
 _SCAN = flags.DEFINE_bool("scan_layers", True, "Scan over layers.")
 _VALUE_NET = flags.DEFINE_enum("value_net", "separate", ["separate", "shared"],
                                "DRO-V value network.")
@@ -456,6 +457,12 @@ def check_flags(implementations: list[str]) -> None:
                        ("target_length", _TARGET_LENGTH.value)):
     if not all(v.isdigit() and int(v) > 0 for v in values):
       raise app.UsageError(f"--{name} takes positive integers, got {values}.")
+  odd = [f"--input_length={_INPUT_LENGTH.value}"] * (_INPUT_LENGTH.value % 2)
+  odd += [f"--target_length={t}" for t in _TARGET_LENGTH.value if int(t) % 2]
+  if "cudnn" in _ATTENTION.value and odd:
+    raise app.UsageError(
+        f"--attention=cudnn: cuDNN's attention with T5's bias refuses odd "
+        f"lengths in its backward pass; got {', '.join(odd)}.")
   for name in implementations:
     if name != "default" and name not in kernels.IMPLEMENTATIONS:
       raise app.UsageError(f"--implementation: unknown {name!r}; choose from "
@@ -514,7 +521,8 @@ def build_jax_step(config: models.T5Config, implementation: str | None,
     if (isinstance(error, jax.errors.JaxRuntimeError)
         and "RESOURCE_EXHAUSTED" in str(error)):
       return f"out of memory: {first_line}"
-    if config.attention == "cudnn":
+    # (Not under the stand-in: no cuDNN is involved, so it is our bug.)
+    if config.attention == "cudnn" and not _cudnn_stand_in():
       return (f"attention=cudnn variant failed: {type(error).__name__}: "
               f"{first_line}")
     raise

@@ -48,3 +48,24 @@ def test_step_runs_land_as_records(tmp_path):
   assert "step_time tiny remat=full attention=xla" in log
   assert "skipped" not in log
   assert log.rstrip().endswith("done")
+
+
+@pytest.mark.parametrize("site", [".", "..", "inside"])
+def test_refuses_a_site_that_would_remove_the_checkout(tmp_path, site):
+  # A copy of the script in a stand-in checkout, so that a failure of the
+  # guard removes nothing of ours.
+  checkout = tmp_path / "repo"
+  (checkout / "benchmarks").mkdir(parents=True)
+  script = checkout / "benchmarks/device_check.sh"
+  script.write_text((REPO / "benchmarks/device_check.sh").read_text())
+  keep = checkout / "keep.txt"
+  keep.write_text("x")
+  env = {**os.environ, "OUT": str(tmp_path / "out"), "PY": sys.executable,
+         "SITE": str(checkout / site if site != "inside"
+                     else checkout / "benchmarks/site")}
+  result = subprocess.run(["bash", str(script)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          check=False)
+  assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+  assert "refusing SITE=" in result.stdout
+  assert keep.read_text() == "x"

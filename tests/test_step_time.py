@@ -131,6 +131,9 @@ def test_cudnn_memory_is_planned_with_the_stand_in_without_a_gpu(tiny_flags):
   assert "error" not in by_attention["cudnn"], by_attention["cudnn"]
   assert by_attention["cudnn"]["attention_stand_in"] is True
   assert "attention_stand_in" not in by_attention["xla"]
+  # No GEMM goes through cpu_gemm's upcast on the accelerator's paths.
+  assert all(r["cpu_bf16_gemm"] is None and r["accelerator_paths"]
+             for r in records), records
   assert (by_attention["cudnn"]["planned_peak_bytes"]
           < by_attention["xla"]["planned_peak_bytes"]), by_attention
   # Traced within the context only.

@@ -405,9 +405,12 @@ _STAND_IN_RESIDUALS = ("fused_attention_out", "fused_attention_lse")
 def cudnn_memory_stand_in():
   """Within: T5Config.attention "cudnn" traces MEMORY_STAND_IN instead of
   cuDNN, so that XLA on any backend can plan the memory of a cuDNN model
-  (benchmarks/step_time.py --memory_only --accelerator_paths). Its one
-  layer's transient [B, H, q, k] float32 logits are a workspace cuDNN does
-  not have, so the plan is an upper bound. Read at trace time."""
+  (benchmarks/step_time.py --memory_only --accelerator_paths). Its
+  transient [B, H, q, k] float32 arrays (the probabilities in the forward;
+  probabilities and their gradients in the backward, one layer at a time)
+  are a workspace cuDNN does not have, so it overstates cuDNN's memory, as
+  far as XLA:CPU's buffer assignment stands for the GPU's. It does not
+  refuse odd lengths as cuDNN does (step_time does). Read at trace time."""
   before = _FUSED_ATTENTION["cudnn"]
   _FUSED_ATTENTION["cudnn"] = MEMORY_STAND_IN
   try:
@@ -417,8 +420,9 @@ def cudnn_memory_stand_in():
 
 
 def _stand_in_probabilities(queries, keys, bias, kv_lengths, causal, lse):
-  """Softmax logits [B, H, q, k] float32 with masks, and (when lse is None)
-  their log-sum-exp [B, H, q]; else the probabilities exp(logits - lse)."""
+  """Softmax probabilities [B, H, q, k] float32 with masks, and (when lse is
+  None) the log-sum-exp [B, H, q] of the logits; else the probabilities
+  from the given lse. A query that sees no key gets probabilities 0."""
   logits = jnp.einsum("bqhd,bkhd->bhqk", queries, keys,
                       preferred_element_type=jnp.float32)
   if bias is not None:
@@ -431,9 +435,11 @@ def _stand_in_probabilities(queries, keys, bias, kv_lengths, causal, lse):
     visible = visible & (key_index[None, :]
                          <= jnp.arange(queries.shape[1])[:, None])
   logits = jnp.where(visible, logits, -1e30)
-  if lse is None:
-    return logits, jax.nn.logsumexp(logits, axis=-1)
-  return jnp.exp(logits - lse[..., None])
+  computed = lse is None
+  if computed:
+    lse = jax.nn.logsumexp(logits, axis=-1)
+  probabilities = jnp.where(visible, jnp.exp(logits - lse[..., None]), 0.0)
+  return (probabilities, lse) if computed else probabilities
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -443,9 +449,9 @@ def _stand_in_attention(queries, keys, values, bias, kv_lengths, causal):
 
 
 def _stand_in_attention_fwd(queries, keys, values, bias, kv_lengths, causal):
-  logits, lse = _stand_in_probabilities(queries, keys, bias, kv_lengths,
-                                        causal, None)
-  probabilities = jnp.exp(logits - lse[..., None]).astype(values.dtype)
+  probabilities, lse = _stand_in_probabilities(queries, keys, bias,
+                                               kv_lengths, causal, None)
+  probabilities = probabilities.astype(values.dtype)
   out = jnp.einsum("bhqk,bkhd->bqhd", probabilities, values,
                    preferred_element_type=jnp.float32).astype(queries.dtype)
   out = checkpoint_name(out, _STAND_IN_RESIDUALS[0])
