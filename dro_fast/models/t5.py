@@ -236,6 +236,38 @@ cpu_attention_logits.defvjp(_logits_fwd, _logits_bwd)
 
 
 @jax.custom_vjp
+def attention_logits(queries: jax.Array, keys: jax.Array) -> jax.Array:
+  """queries [B, q, H, K] · keys [B, t, H, K] -> logits [B, H, q, t] float32,
+  as einsum("bqhk,bthk->bhqt", preferred float32), on accelerators.
+
+  Autodiff of that einsum runs the backward products in float32: the
+  float32 logits' gradient promotes the bfloat16 operand (on a GPU, float32
+  or TF32 GEMMs, at half bfloat16's rate or less). Here the gradient is cast
+  to the compute dtype first, as cpu_attention_logits and cuDNN do (mixed
+  precision: float32 accumulation, compute-dtype operands).
+  """
+  return jnp.einsum("bqhk,bthk->bhqt", queries, keys,
+                    preferred_element_type=jnp.float32)
+
+
+def _accelerator_logits_fwd(queries, keys):
+  return attention_logits(queries, keys), (queries, keys)
+
+
+def _accelerator_logits_bwd(residuals, d_logits):
+  queries, keys = residuals
+  d_logits = d_logits.astype(queries.dtype)
+  d_queries = jnp.einsum("bhqt,bthk->bqhk", d_logits, keys,
+                         preferred_element_type=jnp.float32)
+  d_keys = jnp.einsum("bhqt,bqhk->bthk", d_logits, queries,
+                      preferred_element_type=jnp.float32)
+  return d_queries.astype(queries.dtype), d_keys.astype(keys.dtype)
+
+
+attention_logits.defvjp(_accelerator_logits_fwd, _accelerator_logits_bwd)
+
+
+@jax.custom_vjp
 def cpu_attention_combine(weights: jax.Array, values: jax.Array) -> jax.Array:
   """weights [B, H, q, t] · values [B, t, H, K] -> [B, q, H, K].
 
@@ -603,8 +635,7 @@ class Attention(hk.Module):
     if on_cpu:
       logits = cpu_attention_logits(queries, keys)
     else:
-      logits = jnp.einsum("bqhk,bthk->bhqt", queries, keys,
-                          preferred_element_type=jnp.float32)
+      logits = attention_logits(queries, keys)
     weights = jax.nn.softmax(logits + bias, axis=-1)              # float32
     if dropout_rng is not None:
       weights = hk.dropout(dropout_rng, config.dropout_rate, weights)

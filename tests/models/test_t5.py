@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import haiku as hk
@@ -15,6 +16,7 @@ from dro_fast import cpu_gemm
 from dro_fast import decoding
 from dro_fast import models
 from dro_fast.models.t5 import Dense
+from dro_fast.models.t5 import attention_logits
 from dro_fast.models.t5 import cpu_attention_combine
 from dro_fast.models.t5 import cpu_attention_logits
 from dro_fast.models.t5 import cpu_gated_gelu
@@ -146,10 +148,11 @@ def _assert_gemm_operands(hlo: str, count: int, mode: str):
           f"{mode}: a dot with {unwanted[:-1]} operands: {header}")
 
 
-def _attention_loss(dtype, shape=(2, 5, 7, 3, 4)):
+def _attention_loss(dtype, shape=(2, 5, 7, 3, 4), logits_fn=None):
   """Random q, k, v [B, q|t, H, K], a bias and cotangent, and the jitted
   value-and-grad of sum(attention(q, k, v) · cotangent) through
-  cpu_attention_logits and cpu_attention_combine."""
+  cpu_attention_logits (or logits_fn) and cpu_attention_combine."""
+  logits_fn = logits_fn or cpu_attention_logits
   rng = np.random.default_rng(5)
   b, q_len, t_len, heads, width = shape
   q, k, v = (rng.normal(size=(b, n, heads, width)).astype(np.float32)
@@ -159,7 +162,7 @@ def _attention_loss(dtype, shape=(2, 5, 7, 3, 4)):
 
   def loss(q, k, v, bias):
     q, k, v = (x.astype(dtype) for x in (q, k, v))
-    logits = cpu_attention_logits(q, k)
+    logits = logits_fn(q, k)
     assert logits.dtype == jnp.float32
     weights = jax.nn.softmax(logits + bias, axis=-1).astype(dtype)
     out = cpu_attention_combine(weights, v)
@@ -187,10 +190,15 @@ def _attention_reference(q, k, v, bias, cotangent):
   return np.sum(out * c), (d_q, d_k, d_v, d_bias)
 
 
-def test_cpu_attention_matches_a_float64_reference():
+@pytest.mark.parametrize("logits_fn", [cpu_attention_logits,
+                                       attention_logits],
+                         ids=["cpu", "accelerator"])
+def test_cpu_attention_matches_a_float64_reference(logits_fn):
   # The two attention products with their own VJPs (every backward product
-  # in another layout than autodiff's), value and all four gradients.
-  args, cotangent, grad_fn = _attention_loss(jnp.float32)
+  # in another layout than autodiff's), value and all four gradients; the
+  # logits also in the accelerators' form.
+  args, cotangent, grad_fn = _attention_loss(jnp.float32,
+                                             logits_fn=logits_fn)
   value, grads = grad_fn(*args)
   want_value, want_grads = _attention_reference(*args, cotangent)
   np.testing.assert_allclose(value, want_value, rtol=1e-5)
@@ -214,6 +222,41 @@ def test_bfloat16_cpu_attention_runs_bfloat16_products(bf16_gemm_mode):
     assert np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want)
   _assert_gemm_operands(grad_fn.lower(*args).compile().as_text(), 6,
                         bf16_gemm_mode)
+
+
+def test_bfloat16_accelerator_attention_logits_backward_in_bfloat16():
+  # Autodiff of the float32-output logits einsum ran the two backward
+  # products with float32 operands (on a GPU: float32 / TF32 GEMMs). The
+  # model's gradient lowered for "cuda" now has no dot with a float32
+  # [B, H, q, t] operand, and the values stay within bfloat16 rounding of
+  # float64.
+  args, cotangent, grad_fn = _attention_loss(
+      jnp.bfloat16, (2, 8, 16, 2, 16), logits_fn=attention_logits)
+  rounded = [np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
+             for x in args[:3]] + [args[3]]
+  _, grads = grad_fn(*args)
+  _, want_grads = _attention_reference(*rounded, cotangent)
+  for got, want in zip(grads, want_grads):
+    got = np.asarray(got, np.float64)
+    assert np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want)
+
+  config = CONFIG.replace(dtype="bfloat16")
+  encoder, targets = _tokens()
+  model = models.t5(config)
+  params = jax.eval_shape(model.init, jax.random.key(0), encoder, targets)
+
+  def loss(params):
+    return model.apply(params, None, encoder, targets).sum()
+
+  with cpu_gemm.accelerator_paths():
+    text = jax.jit(jax.grad(loss)).trace(params).lower(
+        lowering_platforms=("cuda",)).as_text()
+  dots = [line.rsplit(":", 1)[-1] for line in text.splitlines()
+          if "stablehlo.dot_general" in line]
+  assert len(dots) > 10, dots
+  float32_4d = [d for d in dots
+                if re.search(r"tensor<\d+x\d+x\d+x\d+xf32>.*->", d)]
+  assert not float32_4d, float32_4d
 
 
 def _gated_gelu_loss(dtype):
