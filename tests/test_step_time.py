@@ -141,6 +141,22 @@ def test_cudnn_memory_is_planned_with_the_stand_in_without_a_gpu(tiny_flags):
       "cudnn": "cudnn"}
 
 
+def test_a_failing_stand_in_is_our_bug_and_propagates(tiny_flags,
+                                                      monkeypatch):
+  del tiny_flags
+
+  def build(config, implementation, batches, abstract):
+    del implementation, batches, abstract
+    assert config.attention == "cudnn"
+    raise ValueError("a bug in the stand-in")
+
+  monkeypatch.setattr(step_time, "JaxStep", build)
+  with flagsaver.flagsaver(attention=["cudnn"], dtype="bfloat16",
+                           memory_only=True, accelerator_paths=True):
+    with pytest.raises(ValueError, match="a bug in the stand-in"):
+      step_time.measure_point("tiny", 2, 4, ["xla"], "system")
+
+
 def test_a_cudnn_attention_variant_that_fails_is_recorded(tiny_flags,
                                                           monkeypatch):
   del tiny_flags

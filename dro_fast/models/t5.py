@@ -455,8 +455,7 @@ def _stand_in_probabilities(queries, keys, bias, kv_lengths, causal, lse):
   """Softmax probabilities [B, H, q, k] float32 with masks, and (when lse is
   None) the log-sum-exp [B, H, q] of the logits; else the probabilities
   from the given lse. A query that sees no key gets probabilities 0."""
-  logits = jnp.einsum("bqhd,bkhd->bhqk", queries, keys,
-                      preferred_element_type=jnp.float32)
+  logits = attention_logits(queries, keys)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
   key_index = jnp.arange(keys.shape[1])
@@ -503,16 +502,11 @@ def _stand_in_attention_bwd(causal, residuals, d_out):
   delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32),
                      out.astype(jnp.float32))
   d_logits = probabilities * (d_probabilities - delta[..., None])
-  d_logits_low = d_logits.astype(queries.dtype)
-  d_queries = jnp.einsum("bhqk,bkhd->bqhd", d_logits_low, keys,
-                         preferred_element_type=jnp.float32)
-  d_keys = jnp.einsum("bhqk,bqhd->bkhd", d_logits_low, queries,
-                      preferred_element_type=jnp.float32)
+  d_queries, d_keys = _accelerator_logits_bwd((queries, keys), d_logits)
   d_bias = None
   if bias is not None:
     d_bias = jnp.sum(d_logits, axis=0, keepdims=True).astype(bias.dtype)
-  return (d_queries.astype(queries.dtype), d_keys.astype(keys.dtype),
-          d_values.astype(values.dtype), d_bias, None)
+  return (d_queries, d_keys, d_values.astype(values.dtype), d_bias, None)
 
 
 _stand_in_attention.defvjp(_stand_in_attention_fwd, _stand_in_attention_bwd)
