@@ -490,14 +490,6 @@ def _algorithm() -> steps.AlgorithmConfig:
     raise UserError(str(e)) from None
 
 
-def _is_cuda() -> bool:
-  """Whether JAX runs on an NVIDIA GPU (ROCm's backend is "gpu" too)."""
-  if jax.default_backend() != "gpu":
-    return False
-  version = getattr(jax.devices()[0].client, "platform_version", "")
-  return "rocm" not in str(version).lower()
-
-
 def _check_flags():
   """Flag values out of range or in conflict, before anything is written."""
   for flag, least in ((_BATCH_SIZE, 1), (_TRAIN_STEPS, 1), (_LOG_EVERY, 1),
@@ -515,7 +507,7 @@ def _check_flags():
                     f"{_DROPOUT.value}.")
   if _ATTENTION.value == "cudnn":
     needs = []
-    if not _is_cuda():
+    if not models.cuda_backend():
       needs.append(f"a CUDA GPU (JAX's backend here is "
                    f"{jax.default_backend()!r})")
     if _DTYPE.value != "bfloat16":

@@ -6,11 +6,12 @@ from dro_fast.models.config import preset
 from dro_fast.models.config import PRESETS
 from dro_fast.models.config import REMAT_POLICIES
 from dro_fast.models.config import T5Config
+from dro_fast.models.t5 import cuda_backend
 from dro_fast.models.t5 import LayerCache
 from dro_fast.models.t5 import shift_right
 from dro_fast.models.t5 import T5
 from dro_fast.models.t5 import t5
 
 __all__ = ["ATTENTION_IMPLEMENTATIONS", "LayerCache", "PRESETS",
-           "REMAT_POLICIES", "T5", "T5Config", "parameter_count", "preset",
-           "shift_right", "t5"]
+           "REMAT_POLICIES", "T5", "T5Config", "cuda_backend", "parameter_count",
+           "preset", "shift_right", "t5"]

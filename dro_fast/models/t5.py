@@ -419,6 +419,15 @@ class RelativePositionBias(hk.Module):
     return jnp.take(self.table, buckets, axis=1)[None]            # [1,H,q,k]
 
 
+def cuda_backend() -> bool:
+  """Whether JAX's default backend is an NVIDIA GPU, where attention "cudnn"
+  can run (ROCm's backend is named "gpu" too, and has no cuDNN)."""
+  if jax.default_backend() != "gpu":
+    return False
+  version = getattr(jax.devices()[0].client, "platform_version", "")
+  return "rocm" not in str(version).lower()
+
+
 # T5Config.attention -> jax.nn.dot_product_attention's implementation (tests
 # map "cudnn" to "xla" to check the same call on a CPU), or MEMORY_STAND_IN.
 _FUSED_ATTENTION = {"cudnn": "cudnn"}

@@ -324,3 +324,29 @@ def test_fused_attention_refuses_attention_dropout(fused_on_cpu):
   with pytest.raises(ValueError, match="dropout_rate=0"):
     model.init(jax.random.key(0), encoder, targets, is_training=True)
 
+
+
+class _Client:
+
+  def __init__(self, platform_version):
+    self.platform_version = platform_version
+
+
+class _Device:
+
+  def __init__(self, platform_version):
+    self.client = _Client(platform_version)
+
+
+@pytest.mark.parametrize("backend, platform_version, expected", [
+    ("gpu", "cuda 12080", True),
+    ("gpu", "rocm 60342", False),
+    ("gpu", "ROCm 6.3", False),
+    ("cpu", "cpu", False),
+    ("tpu", "PJRT C API", False),
+])
+def test_cuda_backend_tells_nvidia_from_rocm(monkeypatch, backend,
+                                             platform_version, expected):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  monkeypatch.setattr(jax, "devices", lambda: [_Device(platform_version)])
+  assert models.cuda_backend() is expected
