@@ -15,6 +15,8 @@ forms below. Each form runs in blocks of --repeats back-to-back calls after
   bf16 b.T        jnp.dot(a, bt.T): a transposed operand, as autodiff writes
                   a weight gradient
   torch f32 / torch bf16   torch.mm with torch's threads = XLA's
+  numpy f32       numpy.matmul (the BLAS numpy ships: OpenBLAS in the
+                  wheels), a third float32 GEMM library on the same host
 
 and, per JAX form, the operand types XLA compiled the GEMM with ("upcast"
 when bfloat16 operands reached the GEMM as float32). This is the evidence
@@ -44,6 +46,10 @@ _SHAPES = flags.DEFINE_list(
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Back-to-back calls per "
                                 "block.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Blocks per form.")
+_PEAK = flags.DEFINE_float(
+    "peak_gflops", 0.0, "The host's float32 peak in GFLOP/s (cores x clock "
+    "x FLOP per cycle: 32 for AVX2 with two FMA pipes); when given, each "
+    "rate is also printed as a fraction of it.")
 
 _F32 = dict(preferred_element_type=jnp.float32)
 
@@ -96,6 +102,8 @@ def main(argv):
     calls["torch f32"] = lambda: torch.mm(ta, tb)
     ta16, tb16 = ta.bfloat16(), tb.bfloat16()
     calls["torch bf16"] = lambda: torch.mm(ta16, tb16)
+    na, nb = ta.numpy(), tb.numpy()
+    calls["numpy f32"] = lambda: np.matmul(na, nb)
     seconds = {name: [] for name in calls}
     for round_ in range(_ROUNDS.value):
       order = list(calls.items())
@@ -113,7 +121,8 @@ def main(argv):
       kind = types.get(name, "")
       note = ("  (upcast)" if kind.startswith("f32") and "bf16" in name
               else "")
-      print(f"  {name:12s} {rate:7.1f}  {kind}{note}")
+      peak = f"  {rate / _PEAK.value:6.1%} of peak" if _PEAK.value else ""
+      print(f"  {name:12s} {rate:7.1f}{peak}  {kind}{note}")
     sys.stdout.flush()
 
 
