@@ -84,7 +84,6 @@ from dro_fast import models  # pylint: disable=g-import-not-at-top,wrong-import-
 from dro_fast.models import value  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.models.config import ATTENTION_IMPLEMENTATIONS  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.models.config import REMAT_POLICIES  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast.models.t5 import cuda_backend  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.models.t5 import cudnn_memory_stand_in  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.training import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.training import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -447,7 +446,7 @@ def check_flags(implementations: list[str]) -> None:
     raise app.UsageError(f"--attention: unknown {unknown}; choose from "
                          f"{ATTENTION_IMPLEMENTATIONS}.")
   if "cudnn" in _ATTENTION.value and (
-      not (cuda_backend() or _cudnn_stand_in())
+      not (models.cuda_backend() or _cudnn_stand_in())
       or _DTYPE.value != "bfloat16"):
     raise app.UsageError(
         "--attention=cudnn runs cuDNN's fused attention: it needs a CUDA GPU "
@@ -490,7 +489,7 @@ def _cudnn_stand_in() -> bool:
   """Whether attention "cudnn" is planned with the memory stand-in: a
   memory plan of the accelerator's program, on a backend without cuDNN."""
   return (_MEMORY_ONLY.value and _ACCELERATOR_PATHS.value
-          and not cuda_backend())
+          and not models.cuda_backend())
 
 
 def build_jax_step(config: models.T5Config, implementation: str | None,

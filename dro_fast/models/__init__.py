@@ -13,5 +13,5 @@ from dro_fast.models.t5 import T5
 from dro_fast.models.t5 import t5
 
 __all__ = ["ATTENTION_IMPLEMENTATIONS", "LayerCache", "PRESETS",
-           "REMAT_POLICIES", "T5", "T5Config", "cuda_backend", "parameter_count",
-           "preset", "shift_right", "t5"]
+           "REMAT_POLICIES", "T5", "T5Config", "cuda_backend",
+           "parameter_count", "preset", "shift_right", "t5"]

@@ -10,6 +10,7 @@ position bias's gradient) are what a GPU would compile.
 from __future__ import annotations
 
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -325,19 +326,6 @@ def test_fused_attention_refuses_attention_dropout(fused_on_cpu):
     model.init(jax.random.key(0), encoder, targets, is_training=True)
 
 
-
-class _Client:
-
-  def __init__(self, platform_version):
-    self.platform_version = platform_version
-
-
-class _Device:
-
-  def __init__(self, platform_version):
-    self.client = _Client(platform_version)
-
-
 @pytest.mark.parametrize("backend, platform_version, expected", [
     ("gpu", "cuda 12080", True),
     ("gpu", "rocm 60342", False),
@@ -348,5 +336,7 @@ class _Device:
 def test_cuda_backend_tells_nvidia_from_rocm(monkeypatch, backend,
                                              platform_version, expected):
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
-  monkeypatch.setattr(jax, "devices", lambda: [_Device(platform_version)])
+  device = types.SimpleNamespace(
+      client=types.SimpleNamespace(platform_version=platform_version))
+  monkeypatch.setattr(jax, "devices", lambda: [device])
   assert models.cuda_backend() is expected
