@@ -43,7 +43,7 @@ sys.path.append(os.path.dirname(_HERE))
 from benchmarks import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.models import value  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast.training import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast import runtime as host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.training import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _SIZE = flags.DEFINE_enum("size", "small",

@@ -85,7 +85,7 @@ from dro_fast.models import value  # pylint: disable=g-import-not-at-top,wrong-i
 from dro_fast.models.config import ATTENTION_IMPLEMENTATIONS  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.models.config import REMAT_POLICIES  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.models.t5 import cudnn_memory_stand_in  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast.training import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast import runtime as host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.training import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.training import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -154,7 +154,7 @@ _TORCH_HOST_MEMORY = flags.DEFINE_list(
 _HOST_MEMORY = flags.DEFINE_enum(
     "host_memory", "auto", ["auto", "keep", "system"],
     "keep: glibc keeps freed host memory for reuse "
-    "(dro_fast.training.host_memory; process-wide, so a --compare_torch "
+    "(dro_fast.runtime; process-wide, so a --compare_torch "
     "step in this process runs under it too); system: glibc's defaults, "
     "which unmap XLA:CPU's temporary buffer after every step; auto: keep "
     "where JAX runs on the CPU alone, else system, as `python -m "
@@ -360,7 +360,7 @@ def _torch_worker(conn, host_memory_mode: str, config: models.T5Config,
 class TorchProcessStep:
   """TorchStep in a child process with its own host-memory setting.
 
-  The malloc settings (dro_fast.training.host_memory) are process-wide, so
+  The malloc settings (dro_fast.runtime) are process-wide, so
   PyTorch under glibc's defaults cannot share a process with JAX under
   `keep`. A call sends one step to the child and waits for it; the pipe's
   round trip (a few bytes) is part of the time.

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from dro_fast import checkpoints as model_checkpoints
+from dro_fast.models import pretrained
 from dro_fast import data
 from dro_fast import decoding
 from dro_fast import fileio
@@ -45,7 +45,7 @@ from dro_fast.models import value
 from dro_fast.tokenizer import Tokenizer
 from dro_fast.tokenizer import train_sentencepiece
 from dro_fast.training import checkpointing
-from dro_fast.training import host_memory
+from dro_fast import runtime
 from dro_fast.training import metrics as metrics_lib
 from dro_fast.training import optim
 from dro_fast.training import reference
@@ -151,7 +151,7 @@ _KEEP_HOST_MEMORY = flags.DEFINE_bool(
     "next step instead of returning it to the system (glibc only). XLA:CPU "
     "otherwise maps its temporary buffer afresh every step and page-faults "
     "all of it; resident memory then stays at its peak. See "
-    "dro_fast/training/host_memory.py.")
+    "dro_fast/training/runtime.py.")
 _DROPOUT = flags.DEFINE_float("dropout_rate", 0.0, "Dropout while training.")
 _POLICY_LR = flags.DEFINE_float("policy_lr", 1e-4, "Policy learning rate.")
 _VALUE_LR = flags.DEFINE_float("value_lr", 1e-4, "Value learning rate.")
@@ -410,8 +410,8 @@ def model_config_and_params(tokenizer: Tokenizer, rng: jax.Array):
   if _INIT_CHECKPOINT.value:
     path = _INIT_CHECKPOINT.value
     try:
-      config, params = model_checkpoints.load(path)
-    except model_checkpoints.CheckpointError as e:
+      config, params = pretrained.load(path)
+    except pretrained.CheckpointError as e:
       raise UserError(f"--init_checkpoint: {e}") from None
     if tokenizer.vocab_size > config.vocab_size:
       which = (f"--tokenizer={_TOKENIZER.value}" if _TOKENIZER.value else
@@ -422,7 +422,7 @@ def model_config_and_params(tokenizer: Tokenizer, rng: jax.Array):
           f"{path} embeds only {config.vocab_size}: pass the checkpoint's "
           "own spiece.model as --tokenizer.")
     config = config.replace(scan_layers=_SCAN_LAYERS.value, **overrides)
-    return config, model_checkpoints.stack_layers(params, config)
+    return config, pretrained.stack_layers(params, config)
   config = models.preset(_MODEL.value, vocab_size=tokenizer.vocab_size,
                          scan_layers=_SCAN_LAYERS.value, **overrides)
   tokens = jnp.ones((1, 2), jnp.int32)
@@ -746,7 +746,7 @@ def select_best(workdir: str) -> dict:
   extra = list(_EVAL_FLAGS.value)
   if not any(f.startswith(("--folds", "--prompts_per_fold")) for f in extra):
     extra += ["--folds=1", "--prompts_per_fold=200"]
-  command = [sys.executable, "-m", "dro_fast.evaluate",
+  command = [sys.executable, "-m", "dro_fast.evaluation",
              f"--best_checkpoint={workdir}", *extra]
   tqdm.write("Selecting the best checkpoint: " + " ".join(command[1:]))
   result = subprocess.run(command, capture_output=True, text=True,
@@ -906,8 +906,8 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs every save at INFO; progress shows on the tqdm bar instead.
     logging.set_verbosity(logging.WARNING)
-  if _KEEP_HOST_MEMORY.value and host_memory.cpu_only_jax():
-    how = host_memory.keep_freed_host_memory()
+  if _KEEP_HOST_MEMORY.value and runtime.cpu_only_jax():
+    how = runtime.keep_freed_host_memory()
     if how != "kept":
       logging.info("--keep_freed_host_memory: %s", how)
   try:

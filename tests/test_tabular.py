@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from dro_fast import tabular
+from experiments import tabular
 
 # Distinct K, M so a transposed table fails.
 K, M = 6, 5

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from benchmarks import torch_step  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast import checkpoints  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast.models import pretrained  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.models import value  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.training import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -48,9 +48,9 @@ def _jax_params(step: torch_step.DroVStep):
   """The torch policy's and value network's weights in our layout."""
   state = {k: v.detach().numpy() for k, v in step.policy.state_dict().items()}
   flat = {ours: state[name].T if transpose else state[name]
-          for name, (ours, transpose) in checkpoints.hf_name_map(
+          for name, (ours, transpose) in pretrained.hf_name_map(
               CONFIG).items()}
-  policy_params = checkpoints.check_and_build(flat, CONFIG, "torch policy")
+  policy_params = pretrained.check_and_build(flat, CONFIG, "torch policy")
   # The value encoder starts as a copy of the policy's, in both frameworks
   # (only the parameter names are needed from the value network's init).
   tokens = np.ones((1, 2), np.int32)

@@ -13,7 +13,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from dro_fast import checkpoints as model_checkpoints
+from dro_fast.models import pretrained
 from dro_fast import models
 from dro_fast.models import value
 from dro_fast.tokenizer import Tokenizer
@@ -91,8 +91,8 @@ def load_initial_policy(workdir: str):
   init = run["init"]
   tokens = jnp.ones((1, 2), jnp.int32)
   if init["kind"] == "checkpoint":
-    _, params = model_checkpoints.load(init["path"])
-    return model_checkpoints.stack_layers(params, config)
+    _, params = pretrained.load(init["path"])
+    return pretrained.stack_layers(params, config)
   if init["kind"] == "sft_init":
     template = jax.eval_shape(models.t5(config).init, jax.random.key(0),
                               tokens, tokens)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dro_fast import checkpoints
+from dro_fast.models import pretrained
 from dro_fast import decoding
 from dro_fast import kernels
 from dro_fast import models
@@ -30,7 +30,7 @@ def converted(request, tmp_path_factory):
   hf_model = hf_reference.build(request.param)
   directory = tmp_path_factory.mktemp(f"hf_{request.param}")
   hf_model.save_pretrained(directory)
-  config, params = checkpoints.load_hf(directory)
+  config, params = pretrained.load_hf(directory)
   rng = np.random.default_rng(0)
   encoder_tokens = rng.integers(2, 97, (B, S)).astype(np.int64)
   encoder_tokens[1, 30:] = 0                   # padding: masked in attention

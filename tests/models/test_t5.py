@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dro_fast import checkpoints
+from dro_fast.models import pretrained
 from dro_fast import cpu_gemm
 from dro_fast import decoding
 from dro_fast import models
@@ -56,7 +56,7 @@ def test_parameter_counts(name, expected):
 
 
 def test_parameter_paths_are_t5x_names(params):
-  flat = checkpoints.flatten(params)
+  flat = pretrained.flatten(params)
   assert flat["encoder/layers_1/attention/query/kernel"].shape == (32, 32)
   assert flat["encoder/relpos_bias/rel_embedding"].shape == (4, 32)
   assert flat["decoder/layers_0/encoder_decoder_attention/out/kernel"].shape \
@@ -330,7 +330,7 @@ def test_bfloat16_cpu_gated_gelu_runs_bfloat16_gemms(bf16_gemm_mode):
 def test_scan_and_remat_compute_the_same_function(params, changes):
   encoder, targets = _tokens(1)
   config = CONFIG.replace(**changes)
-  scanned = checkpoints.stack_layers(params, config)
+  scanned = pretrained.stack_layers(params, config)
 
   def loss(model_config, p):
     logits = models.t5(model_config).apply(p, None, encoder, targets)
@@ -342,9 +342,9 @@ def test_scan_and_remat_compute_the_same_function(params, changes):
       lambda p: loss(config, p), has_aux=True)(scanned)
   np.testing.assert_allclose(logits2, logits, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(value2, value, rtol=1e-6)
-  grads = checkpoints.stack_layers(grads, config)
-  for path, g in checkpoints.flatten(grads).items():
-    np.testing.assert_allclose(checkpoints.flatten(grads2)[path], g,
+  grads = pretrained.stack_layers(grads, config)
+  for path, g in pretrained.flatten(grads).items():
+    np.testing.assert_allclose(pretrained.flatten(grads2)[path], g,
                                rtol=1e-4, atol=1e-6, err_msg=path)
 
 
@@ -400,12 +400,12 @@ def test_dropout_only_when_training(params):
 
 def _eos_heavy(params):
   """Params whose EOS logit is boosted so that some rows stop early."""
-  flat = checkpoints.flatten(params)
+  flat = pretrained.flatten(params)
   kernel = np.array(flat["decoder/logits_dense/kernel"])
   kernel[:, CONFIG.eos_id] *= 4.0
   kernel[:, CONFIG.eos_id] += 0.6
   flat["decoder/logits_dense/kernel"] = jnp.asarray(kernel)
-  return checkpoints.unflatten(flat)
+  return pretrained.unflatten(flat)
 
 
 def _uncached_greedy(params, encoder, max_length):
@@ -434,7 +434,7 @@ def test_cached_decoding_equals_uncached(params):
                if (row == CONFIG.eos_id).any()}
   assert len(eos_steps) >= 2, expected
   scanned = decoding.generate(
-      checkpoints.stack_layers(params, CONFIG.replace(scan_layers=True)),
+      pretrained.stack_layers(params, CONFIG.replace(scan_layers=True)),
       encoder, config=CONFIG.replace(scan_layers=True), max_length=max_length)
   np.testing.assert_array_equal(scanned, expected)
 

@@ -14,7 +14,7 @@ REPO = test_train.REPO
 
 
 def evaluate(*flags, check=True):
-  result = subprocess.run([sys.executable, "-m", "dro_fast.evaluate", *flags],
+  result = subprocess.run([sys.executable, "-m", "dro_fast.evaluation", *flags],
                           cwd=REPO, capture_output=True, text=True,
                           timeout=600, check=False)
   if check:

@@ -25,8 +25,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
 
 PROBE = r"""
 import json, resource, sys
-from dro_fast.training import host_memory
-how = host_memory.keep_freed_host_memory() if sys.argv[1] == "keep" else "system"
+from dro_fast import runtime
+how = runtime.keep_freed_host_memory() if sys.argv[1] == "keep" else "system"
 import jax, jax.numpy as jnp
 n, k = 6144, 32
 WARMUP, CALLS = %d, %d
@@ -83,9 +83,9 @@ def test_kept_memory_is_reused_without_page_faults():
 
 
 def test_keep_freed_host_memory_says_why_not_without_glibc(monkeypatch):
-  from dro_fast.training import host_memory  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(host_memory.sys, "platform", "darwin")
-  assert host_memory.keep_freed_host_memory() == "system: not glibc (darwin)"
+  from dro_fast import runtime  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(runtime.sys, "platform", "darwin")
+  assert runtime.keep_freed_host_memory() == "system: not glibc (darwin)"
 
 
 @pytest.mark.parametrize("platforms, expected", [
@@ -93,22 +93,22 @@ def test_keep_freed_host_memory_says_why_not_without_glibc(monkeypatch):
     ("tpu", False)])
 def test_cpu_only_jax_follows_the_named_platforms(monkeypatch, platforms,
                                                   expected):
-  from dro_fast.training import host_memory  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(host_memory, "_configured_platforms", lambda: platforms)
-  assert host_memory.cpu_only_jax() is expected
+  from dro_fast import runtime  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(runtime, "_configured_platforms", lambda: platforms)
+  assert runtime.cpu_only_jax() is expected
 
 
 def test_cpu_only_jax_sees_an_installed_accelerator_plugin(monkeypatch):
-  from dro_fast.training import host_memory  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(host_memory, "_configured_platforms", lambda: "")
-  monkeypatch.setattr(host_memory.importlib.metadata, "entry_points",
+  from dro_fast import runtime  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(runtime, "_configured_platforms", lambda: "")
+  monkeypatch.setattr(runtime.importlib.metadata, "entry_points",
                       lambda group: [])
   installed = set()
-  monkeypatch.setattr(host_memory.importlib.util, "find_spec",
+  monkeypatch.setattr(runtime.importlib.util, "find_spec",
                       lambda name: object() if name in installed else None)
-  assert host_memory.cpu_only_jax()
+  assert runtime.cpu_only_jax()
   installed.add("libtpu")
-  assert not host_memory.cpu_only_jax()
+  assert not runtime.cpu_only_jax()
 
 
 class _FakeLibc:
@@ -129,22 +129,22 @@ class _FakeLibc:
 
 def test_keep_freed_host_memory_names_the_settings_glibc_refused(
     monkeypatch):
-  from dro_fast.training import host_memory  # pylint: disable=g-import-not-at-top
+  from dro_fast import runtime  # pylint: disable=g-import-not-at-top
   libc = _FakeLibc(accept=0)
-  monkeypatch.setattr(host_memory, "_glibc", lambda: libc)
-  assert host_memory.keep_freed_host_memory() == (
+  monkeypatch.setattr(runtime, "_glibc", lambda: libc)
+  assert runtime.keep_freed_host_memory() == (
       "system: glibc refused M_ARENA_MAX=1, M_MMAP_MAX=0, "
       "M_TRIM_THRESHOLD=-1")
   assert libc.calls == [(-8, 1), (-4, 0), (-1, -1)]
 
 
 def test_keep_freed_host_memory_warns_when_jax_has_started(monkeypatch):
-  from dro_fast.training import host_memory  # pylint: disable=g-import-not-at-top
+  from dro_fast import runtime  # pylint: disable=g-import-not-at-top
   warnings = []
-  monkeypatch.setattr(host_memory, "_glibc", lambda: _FakeLibc(accept=1))
-  monkeypatch.setattr(host_memory, "_jax_started", lambda: True)
-  monkeypatch.setattr(host_memory.logging, "warning",
+  monkeypatch.setattr(runtime, "_glibc", lambda: _FakeLibc(accept=1))
+  monkeypatch.setattr(runtime, "_jax_started", lambda: True)
+  monkeypatch.setattr(runtime.logging, "warning",
                       lambda message, *args: warnings.append(message))
-  assert host_memory.keep_freed_host_memory() == "kept"
+  assert runtime.keep_freed_host_memory() == "kept"
   assert len(warnings) == 1 and "before the first JAX computation" in (
       warnings[0])

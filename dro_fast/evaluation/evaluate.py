@@ -1,6 +1,6 @@
 r"""Side-by-side evaluation of two policies, as the paper reports its results.
 
-  python -m dro_fast.evaluate --policy_a=runs/dro_v --policy_b=runs/dro_v:init \
+  python -m dro_fast.evaluation --policy_a=runs/dro_v --policy_b=runs/dro_v:init \
       --prompts=test_prompts.jsonl --judge=http:http://127.0.0.1:8000/v1/chat/completions
 
 A policy is WORKDIR (its newest checkpoint), WORKDIR:STEP, or WORKDIR:init
@@ -39,7 +39,7 @@ from tqdm import tqdm
 from dro_fast import data
 from dro_fast import fileio
 from dro_fast import decoding
-from dro_fast import judges
+from dro_fast.evaluation import judges
 from dro_fast.data import synthetic
 from dro_fast.training import checkpointing
 from dro_fast.training import runs
@@ -284,6 +284,3 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
-
-if __name__ == "__main__":
-  app.run(main)

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 from safetensors.numpy import save_file
 import torch
 
-from dro_fast import checkpoints
+from dro_fast.models import pretrained
 from dro_fast import models
 from tests.models import hf_reference
 from tests.models import t5x_writer
@@ -26,7 +26,7 @@ def _random_params(config, seed=0):
   # Perturb the ones-initialised norms so every tensor is distinctive.
   rng = np.random.default_rng(seed)
   return {path: np.asarray(x) + rng.normal(size=x.shape).astype(np.float32)
-          * 0.1 for path, x in checkpoints.flatten(params).items()}
+          * 0.1 for path, x in pretrained.flatten(params).items()}
 
 
 @pytest.mark.parametrize("variant", ["v1_1", "v1_0"])
@@ -38,15 +38,15 @@ def test_t5x_round_trip_is_exact(tmp_path, variant):
   assert os.path.isdir(os.path.join(
       directory, "target.encoder.layers_0.attention.query.kernel"))
 
-  loaded_config, params = checkpoints.load_t5x(directory)
+  loaded_config, params = pretrained.load_t5x(directory)
   assert loaded_config.replace(name="tiny") == config.replace(
       dropout_rate=loaded_config.dropout_rate)
-  loaded = checkpoints.flatten(params)
+  loaded = pretrained.flatten(params)
   assert sorted(loaded) == sorted(flat)
   for path, value in flat.items():
     np.testing.assert_array_equal(loaded[path], value, err_msg=path)
 
-  scanned_config, scanned = checkpoints.load_t5x(
+  scanned_config, scanned = pretrained.load_t5x(
       directory, config.replace(scan_layers=True))
   assert scanned_config.scan_layers
   np.testing.assert_array_equal(
@@ -57,37 +57,37 @@ def test_t5x_round_trip_is_exact(tmp_path, variant):
 def test_t5x_errors_name_the_problem(tmp_path):
   config = models.preset("tiny")
   flat = _random_params(config)
-  with pytest.raises(checkpoints.CheckpointError, match="no `checkpoint`"):
-    checkpoints.load_t5x(tmp_path)
+  with pytest.raises(pretrained.CheckpointError, match="no `checkpoint`"):
+    pretrained.load_t5x(tmp_path)
   (tmp_path / "checkpoint").write_bytes(b"\xc1not msgpack")
-  with pytest.raises(checkpoints.CheckpointError, match="not a T5X msgpack"):
-    checkpoints.load_t5x(tmp_path)
+  with pytest.raises(pretrained.CheckpointError, match="not a T5X msgpack"):
+    pretrained.load_t5x(tmp_path)
 
   bad = dict(flat)
   bad["encoder/layers_0/mlp/wo/kernel"] = np.zeros((64, 31), np.float32)
   t5x_writer.write(str(tmp_path / "shape"), bad)
-  with pytest.raises(checkpoints.CheckpointError,
+  with pytest.raises(pretrained.CheckpointError,
                      match=r"encoder/layers_0/mlp/wo/kernel' has shape "
                            r"\(64, 31\), expected \(64, 32\)"):
-    checkpoints.load_t5x(tmp_path / "shape", config)
+    pretrained.load_t5x(tmp_path / "shape", config)
 
   missing = {k: v for k, v in flat.items() if "decoder_norm" not in k}
   t5x_writer.write(str(tmp_path / "missing"), missing)
-  with pytest.raises(checkpoints.CheckpointError,
+  with pytest.raises(pretrained.CheckpointError,
                      match="missing tensor 'decoder/decoder_norm/scale'"):
-    checkpoints.load_t5x(tmp_path / "missing", config)
+    pretrained.load_t5x(tmp_path / "missing", config)
 
   extra = dict(flat, **{"encoder/extra_bias/b": np.ones(40, np.float32)})
   t5x_writer.write(str(tmp_path / "extra"), extra)
-  with pytest.raises(checkpoints.CheckpointError,
+  with pytest.raises(pretrained.CheckpointError,
                      match="unknown tensor 'encoder/extra_bias/b'"):
-    checkpoints.load_t5x(tmp_path / "extra", config)
+    pretrained.load_t5x(tmp_path / "extra", config)
 
   t5x_writer.write(str(tmp_path / "gone"), flat)
   shutil.rmtree(tmp_path / "gone" / "target.token_embedder.embedding")
-  with pytest.raises(checkpoints.CheckpointError,
+  with pytest.raises(pretrained.CheckpointError,
                      match="cannot read tensor 'token_embedder/embedding'"):
-    checkpoints.load_t5x(tmp_path / "gone", config)
+    pretrained.load_t5x(tmp_path / "gone", config)
 
 
 @pytest.fixture(scope="module")
@@ -104,16 +104,16 @@ def _copy(hf_dir, tmp_path):
 
 
 def test_hf_bin_loads_like_safetensors(hf_dir, tmp_path):
-  config, params = checkpoints.load_hf(hf_dir)
+  config, params = pretrained.load_hf(hf_dir)
   target = _copy(hf_dir, tmp_path)
   tensors = load_file(target / "model.safetensors")
   os.remove(target / "model.safetensors")
   torch.save({k: torch.from_numpy(v) for k, v in tensors.items()},
              target / "pytorch_model.bin")
-  config2, params2 = checkpoints.load_hf(target)
+  config2, params2 = pretrained.load_hf(target)
   assert config2 == config
-  for path, value in checkpoints.flatten(params).items():
-    np.testing.assert_array_equal(checkpoints.flatten(params2)[path], value)
+  for path, value in pretrained.flatten(params).items():
+    np.testing.assert_array_equal(pretrained.flatten(params2)[path], value)
 
 
 def test_hf_untied_lm_head_is_used(hf_dir, tmp_path):
@@ -123,7 +123,7 @@ def test_hf_untied_lm_head_is_used(hf_dir, tmp_path):
       size=tensors["shared.weight"].shape).astype(np.float32)
   save_file(dict(tensors, **{"lm_head.weight": head}),
             target / "model.safetensors")
-  _, params = checkpoints.load_hf(target)
+  _, params = pretrained.load_hf(target)
   np.testing.assert_array_equal(params["decoder/logits_dense"]["kernel"],
                                 head.T)
 
@@ -145,29 +145,29 @@ def test_hf_errors_name_the_tensor(hf_dir, tmp_path, edit, message):
   tensors = load_file(target / "model.safetensors")
   edit(tensors)
   save_file(tensors, target / "model.safetensors")
-  with pytest.raises(checkpoints.CheckpointError, match=message):
-    checkpoints.load_hf(target)
+  with pytest.raises(pretrained.CheckpointError, match=message):
+    pretrained.load_hf(target)
 
 
 def test_hf_directory_errors(hf_dir, tmp_path):
-  with pytest.raises(checkpoints.CheckpointError, match="no config.json"):
-    checkpoints.load_hf(tmp_path)
-  with pytest.raises(checkpoints.CheckpointError,
+  with pytest.raises(pretrained.CheckpointError, match="no config.json"):
+    pretrained.load_hf(tmp_path)
+  with pytest.raises(pretrained.CheckpointError,
                      match="neither T5X's `checkpoint` file nor Hugging "
                            "Face's config.json"):
-    checkpoints.load(tmp_path)
-  with pytest.raises(checkpoints.CheckpointError, match="does not exist"):
-    checkpoints.load(tmp_path / "absent")
+    pretrained.load(tmp_path)
+  with pytest.raises(pretrained.CheckpointError, match="does not exist"):
+    pretrained.load(tmp_path / "absent")
   target = _copy(hf_dir, tmp_path)
   os.remove(target / "model.safetensors")
-  with pytest.raises(checkpoints.CheckpointError,
+  with pytest.raises(pretrained.CheckpointError,
                      match="no model.safetensors or pytorch_model.bin"):
-    checkpoints.load_hf(target)
+    pretrained.load_hf(target)
   config = json.loads((target / "config.json").read_text())
   (target / "config.json").write_text(json.dumps(
       dict(config, feed_forward_proj="gated-silu")))
-  with pytest.raises(checkpoints.CheckpointError, match="gated-silu"):
-    checkpoints.load_hf(target)
+  with pytest.raises(pretrained.CheckpointError, match="gated-silu"):
+    pretrained.load_hf(target)
   (target / "config.json").write_text("{not json")
-  with pytest.raises(checkpoints.CheckpointError, match="invalid JSON"):
-    checkpoints.load_hf(target)
+  with pytest.raises(pretrained.CheckpointError, match="invalid JSON"):
+    pretrained.load_hf(target)

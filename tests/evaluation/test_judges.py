@@ -13,7 +13,7 @@ import traceback
 
 import pytest
 
-from dro_fast import judges
+from dro_fast.evaluation import judges
 from dro_fast.data import synthetic
 
 _KEY_ENV = "DRO_FAST_JUDGE_API_KEY"

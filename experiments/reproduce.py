@@ -1,7 +1,7 @@
 r"""Reproduces the shape of the paper's side-by-side results on the demo task.
 
-  python benchmarks/reproduce.py --quick      # the main table, ~10 min on 2 cores
-  python benchmarks/reproduce.py              # + τ, learning-rate and sharing
+  python experiments/reproduce.py --quick      # the main table, ~10 min on 2 cores
+  python experiments/reproduce.py              # + τ, learning-rate and sharing
                                               #   sweeps (Figures 3-5), ~25 min
 
 Every run trains a tiny T5 on the synthetic task (dro_fast.data.synthetic)
@@ -70,7 +70,7 @@ def train(name: str, *args: str) -> str:
 def compare(policy_a: str, policy_b: str, label: str) -> dict:
   start = time.perf_counter()
   output = os.path.join(_WORKDIR.value, "eval", label)
-  _run("dro_fast.evaluate", f"--policy_a={policy_a}", f"--policy_b={policy_b}",
+  _run("dro_fast.evaluation", f"--policy_a={policy_a}", f"--policy_b={policy_b}",
        f"--folds={_FOLDS.value}", f"--prompts_per_fold={_PER_FOLD.value}",
        f"--temperature={_TEMPERATURE.value}", f"--output_dir={output}")
   with open(os.path.join(output, "win_rate.json")) as f:

@@ -1,6 +1,6 @@
 r"""Theorem 1 on a tabular bandit: DRO-V, single-value DRO-V and KTO.
 
-  python benchmarks/theorem1.py [--num_prompts=6 --num_responses=5 --tau=1.0
+  python experiments/theorem1.py [--num_prompts=6 --num_responses=5 --tau=1.0
       --steps=2000 --batch_size=32 --learning_rate=0.02 --seed=0]
       [--png_out=docs/theorem1.png] [--json_out=PATH]
 
@@ -21,7 +21,7 @@ from absl import app
 from absl import flags
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dro_fast import tabular  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import tabular  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 6, "Prompts K.")
 _NUM_RESPONSES = flags.DEFINE_integer("num_responses", 5, "Responses M.")
