@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo bench-kernels bench-step-cpu test test-fast check-install bazel clean
+.PHONY: demo bench-kernels bench-step-cpu bench-cpu-forms test test-fast check-install bazel clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,13 +24,18 @@ bench-kernels: $(STAMP)
 
 # The DRO-V train step against the same step in PyTorch / transformers
 # (benchmarks/torch_step.py) on the CPU, timed interleaved, with unrolled
-# layers (the faster choice on a CPU); the memory and scaling runs are
-# listed in benchmarks/RESULTS.md.
+# layers (the faster choice on a CPU); every other measurement's command is
+# beside its figure in benchmarks/RESULTS.md.
 bench-step-cpu: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py --compare_torch --dtype=float32 \
 	  --remat=none --size=small --batch_size=8 --input_length=128 \
 	  --target_length=64 --implementation=chunked_xla,xla --steps=1 \
 	  --repeats=5 --noscan_layers --torch_host_memory=same,system
+
+# Each CPU-only form of dro_fast against its removal, paired in one process
+# (benchmarks/RESULTS.md#cpu-forms). Run it on a quiet machine.
+bench-cpu-forms: $(STAMP)
+	$(BIN)/python benchmarks/cpu_forms.py --repeats=9
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q

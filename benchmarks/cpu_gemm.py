@@ -1,4 +1,4 @@
-r"""One GEMM on XLA:CPU in the forms our CPU matmuls choose between, and torch.mm.
+r"""One GEMM on XLA:CPU in the forms a CPU matmul can take, torch.mm, numpy.
 
   python benchmarks/cpu_gemm.py [--shapes=1024x512x1024,...] [--repeats=15]
 
@@ -11,7 +11,7 @@ forms below. Each form runs in blocks of --repeats back-to-back calls after
   bf16->f32       jnp.dot of bfloat16 operands, preferred_element_type f32
   bf16->bf16      jnp.dot of bfloat16 operands, bfloat16 result
   bf16 NT         lax.dot_general contracting both operands' last dimension
-                  (how cpu_matmul's d(x) contracts the kernel in place)
+                  (how the Dense VJP's d(x) contracts the kernel in place)
   bf16 b.T        jnp.dot(a, bt.T): a transposed operand, as autodiff writes
                   a weight gradient
   torch f32 / torch bf16   torch.mm with torch's threads = XLA's
@@ -19,10 +19,9 @@ forms below. Each form runs in blocks of --repeats back-to-back calls after
                   wheels), a third float32 GEMM library on the same host
 
 and, per JAX form, the operand types XLA compiled the GEMM with ("upcast"
-when bfloat16 operands reached the GEMM as float32). This is the evidence
-behind dro_fast.models.t5.cpu_matmul: on a CPU with AVX512-BF16, XLA's
-YNNPACK matmul runs bfloat16 at about twice the float32 rate, but only for
-a float32 result and row-major operands; otherwise XLA upcasts to float32.
+when bfloat16 operands reached the GEMM as float32). It is the evidence
+behind the row-major forms of dro_fast/models/cpu.py and the host's GEMM
+rates against its peak (benchmarks/RESULTS.md#cpu-gemm-rates).
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# The one prepared GPU run (DEVELOPERS.md): installs nothing from the network,
-# times the DRO-V train step, checks the kernels' numerics on the GPU
-# against float64, profiles the step op by op, runs the GPU kernel tests, times one
-# Adafactor update (ours against optax's) and benchmarks the kernels. Every
-# figure lands under $OUT as it is measured, so a time-out still returns
-# what was done. Budget: BUDGET_S seconds (default 450, under
-# the 8 minutes a device call is given); a check that no longer fits in
-# what is left is skipped and logged as such.
+# The one prepared GPU run (docs/DEVELOPMENT.md): installs nothing from the
+# network, times the DRO-V train step, checks the kernels' numerics on the
+# GPU against float64, runs the GPU kernel tests, times one Adafactor update
+# (ours against optax's) and benchmarks the kernels. Every figure lands
+# under $OUT as it is measured, so a time-out still returns what was done.
+# Budget: BUDGET_S seconds (default 450, under the minutes a device call is
+# given); a check that no longer fits in what is left is skipped and logged.
 #
 #   bash benchmarks/device_check.sh                   # every check, in order
 #   CHECKS="numerics steps" bash benchmarks/device_check.sh
@@ -20,25 +19,19 @@
 # cuDNN attention variant that cuDNN refuses is recorded with its error;
 # the others are still timed (step_time exits 1 then; the script goes on).
 #
-# The default runs, step times first (the issue's open targets; the other
-# checks were all measured on the 2026-11-27 runs): T5-L with remat "dots"
-# (31.7 GB on the H100 run of 2026-11-27), attention materialised ("xla")
-# against cuDNN's fused attention ("cudnn", never yet run on a GPU); then
-# T5-XL with remat "dots_except_mlp_hidden", with cuDNN attention and then
+# The default runs, step times first (the open targets of
+# benchmarks/RESULTS.md#train-step-on-the-h100): T5-L with remat "dots",
+# materialised attention ("xla") against cuDNN's fused attention; T5-XL
+# with remat "dots_except_mlp_hidden", with cuDNN attention and then
 # materialised, so that a cuDNN refusal still leaves a T5-XL figure; then,
 # if the budget is left, T5-L without remat with cuDNN, which recomputes
-# nothing and may just fit. Plans of the accelerator's program from shapes
-# alone (step_time --memory_only --accelerator_paths, RESULTS.md, tenth and
-# eleventh sessions; cuDNN through its memory stand-in) times the H100's
-# ratio to them (0.55-0.61): T5-XL "dots_except_mlp_hidden" 46-52 GiB, T5-L
-# "none" with cuDNN 76-85 GiB (borderline), against the 75.6 GiB that
-# JAX may take at the fraction set below. With the default 450 s budget the
-# later checks (numerics, profile, tests, optimizer, kernels) are likely
-# skipped; ask for them with CHECKS on a second call.
+# nothing and may just fit. The plans that say which of these should fit
+# are in benchmarks/RESULTS.md#memory-plans-at-t5-l-and-t5-xl. With the
+# default budget the later checks are likely skipped; ask for them with
+# CHECKS on a second call.
 #
-# JAX preallocates 75% of the GPU by default; T5-XL at batch 32 needs more
-# (on that run XLA planned 71 GiB with remat "dots" and the allocator
-# stopped at 60 GB), so the fraction is raised unless set.
+# JAX preallocates 75% of the GPU by default; T5-XL at batch 32 needs more,
+# so the fraction is raised unless set.
 #
 # The image has jax, absl, numpy, optax, pytest but not dm-haiku: the train
 # step needs its wheels carried in .whl/ (python3 -m pip download --no-deps
@@ -51,11 +44,10 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 PY="${PY:-python3}"
-CHECKS="${CHECKS:-steps numerics profile tests optimizer kernels}"  # run in this order
+CHECKS="${CHECKS:-steps numerics tests optimizer kernels}"  # run in this order
 BENCH_FLAGS="${BENCH_FLAGS:---flagfile=configs/kernels_gpu.flags}"
 STEP_RUNS="${STEP_RUNS:-large:dots:xla,cudnn xl:dots_except_mlp_hidden:cudnn xl:dots_except_mlp_hidden:xla large:none:cudnn}"
 STEP_FLAGS="${STEP_FLAGS:---batch_size=32 --input_length=512 --target_length=128 --steps=4 --repeats=3}"
-PROFILE_FLAGS="${PROFILE_FLAGS:---size=large --remat=dots --profile_steps=2}"
 DEADLINE=$((SECONDS + ${BUDGET_S:-450}))
 log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/device_check.log"; }
 wants() { [[ " $CHECKS " == *" $1 "* ]]; }
@@ -114,14 +106,6 @@ if wants numerics; then
   run_for 120 numerics $PY benchmarks/gpu_numerics.py \
     --json_out="$OUT/numerics.jsonl" 2>&1 \
     | grep -v "Unable to initialize backend" | tee "$OUT/numerics.txt"
-fi
-
-if wants profile; then
-  log "step_profile ($PROFILE_FLAGS)"
-  run_for 120 step_profile $PY benchmarks/step_profile.py $PROFILE_FLAGS \
-    --batch_size=32 --input_length=512 --target_length=128 --top=40 \
-    --json_out="$OUT/step_profile.jsonl" 2>&1 \
-    | grep -v "Unable to initialize" | tee "$OUT/step_profile.txt"
 fi
 
 if wants tests; then

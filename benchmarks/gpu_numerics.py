@@ -25,8 +25,8 @@ import numpy as np
 # The repository root, for `benchmarks` and `tests`; appended so that an
 # installed dro_fast (with its dro_fast.kernels) is found first.
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import kernel_cases as kernel_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks.lib import kernel_cases as kernel_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks.lib import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tests.kernels import numpy_reference as ref  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write JSON lines here.")

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 # The repository root, for `benchmarks` and `tests`; appended so that an
 # installed dro_fast (with its dro_fast.kernels) is found first.
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks import kernel_cases  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks.lib import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks.lib import kernel_cases  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast import kernels  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _SHAPES = flags.DEFINE_string(

@@ -5,30 +5,27 @@ r"""One Adafactor update of a T5's parameters: optax's against ours.
 
 Times `update` + `optax.apply_updates` (jitted, parameters and state
 donated) over the parameters DRO-V trains at --size: the policy T5 and the
-separate value encoder, float32. Variants, timed interleaved in rounds
-(order reversed every other round), medians and the median of each round's
-ratio to optax ("paired"):
+separate value encoder, float32. Variants, timed interleaved
+(benchmarks/lib/timing.py), medians and the paired ratio to optax:
 
   optax             optax.adafactor(schedule, decay_rate=0.8)
-  fused             dro_fast.training.optim.adafactor (what the trainer
-                    uses; on the CPU its statistics are GEMVs)
-  fused_reductions  the same with reduce_with_dots=False (the accelerator
-                    path), to show what the GEMVs add on the CPU
+  fused             dro_fast.training.optim.adafactor with its statistics as
+                    GEMVs (reduce_with_dots=True, the CPU form)
+  fused_reductions  the same with plain reductions (reduce_with_dots=False)
 
 Before timing, one update of each from the same parameters, gradients and
 state is checked against optax's: the largest difference relative to the
-leaf's largest update is printed and recorded ("max_rel_diff"), and the
-script exits 1 above 1e-5. "GB/s" counts one read of the gradients and one
-read and one write of the parameters: the least any Adafactor moves.
+leaf's largest update is recorded ("max_rel_diff"), and the script exits 1
+above 1e-5. "GB/s" counts one read of the gradients and one read and one
+write of the parameters: the least any Adafactor moves. Claim:
+benchmarks/RESULTS.md#optimizer.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -40,20 +37,17 @@ import optax
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.append(os.path.dirname(_HERE))
-from benchmarks import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks.lib import flags as shared  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks.lib import records  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks.lib import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast.models import value  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast import runtime as host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast.training import init  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.training import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast.training import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_SIZE = flags.DEFINE_enum("size", "small",
-                          ["tiny", "small", "base", "large", "xl"],
-                          "T5 v1.1 size (tiny: the test preset).")
-_REPEATS = flags.DEFINE_integer("repeats", 15, "Timed rounds.")
 _VARIANTS = flags.DEFINE_list("variants", ["optax", "fused",
                                            "fused_reductions"],
                               "Which updates to time (optax first).")
-_JSON_OUT = flags.DEFINE_string("json_out", None, "Append JSON lines here.")
 
 TOLERANCE = 1e-5
 
@@ -63,7 +57,7 @@ def make_variant(name: str) -> optax.GradientTransformation:
   if name == "optax":
     return optax.adafactor(schedule, decay_rate=0.8)
   if name == "fused":
-    return optim.adafactor(schedule)
+    return optim.adafactor(schedule, reduce_with_dots=True)
   if name == "fused_reductions":
     return optim.adafactor(schedule, reduce_with_dots=False)
   raise app.UsageError(f"--variants: unknown {name!r}; choose from optax, "
@@ -74,11 +68,11 @@ def parameter_shapes(size: str):
   """The policy's and the separate value encoder's parameters (shapes)."""
   config = models.preset("tiny" if size == "tiny" else f"flan-t5-{size}",
                          dropout_rate=0.0)
-  tokens = jnp.ones((1, 2), jnp.int32)
-  value_net = value.value_network(config, "separate")
-  return jax.eval_shape(lambda key: {
-      "policy": models.t5(config).init(key, tokens, tokens),
-      "value": value_net.init(key, tokens)}, jax.random.key(0))
+  algorithm = steps.AlgorithmConfig(algo="dro_v", value_net="separate")
+  return jax.eval_shape(
+      lambda key: dict(zip(("policy", "value"),
+                           init.init_params(config, algorithm, key))),
+      jax.random.key(0))
 
 
 def random_like(shapes, seed: int, scale: float):
@@ -102,16 +96,16 @@ def max_relative_difference(a, b) -> float:
 
 def main(argv):
   del argv
-  # As the trainer does on a CPU-only JAX (step_time's --host_memory=auto).
-  how = (host_memory.keep_freed_host_memory() if host_memory.cpu_only_jax()
-         else "system")
-  if _REPEATS.value < 1:
+  how = shared.apply_host_memory()
+  shared.check_sizes()
+  size = shared.SIZE.value[0]
+  if shared.REPEATS.value < 1:
     raise app.UsageError("--repeats takes a positive integer.")
   names = list(dict.fromkeys(_VARIANTS.value))
   if not names or names[0] != "optax":
     raise app.UsageError("--variants must start with optax (the baseline).")
   transforms = {name: make_variant(name) for name in names}
-  shapes = parameter_shapes(_SIZE.value)
+  shapes = parameter_shapes(size)
   params = random_like(shapes, 0, 0.05)
   grads = random_like(shapes, 1, 1e-3)
   count = sum(x.size for x in jax.tree.leaves(params))
@@ -122,62 +116,48 @@ def main(argv):
   warm = base.update(grads, base.init(params), params)[1]
   warm = optax.tree_utils.tree_set(warm, count=jnp.asarray(200, jnp.int32))
   expected = base.update(grads, warm, params)[0]
-  differences = {}
-  for name, transform in transforms.items():
-    differences[name] = max_relative_difference(
-        jax.jit(transform.update)(grads, warm, params)[0], expected)
+  differences = {name: max_relative_difference(
+      jax.jit(t.update)(grads, warm, params)[0], expected)
+                 for name, t in transforms.items()}
 
-  def make_step(transform):
-    def step(params, state, grads):
+  def make_call(transform):
+    def update(params, state):
       updates, state = transform.update(grads, state, params)
       return optax.apply_updates(params, updates), state
-    return jax.jit(step, donate_argnums=(0, 1))
+    update = jax.jit(update, donate_argnums=(0, 1))
+    state = [(jax.tree.map(jnp.copy, params), transform.init(params))]
 
-  steps, states = {}, {}
-  for name, transform in transforms.items():
-    steps[name] = make_step(transform)
-    states[name] = (jax.tree.map(jnp.copy, params), transform.init(params))
-  seconds = {name: [] for name in transforms}
-  for name in transforms:                      # compile and warm up
-    for _ in range(2):
-      states[name] = steps[name](*states[name], grads)
-    jax.block_until_ready(states[name])
-  for round_ in range(_REPEATS.value):
-    order = names if round_ % 2 == 0 else names[::-1]
-    for name in order:
-      start = time.perf_counter()
-      states[name] = steps[name](*states[name], grads)
-      jax.block_until_ready(states[name])
-      seconds[name].append(time.perf_counter() - start)
+    def call():
+      state[0] = update(*state[0])
+      jax.block_until_ready(state[0])
+    return call
 
-  device = timing.device_description()
-  print(f"{device}  jax {jax.__version__}  size={_SIZE.value}  "
-        f"{count / 1e6:.1f}M parameters (policy + value encoder)  "
-        f"threads {len(os.sched_getaffinity(0))}  host memory: {how}  "
-        f"{_REPEATS.value} rounds")
+  seconds = timing.interleaved_seconds(
+      {name: make_call(t) for name, t in transforms.items()}, 1,
+      shared.REPEATS.value)
+  machine = records.machine()
+  print(f"{machine['device']}  jax {jax.__version__}  size={size}  "
+        f"{count / 1e6:.1f}M parameters (policy + value encoder)  threads "
+        f"{machine['threads']}  host memory: {how}  "
+        f"{shared.REPEATS.value} rounds")
   print(f"{'variant':>17} {'ms/update':>10} {'paired':>7} {'GB/s':>6} "
         f"{'max_rel_diff':>12}")
-  failed = False
+  out = []
   for name in names:
     median = statistics.median(seconds[name])
-    paired = statistics.median(
-        b / x for b, x in zip(seconds["optax"], seconds[name]))
-    rate = 3 * 4 * count / median / 1e9
-    failed |= differences[name] > TOLERANCE
-    print(f"{name:>17} {median * 1e3:10.1f} {paired:6.3f}x {rate:6.1f} "
-          f"{differences[name]:12.2e}")
-    if _JSON_OUT.value:
-      with open(_JSON_OUT.value, "a") as out:
-        out.write(json.dumps({
-            "variant": name, "size": _SIZE.value, "parameters": count,
-            "ms_per_update": median * 1e3, "paired_vs_optax": paired,
-            "seconds": seconds[name], "max_rel_diff": differences[name],
-            "device": device, "jax": jax.__version__, "host_memory": how,
-            "threads": len(os.sched_getaffinity(0))}) + "\n")
-  if failed:
+    paired = timing.speedup(seconds["optax"], seconds[name])[1]
+    print(f"{name:>17} {median * 1e3:10.1f} {paired:6.3f}x "
+          f"{3 * 4 * count / median / 1e9:6.1f} {differences[name]:12.2e}")
+    out.append({"variant": name, "size": size, "parameters": count,
+                "ms_per_update": median * 1e3, "paired_vs_optax": paired,
+                "seconds": seconds[name], "max_rel_diff": differences[name],
+                "host_memory": how, **machine})
+  records.append(shared.JSON_OUT.value, out)
+  if max(differences.values()) > TOLERANCE:
     sys.exit(f"an update differs from optax's by more than {TOLERANCE} of "
              "the leaf's largest update (max_rel_diff above).")
 
 
 if __name__ == "__main__":
+  shared.set_defaults(size=["small"], repeats=15)
   app.run(main)

@@ -16,7 +16,7 @@ Written the way a user of transformers would write it, with nothing fused:
     β₂ decay exponent 0.8 (transformers writes it as decay_rate=-0.8, β₂_t =
     1 − t^-0.8), no relative step, no warm-up init, and the update scaled
     by each parameter's RMS (scale_parameter=True), as optax.adafactor's
-    multiply_by_parameter_scale does in our step (T5X's default). The
+    parameter-RMS scaling does in our step (T5X's default). The
     learning rate warms up linearly from 0 over `warmup_steps` (the paper's
     150) by a LambdaLR schedule, as dro_fast.training.optim's does.
 
@@ -25,7 +25,7 @@ torch.autocast("cpu", dtype=torch.bfloat16), PyTorch's recipe for bfloat16
 compute with float32 parameters, gradients and optimizer state; it matches
 our step with compute dtype bfloat16.
 
-Batches are the dicts of benchmarks/step_time.py (NumPy arrays); `to_torch`
+Batches are the dicts of benchmarks/lib/step.py (NumPy arrays); `to_torch`
 converts one. Shapes: B batch, S prompt length, T completion length, D model
 width, V vocabulary.
 """
@@ -172,8 +172,8 @@ class DroVStep:
     if not config.tied_embeddings:
       # Its own output projection, drawn as dro_fast's logits_dense is
       # (variance scaling, fan_in: std d_model^-½), so both steps start at
-      # the same loss scale. A copy of the embedding (std 1) gave logits ~23x
-      # larger and a loss ~1000x ours (6.6e7 against 7e4) at the same speed.
+      # the same loss scale (a copy of the std-1 embedding would give logits
+      # √D times ours).
       self.policy.lm_head.weight = nn.Parameter(
           self.policy.shared.weight.detach().clone() * hf.d_model**-0.5)
     self.value = ValueNetwork(hf).train()

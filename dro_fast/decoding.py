@@ -65,7 +65,7 @@ def _transforms(config: models.T5Config):
     model = models.T5(config)
     out = model.decode_step(token, position, cache, encoder_tokens,
                             model.embedder())
-    return out.logits(), out.cache
+    return out.logits(platform=config.platform), out.cache
 
   return (hk.without_apply_rng(hk.transform(start)),
           hk.without_apply_rng(hk.transform(step)))
@@ -89,8 +89,6 @@ def filter_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
   return logits
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_length",
-                                             "sampling"))
 def generate(params: Params, encoder_tokens: jax.Array, *,
              config: models.T5Config, max_length: int,
              sampling: SamplingConfig = GREEDY,
@@ -101,7 +99,7 @@ def generate(params: Params, encoder_tokens: jax.Array, *,
     params: the T5's parameters (per-layer or scan_layers layout, matching
       config.scan_layers).
     encoder_tokens: [B, S] int32 prompts, padded with config.pad_id.
-    config: the model configuration (static).
+    config: the model configuration (static; resolved here).
     max_length: the most tokens to emit per sequence (static).
     sampling: greedy (default) or sampling settings (static).
     rng: a PRNG key; required when sampling.
@@ -112,6 +110,15 @@ def generate(params: Params, encoder_tokens: jax.Array, *,
   """
   if not sampling.greedy and rng is None:
     raise ValueError("Sampling (temperature > 0) needs an rng key.")
+  # Resolved before jit, so that the cache key holds the concrete platform.
+  return _generate(params, encoder_tokens, config=config.resolved(),
+                   max_length=max_length, sampling=sampling, rng=rng)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_length",
+                                             "sampling"))
+def _generate(params, encoder_tokens, *, config, max_length, sampling, rng):
+  """generate() for a resolved config."""
   start, step = _transforms(config)
   batch = encoder_tokens.shape[0]
   cache = start.apply(params, encoder_tokens, max_length)

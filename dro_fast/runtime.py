@@ -1,14 +1,12 @@
-"""Host memory: keep freed blocks for the next step instead of unmapping them.
+"""Process-level host settings and host facts, for the CLIs and benchmarks.
 
-XLA:CPU gives every execution one temporary buffer of the size its memory
-plan asks for (1.3 GB for the T5-v1.1-small DRO-V step at batch 8, inputs
-128, targets 64) and frees it when the execution ends. The buffer comes from
-malloc on an XLA worker thread, and glibc serves a block that large with a
-fresh mmap and returns it with munmap. So each step the kernel maps the
-whole buffer again and zeroes it page by page on first touch: 330,000-
-360,000 page faults and 0.8-1.0 s of system time per step in that example,
-on two cores, where the step took 3.0 s with them and 2.5 s without
-(benchmarks/RESULTS.md, "Host memory").
+Host memory. XLA:CPU gives every execution one temporary buffer of the size
+its memory plan asks for and frees it when the execution ends. The buffer
+comes from malloc on an XLA worker thread, and glibc serves a block that
+large with a fresh mmap and returns it with munmap, so every step maps the
+whole buffer again and zeroes it page by page on first touch; keeping freed
+memory removes that system time from the CPU step
+(benchmarks/RESULTS.md#host-memory).
 
 `keep_freed_host_memory()` tells glibc's malloc to keep freed memory instead:
 
@@ -24,25 +22,31 @@ The next step then reuses the same pages, already mapped. The cost is the
 usual one of a caching allocator (the GPU's BFC allocator makes the same
 trade): the process's resident memory stays at its peak, and all threads
 share one arena's lock, which matters little at a handful of allocations per
-step. The settings apply to the whole process, so a PyTorch step timed in
-the same process (benchmarks/step_time.py --compare_torch) runs under them
-too.
+step. The settings apply to the whole process.
 
 Call it before the first JAX computation: worker threads that have already
 allocated keep the arena they have, and theirs are the large blocks. It does
 nothing, and says why, where the C library is not glibc. It is meant for
 CPU-only runs (`cpu_only_jax()`); `python -m dro_fast.train` applies it only
 there.
+
+Compute dtype. A bfloat16 GEMM on a CPU without bfloat16 arithmetic
+(AVX512-BF16 / AMX-BF16 on x86, the BF16 extension on Arm) is emulated and
+slower than float32 (benchmarks/RESULTS.md#cpu-gemm-rates).
+`compute_dtype(requested, platform)` therefore turns a bfloat16 request into
+float32 on such a CPU; the CLIs call it when they build their T5Config.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import importlib.metadata
 import importlib.util
 import os
 import pkgutil
+import platform as platform_lib
 import sys
 
 from absl import logging
@@ -135,3 +139,67 @@ def keep_freed_host_memory() -> str:
         "still map its temporary buffer afresh every step. Call it before "
         "the first JAX computation.")
   return "kept"
+
+
+# /proc/cpuinfo flags that mean bfloat16 dot products in hardware.
+_X86_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+_ARM_BF16_FEATURES = frozenset({"bf16"})
+
+
+def bf16_native_from_cpuinfo(cpuinfo: str, machine: str) -> bool | None:
+  """Whether /proc/cpuinfo's text lists bfloat16 arithmetic.
+
+  Args:
+    cpuinfo: the text of /proc/cpuinfo.
+    machine: platform.machine(), e.g. "x86_64" or "aarch64".
+
+  Returns:
+    True or False from the first `flags` (x86) or `Features` (Arm) line;
+    None when the text has no such line.
+  """
+  key = "features" if machine.lower() in ("aarch64", "arm64") else "flags"
+  wanted = _ARM_BF16_FEATURES if key == "features" else _X86_BF16_FLAGS
+  for line in cpuinfo.splitlines():
+    name, sep, value = line.partition(":")
+    if sep and name.strip().lower() == key:
+      return bool(set(value.split()) & wanted)
+  return None
+
+
+@functools.cache
+def bf16_arithmetic() -> bool:
+  """Whether this host's CPU has bfloat16 arithmetic.
+
+  Read from /proc/cpuinfo; True where it cannot tell (not Linux, or no
+  flags line), leaving the requested dtype alone.
+  """
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpuinfo = f.read()
+  except OSError:
+    return True
+  native = bf16_native_from_cpuinfo(cpuinfo, platform_lib.machine())
+  return True if native is None else native
+
+
+def compute_dtype(requested: str, platform: str) -> str:
+  """The compute dtype to build a T5Config with on `platform`.
+
+  Args:
+    requested: "float32" or "bfloat16", as asked for.
+    platform: the resolved JAX platform ("cpu", "gpu", "tpu").
+
+  Returns:
+    "float32" for a "bfloat16" request on a CPU without bfloat16
+    arithmetic (logged once), else `requested`.
+  """
+  if requested == "bfloat16" and platform == "cpu" and not bf16_arithmetic():
+    _log_float32_once()
+    return "float32"
+  return requested
+
+
+@functools.cache
+def _log_float32_once() -> None:
+  logging.warning("this CPU has no bfloat16 arithmetic: computing in "
+                  "float32 instead of the requested bfloat16.")

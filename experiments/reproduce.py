@@ -1,8 +1,10 @@
 r"""Reproduces the shape of the paper's side-by-side results on the demo task.
 
-  python experiments/reproduce.py --quick      # the main table, ~10 min on 2 cores
-  python experiments/reproduce.py              # + τ, learning-rate and sharing
-                                              #   sweeps (Figures 3-5), ~25 min
+  python experiments/reproduce.py --quick   # the main table
+  python experiments/reproduce.py           # + the τ, learning-rate and
+                                            #   sharing sweeps (Figures 3-5)
+
+Wall times on the 2-core CPU: docs/EXPERIMENTS.md.
 
 Every run trains a tiny T5 on the synthetic task (dro_fast.data.synthetic)
 from the same SFT warm start, then is judged side by side against that SFT
@@ -70,9 +72,9 @@ def train(name: str, *args: str) -> str:
 def compare(policy_a: str, policy_b: str, label: str) -> dict:
   start = time.perf_counter()
   output = os.path.join(_WORKDIR.value, "eval", label)
-  _run("dro_fast.evaluation", f"--policy_a={policy_a}", f"--policy_b={policy_b}",
-       f"--folds={_FOLDS.value}", f"--prompts_per_fold={_PER_FOLD.value}",
-       f"--temperature={_TEMPERATURE.value}", f"--output_dir={output}")
+  _run("dro_fast.evaluation", f"--policy_a={policy_a}",
+       f"--policy_b={policy_b}", f"--folds={_FOLDS.value}",
+       f"--prompts_per_fold={_PER_FOLD.value}", f"--temperature={_TEMPERATURE.value}", f"--output_dir={output}")
   with open(os.path.join(output, "win_rate.json")) as f:
     result = json.load(f)
   result["label"] = label
@@ -88,8 +90,8 @@ def compare(policy_a: str, policy_b: str, label: str) -> dict:
 
 def main(argv):
   del argv
-  print("| comparison (first over second) | win rate | elapsed |\n|---|---|---|",
-        flush=True)
+  print("| comparison (first over second) | win rate | elapsed |\n"
+        "|---|---|---|", flush=True)
   dro_v = train("dro_v_tau1", "--algo=dro_v", "--tau=1.0")
   sft = f"{dro_v}:init"
   dro_v_vs_sft = compare(dro_v, sft, "DRO-V (τ=1) vs SFT")
@@ -150,6 +152,7 @@ def sharing_sweep(dro_v: str, sft: str) -> None:
   compare(variants["separate", "per_example"],
           variants["separate", "per_batch"],
           "DRO-V separate net: per-example vs per-batch value")
+
 
 if __name__ == "__main__":
   app.run(main)

@@ -8,7 +8,7 @@ per-prompt offset plus per-response noise, standardised to mean 0 and
 variance 1 under the data distribution (paper §4), so prompts differ in their
 optimal value and one value for all prompts is wrong.
 
-Theorem 1 (paper §3, REFERENCE §1): the unique minimiser of
+Theorem 1 (paper §3): the unique minimiser of
 ½ E[(r − V(x) − τ log(π(y|x) / π_ref(y|x)))²] is
   π*(y|x) ∝ π_ref(y|x) · exp(r(x, y) / τ),
   V*(x)   = τ · log Σ_y π_ref(y|x) · exp(r(x, y) / τ),
@@ -33,14 +33,11 @@ entries. Learners:
 Each is scored by the mean over prompts of KL(π* || π) and, for the value
 learners, max_x |V(x) − V*(x)|.
 
-Observed with run()'s defaults (K = 6, M = 5, τ = 1, 2,000 steps of batch
-32, Adam 0.02, seed 0; CPU, float32): DRO-V reaches KL ≈ 1e-14 and
-max |V − V*| ≈ 3e-7. The single value ends at KL ≈ 0.09 with max |V − V*| ≈
-1.0, which is its population optimum (full-batch training of the same loss
-gives KL 0.090), not noise. KTO ends at KL ≈ 1.8 and still rising: it keeps
-sharpening π towards above-mean responses, away from π*. Seeds 0-4 agree
-(DRO-V KL < 1e-13; single value 0.05-0.21; KTO 1.1-2.4). Adam 0.05 is too
-large: DRO-V's KL then spikes (up to 1e-3) after converging.
+run()'s defaults (K = 6, M = 5, τ = 1, 2,000 steps of batch 32, Adam 0.02,
+seed 0) produce the table in docs/EXPERIMENTS.md (Theorem 1): DRO-V reaches
+π* and V* to float32 precision, the single value stops at its population
+optimum, and KTO moves away from π*. A larger Adam step (0.05) makes DRO-V's
+KL spike after it has converged.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ r"""Theorem 1 on a tabular bandit: DRO-V, single-value DRO-V and KTO.
       --steps=2000 --batch_size=32 --learning_rate=0.02 --seed=0]
       [--png_out=docs/theorem1.png] [--json_out=PATH]
 
-Trains each learner of dro_fast.tabular on one random problem, prints the
+Trains each learner of experiments/tabular.py on one random problem, prints the
 final mean KL(π* || π) and max |V − V*| per learner, plots the KL over
 training steps and optionally writes the results (with the per-step KL) as
 JSON.

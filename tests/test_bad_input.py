@@ -390,14 +390,20 @@ def _flag_not_a_number(inputs):
 
 
 @case
-def _flag_cudnn_attention_without_its_needs(inputs):
+def _flag_cudnn_attention_in_float32(inputs):
+  # T5Config's validation: each constraint of cuDNN is checked in one place
+  # (the even lengths in RunConfig's: tests/training/test_run_config.py).
   del inputs
-  return (["--attention=cudnn", "--dropout_rate=0.1",
-           "--max_target_length=9"],
-          ["--attention=cudnn needs a CUDA GPU (JAX's backend here is 'cpu')",
-           "--dtype=bfloat16", "--dropout_rate=0",
-           "even sequence lengths, not --max_target_length=9",
-           "Or use --attention=xla"])
+  return (["--attention=cudnn", "--dropout_rate=0.1"],
+          ["T5Config.attention='cudnn'", "bfloat16", "attention='xla'"])
+
+
+@case
+def _flag_cudnn_attention_without_a_gpu(inputs):
+  del inputs
+  return (["--attention=cudnn", "--dtype=bfloat16"],
+          ["T5Config.attention='cudnn' needs a CUDA GPU", "'cpu'",
+           "attention='xla'"])
 
 
 @case

@@ -272,8 +272,8 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_warning(
   assert committed_steps(workdir) == [2, 4]
   before = metrics_without_timing(workdir)
   # Truncate the largest array data file of the newest checkpoint.
-  data_files = sorted((workdir / "checkpoints" / "4" / "state").glob(
-      "ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)
+  data_files = sorted((workdir / "checkpoints" / "4").glob(
+      "*/ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)
   assert data_files
   os.truncate(data_files[-1], data_files[-1].stat().st_size // 2)
 

@@ -1,6 +1,7 @@
-"""keep_freed_host_memory: XLA:CPU's temporary buffer stops page-faulting.
+"""dro_fast.runtime: host memory settings and the host's compute dtype.
 
-Each case runs in a fresh process (the malloc settings are process-wide and
+keep_freed_host_memory: XLA:CPU's temporary buffer stops page-faulting. Each
+case runs in a fresh process (the malloc settings are process-wide and
 must precede JAX's first computation). The probe jits a function whose
 temporary buffer (a [6144, 6144] float32 intermediate, 150 MB) is far above
 glibc's mmap threshold, runs it 10 times, and then counts the minor page
@@ -20,8 +21,7 @@ import sys
 import pytest
 
 WARMUP, CALLS = 10, 20
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROBE = r"""
 import json, resource, sys
@@ -72,13 +72,9 @@ def test_kept_memory_is_reused_without_page_faults():
   # The control shows what the settings remove: the buffer is faulted in
   # again on every call.
   assert control["faults"] > 0.5 * CALLS * pages, (control, pages)
-  # In this probe the heap still grows by a buffer now and then (why is
-  # not pinned down; more often when the CPU is contended): in 12 quiet
-  # probes up to 7 times in the first 20 calls and at most twice after the
-  # 10th; with a CPU hog beside it, up to 5 times in calls 11-30 of 8
-  # probes. A bound of 8 of these 20 calls still fails if the settings do
-  # nothing (every call faults). The DRO-V step settled after its first
-  # step (benchmarks/RESULTS.md, "Host memory").
+  # The heap may still grow by a buffer now and then in this probe (more
+  # often on a contended CPU); a bound of 8 of these 20 calls still fails
+  # if the settings do nothing (every call faults).
   assert kept["faults"] < 8 * pages, (kept, pages)
 
 
@@ -148,3 +144,36 @@ def test_keep_freed_host_memory_warns_when_jax_has_started(monkeypatch):
   assert runtime.keep_freed_host_memory() == "kept"
   assert len(warnings) == 1 and "before the first JAX computation" in (
       warnings[0])
+
+
+_ZEN4 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 "
+         "avx512f avx512bw avx512_bf16 avx512_vnni\n")
+_AVX2 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 "
+         "avx avx2 fma\n")
+
+
+@pytest.mark.parametrize("cpuinfo, machine, want", [
+    (_ZEN4, "x86_64", True),
+    (_AVX2, "x86_64", False),
+    (_AVX2.replace("fma", "fma amx_bf16"), "x86_64", True),
+    ("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n", "aarch64", True),
+    ("processor\t: 0\nFeatures\t: fp asimd\n", "aarch64", False),
+    ("processor\t: 0\n", "x86_64", None),          # no flags line: unknown
+])
+def test_bf16_native_from_cpuinfo(cpuinfo, machine, want):
+  from dro_fast import runtime  # pylint: disable=g-import-not-at-top
+  assert runtime.bf16_native_from_cpuinfo(cpuinfo, machine) is want
+
+
+@pytest.mark.parametrize("requested, platform, native, want", [
+    ("bfloat16", "cpu", False, "float32"),
+    ("bfloat16", "cpu", True, "bfloat16"),
+    ("bfloat16", "gpu", False, "bfloat16"),
+    ("bfloat16", "tpu", False, "bfloat16"),
+    ("float32", "cpu", False, "float32"),
+])
+def test_compute_dtype_upcasts_bfloat16_only_on_a_cpu_without_it(
+    monkeypatch, requested, platform, native, want):
+  from dro_fast import runtime  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(runtime, "bf16_arithmetic", lambda: native)
+  assert runtime.compute_dtype(requested, platform) == want

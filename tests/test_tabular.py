@@ -68,21 +68,22 @@ def results():
 
 
 def test_dro_v_reaches_the_optimum(results):
-  # Observed: KL ≈ 1e-14, max |V − V*| ≈ 3e-7.
+  # docs/EXPERIMENTS.md: KL ≈ 1e-14, max |V − V*| ≈ 3e-7.
   assert results["dro_v"]["kl"] < 1e-6
   assert results["dro_v"]["max_value_error"] < 1e-3
 
 
 @pytest.mark.parametrize("learner", ["dro_v_single_value", "kto"])
 def test_baselines_stay_away_from_the_optimum(results, learner):
-  # Observed: single value KL ≈ 0.09 (its population optimum), KTO ≈ 1.8.
+  # docs/EXPERIMENTS.md: single value KL ≈ 0.09 (its population optimum),
+  # KTO ≈ 1.8.
   kl = results[learner]["kl"]
   assert kl > 1e-2
   assert kl > 10 * max(results["dro_v"]["kl"], 1e-4)
 
 
 def test_single_value_cannot_fit_every_prompt(results):
-  # Observed: ≈ 1.0; the per-prompt V* spread over about 2.
+  # docs/EXPERIMENTS.md: ≈ 1.0; the per-prompt V* spread over about 2.
   assert results["dro_v_single_value"]["max_value_error"] > 0.5
   assert results["kto"]["max_value_error"] is None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -58,6 +59,12 @@ def test_demo_run_writes_every_output(tmp_path):
                           "final_policy"}
   assert all(-1.0 <= v <= 1.0 for v in rewards.values())
   assert os.path.isdir(workdir / "sft_init")      # the demo's SFT warm start
+  # run_config.json is the RunConfig the trainer ran, read back equal.
+  from dro_fast.training import runs  # pylint: disable=g-import-not-at-top
+  run = runs.read_run_config(str(workdir))
+  assert (run.workdir, run.train_steps, run.sft_steps) == (str(workdir), 8,
+                                                           10)
+  assert run.model.vocab_size == 48 and run.data.synthetic_task
 
 
 @pytest.mark.slow
@@ -125,9 +132,10 @@ def test_diverging_run_stops_at_max_bad_steps_with_finite_checkpoints(
   steps_saved = sorted(int(n) for n in os.listdir(workdir / "checkpoints")
                        if n.isdigit())
   assert steps_saved[-1] == len(logged) - 1
-  for step in steps_saved:
+  for step, item in itertools.product(steps_saved,
+                                      ("policy", "train_state")):
     state = ocp.StandardCheckpointer().restore(
-        workdir / "checkpoints" / str(step) / "state")
+        workdir / "checkpoints" / str(step) / item)
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
       leaf = np.asarray(leaf)
       if np.issubdtype(leaf.dtype, np.floating):

@@ -13,17 +13,17 @@ from dro_fast.data.pipeline import fingerprint
 from dro_fast.data.pipeline import long_texts
 from dro_fast.data.pipeline import tokenize_pairs
 from dro_fast.data.pipeline import tokenize_triplets
-from dro_fast.data.records import DATA_FORMATS
+from dro_fast.data.formats import DATA_FORMATS
+from dro_fast.data.formats import read_dataset
 from dro_fast.data.records import DataError
 from dro_fast.data.records import Pair
-from dro_fast.data.records import read_dataset
 from dro_fast.data.records import read_pairwise
 from dro_fast.data.records import read_triplets
-from dro_fast.data.records import read_ultrafeedback
 from dro_fast.data.records import Triplet
-from dro_fast.data.records import ULTRAFEEDBACK_ASPECTS
-from dro_fast.data.records import ULTRAFEEDBACK_REWARDS
 from dro_fast.data.rewards import RewardStats
+from dro_fast.data.ultrafeedback import read_ultrafeedback
+from dro_fast.data.ultrafeedback import ULTRAFEEDBACK_ASPECTS
+from dro_fast.data.ultrafeedback import ULTRAFEEDBACK_REWARDS
 
 __all__ = ["BatchIterator", "DATA_FORMATS", "DataError", "fingerprint",
            "long_texts", "Pair", "read_dataset", "read_pairwise",

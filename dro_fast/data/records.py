@@ -1,19 +1,22 @@
-"""Reading alignment data: (prompt, completion, reward) triplets and pairs.
+"""Reading records: the record types, and the row reading every reader shares.
 
-Three formats, each stored as JSON Lines (.jsonl or .json, one object per
-line, blank lines ignored) or Parquet (.parquet):
-  triplets       one {"prompt", "completion", "reward"} object per row, the
-                 paper's single-trajectory data (REFERENCE §1);
-  ultrafeedback  OpenBMB UltraFeedback rows (REFERENCE §5), one triplet per
-                 completion, the reward taken from its annotations;
-  pairwise       one {"prompt", "chosen", "rejected"} object per row, for
+A data file is JSON Lines (.jsonl or .json, one object per line, blank lines
+ignored) or Parquet (.parquet). This module holds what a reader returns
+(Triplet, Pair), what it raises (DataError), the row reader and field checks
+that every reader builds on (RowReader, BadValue, text_field, number_field),
+and the two flat readers:
+  read_triplets  one {"prompt", "completion", "reward"} object per row, the
+                 paper's single-trajectory data (Richemond et al. 2024);
+  read_pairwise  one {"prompt", "chosen", "rejected"} object per row, for
                  the pairwise baselines.
+The UltraFeedback reader is dro_fast.data.ultrafeedback; choosing a reader
+by format name is dro_fast.data.formats.
 
 The first bad row raises a DataError naming the file, the row, the field,
 what was wrong and what to do. With skip_bad_rows=True bad rows are dropped
 instead and one warning counts them by reason. JSONL lines and Parquet rows
 are numbered from 1; a record's `source` is "path:number", or
-"path:number#k" for completion k (from 0) of an UltraFeedback row.
+"path:number#k" for completion k (from 0) of a row that holds several.
 """
 
 from __future__ import annotations
@@ -31,14 +34,6 @@ from absl import logging
 
 JSONL_EXTENSIONS = (".jsonl", ".json")
 PARQUET_EXTENSIONS = (".parquet",)
-ULTRAFEEDBACK_ASPECTS = ("instruction_following", "honesty", "truthfulness",
-                         "helpfulness")
-ULTRAFEEDBACK_REWARDS = (("mean_rating", "overall_score", "binary")
-                         + ULTRAFEEDBACK_ASPECTS)
-_NOT_APPLICABLE = "N/A"
-_NOT_ULTRAFEEDBACK = ("is this an UltraFeedback file? Read other triplet data "
-                      "with read_triplets (the trainer's "
-                      "--data_format=triplets)")
 _PARQUET_BATCH_ROWS = 1024
 
 
@@ -78,7 +73,7 @@ class Pair:
   source: str
 
 
-class _BadValue(Exception):
+class BadValue(Exception):
   """One unusable value of a row; the reader turns it into a DataError.
 
   Attributes:
@@ -133,8 +128,10 @@ def _json_type(value: Any) -> str:
   return type(value).__name__
 
 
-def _a(json_type: str) -> str:
-  """"an array", "a string": a JSON type name with its article."""
+def a_json_type(value: Any) -> str:
+  """"an array", "a string": the JSON name of a value's type with its
+  article, for messages."""
+  json_type = _json_type(value)
   return f"an {json_type}" if json_type[0] in "aeiou" else f"a {json_type}"
 
 
@@ -142,7 +139,7 @@ def _plural(count: int, noun: str) -> str:
   return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-class _RowReader:
+class RowReader:
   """Iterates over one file's rows; raises on bad rows or counts them.
 
   Whole-file problems (no such file, unknown extension, a Parquet file
@@ -205,7 +202,7 @@ class _RowReader:
     rows = self._parquet_rows() if self._parquet else self._jsonl_rows()
     for location, row in rows:
       self._rows_seen += 1
-      if isinstance(row, _BadValue):
+      if isinstance(row, BadValue):
         self.reject(location, row)
       else:
         yield location, row
@@ -217,23 +214,23 @@ class _RowReader:
         try:
           text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as e:
-          yield location, _BadValue(None, "not UTF-8",
-                                    f"the line is not valid UTF-8 ({e})")
+          yield location, BadValue(None, "not UTF-8",
+                                   f"the line is not valid UTF-8 ({e})")
           continue
         if not text.strip():
           continue
         try:
           row = json.loads(text)
         except json.JSONDecodeError as e:
-          yield location, _BadValue(
+          yield location, BadValue(
               None, "invalid JSON",
               f"the line is not valid JSON ({e.msg} at column {e.colno}); "
               "each line must hold one whole JSON object")
           continue
         if not isinstance(row, dict):
-          yield location, _BadValue(
+          yield location, BadValue(
               None, "not a JSON object",
-              f"the line holds {_a(_json_type(row))}, not an object; "
+              f"the line holds {a_json_type(row)}, not an object; "
               "each line must hold one JSON object (a .json file holding "
               "a single array is not JSON Lines)")
           continue
@@ -249,7 +246,7 @@ class _RowReader:
           number += 1
           yield _Location(self.path, "row", number), row
 
-  def reject(self, location: _Location, bad: _BadValue) -> None:
+  def reject(self, location: _Location, bad: BadValue) -> None:
     """Raises a DataError for a bad row or completion, or counts it.
 
     Args:
@@ -329,7 +326,7 @@ def _present(row: dict[str, Any], key: str, field: str,
     The value.
 
   Raises:
-    _BadValue: the field is missing or null.
+    BadValue: the field is missing or null.
   """
   if key not in row:
     detail = (f"is missing (the fields present are "
@@ -339,15 +336,15 @@ def _present(row: dict[str, Any], key: str, field: str,
                  f" (the trainer's --{argument})")
     if hint is not None:
       detail += f"; {hint}"
-    raise _BadValue(field, f"missing {key}", detail)
+    raise BadValue(field, f"missing {key}", detail)
   value = row[key]
   if value is None:
-    raise _BadValue(field, f"missing {key}", "is null")
+    raise BadValue(field, f"missing {key}", "is null")
   return value
 
 
-def _text(row: dict[str, Any], key: str, *, field: str | None = None,
-          argument: str | None = None, hint: str | None = None) -> str:
+def text_field(row: dict[str, Any], key: str, *, field: str | None = None,
+               argument: str | None = None, hint: str | None = None) -> str:
   """row[key] as a non-blank string, unchanged.
 
   Args:
@@ -361,22 +358,22 @@ def _text(row: dict[str, Any], key: str, *, field: str | None = None,
     The string.
 
   Raises:
-    _BadValue: the field is missing, null, not a string, or blank.
+    BadValue: the field is missing, null, not a string, or blank.
   """
   field = key if field is None else field
   value = _present(row, key, field, argument, hint)
   if not isinstance(value, str):
-    raise _BadValue(field, f"{key} not a string",
-                    f"is {_a(_json_type(value))}, not a string")
+    raise BadValue(field, f"{key} not a string",
+                   f"is {a_json_type(value)}, not a string")
   if not value.strip():
-    raise _BadValue(field, f"empty {key}",
-                    "is empty or only whitespace; every text must be "
-                    "non-blank")
+    raise BadValue(field, f"empty {key}",
+                   "is empty or only whitespace; every text must be "
+                   "non-blank")
   return value
 
 
-def _number(row: dict[str, Any], key: str, *, field: str | None = None,
-            argument: str | None = None) -> float:
+def number_field(row: dict[str, Any], key: str, *, field: str | None = None,
+                 argument: str | None = None) -> float:
   """row[key] as a finite float; bools and numeric strings are refused.
 
   Args:
@@ -389,33 +386,33 @@ def _number(row: dict[str, Any], key: str, *, field: str | None = None,
     The value as a float.
 
   Raises:
-    _BadValue: the field is missing, null, a bool, a string, not a real
+    BadValue: the field is missing, null, a bool, a string, not a real
       number, or not finite.
   """
   field = key if field is None else field
   value = _present(row, key, field, argument)
   if isinstance(value, bool):
-    raise _BadValue(field, f"{key} not a number",
-                    f"is {json.dumps(value)} (a boolean), not a number")
+    raise BadValue(field, f"{key} not a number",
+                   f"is {json.dumps(value)} (a boolean), not a number")
   if isinstance(value, str):
     try:
       float(value)
     except ValueError:
-      raise _BadValue(field, f"{key} not a number",
-                      f"is the string {value!r}, not a number") from None
-    raise _BadValue(field, f"{key} not a number",
-                    f"is the string {value!r}, not a number; write it as a "
-                    f"JSON number ({value.strip()}, without quotes)")
+      raise BadValue(field, f"{key} not a number",
+                     f"is the string {value!r}, not a number") from None
+    raise BadValue(field, f"{key} not a number",
+                   f"is the string {value!r}, not a number; write it as a "
+                   f"JSON number ({value.strip()}, without quotes)")
   if not isinstance(value, numbers.Real):
-    raise _BadValue(field, f"{key} not a number",
-                    f"is {_a(_json_type(value))}, not a number")
+    raise BadValue(field, f"{key} not a number",
+                   f"is {a_json_type(value)}, not a number")
   try:
     number = float(value)
   except OverflowError:
     number = math.inf
   if not math.isfinite(number):
-    raise _BadValue(field, f"{key} not finite",
-                    f"is {value!r}; it must be a finite number")
+    raise BadValue(field, f"{key} not finite",
+                   f"is {value!r}; it must be a finite number")
   return number
 
 
@@ -441,7 +438,7 @@ def read_triplets(path: str | os.PathLike, *, prompt_field: str = "prompt",
       (Parquet), has a bad row (unless `skip_bad_rows`), or has no usable
       rows.
   """
-  reader = _RowReader(
+  reader = RowReader(
       path, (prompt_field, completion_field, reward_field), skip_bad_rows,
       "Name the right columns with prompt_field=, completion_field= and "
       "reward_field= (the trainer's --prompt_field, --completion_field and "
@@ -449,10 +446,11 @@ def read_triplets(path: str | os.PathLike, *, prompt_field: str = "prompt",
   triplets = []
   for location, row in reader:
     try:
-      prompt = _text(row, prompt_field, argument="prompt_field")
-      completion = _text(row, completion_field, argument="completion_field")
-      reward = _number(row, reward_field, argument="reward_field")
-    except _BadValue as bad:
+      prompt = text_field(row, prompt_field, argument="prompt_field")
+      completion = text_field(row, completion_field,
+                              argument="completion_field")
+      reward = number_field(row, reward_field, argument="reward_field")
+    except BadValue as bad:
       reader.reject(location, bad)
       continue
     triplets.append(Triplet(prompt, completion, reward, location.source))
@@ -479,7 +477,7 @@ def read_pairwise(path: str | os.PathLike, *, prompt_field: str = "prompt",
   Raises:
     DataError: as `read_triplets`.
   """
-  reader = _RowReader(
+  reader = RowReader(
       path, (prompt_field, chosen_field, rejected_field), skip_bad_rows,
       "Name the right columns with prompt_field=, chosen_field= and "
       "rejected_field= (the trainer's --prompt_field, --chosen_field and "
@@ -487,201 +485,12 @@ def read_pairwise(path: str | os.PathLike, *, prompt_field: str = "prompt",
   pairs = []
   for location, row in reader:
     try:
-      pair = Pair(_text(row, prompt_field, argument="prompt_field"),
-                  _text(row, chosen_field, argument="chosen_field"),
-                  _text(row, rejected_field, argument="rejected_field"),
+      pair = Pair(text_field(row, prompt_field, argument="prompt_field"),
+                  text_field(row, chosen_field, argument="chosen_field"),
+                  text_field(row, rejected_field, argument="rejected_field"),
                   location.source)
-    except _BadValue as bad:
+    except BadValue as bad:
       reader.reject(location, bad)
       continue
     pairs.append(pair)
   return reader.finish(pairs)
-
-
-def _aspect_rating(annotations: dict[str, Any], aspect: str,
-                   prefix: str) -> float | None:
-  """One aspect's "Rating" as a float; None when "N/A", null or absent.
-
-  Raises:
-    _BadValue: the aspect is not an object, or its rating is neither a
-      number nor "N/A".
-  """
-  field = f"{prefix}.annotations.{aspect}"
-  annotation = annotations.get(aspect)
-  if annotation is None:
-    return None
-  if not isinstance(annotation, dict):
-    raise _BadValue(field, "annotation not an object",
-                    f"is {_a(_json_type(annotation))}, not an object with a "
-                    "'Rating'")
-  rating = annotation.get("Rating")
-  if rating is None or (isinstance(rating, str)
-                        and rating.strip().upper() == _NOT_APPLICABLE):
-    return None
-  field += ".Rating"
-  if isinstance(rating, str):
-    try:
-      value = float(rating)
-    except ValueError:
-      raise _BadValue(field, "rating not a number",
-                      f"is {rating!r}, neither a number nor "
-                      f"{_NOT_APPLICABLE!r}") from None
-  elif isinstance(rating, numbers.Real) and not isinstance(rating, bool):
-    value = float(rating)
-  else:
-    raise _BadValue(field, "rating not a number",
-                    f"is {_a(_json_type(rating))}, neither a number nor "
-                    f"{_NOT_APPLICABLE!r}")
-  if not math.isfinite(value):
-    raise _BadValue(field, "rating not finite",
-                    f"is {rating!r}; it must be a finite number")
-  return value
-
-
-def _completion_reward(completion: dict[str, Any], prefix: str, reward: str,
-                       threshold: float | None) -> float:
-  """The reward of one UltraFeedback completion (see read_ultrafeedback)."""
-  if reward == "overall_score":
-    return _number(completion, "overall_score",
-                   field=f"{prefix}.overall_score")
-  annotations = completion.get("annotations")
-  if not isinstance(annotations, dict):
-    raise _BadValue(f"{prefix}.annotations", "annotations not an object",
-                    f"is {_a(_json_type(annotations))}, not an object of "
-                    "aspect ratings")
-  if reward in ULTRAFEEDBACK_ASPECTS:
-    rating = _aspect_rating(annotations, reward, prefix)
-    if rating is None:
-      raise _BadValue(f"{prefix}.annotations.{reward}.Rating",
-                      f"{reward} rating N/A",
-                      f"is {_NOT_APPLICABLE!r} or absent, so the "
-                      f"{reward} reward is undefined")
-    return rating
-  ratings = [_aspect_rating(annotations, aspect, prefix)
-             for aspect in ULTRAFEEDBACK_ASPECTS]
-  numeric = [rating for rating in ratings if rating is not None]
-  if not numeric:
-    raise _BadValue(f"{prefix}.annotations", "no numeric rating",
-                    "has no numeric aspect 'Rating' (all of "
-                    f"{', '.join(ULTRAFEEDBACK_ASPECTS)} are "
-                    f"{_NOT_APPLICABLE!r} or absent)")
-  mean = sum(numeric) / len(numeric)
-  if reward == "binary":
-    return 1.0 if mean >= threshold else 0.0
-  return mean
-
-
-def read_ultrafeedback(path: str | os.PathLike, *,
-                       reward: str = "mean_rating",
-                       threshold: float | None = None,
-                       skip_bad_rows: bool = False) -> list[Triplet]:
-  """Reads OpenBMB UltraFeedback rows as one triplet per completion.
-
-  Each row holds an "instruction" (the prompt) and "completions", each with
-  a "response" (the completion) and "annotations" of four aspects
-  (instruction_following, honesty, truthfulness, helpfulness) whose
-  "Rating" is a string: a number or "N/A" (REFERENCE §5).
-
-  Args:
-    path: a .jsonl/.json (one object per line) or .parquet file.
-    reward: how a completion's reward is computed:
-      "mean_rating" (default, the paper's and the safer choice): the mean of
-        the aspect ratings that are numbers, "N/A" and absent ones ignored;
-      "overall_score": the completion's "overall_score" (some are wrong in
-        the released data);
-      an aspect name, e.g. "helpfulness": that aspect's rating;
-      "binary": 1.0 if the mean rating is >= `threshold`, else 0.0.
-    threshold: the mean rating at or above which a completion is good;
-      required by, and only allowed with, reward="binary".
-    skip_bad_rows: drop bad rows and bad completions, logging one warning
-      with counts per reason, instead of raising on the first.
-
-  Returns:
-    The triplets in file order, each completion's `source` being
-    "path:number#k" for completion k (from 0) of the row.
-
-  Raises:
-    ValueError: `reward` is unknown, or `threshold` is missing for
-      reward="binary", given for another mode, or not a finite number.
-    DataError: as `read_triplets`; a completion whose reward is undefined
-      (e.g. every rating "N/A") is bad.
-  """
-  if reward not in ULTRAFEEDBACK_REWARDS:
-    raise ValueError(f"reward={reward!r} is not an UltraFeedback reward; "
-                     f"choose one of {', '.join(ULTRAFEEDBACK_REWARDS)}.")
-  if reward == "binary":
-    if threshold is None:
-      raise ValueError(
-          "reward='binary' needs threshold=<mean rating>: completions whose "
-          "mean aspect rating is >= threshold get reward 1.0, the others "
-          "0.0 (ratings run from 1 to 5).")
-    if (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
-        or not math.isfinite(threshold)):
-      raise ValueError(f"threshold must be a finite number, got "
-                       f"{threshold!r}.")
-  elif threshold is not None:
-    raise ValueError(f"threshold={threshold!r} applies only to "
-                     f"reward='binary', not reward={reward!r}; drop it or "
-                     "use reward='binary'.")
-  reader = _RowReader(
-      path, ("instruction", "completions"), skip_bad_rows,
-      "UltraFeedback rows need 'instruction' and 'completions'; "
-      f"{_NOT_ULTRAFEEDBACK}.")
-  triplets = []
-  for location, row in reader:
-    try:
-      instruction = _text(row, "instruction", hint=_NOT_ULTRAFEEDBACK)
-      completions = row.get("completions")
-      if not isinstance(completions, (list, tuple)):
-        raise _BadValue("completions", "completions not a list",
-                        f"is {_a(_json_type(completions))}, not a list of "
-                        "completions")
-    except _BadValue as bad:
-      reader.reject(location, bad)
-      continue
-    for index, completion in enumerate(completions):
-      at = dataclasses.replace(location, completion=index)
-      prefix = f"completions[{index}]"
-      try:
-        if not isinstance(completion, dict):
-          raise _BadValue(prefix, "completion not an object",
-                          f"is {_a(_json_type(completion))}, not an object")
-        response = _text(completion, "response", field=f"{prefix}.response")
-        value = _completion_reward(completion, prefix, reward, threshold)
-      except _BadValue as bad:
-        reader.reject(at, bad)
-        continue
-      triplets.append(Triplet(instruction, response, value, at.source))
-  return reader.finish(triplets)
-
-
-_READERS = {
-    "triplets": read_triplets,
-    "ultrafeedback": read_ultrafeedback,
-    "pairwise": read_pairwise,
-}
-DATA_FORMATS = tuple(_READERS)
-
-
-def read_dataset(path: str | os.PathLike, data_format: str,
-                 **kwargs: Any) -> list[Triplet] | list[Pair]:
-  """Reads a data file with the reader for `data_format`.
-
-  Args:
-    path: the data file.
-    data_format: "triplets" (read_triplets), "ultrafeedback"
-      (read_ultrafeedback) or "pairwise" (read_pairwise).
-    **kwargs: passed to the reader.
-
-  Returns:
-    The reader's records.
-
-  Raises:
-    ValueError: `data_format` is unknown.
-    DataError: as the reader.
-  """
-  reader = _READERS.get(data_format)
-  if reader is None:
-    raise ValueError(f"data_format={data_format!r} is unknown; choose one "
-                     f"of {', '.join(DATA_FORMATS)}.")
-  return reader(path, **kwargs)

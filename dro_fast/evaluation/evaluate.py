@@ -20,6 +20,10 @@ higher wins) or http:URL (an OpenAI-compatible chat endpoint asked the
 paper's side-by-side prompt; its API key comes from the environment).
 Without --prompts, a run trained on the synthetic demo task is evaluated on
 held-out synthetic prompts with its known reward as the default judge.
+
+A run is read back through its run_config.json (training.runs): only the
+policy parameters are restored, never the optimizer states, and no trainer
+is built.
 """
 
 from __future__ import annotations
@@ -82,7 +86,8 @@ def parse_policy(spec: str) -> tuple[str, str | int | None]:
 
 
 def load(spec: str):
-  """(params, description) of a policy spec."""
+  """(params, description) of a policy spec: the policy parameters alone
+  (runs.load_policy reads no optimizer state)."""
   workdir, which = parse_policy(spec)
   try:
     if which == "init":
@@ -93,11 +98,11 @@ def load(spec: str):
     raise EvalError(f"policy {spec!r}: {e}") from None
 
 
-def prompts_for(run: dict) -> list[str]:
+def prompts_for(run: runs.RunConfig) -> list[str]:
   needed = _FOLDS.value * _PER_FOLD.value
   if _PROMPTS.value:
     rows = _read_prompts(_PROMPTS.value)
-  elif run.get("synthetic_task"):
+  elif run.data.synthetic_task:
     rows = [t.prompt for t in synthetic.make_triplets(needed, seed=10**6)]
   else:
     raise EvalError("--prompts is required for runs not trained on the "
@@ -165,7 +170,8 @@ def compare(spec_a: str, spec_b: str, output_dir: str, judge) -> dict:
   """Judges policy A against B; writes pairs, table and chart; returns stats."""
   workdir_a, _ = parse_policy(spec_a)
   run = runs.read_run_config(workdir_a)
-  config, tokenizer = runs.model_config(run), runs.tokenizer(run)
+  config = runs.model_config(run)
+  tokenizer = runs.tokenizer(run, workdir_a)
   prompts = prompts_for(run)
   rng = jax.random.PRNGKey(_SEED.value)
   responses = []
@@ -173,8 +179,8 @@ def compare(spec_a: str, spec_b: str, output_dir: str, judge) -> dict:
     params, name = load(spec)
     logging.info("decoding with %s", name)
     responses.append(generate(params, config, tokenizer, prompts,
-                              run["max_input_length"],
-                              run["max_target_length"],
+                              run.data.max_input_length,
+                              run.data.max_target_length,
                               jax.random.fold_in(rng, i)))
   rows = side_by_side(judge, prompts, *responses)
   folds = fold_win_rates(rows, _FOLDS.value)
@@ -248,7 +254,7 @@ def best_checkpoint(workdir: str, judge) -> dict:
 def _judge(workdir: str):
   spec = _JUDGE.value
   if spec is None:
-    if not runs.read_run_config(workdir).get("synthetic_task"):
+    if not runs.read_run_config(workdir).data.synthetic_task:
       raise EvalError("--judge is required (reward:MODULE:FUNCTION or "
                       "http:URL).")
     spec = "reward:dro_fast.data.synthetic:reward"

@@ -1,4 +1,4 @@
-"""The KTO baseline as the paper runs it (Ethayarajh et al. 2024; REFERENCE §2).
+"""The KTO baseline as the paper runs it (Ethayarajh et al. 2024).
 
 An example is desirable when its reward is above its minibatch's mean reward.
 The reference point z0 is the log-ratio of mismatched pairs (completion i+1

@@ -1,17 +1,16 @@
 """T5 v1.1 / FLAN-T5 encoder-decoder and value networks in Haiku."""
 
-from dro_fast.models.config import ATTENTION_IMPLEMENTATIONS
+from dro_fast.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from dro_fast.models.config import parameter_count
 from dro_fast.models.config import preset
 from dro_fast.models.config import PRESETS
 from dro_fast.models.config import REMAT_POLICIES
 from dro_fast.models.config import T5Config
-from dro_fast.models.t5 import cuda_backend
-from dro_fast.models.t5 import LayerCache
-from dro_fast.models.t5 import shift_right
-from dro_fast.models.t5 import T5
-from dro_fast.models.t5 import t5
+from dro_fast.models.network import LayerCache
+from dro_fast.models.network import shift_right
+from dro_fast.models.network import T5
+from dro_fast.models.network import t5
 
 __all__ = ["ATTENTION_IMPLEMENTATIONS", "LayerCache", "PRESETS",
-           "REMAT_POLICIES", "T5", "T5Config", "cuda_backend",
-           "parameter_count", "preset", "shift_right", "t5"]
+           "REMAT_POLICIES", "T5", "T5Config", "parameter_count", "preset",
+           "shift_right", "t5"]

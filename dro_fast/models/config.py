@@ -1,19 +1,28 @@
 """T5Config: the global hyperparameters of a T5 encoder-decoder.
 
-Sizes follow t5x's t5_1_1 gin files (REFERENCE.md §4). FLAN-T5 uses the v1.1
+Sizes follow t5x's t5_1_1 gin files. FLAN-T5 uses the v1.1
 architecture. The v1.0 variant differs in its MLP (ReLU, one `wi`), its tied
 input/output embedding and its logits scale d_model^-½.
+
+Backend choices (`attention`, `platform`) are fields, so they are part of
+jax.jit's cache key wherever the config is a static argument. Every
+constraint of a backend is checked here: in __post_init__, or, for what
+depends on the host, in `resolved()`, which models.t5 and
+value.value_network call once when they build the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+
+from dro_fast.models import attention as attention_lib
 
 VARIANTS = ("v1_1", "v1_0")
 REMAT_POLICIES = ("none", "full", "dots", "dots_except_mlp_hidden")
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+PLATFORMS = ("auto", "cpu", "gpu", "tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +53,21 @@ class T5Config:
       the attentions' projections and outputs, recompute the MLP and its
       d_ff-wide hidden: less memory than "dots", two GEMMs more per layer).
     attention: how attention runs where no key/value cache is involved
-      (training, scoring): "xla" computes the [B, H, q, k] logits and softmax
-      as arrays; "cudnn" calls cuDNN's fused (flash) attention through
-      jax.nn.dot_product_attention, which never materialises them. "cudnn"
-      needs a CUDA GPU, bfloat16 compute, dropout_rate 0 while training
-      (it has no attention dropout) and right-padded encoder inputs (the
-      padding mask becomes per-example key lengths); cached decoding always
-      takes the "xla" path.
+      (training, scoring), a name in dro_fast.models.attention's registry:
+      "xla" computes the [B, H, q, k] logits and softmax as arrays; "cudnn"
+      calls cuDNN's fused (flash) attention through
+      jax.nn.dot_product_attention, which never materialises them. A fused
+      implementation (any but "xla") has no attention dropout, so it needs
+      dropout_rate 0, and right-padded encoder inputs (the padding mask
+      becomes per-example key lengths). "cudnn" also needs bfloat16 compute
+      and platform "gpu" on a CUDA (not ROCm) backend, and even sequence
+      lengths when trained with a bias (checked by the trainer's RunConfig).
+      Cached decoding always takes the "xla" path.
+    platform: the backend the model is traced for: "cpu", "gpu", "tpu", or
+      "auto" (jax.default_backend(), filled in by `resolved()`). "cpu" runs
+      the CPU backend's forms (dro_fast/models/cpu.py); any other value the
+      accelerator forms, whatever backend XLA compiles for (so that a CPU
+      host can lower or memory-plan the program a GPU runs).
     pad_id: padding id (masked in attention); also the decoder start id.
     eos_id: end-of-sequence id.
     name: preset name, informational.
@@ -72,6 +89,7 @@ class T5Config:
   scan_layers: bool = False
   remat: str = "none"
   attention: str = "xla"
+  platform: str = "auto"
   pad_id: int = 0
   eos_id: int = 1
   name: str = "custom"
@@ -86,13 +104,22 @@ class T5Config:
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"T5Config.remat must be one of {REMAT_POLICIES}, got "
                        f"{self.remat!r}.")
-    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+    if self.platform not in PLATFORMS:
+      raise ValueError(f"T5Config.platform must be one of {PLATFORMS}, got "
+                       f"{self.platform!r}.")
+    if self.attention not in attention_lib.IMPLEMENTATIONS:
       raise ValueError(f"T5Config.attention must be one of "
-                       f"{ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}.")
+                       f"{tuple(attention_lib.IMPLEMENTATIONS)}, got "
+                       f"{self.attention!r}.")
     if self.attention == "cudnn" and self.dtype != "bfloat16":
       raise ValueError("T5Config.attention='cudnn' runs cuDNN's fused "
                        "attention, which takes bfloat16 (not float32) "
                        "inputs: set dtype='bfloat16' or attention='xla'.")
+    if self.attention != "xla" and self.dropout_rate:
+      raise ValueError(f"T5Config.attention={self.attention!r} applies no "
+                       f"dropout to the attention weights, got dropout_rate="
+                       f"{self.dropout_rate}: set dropout_rate=0, or use "
+                       f"attention='xla'.")
     for field in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads",
                   "num_encoder_layers", "num_decoder_layers",
                   "relative_attention_num_buckets"):
@@ -119,6 +146,44 @@ class T5Config:
 
   def replace(self, **changes) -> "T5Config":
     return dataclasses.replace(self, **changes)
+
+  def resolved(self) -> "T5Config":
+    """This config with platform "auto" replaced by jax.default_backend(),
+    checked against it. Idempotent; a concrete platform is kept as given.
+
+    Raises:
+      ValueError: attention "cudnn" without platform "gpu", or resolved
+        from "auto" on a GPU backend that is not CUDA (ROCm has no cuDNN);
+        or a default backend that is none of PLATFORMS.
+    """
+    config = self
+    if self.platform == "auto":
+      backend = jax.default_backend()
+      if backend not in PLATFORMS:
+        raise ValueError(f"T5Config.platform='auto': JAX's default backend "
+                         f"{backend!r} is none of {PLATFORMS[1:]}; set "
+                         f"platform explicitly.")
+      config = self.replace(platform=backend)
+    if config.attention == "cudnn":
+      if config.platform != "gpu":
+        raise ValueError(f"T5Config.attention='cudnn' needs a CUDA GPU; "
+                         f"platform is {config.platform!r}: use "
+                         f"attention='xla' (or platform='gpu' to lower the "
+                         f"GPU's program on this host).")
+      if self.platform == "auto" and not _cuda_backend():
+        raise ValueError("T5Config.attention='cudnn' needs a CUDA GPU; "
+                         "JAX's GPU backend here is not CUDA (ROCm has no "
+                         "cuDNN): use attention='xla'.")
+    return config
+
+
+def _cuda_backend() -> bool:
+  """Whether JAX's default backend is an NVIDIA GPU (ROCm's is named "gpu"
+  too)."""
+  if jax.default_backend() != "gpu":
+    return False
+  version = getattr(jax.devices()[0].client, "platform_version", "")
+  return "rocm" not in str(version).lower()
 
 
 _SIZES = {  # name: (d_model, d_ff, num_heads, num_layers)

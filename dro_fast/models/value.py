@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dro_fast.models.config import T5Config
-from dro_fast.models.t5 import T5
+from dro_fast.models.network import T5
 
 KINDS = ("separate", "shared")
 
@@ -43,7 +43,9 @@ def value_network(config: T5Config, kind: str = "separate") -> hk.Transformed:
   kind="shared": apply(params, rng, encoded [B, S, D], encoder_tokens
     [B, S]) -> [B] float32, where encoded is the policy's encoder output
     (t5(config).apply(..., output="encoded")).
+  The config is resolved once here (T5Config.resolved).
   """
+  config = config.resolved()
   if kind not in KINDS:
     raise ValueError(f"value network kind must be one of {KINDS}, got "
                      f"{kind!r}.")

@@ -1,2 +1,4 @@
-"""Training: optimisers, train state and steps, sharding, reference
-log-probs, checkpointing, metrics and host memory (the layer after losses)."""
+"""Training (the layer after losses): the frozen RunConfig, initial
+parameters, train state and steps, optimisers, the SFT warm start, the
+reference log-prob cache, the training loop, checkpoints, metrics, reading
+runs back, and best-checkpoint selection."""

@@ -1,11 +1,17 @@
 """Training checkpoints: verified, atomic saves and restores that fall back.
 
 A thin wrapper over Orbax's CheckpointManager. Each checkpoint is one step
-directory holding two items, written together under Orbax's commit protocol:
+directory holding named pytree items and a JSON item, written together under
+Orbax's commit protocol:
 
-  <directory>/<step>/state   the train-state pytree (Orbax's OCDBT/TensorStore
-                             array format)
-  <directory>/<step>/extra   a small JSON dict (data-iterator state, config)
+  <directory>/<step>/<item>  one pytree per item name given to Checkpointer
+                             (Orbax's OCDBT/TensorStore array format); the
+                             trainer saves "policy" (the policy parameters)
+                             and "train_state" (everything else), so the
+                             policy restores alone
+  <directory>/<step>/extra   a small JSON dict (data-iterator state)
+
+`restore` reads the items its templates name and nothing else.
 
 Atomicity is Orbax's. A save is written into a temporary directory named
 `<step>.orbax-checkpoint-tmp-<timestamp>` and renamed to `<step>` only once
@@ -28,7 +34,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from absl import logging
 import jax
@@ -38,7 +44,6 @@ import orbax.checkpoint as ocp
 
 PyTree = Any
 
-_STATE = "state"
 _EXTRA = "extra"
 
 # How much of an Orbax/TensorStore error message a log line or error keeps.
@@ -113,33 +118,40 @@ def _shape_and_dtype(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
 
 
 class Checkpointer:
-  """Saves and restores (train state, extra JSON dict) checkpoints by step.
+  """Saves and restores checkpoints of named pytree items by step.
 
   Usage:
-    checkpointer = Checkpointer(workdir + "/checkpoints", keep=3)
+    checkpointer = Checkpointer(workdir + "/checkpoints", ("state",), keep=3)
     if checkpointer.latest_step() is not None:
-      state, extra, step = checkpointer.restore(state)
+      items, extra, step = checkpointer.restore({"state": state})
     ...
-    checkpointer.save(step, state, {"data": iterator_state})
+    checkpointer.save(step, {"state": state}, {"data": iterator_state})
   """
 
-  def __init__(self, directory: str, keep: int = 3):
+  def __init__(self, directory: str, items: Sequence[str] = ("state",),
+               keep: int = 3):
     """Opens (creating it if needed) a checkpoint directory.
 
     Args:
       directory: where the step directories live.
+      items: the names of the pytree items every checkpoint holds.
       keep: how many of the newest checkpoints to keep; older ones are
         deleted after each save.
     """
     if keep < 1:
       raise ValueError(f"keep must be at least 1, got {keep}")
+    if not items or _EXTRA in items:
+      raise ValueError(f"items must be names other than {_EXTRA!r}, got "
+                       f"{items!r}")
     self._directory = os.path.abspath(os.fspath(directory))
+    self._items = tuple(items)
+    handlers = {name: ocp.StandardCheckpointHandler() for name in items}
+    handlers[_EXTRA] = ocp.JsonCheckpointHandler()
     self._manager = ocp.CheckpointManager(
         self._directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False),
-        item_handlers={_STATE: ocp.StandardCheckpointHandler(),
-                       _EXTRA: ocp.JsonCheckpointHandler()})
+        item_handlers=handlers)
     # Steps that `restore` found unreadable and skipped; `save` may replace
     # them (see there).
     self._unreadable_steps: set[int] = set()
@@ -158,10 +170,11 @@ class Checkpointer:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
-  def save(self, step: int, state: PyTree, extra: dict[str, Any]) -> None:
+  def save(self, step: int, items: Mapping[str, PyTree],
+           extra: dict[str, Any]) -> None:
     """Writes one checkpoint and returns once it is committed.
 
-    Nothing is written when `state` holds a NaN or an inf, or when `extra`
+    Nothing is written when an item holds a NaN or an inf, or when `extra`
     is not JSON-serialisable.
 
     A step at or below an existing checkpoint's is refused, unless every such
@@ -171,15 +184,19 @@ class Checkpointer:
 
     Args:
       step: the training step; must be newer than every readable checkpoint.
-      state: a pytree of arrays (jax, numpy, typed or raw PRNG keys).
+      items: a pytree of arrays (jax, numpy, typed or raw PRNG keys) for
+        every item name of this Checkpointer.
       extra: a JSON-serialisable dict saved in the same checkpoint.
 
     Raises:
       TypeError: `extra` is not a dict.
-      ValueError: on non-finite values, an `extra` that is not strict JSON
-        (NaN and inf included), or a step that is not newer than the
-        readable checkpoints.
+      ValueError: other item names than the Checkpointer's, non-finite
+        values, an `extra` that is not strict JSON (NaN and inf included),
+        or a step that is not newer than the readable checkpoints.
     """
+    if set(items) != set(self._items):
+      raise ValueError(f"save takes the items {sorted(self._items)}, got "
+                       f"{sorted(items)}")
     if not isinstance(extra, dict):
       raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
     try:
@@ -187,7 +204,8 @@ class Checkpointer:
     except (TypeError, ValueError) as e:
       raise ValueError(
           f"extra for step {step} is not JSON-serialisable: {e}") from e
-    bad = _non_finite_paths(state)
+    bad = [f"{name}{path}" for name, tree in items.items()
+           for path in _non_finite_paths(tree)]
     if bad:
       raise ValueError(f"refusing to checkpoint non-finite values at step "
                        f"{step}: {', '.join(bad)}. Training diverged: lower "
@@ -205,42 +223,48 @@ class Checkpointer:
       self._manager.delete(s)
       self._unreadable_steps.discard(s)
 
+    args = {name: ocp.args.StandardSave(_keys_to_data(tree))
+            for name, tree in items.items()}
     saved = self._manager.save(
         step, force=True,
-        args=ocp.args.Composite(**{
-            _STATE: ocp.args.StandardSave(_keys_to_data(state)),
-            _EXTRA: ocp.args.JsonSave(extra)}))
+        args=ocp.args.Composite(**args, **{_EXTRA: ocp.args.JsonSave(extra)}))
     self._manager.wait_until_finished()
     if not saved:
       raise RuntimeError(f"orbax skipped saving step {step} in "
                          f"{self._directory}")
 
   def restore(
-      self, template: PyTree, step: int | None = None
-  ) -> tuple[PyTree, dict[str, Any], int]:
-    """Reads a checkpoint into the structure, shapes and dtypes of `template`.
+      self, templates: Mapping[str, PyTree], step: int | None = None
+  ) -> tuple[dict[str, PyTree], dict[str, Any], int]:
+    """Reads the named items of a checkpoint into their templates' form.
 
-    Without `step`, reads the newest checkpoint; one that cannot be read
-    (files missing or truncated, metadata garbled) is logged as a warning
-    and the next older one is tried. Orbax does not checksum array data, so
-    a flipped bit inside an array chunk is not detected.
+    Only the items named in `templates` are read: a policy restores without
+    the optimizer states beside it. Without `step`, reads the newest
+    checkpoint; one that cannot be read (files missing or truncated,
+    metadata garbled) is logged as a warning and the next older one is
+    tried. Orbax does not checksum array data, so a flipped bit inside an
+    array chunk is not detected.
 
     Args:
-      template: a pytree like the saved state (e.g. a freshly initialised
-        train state); its values are not used, except to give the key
-        implementation of typed PRNG key leaves.
+      templates: item name -> a pytree like the saved one (e.g. freshly
+        initialised, or jax.eval_shape's); its values are not used, except
+        to give the key implementation of typed PRNG key leaves.
       step: the step to read; None for the newest readable one.
 
     Returns:
-      (state, extra, step): the restored state (the saved arrays, bitwise,
-      in `template`'s structure), the saved extra dict, and its step.
+      (items, extra, step): the restored items (the saved arrays, bitwise,
+      in the templates' structure), the saved extra dict, and its step.
 
     Raises:
       FileNotFoundError: no checkpoint (or none at `step`) in the directory.
-      TemplateMismatchError: `template`'s leaves, shapes or dtypes differ
+      TemplateMismatchError: a template's leaves, shapes or dtypes differ
         from the checkpoint's.
       CorruptCheckpointError: no candidate checkpoint could be read.
     """
+    unknown = set(templates) - set(self._items)
+    if unknown:
+      raise ValueError(f"no items {sorted(unknown)} in these checkpoints; "
+                       f"they hold {sorted(self._items)}")
     steps = self.all_steps()
     if not steps:
       raise FileNotFoundError(f"no checkpoints in {self._directory}")
@@ -255,7 +279,7 @@ class Checkpointer:
     failures = []
     for candidate in candidates:
       try:
-        result = self._read(candidate, template)
+        result = self._read(candidate, templates)
       except TemplateMismatchError:
         raise  # The caller's error, the same for every checkpoint.
       # A damaged checkpoint fails in many ways: FileNotFoundError, JSON
@@ -276,50 +300,51 @@ class Checkpointer:
         f"no readable checkpoint in {self._directory} (tried steps "
         f"{candidates}): {reasons}") from failures[0][1]
 
-  def _read(self, step: int,
-            template: PyTree) -> tuple[PyTree, dict[str, Any], int]:
-    """Checks `template` against checkpoint `step`'s metadata, then reads it."""
-    storable = _keys_to_data(template)
-    metadata = self._manager.item_metadata(step)[_STATE]
-    if metadata is None:
-      raise FileNotFoundError(
-          f"no state metadata in {os.path.join(self._directory, str(step))}")
-    self._check_template(storable, ocp.tree.to_flat_dict(metadata.tree,
-                                                         sep="."), step)
+  def _read(self, step: int, templates: Mapping[str, PyTree]
+            ) -> tuple[dict[str, PyTree], dict[str, Any], int]:
+    """Checks the templates against checkpoint `step`'s metadata, then reads
+    the items they name."""
+    storable = {name: _keys_to_data(t) for name, t in templates.items()}
+    metadata = self._manager.item_metadata(step)
+    for name, template in storable.items():
+      if metadata[name] is None:
+        raise FileNotFoundError(f"no {name} metadata in "
+                                f"{os.path.join(self._directory, str(step))}")
+      self._check_template(template, ocp.tree.to_flat_dict(
+          metadata[name].tree, sep="."), step, name)
+    args = {name: ocp.args.StandardRestore(t) for name, t in storable.items()}
     restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(**{
-            _STATE: ocp.args.StandardRestore(storable),
-            _EXTRA: ocp.args.JsonRestore()}))
-    state = jax.tree.map(
+        step, args=ocp.args.Composite(
+            **args, **{_EXTRA: ocp.args.JsonRestore()}))
+    items = {name: jax.tree.map(
         lambda t, x: (jax.random.wrap_key_data(x, impl=jax.random.key_impl(t))
-                      if _is_prng_key(t) else x),
-        template, restored[_STATE])
-    return state, restored[_EXTRA], step
+                      if _is_prng_key(t) else x), template, restored[name])
+             for name, template in templates.items()}
+    return items, restored[_EXTRA], step
 
   def _check_template(self, template: PyTree, saved: dict[str, Any],
-                      step: int) -> None:
+                      step: int, name: str) -> None:
     """Raises TemplateMismatchError unless `template` has the saved arrays.
 
     Orbax would silently cast a leaf to the template's dtype; this makes a
     mismatch an error instead, so that a restore is always bitwise.
     """
     wanted = ocp.tree.to_flat_dict(template, sep=".")
-    problems = [f"{name}: missing from the checkpoint"
-                for name in sorted(wanted.keys() - saved.keys())]
-    problems += [f"{name}: in the checkpoint but not in the template"
-                 for name in sorted(saved.keys() - wanted.keys())]
-    for name in sorted(wanted.keys() & saved.keys()):
-      shape, dtype = _shape_and_dtype(wanted[name])
-      saved_shape, saved_dtype = tuple(saved[name].shape), np.dtype(
-          saved[name].dtype)
+    problems = [f"{path}: missing from the checkpoint"
+                for path in sorted(wanted.keys() - saved.keys())]
+    problems += [f"{path}: in the checkpoint but not in the template"
+                 for path in sorted(saved.keys() - wanted.keys())]
+    for path in sorted(wanted.keys() & saved.keys()):
+      shape, dtype = _shape_and_dtype(wanted[path])
+      saved_shape, saved_dtype = tuple(saved[path].shape), np.dtype(
+          saved[path].dtype)
       if (shape, dtype) != (saved_shape, saved_dtype):
-        problems.append(f"{name}: template {dtype}{list(shape)}, checkpoint "
+        problems.append(f"{path}: template {dtype}{list(shape)}, checkpoint "
                         f"{saved_dtype}{list(saved_shape)}")
     if problems:
       raise TemplateMismatchError(
-          f"restore template does not match checkpoint {step} in "
-          f"{self._directory}: " + "; ".join(problems))
+          f"restore template does not match the {name} of checkpoint {step} "
+          f"in {self._directory}: " + "; ".join(problems))
 
   def close(self) -> None:
     """Releases Orbax's resources; the object is unusable afterwards."""

@@ -7,8 +7,7 @@ so states and checkpoints written by either restore into the other.
 
 Why not optax.adafactor itself: the optimizer reads and writes every
 parameter-sized array several times and does no arithmetic to speak of, so
-its time is memory traffic, which a second CPU core barely adds to
-(benchmarks/RESULTS.md, seventh session). optax's chain materialises the
+its time is memory traffic (benchmarks/RESULTS.md#optimizer). optax's chain materialises the
 scaled update between transformations, takes the parameter's RMS twice
 (safe_root_mean_squares recomputes it after a select over the whole
 parameter) and, on the CPU, reduces the large matrices' leading axes with
@@ -17,16 +16,21 @@ XLA:CPU's slow strided reduction. Here:
   - the update is one expression, which XLA fuses into the parameter's
     new value;
   - the parameter's RMS is taken once;
-  - on the CPU (`reduce_with_dots`), the second-moment statistics are dots
-    with vectors (GEMVs): the row and column sums of g² + ε, and
-    Σ u² = Σ (g² + ε)·r²·c² − ε·Σ r²·c² as one bilinear form of the
-    already materialised g² + ε, instead of another pass that materialises
-    u. On accelerators, reductions fuse with their producers, and the plain
-    reductions are used.
+  - with `reduce_with_dots` (a CPU form, off by default), the
+    second-moment statistics are dots with vectors (GEMVs): the row and
+    column sums of g² + ε, and Σ u² = Σ (g² + ε)·r²·c² − ε·Σ r²·c² as one
+    bilinear form of the already materialised g² + ε, instead of another
+    pass that materialises u. XLA:CPU reduces the large matrices' leading
+    axes slowly; on accelerators reductions fuse with their producers and
+    the plain reductions are the right form.
+
+`OptimizerConfig` is the frozen description of one optimizer that a
+RunConfig holds; `make_optimizer(**dataclasses.asdict(config))` builds it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from typing import NamedTuple
 
@@ -34,8 +38,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-from dro_fast import cpu_gemm
 
 # One name per axis of a parameter, for einsum.
 _AXES = string.ascii_lowercase
@@ -91,7 +93,7 @@ def adafactor(learning_rate: float | optax.Schedule,
               min_dim_size_to_factor: int = 128,
               epsilon: float = 1e-30,
               min_scale: float = 1e-3,
-              reduce_with_dots: bool | None = None
+              reduce_with_dots: bool = False
               ) -> optax.GradientTransformation:
   """optax.adafactor's update, fused; its state layout.
 
@@ -109,7 +111,8 @@ def adafactor(learning_rate: float | optax.Schedule,
     epsilon: added to g² before the second moments are taken.
     min_scale: the smallest parameter RMS the update is scaled by.
     reduce_with_dots: take the statistics as dots with vectors (XLA:CPU's
-      fast path) instead of reductions; None: on the CPU backend only.
+      fast path) instead of reductions. An explicit choice of the caller:
+      the same values, a different program.
 
   Returns:
     An optax.GradientTransformation.
@@ -135,8 +138,7 @@ def adafactor(learning_rate: float | optax.Schedule,
       raise ValueError("adafactor scales updates by the parameters' RMS: "
                        "pass params to update().")
     factored, clip_state, schedule_state, scale_state, sign_state = state
-    with_dots = (cpu_gemm.cpu_paths() if reduce_with_dots is None
-                 else reduce_with_dots)
+    with_dots = reduce_with_dots
     t = jnp.asarray(factored.count + 1, jnp.float32)
     decay = 1.0 - t ** (-decay_rate)
     if scheduled:
@@ -199,9 +201,46 @@ def adafactor(learning_rate: float | optax.Schedule,
   return optax.GradientTransformation(init, update)
 
 
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """One optimizer of a run (frozen; see make_optimizer).
+
+  Attributes:
+    learning_rate: the peak learning rate (paper: 1e-4); > 0.
+    warmup_steps: linear warm-up steps (paper: 150); >= 0.
+    decay_rate: Adafactor's second-moment decay exponent (paper: 0.8).
+    clip_norm: clip gradients to this global norm first; None: no clipping.
+    reduce_with_dots: Adafactor's statistics as GEMVs (see `adafactor`).
+  """
+
+  learning_rate: float = 1e-4
+  warmup_steps: int = 150
+  decay_rate: float = 0.8
+  clip_norm: float | None = None
+  reduce_with_dots: bool = False
+
+  def __post_init__(self):
+    if not self.learning_rate > 0:
+      raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
+    if self.warmup_steps < 0:
+      raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
+    if self.clip_norm is not None and not self.clip_norm > 0:
+      raise ValueError(f"clip_norm must be > 0 (or unset: no clipping), got "
+                       f"{self.clip_norm}.")
+
+  def build(self) -> optax.GradientTransformation:
+    """The optax transformation (make_optimizer with these fields)."""
+    return make_optimizer(**dataclasses.asdict(self))
+
+  def schedule(self) -> optax.Schedule:
+    """The learning rate by step, for metrics."""
+    return learning_rate_schedule(self.learning_rate, self.warmup_steps)
+
+
 def make_optimizer(learning_rate: float, warmup_steps: int = 150,
                    decay_rate: float = 0.8,
-                   clip_norm: float | None = None
+                   clip_norm: float | None = None,
+                   reduce_with_dots: bool = False
                    ) -> optax.GradientTransformation:
   """Adafactor as the paper trains (decay rate 0.8, warm-up, optional clip).
 
@@ -210,13 +249,15 @@ def make_optimizer(learning_rate: float, warmup_steps: int = 150,
     warmup_steps: linear warm-up steps (paper: 150).
     decay_rate: Adafactor's second-moment decay exponent (paper: 0.8).
     clip_norm: clip gradients to this global norm first; None: no clipping.
+    reduce_with_dots: Adafactor's statistics as GEMVs (see `adafactor`).
 
   Returns:
     An optax transformation (`adafactor` above: optax.adafactor's update
     and state layout).
   """
   transform = adafactor(learning_rate_schedule(learning_rate, warmup_steps),
-                        decay_rate=decay_rate)
+                        decay_rate=decay_rate,
+                        reduce_with_dots=reduce_with_dots)
   if clip_norm:
     return optax.chain(optax.clip_by_global_norm(clip_norm), transform)
   return transform

@@ -1,86 +1,80 @@
 """Reading a training run back: its configuration and its policies.
 
-The trainer writes <workdir>/run_config.json; from it, any checkpoint's
-policy parameters (or the initial, SFT policy) can be restored without the
-flags that started the run.
+The trainer writes <workdir>/run_config.json (RunConfig.to_json); from it,
+any checkpoint's policy parameters (or the initial, SFT policy) are restored
+without the flags that started the run. Only the policy is read: a
+checkpoint's "policy" item, never its optimizer states, and no Trainer is
+built.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
-import jax.numpy as jnp
 
-from dro_fast.models import pretrained
 from dro_fast import models
-from dro_fast.models import value
+from dro_fast.models import pretrained
 from dro_fast.tokenizer import Tokenizer
 from dro_fast.training import checkpointing
-from dro_fast.training import optim
-from dro_fast.training import steps
+from dro_fast.training import init
+from dro_fast.training.run_config import RunConfig
+from dro_fast.training.run_config import RunConfigError
+
+# Items of the trainer's checkpoints: the policy parameters, and the rest of
+# the train state (value network, optimizer states, key, counters).
+POLICY = "policy"
+TRAIN_STATE = "train_state"
+ITEMS = (POLICY, TRAIN_STATE)
 
 
 class RunError(ValueError):
   """A workdir that cannot be read as a training run."""
 
 
-def read_run_config(workdir: str) -> dict:
+def read_run_config(workdir: str) -> RunConfig:
+  """The RunConfig in <workdir>/run_config.json."""
   path = os.path.join(workdir, "run_config.json")
   try:
-    with open(path) as f:
-      return json.load(f)
+    return RunConfig.load(path)
   except FileNotFoundError:
     raise RunError(f"{workdir}: no run_config.json; is this the --workdir of "
                    f"a dro_fast.train run?") from None
-  except json.JSONDecodeError as e:
-    raise RunError(f"{path}: invalid JSON ({e}).") from None
+  except RunConfigError as e:
+    raise RunError(str(e)) from None
 
 
-def model_config(run: dict) -> models.T5Config:
-  """The run's T5Config, with attention "xla" whatever the run trained with:
-  cuDNN's fused attention is a choice of the training machine (a CUDA GPU,
-  even lengths), and generation attends through the cache anyway."""
-  return models.T5Config(**run["model"]).replace(attention="xla")
+def model_config(run: RunConfig) -> models.T5Config:
+  """The run's T5Config for decoding here: attention "xla" and platform
+  "auto", whatever the run trained with (cuDNN's fused attention is a choice
+  of the training machine, and generation attends through the cache)."""
+  return run.model.replace(attention="xla", platform="auto")
 
 
-def tokenizer(run: dict) -> Tokenizer:
-  return Tokenizer.load(run["tokenizer"])
-
-
-def _abstract_state(run: dict) -> steps.TrainState:
-  """Shapes and dtypes of the run's TrainState, allocating nothing."""
-  algorithm = steps.AlgorithmConfig(**run["algorithm"])
-  config = model_config(run)
-  trainer = steps.make_trainer(
-      algorithm, config, optim.make_optimizer(**run["policy_optimizer"]),
-      optim.make_optimizer(**run["value_optimizer"]))
-  tokens = jnp.ones((1, 2), jnp.int32)
-  policy = jax.eval_shape(models.t5(config).init, jax.random.key(0), tokens,
-                          tokens)
-  values = {}
-  if algorithm.has_value:
-    net = value.value_network(config, algorithm.value_net)
-    values = (jax.eval_shape(net.init, jax.random.key(0), tokens)
-              if algorithm.value_net == "separate" else
-              jax.eval_shape(net.init, jax.random.key(0),
-                             jnp.zeros((1, 2, config.d_model)), tokens))
-  return jax.eval_shape(trainer.init, policy, values, jax.random.PRNGKey(0))
+def tokenizer(run: RunConfig, workdir: str) -> Tokenizer:
+  """The run's tokenizer (its --tokenizer, or the one saved in `workdir`)."""
+  return Tokenizer.load(run.tokenizer_path(workdir))
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-  return checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")
-                                    ).all_steps()
+  return checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    ITEMS).all_steps()
+
+
+def _policy_template(config: models.T5Config):
+  """Shapes and dtypes of the policy parameters, allocating nothing."""
+  return jax.eval_shape(
+      lambda: init.init_params(config, None, jax.random.PRNGKey(0))[0])
 
 
 def load_policy(workdir: str, step: int | None = None):
-  """Policy parameters of checkpoint `step` (None: the newest)."""
+  """(policy parameters of checkpoint `step` (None: the newest), its step)."""
   run = read_run_config(workdir)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir,
-                                                         "checkpoints"))
-  state, _, step = checkpointer.restore(_abstract_state(run), step)
-  return state.policy_params, step
+  checkpointer = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), ITEMS)
+  items, _, step = checkpointer.restore(
+      {POLICY: _policy_template(model_config(run))}, step)
+  return items[POLICY], step
 
 
 def load_initial_policy(workdir: str):
@@ -88,17 +82,12 @@ def load_initial_policy(workdir: str):
   start, or its seeded random initialisation."""
   run = read_run_config(workdir)
   config = model_config(run)
-  init = run["init"]
-  tokens = jnp.ones((1, 2), jnp.int32)
-  if init["kind"] == "checkpoint":
-    _, params = pretrained.load(init["path"])
+  if run.init_checkpoint:
+    _, params = pretrained.load(run.init_checkpoint)
     return pretrained.stack_layers(params, config)
-  if init["kind"] == "sft_init":
-    template = jax.eval_shape(models.t5(config).init, jax.random.key(0),
-                              tokens, tokens)
-    checkpointer = checkpointing.Checkpointer(os.path.join(workdir,
-                                                           "sft_init"))
-    return checkpointer.restore({"params": template})[0]["params"]
-  # As the trainer: the first of three keys split from the seed.
-  rng = jax.random.split(jax.random.PRNGKey(init["seed"]), 3)[0]
-  return models.t5(config).init(rng, tokens, tokens)
+  if run.sft_warm_start:
+    checkpointer = checkpointing.Checkpointer(
+        os.path.join(workdir, "sft_init"), (POLICY,))
+    return checkpointer.restore({POLICY: _policy_template(config)}
+                                )[0][POLICY]
+  return init.init_params(config, None, jax.random.PRNGKey(run.seed))[0]

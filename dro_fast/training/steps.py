@@ -118,8 +118,8 @@ def sum_of_squares(tree) -> jax.Array:
   and the non-finite check: a NaN or ±inf anywhere makes the sum NaN or
   inf. (So does a sum past float32's range, about 3.4e38, i.e. a gradient
   norm above 1.8e19; such an update is treated as non-finite too.) A
-  separate isfinite pass made XLA:CPU write a pred array as large as the
-  gradients; dropping it took 1.6% off the CPU step (benchmarks/RESULTS.md).
+  separate isfinite pass would make XLA:CPU write a pred array as large as
+  the gradients.
   """
   return sum((jnp.sum(jnp.square(g.astype(jnp.float32)))
               for g in jax.tree.leaves(tree)), jnp.zeros((), jnp.float32))

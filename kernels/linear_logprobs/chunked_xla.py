@@ -9,6 +9,10 @@ floats plus a float32 d(hidden), independent of V.
 
 The last chunk is shifted left to stay in bounds (no padded copy of the
 weight); entries an earlier chunk covered are masked out.
+
+Every product takes its operands as given (the compute dtype) and
+accumulates in float32; no operand is ever a bare transpose (see
+backward_scan), which is the form every backend runs without a layout copy.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from dro_fast import cpu_gemm
 from dro_fast.kernels import config
 from dro_fast.kernels import online_lse
 
@@ -45,7 +48,7 @@ def linear_token_logprobs(hidden, weight, targets, block_sizes=None,
 
   def body(carry, j):
     _, w, cols, valid = _chunk(weight, j, chunk, vocab)
-    logits = jnp.dot(*cpu_gemm.operands(hidden, w),
+    logits = jnp.dot(hidden, w,
                      preferred_element_type=jnp.float32)            # [N, c]
     cols = jnp.broadcast_to(cols, logits.shape)
     valid = jnp.broadcast_to(valid, logits.shape)
@@ -65,15 +68,26 @@ def backward_scan(hidden, weight, targets, chunk, dlogits_fn):
   A column's dlogits does not depend on which chunk computes it, so the
   shifted last chunk simply rewrites the overlapping d(weight) columns with
   the same values; for d(hidden) the overlapping weight columns are zeroed so
-  that they count once. d(weight)[:, chunk] is complete within its chunk and
-  goes straight into the output dtype; only d(hidden) needs a float32
-  accumulator. Except on the CPU: XLA:CPU updated a bfloat16 d(weight)
-  carry out of place, copying all of it for every chunk (T5-small, V=32128:
-  145 ms of a 2 s step); a float32 carry is updated in place and cast once.
+  that they count once.
+
+  Two choices are part of the algorithm on every backend:
+    - the d(weight) carry is float32 whatever the weight's dtype, cast once
+      at the end: XLA:CPU updates a bfloat16 carry out of place, copying all
+      of it for every chunk, and a float32 one in place
+      (benchmarks/RESULTS.md#kernels-on-the-cpu). It holds D × V float32
+      during the backward pass (twice a bfloat16 d(weight));
+    - hiddenᵀ [D, N] is materialised row-major once, outside the scan, so
+      that each chunk's d(weight) = hiddenᵀ @ dlogits takes a row-major
+      operand: XLA:CPU sees a bare transpose as a column-major layout that
+      its YNNPACK matmul does not take (the GEMM falls back to Eigen). One
+      [D, N] copy per backward pass, small beside the [D, V] gradient.
+  d(hidden) accumulates in float32.
   """
   vocab = weight.shape[1]
   num_chunks = -(-vocab // chunk)
-  hidden_t = _transposed(hidden)                                  # [D, N]
+  n, d = hidden.shape
+  hidden_t = lax.optimization_barrier(
+      hidden.T.reshape(-1)).reshape(d, n)                         # [D, N]
 
   def body(carry, j):
     dhidden, dweight = carry
@@ -82,33 +96,18 @@ def backward_scan(hidden, weight, targets, chunk, dlogits_fn):
     w_new = jnp.where(valid[None, :], w, jnp.zeros_like(w))
     # dlogits @ w_newᵀ, contracting c in place (no transposed operand).
     dhidden = dhidden + lax.dot_general(
-        *cpu_gemm.operands(dlogits, w_new.astype(dlogits.dtype)),
+        dlogits, w_new.astype(dlogits.dtype),
         (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    dw = jnp.dot(*cpu_gemm.operands(hidden_t.astype(dlogits.dtype), dlogits),
+    dw = jnp.dot(hidden_t.astype(dlogits.dtype), dlogits,
                  preferred_element_type=jnp.float32)              # [D, c]
     dweight = lax.dynamic_update_slice_in_dim(
         dweight, dw.astype(dweight.dtype), start, axis=1)
     return (dhidden, dweight), None
 
-  carry_dtype = jnp.float32 if cpu_gemm.cpu_paths() else weight.dtype
   init = (jnp.zeros(hidden.shape, jnp.float32),
-          jnp.zeros(weight.shape, carry_dtype))
+          jnp.zeros(weight.shape, jnp.float32))
   (dhidden, dweight), _ = lax.scan(body, init, jnp.arange(num_chunks))
   return dhidden.astype(hidden.dtype), dweight.astype(weight.dtype)
-
-
-def _transposed(hidden):
-  """hiddenᵀ [D, N]; on the CPU materialised row-major once, outside the scan.
-
-  XLA:CPU sees a bare transpose as a column-major operand, which its
-  YNNPACK matmul does not take: the GEMM falls back to Eigen, and in
-  bfloat16 is upcast to float32 first (benchmarks/cpu_gemm.py and
-  benchmarks/RESULTS.md). Elsewhere the dot takes the transpose as it is.
-  """
-  if not cpu_gemm.cpu_paths():
-    return hidden.T
-  n, d = hidden.shape
-  return lax.optimization_barrier(hidden.T.reshape(-1)).reshape(d, n)
 
 
 def linear_token_logprobs_bwd(hidden, weight, targets, lse, g,
@@ -119,7 +118,7 @@ def linear_token_logprobs_bwd(hidden, weight, targets, lse, g,
   compute_dtype = jnp.result_type(hidden.dtype, weight.dtype)
 
   def dlogits_fn(w, start):
-    logits = jnp.dot(*cpu_gemm.operands(hidden, w),
+    logits = jnp.dot(hidden, w,
                      preferred_element_type=jnp.float32)            # [N, c]
     cols = start + jnp.arange(w.shape[1], dtype=jnp.int32)
     onehot = cols[None, :] == targets[:, None]

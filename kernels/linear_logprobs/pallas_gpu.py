@@ -30,7 +30,7 @@ from dro_fast.kernels import online_lse
 from dro_fast.kernels.linear_logprobs import chunked_xla
 from dro_fast.kernels.sequence_logprobs.pallas_gpu import check_offsets
 
-# Tuned on an H100 (benchmarks/RESULTS.md, block sweep of 2026-11-27).
+# Tuned on an H100 (benchmarks/RESULTS.md#kernels-on-the-h100).
 # vocab_splits=0: split the vocabulary across programs when there are few row
 # tiles (short batches), see online_lse.auto_splits.
 _DEFAULT = config.BlockSizes(rows=128, vocab=128, hidden=64, vocab_chunk=2048,

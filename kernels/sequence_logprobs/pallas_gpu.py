@@ -24,7 +24,7 @@ from jax.experimental.pallas import triton as plgpu
 from dro_fast.kernels import config
 from dro_fast.kernels import online_lse
 
-# Tuned on an H100 (benchmarks/RESULTS.md, block sweep of 2026-11-27).
+# Tuned on an H100 (benchmarks/RESULTS.md#kernels-on-the-h100).
 _DEFAULT = config.BlockSizes(rows=1, vocab=2048, num_warps=4, num_stages=2,
                              vocab_splits=4)
 

@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from dro_fast import data
-from dro_fast.data import records
 
 _GOOD = {"prompt": "say hi", "completion": "hi", "reward": 1.5}
 
@@ -237,7 +236,7 @@ def _completion(response, ratings, overall_score=7.5):
       "response": response,
       "annotations": {
           aspect: {"Rating": rating, "Rationale": "because"}
-          for aspect, rating in zip(records.ULTRAFEEDBACK_ASPECTS, ratings)
+          for aspect, rating in zip(data.ULTRAFEEDBACK_ASPECTS, ratings)
       },
       "critique": "ok",
       "overall_score": overall_score,

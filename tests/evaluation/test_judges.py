@@ -1,4 +1,4 @@
-"""Tests for dro_fast.judges; HTTP only to a stub server on 127.0.0.1."""
+"""Tests for dro_fast.evaluation.judges; HTTP only to a stub server on 127.0.0.1."""
 
 from __future__ import annotations
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 
 import haiku as hk
 import jax
@@ -11,18 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dro_fast.models import pretrained
-from dro_fast import cpu_gemm
 from dro_fast import decoding
 from dro_fast import models
-from dro_fast.models.t5 import Dense
-from dro_fast.models.t5 import attention_logits
-from dro_fast.models.t5 import cpu_attention_combine
-from dro_fast.models.t5 import cpu_attention_logits
-from dro_fast.models.t5 import cpu_gated_gelu
+from dro_fast.models import network
+from dro_fast.models import pretrained
+from dro_fast.models.attention import attention_logits
+from dro_fast.models.layers import Dense
 
 CONFIG = models.preset("tiny", dropout_rate=0.0)
-t5_module = sys.modules["dro_fast.models.t5"]
 B, S, T = 3, 21, 19
 
 
@@ -66,14 +61,14 @@ def test_parameter_paths_are_t5x_names(params):
   assert "decoder/layers_1/mlp/wi_1/kernel" in flat
 
 
-def _dense_loss(seed, x_shape, features, dtype):
+def _dense_loss(seed, x_shape, features, dtype, platform):
   """A Dense layer's params, input, cotangent and jitted value-and-grad of
   sum(Dense(x) · cotangent) w.r.t. (params, x)."""
   rng = np.random.default_rng(seed)
   x = rng.normal(size=x_shape).astype(np.float32)
   cotangent = rng.normal(size=(*x_shape[:-1], features)).astype(np.float32)
   dense = hk.without_apply_rng(hk.transform(
-      lambda x: Dense(features, dtype, name="d")(x)))
+      lambda x: Dense(features, dtype, platform=platform, name="d")(x)))
   params = dense.init(jax.random.key(0), x)
 
   def loss(params, x):
@@ -84,12 +79,14 @@ def _dense_loss(seed, x_shape, features, dtype):
   return params, x, cotangent, jax.jit(jax.value_and_grad(loss, (0, 1)))
 
 
-def test_dense_gradients_match_a_float64_reference():
-  # On the CPU Dense runs its own VJP (cpu_matmul: the weight gradient
-  # through an explicit transpose); its value and both gradients against
-  # NumPy float64.
-  assert jax.default_backend() == "cpu"
-  params, x, cotangent, grad_fn = _dense_loss(3, (2, 5, 7), 6, jnp.float32)
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_dense_gradients_match_a_float64_reference(platform):
+  # platform "cpu": Dense runs the CPU backend's VJP (models/cpu.py: d(x)
+  # contracting the kernel in place, d(kernel) through a row-major xᵀ);
+  # "gpu": jnp.dot and autodiff. Value and both gradients against NumPy
+  # float64, on random inputs.
+  params, x, cotangent, grad_fn = _dense_loss(3, (2, 5, 7), 6, jnp.float32,
+                                              platform)
   kernel = np.asarray(params["d"]["kernel"], np.float64)
   value, (grad_params, grad_x) = grad_fn(params, x)
   x64, c64 = x.astype(np.float64), cotangent.astype(np.float64)
@@ -100,25 +97,13 @@ def test_dense_gradients_match_a_float64_reference():
       x64.reshape(-1, 7).T @ c64.reshape(-1, 6), rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(params=["native", "upcast"])
-def bf16_gemm_mode(request, monkeypatch):
-  """Both ways a CPU GEMM may take bfloat16 operands (dro_fast.cpu_gemm):
-  as they are (hosts with bfloat16 arithmetic) or upcast to float32
-  (hosts without); the mode is read when the function is traced."""
-  monkeypatch.setenv(cpu_gemm.ENV, request.param)
-  return request.param
-
-
-def test_bfloat16_dense_runs_bfloat16_gemms_with_float32_gradients(
-    bf16_gemm_mode):
-  # bfloat16 compute: the value and gradients stay within bfloat16 rounding
-  # of a float64 reference, the kernel gradient comes back in float32, and
-  # every GEMM of the compiled gradient takes operands of the mode's dtype
-  # ("native": bfloat16; a float32 one would mean XLA:CPU upcast it, half
-  # the speed with AVX512-BF16; "upcast": float32, as fast as it gets
-  # without bfloat16 arithmetic).
+def test_bfloat16_cpu_dense_runs_bfloat16_gemms_with_float32_gradients():
+  # bfloat16 compute on the CPU form: the value and gradients stay within
+  # bfloat16 rounding of a float64 reference, the kernel gradient comes
+  # back in float32, and every GEMM of the compiled gradient takes bfloat16
+  # operands (a float32 one would mean XLA:CPU upcast it).
   params, x, cotangent, grad_fn = _dense_loss(4, (2, 24, 32), 40,
-                                              jnp.bfloat16)
+                                              jnp.bfloat16, "cpu")
   value, (grad_params, grad_x) = grad_fn(params, x)
   assert grad_params["d"]["kernel"].dtype == jnp.float32
   # The reference rounds the inputs as the layer does.
@@ -131,28 +116,56 @@ def test_bfloat16_dense_runs_bfloat16_gemms_with_float32_gradients(
   for got, want in ((grad_x, want_dx), (grad_params["d"]["kernel"], want_dk)):
     got = np.asarray(got, np.float64)
     assert np.linalg.norm(got - want) <= 1e-2 * np.linalg.norm(want)
-  _assert_gemm_operands(grad_fn.lower(params, x).compile().as_text(), 3,
-                        bf16_gemm_mode)
-
-
-def _assert_gemm_operands(hlo: str, count: int, mode: str):
-  """The compiled module has `count` dots, all on bfloat16 operands
-  ("native": a float32 one would be an upcast, or a dot outside a bfloat16
-  library fusion) or all on float32 ones ("upcast")."""
-  assert sum(" dot(" in line for line in hlo.splitlines()) == count
-  unwanted = {"native": "f32[", "upcast": "bf16["}[mode]
+  hlo = grad_fn.lower(params, x).compile().as_text()
+  assert sum(" dot(" in line for line in hlo.splitlines()) == 3
   for block in hlo.split("\n\n"):       # one computation per block
     if " dot(" in block:
       header = block.strip().splitlines()[0]     # its parameters' types
-      assert unwanted not in header.split("->")[0], (
-          f"{mode}: a dot with {unwanted[:-1]} operands: {header}")
+      assert "f32[" not in header.split("->")[0], header
 
 
-def _attention_loss(dtype, shape=(2, 5, 7, 3, 4), logits_fn=None):
+def _model_jaxpr(config) -> str:
+  model = models.t5(config)
+  encoder, targets = _tokens()
+  params = jax.eval_shape(model.init, jax.random.key(0), encoder, targets)
+  return str(jax.make_jaxpr(
+      lambda p: model.apply(p, None, encoder, targets).sum())(params))
+
+
+def test_platform_chooses_the_cpu_forms():
+  # platform "cpu": every Dense and the logits go through the CPU form's
+  # custom VJP (models/cpu.py's `matmul`); any other platform traces none.
+  def cpu_forms(platform):
+    return _model_jaxpr(CONFIG.replace(platform=platform)).count(
+        "name=matmul")
+
+  # Per encoder layer 4 + 3 projections, per decoder layer 8 + 3; the
+  # logits once.
+  want = (7 * CONFIG.num_encoder_layers + 11 * CONFIG.num_decoder_layers
+          + 1)
+  assert cpu_forms("cpu") == want
+  assert cpu_forms("gpu") == cpu_forms("tpu") == 0
+
+
+def test_resolved_fills_in_the_platform_once(monkeypatch):
+  config = CONFIG
+  assert config.platform == "auto"
+  resolved = config.resolved()
+  assert resolved.platform == jax.default_backend()
+  assert resolved.resolved() is resolved                     # idempotent
+  assert config.replace(platform="tpu").resolved().platform == "tpu"
+  # T5 itself takes only a resolved config (models.t5 resolves it).
+  with pytest.raises(ValueError, match="resolved T5Config"):
+    models.T5(config)
+  monkeypatch.setattr(jax, "default_backend", lambda: "metal")
+  with pytest.raises(ValueError, match="default backend 'metal'"):
+    config.resolved()
+
+
+def _attention_loss(dtype, shape):
   """Random q, k, v [B, q|t, H, K], a bias and cotangent, and the jitted
   value-and-grad of sum(attention(q, k, v) · cotangent) through
-  cpu_attention_logits (or logits_fn) and cpu_attention_combine."""
-  logits_fn = logits_fn or cpu_attention_logits
+  attention_logits and the einsum that combines the values."""
   rng = np.random.default_rng(5)
   b, q_len, t_len, heads, width = shape
   q, k, v = (rng.normal(size=(b, n, heads, width)).astype(np.float32)
@@ -162,11 +175,10 @@ def _attention_loss(dtype, shape=(2, 5, 7, 3, 4), logits_fn=None):
 
   def loss(q, k, v, bias):
     q, k, v = (x.astype(dtype) for x in (q, k, v))
-    logits = logits_fn(q, k)
+    logits = attention_logits(q, k)
     assert logits.dtype == jnp.float32
     weights = jax.nn.softmax(logits + bias, axis=-1).astype(dtype)
-    out = cpu_attention_combine(weights, v)
-    assert out.dtype == dtype
+    out = jnp.einsum("bhqt,bthk->bqhk", weights, v)
     return jnp.sum(out.astype(jnp.float32) * cotangent)
 
   return (q, k, v, bias), cotangent, jax.jit(
@@ -190,15 +202,9 @@ def _attention_reference(q, k, v, bias, cotangent):
   return np.sum(out * c), (d_q, d_k, d_v, d_bias)
 
 
-@pytest.mark.parametrize("logits_fn", [cpu_attention_logits,
-                                       attention_logits],
-                         ids=["cpu", "accelerator"])
-def test_cpu_attention_matches_a_float64_reference(logits_fn):
-  # The two attention products with their own VJPs (every backward product
-  # in another layout than autodiff's), value and all four gradients; the
-  # logits also in the accelerators' form.
-  args, cotangent, grad_fn = _attention_loss(jnp.float32,
-                                             logits_fn=logits_fn)
+def test_attention_logits_match_a_float64_reference():
+  # attention_logits' own VJP, value and all four gradients of attention.
+  args, cotangent, grad_fn = _attention_loss(jnp.float32, (2, 5, 7, 3, 4))
   value, grads = grad_fn(*args)
   want_value, want_grads = _attention_reference(*args, cotangent)
   np.testing.assert_allclose(value, want_value, rtol=1e-5)
@@ -207,31 +213,13 @@ def test_cpu_attention_matches_a_float64_reference(logits_fn):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_bfloat16_cpu_attention_runs_bfloat16_products(bf16_gemm_mode):
-  # In bfloat16 the gradients stay within bfloat16 rounding of float64, and
-  # all six products of the compiled gradient take bfloat16 operands (the
-  # einsums' autodiff had XLA:CPU upcast the backward ones to float32).
-  args, cotangent, grad_fn = _attention_loss(jnp.bfloat16, (2, 8, 16, 2, 16))
-  rounded = [np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
-             for x in args[:3]] + [args[3]]
-  value, grads = grad_fn(*args)
-  want_value, want_grads = _attention_reference(*rounded, cotangent)
-  np.testing.assert_allclose(value, want_value, rtol=2e-2)
-  for got, want in zip(grads, want_grads):
-    got = np.asarray(got, np.float64)
-    assert np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want)
-  _assert_gemm_operands(grad_fn.lower(*args).compile().as_text(), 6,
-                        bf16_gemm_mode)
-
-
-def test_bfloat16_accelerator_attention_logits_backward_in_bfloat16():
-  # Autodiff of the float32-output logits einsum ran the two backward
+def test_bfloat16_attention_logits_backward_in_bfloat16():
+  # Autodiff of the float32-output logits einsum would run the two backward
   # products with float32 operands (on a GPU: float32 / TF32 GEMMs). The
-  # model's gradient lowered for "cuda" now has no dot with a float32
+  # model's gradient lowered for "cuda" has no dot with a float32
   # [B, H, q, t] operand, and the values stay within bfloat16 rounding of
   # float64.
-  args, cotangent, grad_fn = _attention_loss(
-      jnp.bfloat16, (2, 8, 16, 2, 16), logits_fn=attention_logits)
+  args, cotangent, grad_fn = _attention_loss(jnp.bfloat16, (2, 8, 16, 2, 16))
   rounded = [np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
              for x in args[:3]] + [args[3]]
   _, grads = grad_fn(*args)
@@ -240,7 +228,7 @@ def test_bfloat16_accelerator_attention_logits_backward_in_bfloat16():
     got = np.asarray(got, np.float64)
     assert np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want)
 
-  config = CONFIG.replace(dtype="bfloat16")
+  config = CONFIG.replace(dtype="bfloat16", platform="gpu")
   encoder, targets = _tokens()
   model = models.t5(config)
   params = jax.eval_shape(model.init, jax.random.key(0), encoder, targets)
@@ -248,78 +236,14 @@ def test_bfloat16_accelerator_attention_logits_backward_in_bfloat16():
   def loss(params):
     return model.apply(params, None, encoder, targets).sum()
 
-  with cpu_gemm.accelerator_paths():
-    text = jax.jit(jax.grad(loss)).trace(params).lower(
-        lowering_platforms=("cuda",)).as_text()
+  text = jax.jit(jax.grad(loss)).trace(params).lower(
+      lowering_platforms=("cuda",)).as_text()
   dots = [line.rsplit(":", 1)[-1] for line in text.splitlines()
           if "stablehlo.dot_general" in line]
   assert len(dots) > 10, dots
   float32_4d = [d for d in dots
                 if re.search(r"tensor<\d+x\d+x\d+x\d+xf32>.*->", d)]
   assert not float32_4d, float32_4d
-
-
-def _gated_gelu_loss(dtype):
-  """Random x [2, 8, 16], float32 kernels [16, 32], a cotangent, and the
-  jitted value-and-grad of sum(cpu_gated_gelu(x) · cotangent)."""
-  rng = np.random.default_rng(6)
-  x = rng.normal(size=(2, 8, 16)).astype(np.float32)
-  kernels = [rng.normal(size=(16, 32)).astype(np.float32) / 4
-             for _ in range(2)]
-  cotangent = rng.normal(size=(2, 8, 32)).astype(np.float32)
-
-  def loss(x, kernel_0, kernel_1):
-    hidden = cpu_gated_gelu(x.astype(dtype), kernel_0, kernel_1)
-    assert hidden.dtype == dtype
-    return jnp.sum(hidden.astype(jnp.float32) * cotangent)
-
-  return (x, *kernels), cotangent, jax.jit(
-      jax.value_and_grad(loss, (0, 1, 2)))
-
-
-def _gated_gelu_reference(x, kernel_0, kernel_1, cotangent):
-  """Value and gradients in float64 NumPy; the derivative of gelu's tanh
-  form by central differences of the formula, not by the code under test."""
-  x, k0, k1, c = (np.asarray(a, np.float64)
-                  for a in (x, kernel_0, kernel_1, cotangent))
-  gelu = lambda h: 0.5 * h * (1 + np.tanh(
-      np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
-  h0, h1 = x @ k0, x @ k1
-  eps = 1e-6
-  d_gelu = (gelu(h0 + eps) - gelu(h0 - eps)) / (2 * eps)
-  d_h0, d_h1 = c * h1 * d_gelu, c * gelu(h0)
-  x2d = x.reshape(-1, x.shape[-1])
-  return np.sum(gelu(h0) * h1 * c), (
-      d_h0 @ k0.T + d_h1 @ k1.T,
-      x2d.T @ d_h0.reshape(len(x2d), -1), x2d.T @ d_h1.reshape(len(x2d), -1))
-
-
-def test_cpu_gated_gelu_matches_a_float64_reference():
-  args, cotangent, grad_fn = _gated_gelu_loss(jnp.float32)
-  value, grads = grad_fn(*args)
-  want_value, want_grads = _gated_gelu_reference(*args, cotangent)
-  np.testing.assert_allclose(value, want_value, rtol=1e-5)
-  for got, want in zip(grads, want_grads):
-    assert got.dtype == jnp.float32 and got.shape == want.shape
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-
-
-def test_bfloat16_cpu_gated_gelu_runs_bfloat16_gemms(bf16_gemm_mode):
-  # bfloat16: gradients within bfloat16 rounding of float64 (on the rounded
-  # inputs), the kernels' gradients in float32, and every GEMM of the
-  # compiled gradient on bfloat16 operands.
-  args, cotangent, grad_fn = _gated_gelu_loss(jnp.bfloat16)
-  rounded = [np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)
-             for a in args]
-  value, grads = grad_fn(*args)
-  want_value, want_grads = _gated_gelu_reference(*rounded, cotangent)
-  np.testing.assert_allclose(value, want_value, rtol=2e-2)
-  assert grads[1].dtype == grads[2].dtype == jnp.float32
-  for got, want in zip(grads, want_grads):
-    got = np.asarray(got, np.float64)
-    assert np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want)
-  _assert_gemm_operands(grad_fn.lower(*args).compile().as_text(), 6,
-                        bf16_gemm_mode)
 
 
 @pytest.mark.parametrize("changes", [dict(scan_layers=True),
@@ -363,7 +287,7 @@ def test_remat_policies_keep_less_in_the_documented_order():
     kept[remat] = (sum(a.size * a.dtype.itemsize for a, _ in residuals),
                    sum(f"'{name}'" in description for _, description
                        in residuals for name
-                       in t5_module.SAVED_EXCEPT_MLP_HIDDEN))
+                       in network.SAVED_EXCEPT_MLP_HIDDEN))
   assert (kept["none"][0] > kept["dots"][0] > kept["dots_except_mlp_hidden"][0]
           > kept["full"][0]), kept
   # Query, key, value and output of each attention: one per encoder layer,
@@ -483,7 +407,8 @@ def test_sampling_needs_rng(params):
 
 @pytest.mark.parametrize("changes, message", [
     (dict(variant="v2"), "variant"), (dict(dtype="float16"), "dtype"),
-    (dict(remat="some"), "remat"), (dict(num_heads=0), "num_heads")])
+    (dict(remat="some"), "remat"), (dict(num_heads=0), "num_heads"),
+    (dict(platform="metal"), "platform must be one of")])
 def test_bad_config(changes, message):
   with pytest.raises(ValueError, match=message):
     CONFIG.replace(**changes)

@@ -74,14 +74,20 @@ def _data_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
   return files
 
 
+def _restore(checkpointer, template, step=None):
+  """restore of the one item "state": (state, extra, step)."""
+  items, extra, step = checkpointer.restore({"state": template}, step)
+  return items["state"], extra, step
+
+
 def test_round_trip_is_bitwise_and_keeps_structure(tmp_path):
   state = _state(seed=1)
   extra = {"data": {"epoch": 2, "position": 17}, "config": {"lr": 1e-3}}
   with checkpointing.Checkpointer(str(tmp_path)) as checkpointer:
-    checkpointer.save(5, state, extra)
+    checkpointer.save(5, {"state": state}, extra)
   # A fresh object, as in a restarted process.
   with checkpointing.Checkpointer(str(tmp_path)) as checkpointer:
-    restored, restored_extra, step = checkpointer.restore(_state(seed=9))
+    restored, restored_extra, step = _restore(checkpointer, _state(seed=9))
   assert step == 5
   assert restored_extra == extra
   _assert_bitwise_equal(restored, state)
@@ -93,9 +99,9 @@ def test_round_trip_is_bitwise_and_keeps_structure(tmp_path):
 def test_raw_uint32_keys_round_trip(tmp_path):
   state = {"rng": jax.random.PRNGKey(3), "w": jnp.arange(4.0)}
   checkpointer = checkpointing.Checkpointer(str(tmp_path))
-  checkpointer.save(1, state, {})
-  restored, _, _ = checkpointer.restore(
-      {"rng": jax.random.PRNGKey(0), "w": jnp.zeros(4)})
+  checkpointer.save(1, {"state": state}, {})
+  restored, _, _ = _restore(
+      checkpointer, {"rng": jax.random.PRNGKey(0), "w": jnp.zeros(4)})
   _assert_bitwise_equal(restored, state)
 
 
@@ -104,23 +110,23 @@ def test_keep_latest_and_explicit_older_step(tmp_path):
   assert checkpointer.latest_step() is None
   assert checkpointer.all_steps() == []
   for step in (10, 20, 30):
-    checkpointer.save(step, _state(seed=step), {"step": step})
+    checkpointer.save(step, {"state": _state(seed=step)}, {"step": step})
   assert checkpointer.all_steps() == [20, 30]
   assert checkpointer.latest_step() == 30
   assert sorted(p.name for p in tmp_path.iterdir()) == ["20", "30"]
 
-  restored, extra, step = checkpointer.restore(_state(seed=0), step=20)
+  restored, extra, step = _restore(checkpointer, _state(seed=0), step=20)
   assert (step, extra) == (20, {"step": 20})
   _assert_bitwise_equal(restored, _state(seed=20))
   with pytest.raises(FileNotFoundError, match="step 10"):
-    checkpointer.restore(_state(seed=0), step=10)
+    _restore(checkpointer, _state(seed=0), step=10)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_corrupt_newest_falls_back_with_warning(tmp_path, caplog, damage):
   checkpointer = checkpointing.Checkpointer(str(tmp_path))
   for step in (1, 2):
-    checkpointer.save(step, _state(seed=step), {"step": step})
+    checkpointer.save(step, {"state": _state(seed=step)}, {"step": step})
   # Damage every OCDBT data file of step 2 (see _data_files): truncated to
   # half its size, or deleted.
   for path in _data_files(tmp_path / "2"):
@@ -131,7 +137,7 @@ def test_corrupt_newest_falls_back_with_warning(tmp_path, caplog, damage):
 
   checkpointer = checkpointing.Checkpointer(str(tmp_path))
   with caplog.at_level(logging.WARNING):
-    restored, extra, step = checkpointer.restore(_state(seed=0))
+    restored, extra, step = _restore(checkpointer, _state(seed=0))
   assert (step, extra) == (1, {"step": 1})
   _assert_bitwise_equal(restored, _state(seed=1))
   assert any(str(tmp_path / "2") in r.getMessage() and r.levelno
@@ -139,42 +145,43 @@ def test_corrupt_newest_falls_back_with_warning(tmp_path, caplog, damage):
 
   # Training resumes from step 1 and reaches step 2 again: the damaged
   # checkpoint is replaced.
-  checkpointer.save(2, _state(seed=22), {"step": 2})
-  restored, _, step = checkpointer.restore(_state(seed=0))
+  checkpointer.save(2, {"state": _state(seed=22)}, {"step": 2})
+  restored, _, step = _restore(checkpointer, _state(seed=0))
   assert step == 2
   _assert_bitwise_equal(restored, _state(seed=22))
 
 
 def test_no_readable_checkpoint_names_the_directory(tmp_path):
   checkpointer = checkpointing.Checkpointer(str(tmp_path))
-  checkpointer.save(1, _state(seed=1), {})
+  checkpointer.save(1, {"state": _state(seed=1)}, {})
   for path in _data_files(tmp_path / "1"):
     path.unlink()
   with pytest.raises(checkpointing.CorruptCheckpointError,
                      match=str(tmp_path)):
-    checkpointer.restore(_state(seed=0))
+    _restore(checkpointer, _state(seed=0))
   with pytest.raises(FileNotFoundError, match="no checkpoints"):
-    checkpointing.Checkpointer(str(tmp_path / "empty")).restore({})
+    checkpointing.Checkpointer(str(tmp_path / "empty")).restore(
+        {"state": {}})
 
 
 def test_save_refuses_steps_not_newer_than_readable_ones(tmp_path):
   checkpointer = checkpointing.Checkpointer(str(tmp_path))
-  checkpointer.save(5, _state(seed=1), {})
+  checkpointer.save(5, {"state": _state(seed=1)}, {})
   for step in (5, 3):
     with pytest.raises(ValueError, match=r"steps \[5\]"):
-      checkpointer.save(step, _state(seed=2), {})
+      checkpointer.save(step, {"state": _state(seed=2)}, {})
   assert checkpointer.all_steps() == [5]
 
 
 def test_template_mismatch_is_an_error_not_a_fallback(tmp_path):
   checkpointer = checkpointing.Checkpointer(str(tmp_path))
-  checkpointer.save(1, {"w": jnp.ones(3, jnp.float32)}, {})
+  checkpointer.save(1, {"state": {"w": jnp.ones(3, jnp.float32)}}, {})
   with pytest.raises(checkpointing.TemplateMismatchError,
                      match=r"w: template bfloat16\[3\], checkpoint float32"):
-    checkpointer.restore({"w": jnp.ones(3, jnp.bfloat16)})
+    _restore(checkpointer, {"w": jnp.ones(3, jnp.bfloat16)})
   with pytest.raises(checkpointing.TemplateMismatchError,
                      match="v: missing from the checkpoint"):
-    checkpointer.restore({"w": jnp.ones(3), "v": jnp.ones(3)})
+    _restore(checkpointer, {"w": jnp.ones(3), "v": jnp.ones(3)})
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -187,16 +194,16 @@ def test_non_finite_state_is_refused_and_nothing_written(tmp_path, bad):
   with pytest.raises(
       ValueError,
       match=r"refusing to checkpoint non-finite values at step 7: "
-            r"\['params'\]\['encoder'\]\['kernel'\]\. Training diverged"):
-    checkpointer.save(7, state, {})
+            r"state\['params'\]\['encoder'\]\['kernel'\]\. Training diverged"):
+    checkpointer.save(7, {"state": state}, {})
   assert list((tmp_path / "ckpt").iterdir()) == []
   assert checkpointer.all_steps() == []
 
 
 def test_interrupted_save_is_ignored(tmp_path):
   checkpointer = checkpointing.Checkpointer(str(tmp_path))
-  checkpointer.save(1, _state(seed=1), {"step": 1})
-  checkpointer.save(2, _state(seed=2), {"step": 2})
+  checkpointer.save(1, {"state": _state(seed=1)}, {"step": 1})
+  checkpointer.save(2, {"state": _state(seed=2)}, {"step": 2})
   # What a save killed before its commit leaves: Orbax writes into
   # "<step>.orbax-checkpoint-tmp-<timestamp>" and renames it to "<step>"
   # only once complete. Fake one with complete contents, so that only its
@@ -206,8 +213,24 @@ def test_interrupted_save_is_ignored(tmp_path):
   checkpointer = checkpointing.Checkpointer(str(tmp_path))
   assert checkpointer.all_steps() == [1, 2]
   assert checkpointer.latest_step() == 2
-  _, extra, step = checkpointer.restore(_state(seed=0))
+  _, extra, step = _restore(checkpointer, _state(seed=0))
   assert (step, extra) == (2, {"step": 2})
   # And the step can still be saved for real.
-  checkpointer.save(3, _state(seed=3), {"step": 3})
+  checkpointer.save(3, {"state": _state(seed=3)}, {"step": 3})
   assert checkpointer.latest_step() == 3
+
+
+def test_items_restore_alone(tmp_path):
+  checkpointer = checkpointing.Checkpointer(str(tmp_path),
+                                            ("policy", "train_state"))
+  policy, rest = {"w": jnp.arange(3.0)}, {"opt": jnp.ones(5)}
+  checkpointer.save(1, {"policy": policy, "train_state": rest}, {"k": 1})
+  # The policy reads back even with the other item's files gone.
+  shutil.rmtree(tmp_path / "1" / "train_state")
+  items, extra, step = checkpointer.restore({"policy": {"w": jnp.zeros(3)}})
+  assert (list(items), extra, step) == (["policy"], {"k": 1}, 1)
+  _assert_bitwise_equal(items["policy"], policy)
+  with pytest.raises(ValueError, match="takes the items"):
+    checkpointer.save(2, {"policy": policy}, {})
+  with pytest.raises(ValueError, match=r"no items \['state'\]"):
+    checkpointer.restore({"state": policy})

@@ -1,0 +1,76 @@
+"""Flags shared by the benchmark scripts, defined once.
+
+A script imports this module, adds its own flags, and may change a shared
+flag's default with `set_defaults` before `app.run`. The step flags (size,
+batch, lengths, dtype, layers, platform) describe one train step as
+`benchmarks.lib.step` builds it; list flags take comma-separated values.
+"""
+
+from __future__ import annotations
+
+from absl import app
+from absl import flags
+
+from dro_fast import runtime
+
+SIZES = ("tiny", "small", "base", "large", "xl", "xxl")
+PLATFORMS = ("auto", "cpu", "gpu", "tpu")
+
+SIZE = flags.DEFINE_list("size", ["tiny"],
+                         f"T5 v1.1 / FLAN-T5 size(s), of {SIZES}.")
+BATCH = flags.DEFINE_list("batch_size", ["32"], "Examples per step.")
+INPUT_LENGTH = flags.DEFINE_integer("input_length", 512, "Prompt tokens S.")
+TARGET_LENGTH = flags.DEFINE_list("target_length", ["128"],
+                                  "Completion tokens T.")
+DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"],
+                          "Compute dtype (parameters and optimizer states "
+                          "stay float32).")
+SCAN = flags.DEFINE_bool("scan_layers", True, "Scan over layers (on a CPU "
+                         "unrolled layers are faster: "
+                         "benchmarks/RESULTS.md#train-step-on-the-cpu-"
+                         "against-pytorch).")
+PLATFORM = flags.DEFINE_enum(
+    "platform", "auto", list(PLATFORMS),
+    "T5Config.platform: which backend's forms the model traces (auto: JAX's "
+    "backend). With --memory_only on a CPU, gpu plans the program a GPU "
+    "runs (XLA:CPU's fusion and buffer reuse still differ from XLA:GPU's).")
+IMPLEMENTATION = flags.DEFINE_list(
+    "implementation", ["default"], "Log-prob kernel implementation(s) "
+    "(default: by backend; xla materialises the logits, the others do not).")
+STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed round.")
+REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (after 2 "
+                               "warm-up calls per variant).")
+HOST_MEMORY = flags.DEFINE_enum(
+    "host_memory", "auto", ["auto", "keep", "system"],
+    "keep: glibc keeps freed host memory for reuse (dro_fast.runtime; "
+    "process-wide); system: glibc's defaults; auto: keep where JAX runs on "
+    "the CPU alone, as `python -m dro_fast.train` does "
+    "(benchmarks/RESULTS.md#host-memory).")
+JSON_OUT = flags.DEFINE_string("json_out", None, "Append JSON lines here.")
+
+
+def set_defaults(**defaults) -> None:
+  """Changes shared flags' defaults (a script's own, before app.run)."""
+  for name, value in defaults.items():
+    flags.FLAGS.set_default(name, value)
+
+
+def positive_ints(name: str, values: list[str]) -> list[int]:
+  """The values of list flag --name as positive integers, or a usage error."""
+  if not values or not all(v.isdigit() and int(v) > 0 for v in values):
+    raise app.UsageError(f"--{name} takes positive integers, got {values}.")
+  return [int(v) for v in values]
+
+
+def check_sizes() -> None:
+  unknown = [s for s in SIZE.value if s not in SIZES]
+  if unknown or not SIZE.value:
+    raise app.UsageError(f"--size: unknown {unknown}; choose from {SIZES}.")
+
+
+def apply_host_memory() -> str:
+  """Applies --host_memory (before the first JAX computation); returns the
+  setting in force, as dro_fast.runtime names it, or "system"."""
+  keep = HOST_MEMORY.value == "keep" or (HOST_MEMORY.value == "auto"
+                                         and runtime.cpu_only_jax())
+  return runtime.keep_freed_host_memory() if keep else "system"

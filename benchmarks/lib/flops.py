@@ -1,0 +1,82 @@
+"""The FLOP model of a train step, device peaks, and the paper's throughput.
+
+Counted: matmuls and attention; embedding lookups, norms and elementwise
+work are not.
+
+  forward of one network on one example = 2 · N_matmul · tokens + attention,
+    where the encoder's N_matmul (its layers' projections) sees S tokens;
+    the decoder's (its layers' projections plus the output projection D·V)
+    sees T tokens, except cross-attention's key and value projections
+    (2 · D·H·K per layer), which see the S encoder outputs; attention adds
+    4 · S² · H·K per encoder layer, 4 · T² · H·K (self) + 4 · T · S · H·K
+    (cross) per decoder layer.
+  a trained network costs 3x its forward, a forward-only one 1x.
+  dro_v: policy trained + separate value encoder trained (a shared value
+    head adds no matmul work); kto: policy trained on 2B sequences (examples
+    and their mismatched completions); sft: policy trained.
+
+The model matches the dots of the compiled T5-small step within 0.1%
+(benchmarks/RESULTS.md#train-step-on-the-h100); `xla_flops`, XLA's cost
+analysis, also counts elementwise work, so it lies somewhat above.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from dro_fast import models
+
+# Dense bfloat16 FLOP/s of one device, by a substring of its device_kind.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12,
+              "TPU v5 lite": 197e12, "TPU v5e": 197e12}
+
+# Paper, §4: T5-L 0.5 steps/s at batch 32 on 16 TPU v5e; T5-XL 0.1 steps/s
+# on 32 chips. Examples per second per chip:
+PAPER_EXAMPLES_PER_CHIP = {"large": 0.5 * 32 / 16, "xl": 0.1 * 32 / 32}
+
+
+def forward_flops(config: models.T5Config, batch: int, s: int, t: int,
+                  part: str) -> float:
+  """Forward FLOPs of the encoder ("encoder") or the decoder ("decoder")."""
+  d, hk, ff = config.d_model, config.num_heads * config.d_kv, config.d_ff
+  mlp = (3 if config.gated else 2) * d * ff
+  if part == "encoder":
+    n = config.num_encoder_layers * (4 * d * hk + mlp)
+    attention = config.num_encoder_layers * 4 * s * s * hk
+    return batch * (2 * n * s + attention)
+  # Self-attention q, k, v, o and cross-attention q, o see the T targets;
+  # cross-attention k, v see the S encoder outputs.
+  n = config.num_decoder_layers * (6 * d * hk + mlp) + d * config.vocab_size
+  cross_kv = config.num_decoder_layers * 2 * d * hk
+  attention = config.num_decoder_layers * (4 * t * t * hk + 4 * t * s * hk)
+  return batch * (2 * n * t + 2 * cross_kv * s + attention)
+
+
+def step_flops(config: models.T5Config, algo: str, value_net: str,
+               batch: int, s: int, t: int) -> float:
+  """FLOPs of one train step of `algo` at batch `batch`, lengths s and t."""
+  policy = (forward_flops(config, batch, s, t, "encoder")
+            + forward_flops(config, batch, s, t, "decoder"))
+  if algo == "kto":
+    return 3 * 2 * policy
+  flops = 3 * policy
+  if algo == "dro_v" and value_net == "separate":
+    flops += 3 * forward_flops(config, batch, s, t, "encoder")
+  return flops
+
+
+def xla_flops(compiled) -> float | None:
+  """XLA's cost analysis of a compiled function: 2·M·N·K per dot plus one
+  per elementwise op; a loop body is counted once, not per trip."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):     # older jax: one per device
+    analysis = analysis[0] if analysis else None
+  return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+def peak_flops(override: float | None = None) -> float | None:
+  """`override`, else the first device's peak by its kind, else None."""
+  if override:
+    return override
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)

@@ -1,0 +1,217 @@
+"""Preparing a run's training data: read, tokenise, check, normalise.
+
+`load_dataset` reads the data (or writes the demo's synthetic task into the
+workdir), chooses the tokenizer, applies the length policy, fits or reuses
+the reward statistics and tokenises. What it would save in the workdir (a
+tokenizer trained here, the reward statistics) comes back unsaved and is
+written by `save_inputs` once every input has been checked, so that a run
+stopped by a bad input leaves nothing a later run would silently reuse.
+
+Problems with the inputs raise DataError with a message that names the
+file, row or flag and what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from absl import logging
+import numpy as np
+
+from dro_fast.data import pipeline
+from dro_fast.data import formats
+from dro_fast.data import synthetic
+from dro_fast.data.config import DataConfig
+from dro_fast.data.records import DataError
+from dro_fast.data.rewards import RewardStats
+from dro_fast.tokenizer import Tokenizer
+from dro_fast.tokenizer import train_sentencepiece
+
+# Algorithms trained on (prompt, chosen, rejected) pairs.
+PAIRWISE_ALGORITHMS = ("dpo", "ipo", "slic")
+
+
+@dataclasses.dataclass
+class Dataset:
+  """The tokenised training data.
+
+  Attributes:
+    arrays: the model's input arrays (see data.tokenize_triplets / pairs).
+    tokenizer: the tokenizer; `path` None while one trained here is unsaved.
+    tokenizer_fingerprint: a digest of the SentencePiece model.
+    reward_stats: reward statistics not yet saved in the workdir, or None.
+  """
+  arrays: dict[str, np.ndarray]
+  tokenizer: Tokenizer
+  tokenizer_fingerprint: str
+  reward_stats: RewardStats | None = None
+
+
+def demo_data(workdir: str, config: DataConfig, pairwise: bool,
+              seed: int) -> str:
+  """The synthetic task's file in `workdir`, written if absent."""
+  path = os.path.join(workdir, "demo_pairs.jsonl" if pairwise
+                      else "demo_train.jsonl")
+  if not os.path.isfile(path):
+    rows = (synthetic.make_pairs(config.demo_examples, seed) if pairwise
+            else synthetic.make_triplets(config.demo_examples, seed))
+    synthetic.write_jsonl(path, rows)
+  return path
+
+
+def choose_tokenizer(workdir: str, config: DataConfig,
+                     texts: list[str]) -> tuple[Tokenizer, str]:
+  """config.tokenizer, the workdir's, or one trained on `texts` (unsaved).
+
+  Returns:
+    (tokenizer, fingerprint of its SentencePiece model).
+  """
+  if config.tokenizer:
+    try:
+      tok = Tokenizer.load(config.tokenizer)
+    except (OSError, ValueError) as e:
+      raise DataError(f"--tokenizer: {e}") from None
+  else:
+    path = os.path.join(workdir, "spiece.model")
+    if os.path.isfile(path):
+      try:
+        tok = Tokenizer.load(path)
+      except ValueError as e:
+        raise DataError(f"{e} It was trained by an earlier run in --workdir="
+                        f"{workdir}: delete it to train a new one, or pass "
+                        "--tokenizer.") from None
+    else:
+      try:
+        tok = train_sentencepiece(texts, config.tokenizer_vocab_size, None)
+      except ValueError as e:
+        raise DataError(
+            "cannot train a tokenizer with --tokenizer_vocab_size="
+            f"{config.tokenizer_vocab_size}: {e} Pass --tokenizer="
+            "<spiece.model> instead.") from None
+  return tok, pipeline.fingerprint(
+      {"model": np.frombuffer(tok.serialized_model(), np.uint8)})
+
+
+def check_lengths(rows: list, tokenizer: Tokenizer,
+                  config: DataConfig) -> list:
+  """Applies config.long_rows to the rows with texts over the limits."""
+  long = pipeline.long_texts(rows, tokenizer, config.max_input_length,
+                             config.max_target_length)
+  if not long:
+    return rows
+  index, field, length, limit = long[0]
+  flag = "--max_input_length" if field == "prompt" else "--max_target_length"
+  first = (f"{rows[index].source}: the {field} has {length} tokens (EOS "
+           f"included), more than {flag}={limit}")
+  bad = {i for i, *_ in long}
+  if config.long_rows == "error":
+    raise DataError(
+        f"{first} ({len(bad)} of {len(rows)} rows are too long; "
+        "--long_rows=error). Raise the length flags, shorten or remove those "
+        "rows, or pass --long_rows=truncate (cut the texts, EOS kept last) "
+        "or --long_rows=skip (drop the rows).")
+  if config.long_rows == "truncate":
+    logging.warning("truncating %d of %d rows longer than --max_input_length "
+                    "or --max_target_length (first: %s); --long_rows=skip "
+                    "drops them, --long_rows=error stops.", len(bad),
+                    len(rows), first)
+    return rows
+  kept = [row for i, row in enumerate(rows) if i not in bad]
+  if not kept:
+    raise DataError(f"--long_rows=skip dropped all {len(rows)} rows (first: "
+                    f"{first}). Raise --max_input_length and "
+                    "--max_target_length, or pass --long_rows=truncate.")
+  logging.warning("skipping %d of %d rows longer than --max_input_length or "
+                  "--max_target_length (--long_rows=skip; first: %s).",
+                  len(bad), len(rows), first)
+  return kept
+
+
+def reward_stats(workdir: str, rewards: list[float],
+                 path: str) -> tuple[RewardStats, RewardStats | None]:
+  """(statistics to normalise with, the same if fitted here and unsaved)."""
+  stats_path = os.path.join(workdir, "reward_stats.json")
+  if not os.path.isfile(stats_path):
+    stats = RewardStats.fit(rewards, path)
+    return stats, stats
+  stats = RewardStats.load(stats_path)
+  fitted = stats.fitted_on(rewards)
+  if fitted is False:
+    raise DataError(
+        f"{stats_path} holds the reward statistics of other data "
+        f"({stats.count} rewards; {path} now gives {len(rewards)}), so this "
+        "workdir was trained on different rewards. Rerun with the "
+        "--train_data and reward flags of the run that wrote it, or use a "
+        "new --workdir.")
+  if fitted is None:
+    logging.warning("%s predates reward fingerprints: reusing it without "
+                    "checking that it was fitted on %s.", stats_path, path)
+  return stats, None
+
+
+def load_dataset(workdir: str, config: DataConfig, algo: str,
+                 seed: int) -> Dataset:
+  """Reads, checks, normalises and tokenises the training data.
+
+  Args:
+    workdir: the run's folder (demo data, tokenizer, reward statistics).
+    config: the data configuration.
+    algo: the algorithm (steps.ALGORITHMS): pairwise ones read pairs, KTO
+      also gets each prompt's mismatched completion.
+    seed: the run's seed (demo data, KTO's mismatched pairing).
+
+  Returns:
+    The Dataset; a tokenizer trained here and the reward statistics are
+    unsaved (see save_inputs).
+
+  Raises:
+    DataError: a bad input; the message says where and what to do.
+  """
+  pairwise = algo in PAIRWISE_ALGORITHMS
+  if config.train_data and pairwise != (config.data_format == "pairwise"):
+    needs = ("--data_format=pairwise" if pairwise else "single-trajectory "
+             "data (--data_format=triplets or ultrafeedback)")
+    raise DataError(f"--algo={algo} needs {needs}, got --data_format="
+                    f"{config.data_format}.")
+  path = config.train_data or demo_data(workdir, config, pairwise, seed)
+  data_format = config.data_format if config.train_data else (
+      "pairwise" if pairwise else "triplets")
+  rows = formats.read_dataset(path, data_format,
+                              **config.reader_kwargs(data_format))
+  if pairwise:
+    texts = [t for r in rows for t in (r.prompt, r.chosen, r.rejected)]
+  else:
+    texts = [t for r in rows for t in (r.prompt, r.completion)]
+  tok, tok_fingerprint = choose_tokenizer(workdir, config, texts)
+  rows = check_lengths(rows, tok, config)
+  if pairwise:
+    arrays = pipeline.tokenize_pairs(rows, tok, config.max_input_length,
+                                     config.max_target_length)
+    return Dataset(arrays, tok, tok_fingerprint)
+  stats, unsaved = reward_stats(workdir, [r.reward for r in rows], path)
+  arrays = pipeline.tokenize_triplets(rows, tok, config.max_input_length,
+                                      config.max_target_length, stats)
+  if algo == "kto":
+    # Each prompt's mismatched completion for the KL reference point: a
+    # fixed derangement of the data (HALOs rotates within each batch).
+    order = np.random.default_rng([seed, 1]).permutation(
+        len(arrays["targets"]))
+    partner = np.empty_like(order)
+    partner[order] = np.roll(order, -1)
+    arrays["mismatched_targets"] = arrays["targets"][partner]
+    arrays["mismatched_mask"] = arrays["target_mask"][partner]
+  return Dataset(arrays, tok, tok_fingerprint, unsaved)
+
+
+def save_inputs(workdir: str, dataset: Dataset) -> None:
+  """Saves a tokenizer trained here and the reward statistics in `workdir`.
+
+  Call it once every input has been checked (and in one process of a
+  multi-process run).
+  """
+  if dataset.tokenizer.path is None:
+    dataset.tokenizer.save(os.path.join(workdir, "spiece.model"))
+  if dataset.reward_stats is not None:
+    dataset.reward_stats.save(os.path.join(workdir, "reward_stats.json"))
+    dataset.reward_stats = None

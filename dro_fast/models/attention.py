@@ -1,0 +1,272 @@
+"""T5 attention: the Attention module and its implementations by name.
+
+Shapes: B batch, q queries, k keys, H heads, K d_kv (per-head width),
+D d_model.
+
+T5 attention has no biases and no 1/√K scale (folded into the query
+initialisation); an additive bias [1, H, q, k] carries the relative
+positions, and an AttentionMask says which keys each query sees.
+
+`IMPLEMENTATIONS` maps T5Config.attention to the function that runs the
+attention core, all with one signature:
+
+  fn(queries [B, q, H, K], keys [B, k, H, K], values [B, k, H, K], *,
+     bias [1, H, q, k] float32 or None, mask: AttentionMask,
+     dropout_rng=None, dropout_rate=0.0) -> [B, q, H, K]
+
+  "xla": the [B, H, q, k] logits and softmax as arrays (attention_logits'
+    VJP runs the backward in the compute dtype); the only one with attention
+    dropout, and the one cached decoding always takes.
+  "cudnn": cuDNN's fused (flash) attention through
+    jax.nn.dot_product_attention; never materialises the logits.
+
+A fused implementation (any but "xla") gets no dropout (T5Config refuses
+dropout_rate > 0 with it) and reads the key mask as per-example lengths of
+right-padded keys. `register()` adds implementations from outside the
+package (benchmarks/cudnn_stand_in.py); a fused one tags the residuals its
+backward needs with checkpoint_name FUSED_RESIDUALS so that the "dots"
+remat policies keep them (`saves_fused_residuals`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple, TYPE_CHECKING
+
+import haiku as hk
+import jax
+from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
+
+from dro_fast.models.layers import Dense
+
+if TYPE_CHECKING:  # config.py imports this module for its registry.
+  from dro_fast.models.config import T5Config
+
+# Attention logits at masked positions (finite: a fully masked row stays
+# NaN-free).
+MASKED = -1e9
+
+# checkpoint_name tags of a fused implementation's residuals: its output
+# [B, q, H, K] and its softmax's log-sum-exp [B, H, q].
+FUSED_RESIDUALS = ("fused_attention_out", "fused_attention_lse")
+
+# jax's cuDNN attention forward primitives
+# (jax/_src/cudnn/fused_attention_stablehlo.py): their outputs, the output
+# and the softmax statistics, are the residuals of cuDNN's backward. They
+# cannot be tagged from outside, so remat policies match them by name.
+_CUDNN_FORWARD = frozenset({"dot_product_attention_fwd_wrapper",
+                            "dot_product_attention_fwd"})
+
+
+class AttentionMask(NamedTuple):
+  """Which keys each query may see.
+
+  key_valid: [B, k] or [1, k] bool, False for keys no query sees (padding,
+    cache slots not yet written); None for all. Fused implementations take
+    it as lengths, so its True entries must come first in each row.
+  causal: query i sees keys up to i only (self-attention, q == k).
+  """
+  key_valid: jax.Array | None = None
+  causal: bool = False
+
+  def visible(self, q_len: int, k_len: int) -> jax.Array | None:
+    """Broadcastable to [B, 1, q, k]: whether query i sees key j."""
+    visible = None
+    if self.key_valid is not None:
+      visible = self.key_valid[:, None, None, :]                  # [B,1,1,k]
+    if self.causal:
+      causal = (jnp.arange(k_len)[None, :]
+                <= jnp.arange(q_len)[:, None])[None, None]        # [1,1,q,k]
+      visible = causal if visible is None else visible & causal
+    return visible
+
+  def lengths(self) -> jax.Array | None:
+    """[B] int32 count of visible keys (right-padded keys), or None."""
+    if self.key_valid is None:
+      return None
+    return jnp.sum(self.key_valid, axis=1, dtype=jnp.int32)
+
+
+def attention_logits_backward(queries: jax.Array, keys: jax.Array,
+                              d_logits: jax.Array
+                              ) -> tuple[jax.Array, jax.Array]:
+  """d(queries), d(keys) of attention_logits for d_logits [B, H, q, k],
+  cast to the compute dtype before the products (float32 accumulation)."""
+  d_logits = d_logits.astype(queries.dtype)
+  d_queries = jnp.einsum("bhqt,bthk->bqhk", d_logits, keys,
+                         preferred_element_type=jnp.float32)
+  d_keys = jnp.einsum("bhqt,bqhk->bthk", d_logits, queries,
+                      preferred_element_type=jnp.float32)
+  return d_queries.astype(queries.dtype), d_keys.astype(keys.dtype)
+
+
+@jax.custom_vjp
+def attention_logits(queries: jax.Array, keys: jax.Array) -> jax.Array:
+  """queries [B, q, H, K] · keys [B, k, H, K] -> logits [B, H, q, k] float32,
+  as einsum("bqhk,bthk->bhqt", preferred float32).
+
+  Autodiff of that einsum runs the backward products in float32: the
+  float32 logits' gradient promotes the bfloat16 operand (on a GPU, float32
+  or TF32 GEMMs, at half bfloat16's rate or less). Here the gradient is cast
+  to the compute dtype first, as cuDNN does (mixed precision: float32
+  accumulation, compute-dtype operands).
+  """
+  return jnp.einsum("bqhk,bthk->bhqt", queries, keys,
+                    preferred_element_type=jnp.float32)
+
+
+def _logits_fwd(queries, keys):
+  return attention_logits(queries, keys), (queries, keys)
+
+
+def _logits_bwd(residuals, d_logits):
+  return attention_logits_backward(*residuals, d_logits)
+
+
+attention_logits.defvjp(_logits_fwd, _logits_bwd)
+
+
+def xla_attention(queries: jax.Array, keys: jax.Array, values: jax.Array, *,
+                  bias: jax.Array | None, mask: AttentionMask,
+                  dropout_rng: jax.Array | None = None,
+                  dropout_rate: float = 0.0) -> jax.Array:
+  """Attention with the [B, H, q, k] logits and softmax materialised."""
+  logits = attention_logits(queries, keys)                        # [B,H,q,k]
+  if bias is not None:
+    logits = logits + bias
+  visible = mask.visible(queries.shape[1], keys.shape[1])
+  if visible is not None:
+    logits = jnp.where(visible, logits, MASKED)
+  weights = jax.nn.softmax(logits, axis=-1)                       # float32
+  if dropout_rng is not None:
+    weights = hk.dropout(dropout_rng, dropout_rate, weights)
+  weights = weights.astype(values.dtype)
+  return jnp.einsum("bhqt,bthk->bqhk", weights, values)          # [B,q,H,K]
+
+
+def dot_product_attention(queries: jax.Array, keys: jax.Array,
+                          values: jax.Array, *, bias: jax.Array | None,
+                          mask: AttentionMask,
+                          dropout_rng: jax.Array | None = None,
+                          dropout_rate: float = 0.0,
+                          implementation: str = "cudnn") -> jax.Array:
+  """T5 attention as one jax.nn.dot_product_attention call (no scale).
+
+  The bias is cast to the compute dtype (cuDNN takes one dtype). With
+  implementation "cudnn" (the registry's entry) jax lowers it to cuDNN's
+  fused kernels; "xla" runs the same call in plain XLA (tests check the
+  call's values on a CPU that way).
+  """
+  del dropout_rng, dropout_rate        # fused: refused by T5Config.
+  if bias is not None:
+    bias = bias.astype(queries.dtype)
+  return jax.nn.dot_product_attention(
+      queries, keys, values, bias=bias, scale=1.0, is_causal=mask.causal,
+      key_value_seq_lengths=mask.lengths(), implementation=implementation)
+
+
+Implementation = Callable[..., jax.Array]
+
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    "xla": xla_attention,
+    "cudnn": dot_product_attention,
+}
+
+
+def register(name: str, fn: Implementation) -> None:
+  """Adds (or replaces) implementation `name`, usable as
+  T5Config(attention=name). fn has the signature of the module docstring
+  and is fused (no dropout, lengths for the key mask); "xla" and "cudnn"
+  cannot be replaced."""
+  if name in ("xla", "cudnn"):
+    raise ValueError(f"attention implementation {name!r} is built in and "
+                     f"cannot be replaced; register under another name.")
+  IMPLEMENTATIONS[name] = fn
+
+
+def saves_fused_residuals(prim, *avals, **params) -> bool:
+  """A remat policy's test: whether prim's outputs are residuals of a fused
+  attention's backward (cuDNN's forward primitives, or values tagged with
+  FUSED_RESIDUALS)."""
+  return (prim.name in _CUDNN_FORWARD
+          or _tagged_fused_residual(prim, *avals, **params))
+
+
+_tagged_fused_residual = jax.checkpoint_policies.save_only_these_names(
+    *FUSED_RESIDUALS)
+
+
+class Attention(hk.Module):
+  """Multi-head attention without biases or 1/√K scaling.
+
+  All projections are created in __call__, so their parameters sit at
+  <name>/{query,key,value,out}/kernel (Haiku adds a "~method" level to the
+  names of submodules that other methods create). Each projection's output
+  is tagged (checkpoint_name "attention_query", "_key", "_value", "_out")
+  for the "dots_except_mlp_hidden" remat policy.
+  """
+
+  def __init__(self, config: T5Config, name: str):
+    super().__init__(name=name)
+    self.config = config
+
+  def _split_heads(self, x: jax.Array) -> jax.Array:
+    return x.reshape(*x.shape[:-1], self.config.num_heads,
+                     self.config.d_kv)                            # [B,n,H,K]
+
+  def __call__(self, queries_in: jax.Array | None,
+               kv_inputs: jax.Array | None = None, *,
+               bias: jax.Array | None = None,
+               mask: AttentionMask = AttentionMask(),
+               dropout_rng: jax.Array | None = None,
+               cached_kv: tuple[jax.Array, jax.Array] | None = None,
+               cache_position: jax.Array | None = None):
+    """Attends queries_in [B, q, D] to keys/values.
+
+    Args:
+      queries_in: [B, q, D] inputs of the query projection; None to only
+        project kv_inputs into keys and values.
+      kv_inputs: [B, k, D] inputs of the key/value projections, or None to
+        use cached_kv as they are.
+      bias: float32 additive bias [1, H, q, k] (relative positions), or None.
+      mask: which keys each query sees.
+      dropout_rng: key for dropout on the attention weights, or None.
+      cached_kv: ([B, T_max, H, K], [B, T_max, H, K]) cache. With kv_inputs,
+        their keys/values are written into it at cache_position. Attention
+        over a cache always runs the "xla" implementation.
+      cache_position: where kv_inputs go in the cache.
+
+    Returns:
+      (output [B, q, D] or None, (keys, values) [B, k, H, K]).
+    """
+    config = self.config
+    dense = functools.partial(Dense, config.num_heads * config.d_kv,
+                              config.compute_dtype, platform=config.platform)
+    if kv_inputs is not None:
+      keys = self._split_heads(checkpoint_name(dense(name="key")(kv_inputs),
+                                               "attention_key"))
+      values = self._split_heads(checkpoint_name(
+          dense(name="value")(kv_inputs), "attention_value"))
+      if cached_kv is not None:
+        keys, values = (
+            jax.lax.dynamic_update_slice_in_dim(
+                cache, new.astype(cache.dtype), cache_position, axis=1)
+            for cache, new in zip(cached_kv, (keys, values)))
+    else:
+      keys, values = cached_kv
+    if queries_in is None:
+      return None, (keys, values)
+    # Query init scaled by 1/K: T5's folded-in 1/√K attention scale.
+    queries = self._split_heads(checkpoint_name(
+        dense(init_scale=1.0 / config.d_kv, name="query")(queries_in),
+        "attention_query"))                                       # [B,q,H,K]
+    implementation = IMPLEMENTATIONS[
+        "xla" if cached_kv is not None else config.attention]
+    out = implementation(queries, keys, values, bias=bias, mask=mask,
+                         dropout_rng=dropout_rng,
+                         dropout_rate=config.dropout_rate)        # [B,q,H,K]
+    out = out.reshape(*out.shape[:2], -1)                         # [B,q,H·K]
+    out = Dense(config.d_model, config.compute_dtype,
+                platform=config.platform, name="out")(out)        # [B, q, D]
+    return checkpoint_name(out, "attention_out"), (keys, values)

@@ -1,0 +1,194 @@
+"""T5's building blocks in Haiku: norms, dense layers, MLP, embedding,
+dropout and the relative-position bias.
+
+Shapes: B batch, n positions, D d_model, F d_ff, V vocabulary, H heads.
+
+Module and parameter names are T5X's (`wi_0/kernel`, `relpos_bias/
+rel_embedding`, `token_embedder/embedding`), so checkpoint conversion is a
+rename table. Parameters are float32; the layers compute in
+T5Config.compute_dtype. Every matmul of a parameter goes through `matmul`,
+the one point where the platform chooses a form.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import TYPE_CHECKING
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from dro_fast.models import cpu
+
+if TYPE_CHECKING:  # config.py imports the attention registry, which imports this.
+  from dro_fast.models.config import T5Config
+
+
+def matmul(x: jax.Array, kernel: jax.Array, *, platform: str,
+           out_dtype) -> jax.Array:
+  """x [..., D] @ kernel [D, F] -> [..., F] in out_dtype.
+
+  Both operands in x.dtype (the kernel is cast), accumulated as the backend
+  does for that dtype. platform "cpu" (T5Config.platform, resolved) takes
+  the CPU backend's form with its own VJP (cpu.matmul); every other
+  platform plain jnp.dot and autodiff.
+  """
+  if platform == "cpu":
+    return cpu.matmul(x, kernel, out_dtype)
+  return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=out_dtype)
+
+
+class RMSNorm(hk.Module):
+  """T5's LayerNorm: scale only, no mean subtraction, computed in float32."""
+
+  def __init__(self, epsilon: float, name: str):
+    super().__init__(name=name)
+    self.epsilon = epsilon
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = hk.get_parameter("scale", [x.shape[-1]], jnp.float32,
+                             init=jnp.ones)
+    x32 = x.astype(jnp.float32)
+    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    return (x32 * jax.lax.rsqrt(variance + self.epsilon) * scale).astype(
+        x.dtype)
+
+
+class Dense(hk.Module):
+  """x @ kernel without bias; kernel [in, out] float32, used in `dtype`.
+
+  Attributes:
+    features: output width.
+    dtype: the compute dtype of inputs and output.
+    platform: T5Config.platform (resolved), passed to `matmul`.
+    init_scale: VarianceScaling (fan-in, truncated normal) scale.
+  """
+
+  def __init__(self, features: int, dtype, *, platform: str,
+               init_scale: float = 1.0, name: str | None = None):
+    super().__init__(name=name)
+    self.features = features
+    self.dtype = dtype
+    self.platform = platform
+    self.init_scale = init_scale
+
+  def kernel_only(self, in_features: int) -> jax.Array:
+    """The kernel [in, out] cast to `dtype`, for callers that fuse the
+    matmul into something else (the output projection into log-probs)."""
+    return self(jnp.zeros((0, in_features), self.dtype), return_kernel=True)
+
+  def __call__(self, x: jax.Array, return_kernel: bool = False) -> jax.Array:
+    # The parameter is created here (not in kernel_only) so that its path is
+    # <name>/kernel whichever method runs first.
+    init = hk.initializers.VarianceScaling(self.init_scale, "fan_in",
+                                           "truncated_normal")
+    kernel = hk.get_parameter("kernel", [x.shape[-1], self.features],
+                              jnp.float32, init=init)
+    if return_kernel:
+      return kernel.astype(self.dtype)
+    return matmul(x.astype(self.dtype), kernel, platform=self.platform,
+                  out_dtype=self.dtype)
+
+
+class Mlp(hk.Module):
+  """Gated-GELU (v1.1: wi_0, wi_1, wo; GELU's tanh form) or ReLU (v1.0:
+  wi, wo)."""
+
+  def __init__(self, config: T5Config, name: str = "mlp"):
+    super().__init__(name=name)
+    self.config = config
+
+  def __call__(self, x: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
+    config = self.config
+    dense = functools.partial(Dense, dtype=config.compute_dtype,
+                              platform=config.platform)
+    if config.gated:
+      hidden = (jax.nn.gelu(dense(config.d_ff, name="wi_0")(x),
+                            approximate=True)
+                * dense(config.d_ff, name="wi_1")(x))              # [B, n, F]
+    else:
+      hidden = jax.nn.relu(dense(config.d_ff, name="wi")(x))     # [B, n, F]
+    if dropout_rng is not None:
+      hidden = hk.dropout(dropout_rng, config.dropout_rate, hidden)
+    return dense(config.d_model, name="wo")(hidden)               # [B, n, D]
+
+
+class Embed(hk.Module):
+  """token_embedder/embedding [V, D], shared by encoder, decoder (and v1.0's
+  output projection)."""
+
+  def __init__(self, config: T5Config, name: str = "token_embedder"):
+    super().__init__(name=name)
+    self.config = config
+    self.embedding = hk.get_parameter(
+        "embedding", [config.vocab_size, config.d_model], jnp.float32,
+        init=hk.initializers.RandomNormal(1.0))
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """tokens [B, n] -> [B, n, D] in the compute dtype."""
+    return jnp.take(self.embedding, tokens, axis=0).astype(
+        self.config.compute_dtype)
+
+
+class Dropout:
+  """Dropout keyed off the Haiku rng stream; identity when not training."""
+
+  def __init__(self, rate: float, is_training: bool):
+    self.rate = rate if is_training else 0.0
+
+  def rng(self) -> jax.Array | None:
+    """A key for a layer's own dropout, or None when there is none."""
+    return hk.next_rng_key() if self.rate > 0 else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return hk.dropout(hk.next_rng_key(), self.rate, x) if self.rate > 0 else x
+
+
+def relative_position_bucket(relative_position: jax.Array, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> jax.Array:
+  """T5's bucketing of key_position − query_position (Mesh TF / T5X / HF).
+
+  Half the buckets (per direction) hold exact small distances; the rest grow
+  logarithmically up to max_distance, beyond which all share the last.
+  """
+  bucket = jnp.zeros_like(relative_position)
+  if bidirectional:
+    num_buckets //= 2
+    bucket += (relative_position > 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(relative_position)
+  else:
+    n = jnp.maximum(-relative_position, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  log_ratio = (jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
+               / math.log(max_distance / max_exact))
+  large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, num_buckets - 1)
+  return bucket + jnp.where(is_small, n, large)
+
+
+class RelativePositionBias(hk.Module):
+  """One bias table rel_embedding [H, buckets] shared by a stack's layers."""
+
+  def __init__(self, config: T5Config, bidirectional: bool,
+               name: str = "relpos_bias"):
+    super().__init__(name=name)
+    self.config = config
+    self.bidirectional = bidirectional
+    self.table = hk.get_parameter(
+        "rel_embedding",
+        [config.num_heads, config.relative_attention_num_buckets],
+        jnp.float32, init=hk.initializers.VarianceScaling(1.0, "fan_in",
+                                                          "uniform"))
+
+  def __call__(self, query_positions: jax.Array,
+               key_positions: jax.Array) -> jax.Array:
+    """Bias [1, H, q, k] float32 for integer positions [q] and [k]."""
+    config = self.config
+    buckets = relative_position_bucket(
+        key_positions[None, :] - query_positions[:, None], self.bidirectional,
+        config.relative_attention_num_buckets,
+        config.relative_attention_max_distance)                   # [q, k]
+    return jnp.take(self.table, buckets, axis=1)[None]            # [1,H,q,k]

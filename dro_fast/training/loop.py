@@ -1,0 +1,330 @@
+"""The training run: data, initial parameters, reference log-probs, the loop.
+
+`train(run)` does what `python -m dro_fast.train` promises for a RunConfig:
+it locks the workdir, prepares the data (dro_fast.data.prepare), builds the
+policy's config and initial parameters (an --init_checkpoint, a random
+initialisation, an SFT warm start: training.init, training.sft), writes
+run_config.json, computes or reads the cached reference log-probs, resumes
+from the newest readable checkpoint, steps to run.train_steps with metrics
+and checkpoints, and writes summary.json (and, with run.select_best, the
+best checkpoint's record).
+
+Checkpoints hold two items (runs.ITEMS): the policy parameters, so that the
+evaluator restores the policy alone, and the rest of the train state.
+Problems with the run's inputs or state raise TrainingError (or the data's
+DataError), with a message that says where and what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from dro_fast import fileio
+from dro_fast.data import pipeline
+from dro_fast.data import prepare
+from dro_fast.models import pretrained
+from dro_fast.training import checkpointing
+from dro_fast.training import demo
+from dro_fast.training import init
+from dro_fast.training import metrics as metrics_lib
+from dro_fast.training import reference
+from dro_fast.training import runs
+from dro_fast.training import select
+from dro_fast.training import sft
+from dro_fast.training import sharding
+from dro_fast.training import steps
+from dro_fast.training.run_config import MODEL_OVERRIDES
+from dro_fast.training.run_config import RunConfig
+
+
+class TrainingError(Exception):
+  """A problem with a run's inputs or state: printed without a traceback."""
+
+
+_LOCK = None   # the open lock file, held for the life of the process
+
+
+def lock_workdir(workdir: str) -> None:
+  """An exclusive flock on <workdir>/.lock: one trainer per workdir.
+
+  In a multi-process run process 0 holds .lock and process i .lock.i, so a
+  second run is refused by every process and a run's own processes (sharing
+  the workdir) do not refuse each other.
+  """
+  global _LOCK
+  index = jax.process_index()
+  path = os.path.join(workdir, f".lock.{index}" if index else ".lock")
+  handle = open(path, "a+")  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    handle.close()
+    raise TrainingError(f"--workdir={workdir} is in use by another trainer "
+                        f"(it holds {path}); wait for it to finish or choose "
+                        f"another --workdir.") from None
+  _LOCK = handle
+
+
+def policy_config(run: RunConfig, tokenizer):
+  """(the policy's final T5Config, its --init_checkpoint parameters or None).
+
+  A preset takes the tokenizer's vocabulary; a checkpoint keeps its own
+  architecture with the run's MODEL_OVERRIDES.
+  """
+  if not run.init_checkpoint:
+    return run.model.replace(vocab_size=tokenizer.vocab_size), None
+  path = run.init_checkpoint
+  try:
+    config, params = pretrained.load(path)
+  except pretrained.CheckpointError as e:
+    raise TrainingError(f"--init_checkpoint: {e}") from None
+  if tokenizer.vocab_size > config.vocab_size:
+    which = (f"--tokenizer={run.data.tokenizer}" if run.data.tokenizer else
+             "the tokenizer trained on the data (--tokenizer_vocab_size="
+             f"{run.data.tokenizer_vocab_size})")
+    raise TrainingError(
+        f"{which} has {tokenizer.vocab_size} pieces but the checkpoint "
+        f"{path} embeds only {config.vocab_size}: pass the checkpoint's "
+        "own spiece.model as --tokenizer.")
+  config = config.replace(**{name: getattr(run.model, name)
+                             for name in MODEL_OVERRIDES})
+  return config, pretrained.stack_layers(params, config)
+
+
+def _items(state: steps.TrainState) -> dict:
+  """A TrainState as checkpoint items (runs.ITEMS)."""
+  rest = state._asdict()
+  return {runs.POLICY: rest.pop("policy_params"), runs.TRAIN_STATE: rest}
+
+
+def _restore(checkpointer: checkpointing.Checkpointer, state):
+  """The newest readable checkpoint, its problems turned into user errors."""
+  try:
+    items, extra, step = checkpointer.restore(_items(state))
+  except checkpointing.TemplateMismatchError as e:
+    raise TrainingError(
+        f"{e}. The checkpoints were written by a run with other flags (model, "
+        "algorithm, value network...): rerun with that run's flags (see "
+        "run_config.json beside them), or use a new --workdir.") from None
+  except checkpointing.CorruptCheckpointError as e:
+    raise TrainingError(
+        f"{e}. Restore the checkpoints from a copy, or move "
+        f"{checkpointer.directory} away to start training again.") from None
+  return steps.TrainState(policy_params=items[runs.POLICY],
+                          **items[runs.TRAIN_STATE]), extra, step
+
+
+def _reference(run: RunConfig, dataset, model_config, params):
+  """(reference log-prob arrays or None when online, the online function,
+  the outputs computed)."""
+  algo, arrays = run.algorithm.algo, dataset.arrays
+  ref_fn = steps.reference_logprob_fn(model_config,
+                                      run.algorithm.implementation)
+  outputs = (reference.PAIRWISE if algo in steps.PAIRWISE else
+             reference.KTO if algo == "kto" else reference.SINGLE)
+  if algo == "sft":
+    return {name: np.zeros(len(arrays["inputs"]), np.float32)
+            for name in outputs}, ref_fn, outputs
+  if run.ref_logprobs == "online":
+    return None, ref_fn, outputs
+  key = reference.cache_key(
+      pipeline.fingerprint(arrays), dataset.tokenizer_fingerprint,
+      metrics_lib.params_digest(params), repr(model_config),
+      repr(sorted(outputs.items())))
+  with sharding.primary_first("reference_cache"):
+    ref = reference.load_or_compute(
+        run.ref_cache_dir or os.path.join(run.workdir, "ref_cache"), key,
+        lambda: reference.compute(ref_fn, params, arrays, outputs,
+                                  run.batch_size))
+  return ref, ref_fn, outputs
+
+
+def train(run: RunConfig) -> dict:
+  """Trains; returns the summary written to <workdir>/summary.json."""
+  workdir = run.workdir
+  os.makedirs(workdir, exist_ok=True)
+  lock_workdir(workdir)
+  try:
+    mesh = sharding.make_mesh(sharding.parse_mesh(run.mesh))
+    sharding.check_batch_size(run.batch_size, mesh)
+  except ValueError as e:
+    raise TrainingError(str(e)) from None
+
+  primary = jax.process_index() == 0
+  # Process 0 writes the demo data into the (shared) workdir; the other
+  # processes then read it. On a fresh run every process trains the same
+  # tokenizer; process 0 saves its own (and the reward statistics).
+  with sharding.primary_first("dataset"):
+    dataset = prepare.load_dataset(workdir, run.data, run.algorithm.algo,
+                                   run.seed)
+  arrays = dataset.arrays
+  try:
+    sharding.check_same_on_every_process(
+        pipeline.fingerprint(arrays) + dataset.tokenizer_fingerprint,
+        "the tokenised training data")
+  except ValueError as e:
+    raise TrainingError(str(e)) from None
+  if run.batch_size > len(arrays["inputs"]):
+    raise TrainingError(f"--batch_size={run.batch_size} exceeds the "
+                        f"{len(arrays['inputs'])} training examples.")
+  rng = jax.random.PRNGKey(run.seed)
+  model_config, policy_params = policy_config(run, dataset.tokenizer)
+  if primary:
+    prepare.save_inputs(workdir, dataset)   # every input is checked
+  if run.sft_warm_start:
+    if policy_params is None:
+      policy_params, _ = init.init_params(model_config, None, rng)
+    policy_params = sft.warm_start(
+        run, model_config, policy_params, arrays,
+        jax.random.fold_in(init.split(rng).policy, 1), mesh)
+  policy_params, value_params = init.init_params(
+      model_config, run.algorithm, rng, policy_params=policy_params)
+  initial_params = jax.tree.map(jnp.copy, policy_params)
+  run = run.replace(model=model_config)
+  if primary:
+    run.save(os.path.join(workdir, "run_config.json"))
+
+  ref, ref_fn, outputs = _reference(run, dataset, model_config,
+                                    policy_params)
+  if ref is not None:
+    arrays = dict(arrays, **ref)
+  policy_schedule = run.policy_optimizer.schedule()
+  value_schedule = run.value_optimizer.schedule()
+  trainer = steps.make_trainer(
+      run.algorithm, model_config, run.policy_optimizer.build(),
+      run.value_optimizer.build(),
+      learning_rates=lambda step: {"policy_lr": policy_schedule(step),
+                                   "value_lr": value_schedule(step)})
+  state = trainer.init(policy_params, value_params, init.split(rng).train)
+  state_shardings = sharding.tree_shardings(state, mesh)
+  state = jax.device_put(state, state_shardings)
+
+  iterator = pipeline.BatchIterator(arrays, run.batch_size, run.seed)
+  checkpointer = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), runs.ITEMS,
+      keep=run.keep_checkpoints)
+  # Every process saves and restores its shards of the checkpoints (Orbax);
+  # only process 0 writes the metrics and the summary.
+  writer = metrics_lib.MetricsWriter(workdir) if primary else None
+  start = 0
+  if checkpointer.latest_step() is not None:
+    state, extra, start = _restore(checkpointer, state)
+    state = jax.device_put(state, state_shardings)
+    try:
+      iterator.set_state(extra["data"])
+    except ValueError as e:
+      raise TrainingError(
+          f"cannot resume from {checkpointer.directory}/{start}: {e} Here: "
+          "rerun with the --train_data and --seed of the run that wrote it, "
+          "or use a new --workdir.") from None
+    tqdm.write(f"Resumed from step {start} of {workdir}")
+  if writer is not None:
+    # Forget what a killed run logged after its last checkpoint (all of it
+    # when it had none): those steps are trained again.
+    writer.truncate_after(start)
+
+  update = jax.jit(trainer.update, donate_argnums=0)
+  # The update donates the state's buffers: the online reference keeps a copy.
+  online_ref = None if ref is not None else (ref_fn, initial_params, outputs)
+  summary, state = train_loop(run, state, update, iterator,
+                              sharding.batch_sharding(mesh), checkpointer,
+                              writer, online_ref)
+  if writer is not None:
+    writer.close()
+  summary.update(algo=run.algorithm.algo,
+                 model=dataclasses.asdict(model_config), workdir=workdir)
+  if run.data.synthetic_task and run.algorithm.algo not in steps.PAIRWISE:
+    # The demo's task has a known reward: score greedy decoding before and
+    # after training on held-out prompts.
+    summary["demo_reward"] = demo.rewards(
+        model_config, initial_params, sharding.to_host(state.policy_params),
+        dataset.tokenizer, run.data.max_input_length,
+        run.data.max_target_length)
+  if not primary:
+    return summary
+  fileio.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
+  metrics_lib.plot_curves(os.path.join(workdir, "metrics.jsonl"),
+                          os.path.join(workdir, "training_curves.png"))
+  if run.select_best:
+    summary["best_checkpoint"] = select.select_best(workdir, run.eval_flags)
+    fileio.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
+  return summary
+
+
+def train_loop(run: RunConfig, state, update, iterator, batch_sharding,
+               checkpointer, writer, online_ref
+               ) -> tuple[dict, steps.TrainState]:
+  """Steps until run.train_steps; logs, checkpoints; returns (summary, state)."""
+  train_steps = run.train_steps
+  start = int(state.step)
+  last_metrics: dict = {}
+  progress = tqdm(total=train_steps, initial=start,
+                  disable=None if jax.process_index() == 0 else True,
+                  desc="train", unit="step")
+  window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+  for step in range(start, train_steps):
+    batch = next(iterator)
+    if online_ref is not None:
+      ref_fn, params0, outputs = online_ref
+      for name, (targets, mask) in outputs.items():
+        batch[name] = np.asarray(ref_fn(params0, batch["inputs"],
+                                        batch[targets], batch[mask]))
+    window_tokens += int(sum(np.sum(v) for k, v in batch.items()
+                             if k.endswith("mask")))
+    batch = sharding.global_batch(batch, batch_sharding)
+    state, step_metrics = update(state, batch)
+    window_steps += 1
+    done = step + 1
+    if done % run.log_every == 0 or done == train_steps:
+      # The only host synchronisation: fetching the metrics to log them.
+      host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+      elapsed = time.perf_counter() - window_start
+      host.update(examples_per_s=window_steps * run.batch_size / elapsed,
+                  tokens_per_s=window_tokens / elapsed)
+      if writer is not None:
+        writer.write(done, host)
+      last_metrics = host
+      if host["consecutive_bad_steps"] >= run.max_bad_steps:
+        _stop_diverged(run, done, int(host["consecutive_bad_steps"]),
+                       checkpointer)
+      progress.set_postfix(loss=f"{host['loss']:.4f}")
+      window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+    if done % run.checkpoint_every == 0 or done == train_steps:
+      try:
+        checkpointer.save(done, _items(state),
+                          {"data": iterator.get_state()})
+      except ValueError as e:     # non-finite parameters, a step taken
+        raise TrainingError(f"cannot save the checkpoint of step {done}: "
+                            f"{e}") from None
+    progress.update(1)
+  progress.close()
+  if not last_metrics:           # resumed at or past the last step
+    last_metrics = (metrics_lib.read_metrics(
+        os.path.join(run.workdir, "metrics.jsonl")) or [{}])[-1]
+  return {"final_step": int(state.step), "final_metrics": last_metrics,
+          "policy_params_sha256": metrics_lib.params_digest(
+              sharding.to_host(state.policy_params))}, state
+
+
+def _stop_diverged(run: RunConfig, done: int, bad: int, checkpointer) -> None:
+  newest = checkpointer.latest_step()
+  saved = ("no checkpoint was saved" if newest is None else
+           f"the checkpoints in {checkpointer.directory} (newest: step "
+           f"{newest}) hold finite parameters, but they may already "
+           "have diverged")
+  raise TrainingError(
+      f"stopping at step {done}: the last {bad} updates had a "
+      f"non-finite loss or gradient and were skipped (--max_bad_steps="
+      f"{run.max_bad_steps}). Skipped updates change nothing, and "
+      f"{saved}. Lower --policy_lr / --value_lr, set --clip_grad_norm, "
+      "or check the data for extreme rewards, then start again in a "
+      "new --workdir (or delete the newer checkpoints to resume from "
+      "an older one).")
