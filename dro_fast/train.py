@@ -233,8 +233,7 @@ def _optimizer(learning_rate: flags.FlagHolder,
     return optim.OptimizerConfig(
         learning_rate=learning_rate.value, warmup_steps=_WARMUP.value,
         decay_rate=_DECAY_RATE.value, clip_norm=_CLIP.value or None,
-        # Adafactor's GEMV statistics are the CPU backend's form.
-        reduce_with_dots=platform == "cpu")
+        reduce_with_dots=optim.statistics_as_gemvs(platform))
   except ValueError as e:
     field, rest = str(e).split(" ", 1)
     flag = {"learning_rate": learning_rate.name, "clip_norm": _CLIP.name}

@@ -64,7 +64,7 @@ class JaxStep:
   def __init__(self, config: models.T5Config,
                algorithm: steps.AlgorithmConfig,
                batches: list[dict[str, np.ndarray]], abstract: bool = False,
-               reduce_with_dots: bool = False):
+               reduce_with_dots: bool | None = None):
     """Builds and compiles the step.
 
     Args:
@@ -74,8 +74,12 @@ class JaxStep:
       abstract: compile from shapes alone, allocating no parameters, states
         or batches (the memory plan of a model larger than this host's
         memory); such a step cannot be called.
-      reduce_with_dots: Adafactor's statistics as GEMVs (a CPU form).
+      reduce_with_dots: Adafactor's statistics as GEMVs (a CPU form);
+        None: as the trainer chooses for config.platform
+        (optim.statistics_as_gemvs).
     """
+    if reduce_with_dots is None:
+      reduce_with_dots = optim.statistics_as_gemvs(config.resolved().platform)
     optimizer = lambda: optim.make_optimizer(
         1e-4, reduce_with_dots=reduce_with_dots)
     trainer = steps.make_trainer(algorithm, config, optimizer(), optimizer())

@@ -201,6 +201,15 @@ def adafactor(learning_rate: float | optax.Schedule,
   return optax.GradientTransformation(init, update)
 
 
+def statistics_as_gemvs(platform: str) -> bool:
+  """Whether Adafactor takes its statistics as GEMVs on `platform` (a
+  resolved T5Config.platform): the CPU backend's form, where XLA:CPU's
+  strided reductions over leading axes are slow; it earns its place on the
+  CPU step (benchmarks/RESULTS.md#cpu-forms). The one place that chooses
+  it: the trainer's CLI and the benchmarks both ask here."""
+  return platform == "cpu"
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   """One optimizer of a run (frozen; see make_optimizer).

@@ -1,4 +1,4 @@
-"""End-to-end `python -m dro_fast.evaluate` on a short demo run."""
+"""End-to-end `python -m dro_fast.evaluation` on a short demo run."""
 
 from __future__ import annotations
 
