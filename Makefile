@@ -10,7 +10,7 @@ PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
-	$(PIP_INSTALL) -c requirements/constraints.txt -e ".[test,hf]"
+	$(PIP_INSTALL) -c requirements/constraints.txt -e ".[test,hf,tpu]"
 	touch $(STAMP)
 
 # The main job on its embedded default: DRO-V on the synthetic task with a

@@ -1,131 +1,225 @@
 #!/usr/bin/env bash
-# The one prepared GPU run (docs/DEVELOPMENT.md): installs nothing from the
-# network, times the DRO-V train step, checks the kernels' numerics on the
-# GPU against float64, runs the GPU kernel tests, times one Adafactor update
-# (ours against optax's) and benchmarks the kernels. Every figure lands
-# under $OUT as it is measured, so a time-out still returns what was done.
-# Budget: BUDGET_S seconds (default 450, under the minutes a device call is
-# given); a check that no longer fits in what is left is skipped and logged.
+# The one prepared GPU run (docs/DEVELOPMENT.md#the-gpu-check): lays
+# dro_fast out as installed under SITE, installs nothing from the network,
+# runs the CHECKS below. Every figure lands under $OUT as it is measured, so
+# a time-out still returns what was done; BUDGET_S (default 450, under a
+# device call's 10 minutes) bounds the run, a check that no longer fits is
+# skipped and logged. $OUT gets at most 8 files: device_check.log,
+# profile.jsonl, profile.xplane.pb[.gz], step_time.jsonl, numerics.jsonl,
+# optimizer_time.jsonl, kernels.jsonl.
 #
-#   bash benchmarks/device_check.sh                   # every check, in order
+#   bash benchmarks/device_check.sh --wheels          # here, once: .whl/
+#   bash benchmarks/device_check.sh                   # there: every check
 #   CHECKS="numerics steps" bash benchmarks/device_check.sh
 #   STEP_RUNS="large:dots,full xl:full:cudnn" bash benchmarks/device_check.sh
+#   DRY_RUN=1 bash benchmarks/device_check.sh         # on a CPU (the test)
 #
-# STEP_RUNS: one step_time process per item
-# SIZE:REMAT[,REMAT...][:ATTENTION[,ATTENTION...]] (attention "xla" unless
-# given); the variants of one item are timed side by side in that process
-# (T5-XL's states are too large for two in one process, so give XL one per
-# item). A variant that does not fit is recorded as out of memory, and a
-# cuDNN attention variant that cuDNN refuses is recorded with its error;
-# the others are still timed (step_time exits 1 then; the script goes on).
+# CHECKS (default: all, in this order):
+#   profile    benchmarks/profile_step.py, PROFILE_FLAGS: the variant we
+#              would ship (T5-L DRO-V, cuDNN attention, remat "dots", B=32,
+#              512/128, bfloat16): device ms per step by category and op,
+#              the raw trace (gzipped, or left out, past 15 MiB).
+#   steps      benchmarks/step_time.py with STEP_FLAGS, one process per
+#              STEP_RUNS item SIZE:REMAT[,REMAT...][:ATTENTION[,...]]
+#              (attention "xla" unless given), its variants timed side by
+#              side (T5-XL: one per item, two states do not fit). A variant
+#              that does not fit or that cuDNN refuses is recorded with its
+#              error. The defaults, RESULTS.md#train-step-on-the-h100's
+#              open targets: T5-L "dots", xla against cudnn; T5-XL cudnn,
+#              then xla (a figure even if cuDNN refuses); T5-L remat none.
+#   numerics   benchmarks/gpu_numerics.py: the kernels against float64.
+#   tests      the GPU kernel tests (the sequence op: pallas_gpu and xla).
+#   optimizer  benchmarks/optimizer_time.py: our Adafactor against optax's.
+#   kernels    benchmarks/kernels.py with BENCH_FLAGS.
+# The budget is likely spent by the steps: ask for the rest on a 2nd call.
 #
-# The default runs, step times first (the open targets of
-# benchmarks/RESULTS.md#train-step-on-the-h100): T5-L with remat "dots",
-# materialised attention ("xla") against cuDNN's fused attention; T5-XL
-# with remat "dots_except_mlp_hidden", with cuDNN attention and then
-# materialised, so that a cuDNN refusal still leaves a T5-XL figure; then,
-# if the budget is left, T5-L without remat with cuDNN, which recomputes
-# nothing and may just fit. The plans that say which of these should fit
-# are in benchmarks/RESULTS.md#memory-plans-at-t5-l-and-t5-xl. With the
-# default budget the later checks are likely skipped; ask for them with
-# CHECKS on a second call.
+# The cap: the profile and the steps may take CAP_MIB (default 77,481 MiB,
+# the 0.95 of an 80 GB H100's 81,559 MiB that JAX takes there) as a
+# fraction of the card's memory.total (nvidia-smi; CAP_FALLBACK, 0.539, the
+# H200's, without one), so that an H200 answers what fits on an H100; XLA's
+# compiler gets the limit too. CAP_MIB=0: the other checks' 0.95. Their
+# records carry memory_fraction, memory_cap_mib and device_memory_mib.
 #
-# JAX preallocates 75% of the GPU by default; T5-XL at batch 32 needs more,
-# so the fraction is raised unless set.
+# --wheels: the device image lacks dm-haiku, jmp and tensorboardX of
+# pyproject's dependencies. Run where there is a network, this downloads
+# them at requirements/constraints.txt's pins into .whl/ (git ignores it);
+# name .whl in the device call's carry: they install with pip --no-index.
 #
-# The image has jax, absl, numpy, optax, pytest but not dm-haiku: the train
-# step needs its wheels carried in .whl/ (python3 -m pip download --no-deps
-# -d .whl dm-haiku==0.0.17 jmp==0.0.4; the run names .whl in carry).
+# DRY_RUN=1 (tests/test_device_check.py, on a CPU): every script gets its
+# command line but only parses it and runs its check_flags() (PARSE_ONLY;
+# step_time with --memory_only --platform=gpu, its stand-in for cuDNN),
+# appending a dry-run record to its --json_out; the profile traces a small
+# function (--dry_run); pytest only collects; nothing is installed.
 set -uo pipefail
+PY="${PY:-python3}"
+[[ "$PY" == */* ]] && PY=$(realpath -s "$PY")   # the checks run from $SITE
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
+DRY_RUN="${DRY_RUN:-0}"
+
+if [[ "${1:-}" == "--wheels" ]]; then
+  pins=()
+  for name in dm-haiku jmp tensorboardX; do
+    pin=$(grep -i "^$name==" requirements/constraints.txt) \
+      || { echo "no pin for $name in requirements/constraints.txt"; exit 2; }
+    pins+=("$pin")
+  done
+  cmd=($PY -m pip download --no-deps --only-binary=:all: --python-version 3.12
+       -d .whl "${pins[@]}")
+  echo "${cmd[*]}"
+  [[ "$DRY_RUN" == 1 ]] || { rm -rf .whl && "${cmd[@]}" && ls .whl; }
+  exit
+fi
+
 OUT="${OUT:-$REPO/.out}"
 mkdir -p "$OUT"
+LOG="$OUT/device_check.log"
 export PYTHONUNBUFFERED=1
-export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
-PY="${PY:-python3}"
-CHECKS="${CHECKS:-steps numerics tests optimizer kernels}"  # run in this order
+# JAX preallocates 75% of the GPU by default; the checks take 0.95. Older
+# jaxlibs read only the deprecated name, and the new one may not be set too.
+FRACTION="${XLA_CLIENT_MEM_FRACTION:-${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}}"
+unset XLA_CLIENT_MEM_FRACTION
+export XLA_PYTHON_CLIENT_MEM_FRACTION="$FRACTION"
+CHECKS="${CHECKS:-profile steps numerics tests optimizer kernels}"
 BENCH_FLAGS="${BENCH_FLAGS:---flagfile=configs/kernels_gpu.flags}"
 STEP_RUNS="${STEP_RUNS:-large:dots:xla,cudnn xl:dots_except_mlp_hidden:cudnn xl:dots_except_mlp_hidden:xla large:none:cudnn}"
 STEP_FLAGS="${STEP_FLAGS:---batch_size=32 --input_length=512 --target_length=128 --steps=4 --repeats=3}"
+PROFILE_FLAGS="${PROFILE_FLAGS:---size=large --remat=dots --attention=cudnn --batch_size=32 --input_length=512 --target_length=128 --dtype=bfloat16 --warmup=2 --steps=2}"
 DEADLINE=$((SECONDS + ${BUDGET_S:-450}))
-log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/device_check.log"; }
-wants() { [[ " $CHECKS " == *" $1 "* ]]; }
-# limit WANT: WANT seconds, or what is left of the budget less 10 s; 0 (and
-# a log line) when under 30 s are left.
-limit() {
-  local left=$((DEADLINE - SECONDS - 10))
-  if (( left < 30 )); then echo 0; return; fi
-  echo $(( $1 < left ? $1 : left ))
-}
-run_for() {          # run_for WANT NAME command...: under limit, or skipped
-  local want=$1 name=$2; shift 2
-  local t; t=$(limit "$want")
-  if (( t == 0 )); then log "skipped $name: budget spent"; return 0; fi
-  timeout "$t" "$@"
-}
 
-log "machine"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+# PARSE_ONLY: `$PY -c "$PARSE_ONLY" SCRIPT ARGS...` runs SCRIPT with its
+# app.run(main) replaced: the flags parsed, the script's check_flags() if it
+# has one, a dry-run record appended to --json_out; main never runs.
+PARSE_ONLY='import json, runpy, sys
+from absl import app, flags
+def parse_only(main):
+  flags.FLAGS(sys.argv)
+  main.__globals__.get("check_flags", lambda: None)()
+  if flags.FLAGS.json_out:
+    with open(flags.FLAGS.json_out, "a") as f:
+      f.write(json.dumps({"dry_run": True, "script": sys.argv[0],
+                          "args": sys.argv[1:]}) + "\n")
+  print("flags parse:", *sys.argv)
+app.run, sys.argv = parse_only, sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")'
+SCRIPT=($PY) DRY_STEP="" DRY_PROFILE="" DRY_TESTS=""
+if [[ "$DRY_RUN" == 1 ]]; then
+  SCRIPT=($PY -c "$PARSE_ONLY") DRY_STEP="--memory_only --platform=gpu"
+  DRY_PROFILE="--dry_run --platform=gpu" DRY_TESTS="--collect-only"
+fi
+
+log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
+wants() { [[ " $CHECKS " == *" $1 "* ]]; }
+# run_for WANT NAME COMMAND...: COMMAND under WANT seconds or what is left
+# of the budget less 10 s; skipped, and logged, when under 30 s are left.
+run_for() {
+  local want=$1 name=$2 left=$((DEADLINE - SECONDS - 10)); shift 2
+  if (( left < 30 )); then log "skipped $name: budget spent"; return 0; fi
+  timeout $((want < left ? want : left)) "$@"
+}
+# Output to the log, less the CUDA-less backends' probing noise.
+to_log() { grep -v "Unable to initialize backend" | tee -a "$LOG"; }
+# cap FILE: the cap's fields added to FILE's records that lack them (the
+# last command's: each earlier one's got them).
+cap() { [[ -f $1 ]] && sed -i "/\"memory_fraction\"/!s/}\$/, $CAP_FIELDS}/" "$1"; }
+
+log "machine$([[ "$DRY_RUN" == 1 ]] && echo ' (dry run)')"
+{ command -v nvidia-smi >/dev/null \
+    && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
-} 2>&1 | tee -a "$OUT/device_check.log"
+} 2>&1 | to_log
+
+# The cap (header): CAP_MIB of this card, as a fraction.
+CAP_MIB="${CAP_MIB:-77481}"
+TOTAL_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -d ' ')
+[[ "$TOTAL_MIB" =~ ^[0-9]+$ ]] || TOTAL_MIB=null
+if (( CAP_MIB == 0 )); then
+  STEP_FRACTION=$FRACTION CAP_MIB=null
+elif [[ "$TOTAL_MIB" != null ]]; then
+  milli=$(((CAP_MIB * 1000 + TOTAL_MIB / 2) / TOTAL_MIB))
+  STEP_FRACTION=$(printf "0.%03d" $((milli < 950 ? milli : 950)))
+else
+  STEP_FRACTION="${CAP_FALLBACK:-0.539}"
+fi
+CAP_FIELDS="\"memory_fraction\": $STEP_FRACTION, \"memory_cap_mib\": $CAP_MIB, \"device_memory_mib\": $TOTAL_MIB"
+log "step memory: fraction $STEP_FRACTION (CAP_MIB $CAP_MIB of the card's" \
+  "$TOTAL_MIB MiB$([[ $TOTAL_MIB == null ]] && echo ': CAP_FALLBACK');" \
+  "the other checks $FRACTION)"
 
 # The installed layout without pip: kernels/ becomes dro_fast/kernels, as
 # pyproject's package-dir maps it.
 log "lay out dro_fast as installed (no deps, no network)"
 SITE="$(realpath -m "${SITE:-/tmp/dro_site}")"
-case "$REPO/" in
-  "$SITE"/*) log "refusing SITE=$SITE: it holds the checkout"; exit 2 ;;
-esac
-case "$SITE/" in
-  "$REPO"/*) log "refusing SITE=$SITE: it is inside the checkout"; exit 2 ;;
-esac
+case "$REPO/" in "$SITE"/*)
+  log "refusing SITE=$SITE: it holds the checkout"; exit 2 ;; esac
+case "$SITE/" in "$REPO"/*)
+  log "refusing SITE=$SITE: it is inside the checkout"; exit 2 ;; esac
 rm -rf "$SITE" && mkdir -p "$SITE"
 cp -r dro_fast benchmarks tests configs pyproject.toml "$SITE"/
 cp -r kernels "$SITE"/dro_fast/kernels
 if ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --target \
-    /tmp/whl_site "$REPO"/.whl/*.whl && export PYTHONPATH=/tmp/whl_site
+  if [[ "$DRY_RUN" == 1 ]]; then
+    log "dry run: not installing $(ls "$REPO"/.whl | tr '\n' ' ')"
+  else
+    log "install $(ls "$REPO"/.whl | tr '\n' ' ')(--no-index)"
+    if $PY -m pip install -q --no-index --find-links "$REPO/.whl" --no-deps \
+      --no-compile --no-cache-dir --upgrade --target /tmp/whl_site \
+      "$REPO"/.whl/*.whl >>"$LOG" 2>&1; then export PYTHONPATH=/tmp/whl_site
+    else log "pip install from .whl failed (above)"; fi
+  fi
 fi
 cd "$SITE"
+$PY -c "import importlib.util as u, sys; sys.exit(not u.find_spec('haiku'))" \
+  || log "dm-haiku is missing: the steps and the profile fail; make .whl" \
+  "with 'bash benchmarks/device_check.sh --wheels' and carry it"
+
+if wants profile; then
+  log "profile: $PROFILE_FLAGS (memory fraction $STEP_FRACTION)"
+  XLA_PYTHON_CLIENT_MEM_FRACTION=$STEP_FRACTION run_for 150 profile \
+    $PY -m benchmarks.profile_step $PROFILE_FLAGS $DRY_PROFILE \
+    --trace_out="$OUT/profile.xplane.pb" --json_out="$OUT/profile.jsonl" \
+    2>&1 | to_log
+  cap "$OUT/profile.jsonl"
+fi
 
 if wants steps; then
   for RUN in $STEP_RUNS; do
     IFS=: read -r SIZE REMAT ATTENTION <<< "$RUN"
     ATTENTION="${ATTENTION:-xla}"
-    log "step_time $SIZE remat=$REMAT attention=$ATTENTION (DRO-V: $STEP_FLAGS)"
-    run_for "${STEP_TIMEOUT:-170}" "step_time $RUN" $PY benchmarks/step_time.py \
-      --size="$SIZE" --remat="$REMAT" --attention="$ATTENTION" $STEP_FLAGS \
-      --json_out="$OUT/step_time.jsonl" 2>&1 \
-      | grep -v "Unable to initialize" | tee -a "$OUT/step_time.txt"
+    log "step_time $SIZE remat=$REMAT attention=$ATTENTION (DRO-V:" \
+      "$STEP_FLAGS; memory fraction $STEP_FRACTION)"
+    XLA_PYTHON_CLIENT_MEM_FRACTION=$STEP_FRACTION run_for \
+      "${STEP_TIMEOUT:-170}" "step_time $RUN" "${SCRIPT[@]}" \
+      benchmarks/step_time.py --size="$SIZE" --remat="$REMAT" \
+      --attention="$ATTENTION" $STEP_FLAGS $DRY_STEP \
+      --json_out="$OUT/step_time.jsonl" 2>&1 | to_log
+    cap "$OUT/step_time.jsonl"
   done
 fi
 
 if wants numerics; then
   log "numerics against float64 (both ops, float32 + bfloat16, V=32128)"
-  run_for 120 numerics $PY benchmarks/gpu_numerics.py \
-    --json_out="$OUT/numerics.jsonl" 2>&1 \
-    | grep -v "Unable to initialize backend" | tee "$OUT/numerics.txt"
+  run_for 120 numerics "${SCRIPT[@]}" benchmarks/gpu_numerics.py \
+    --json_out="$OUT/numerics.jsonl" 2>&1 | to_log
 fi
 
 if wants tests; then
   log "kernel tests on the GPU (sequence op: native pallas_gpu and xla)"
-  run_for 90 tests $PY -m pytest -q -p no:cacheprovider -x \
+  run_for 90 tests $PY -m pytest -q -p no:cacheprovider -x $DRY_TESTS \
     tests/kernels/test_sequence_logprobs.py -k "pallas_gpu or xla" 2>&1 \
-    | tail -5 | tee "$OUT/pytest_gpu.txt"
+    | tail -30 | to_log
 fi
 
 if wants optimizer; then
   log "optimizer_time (T5-L policy + value encoder, optax against fused)"
-  run_for 90 optimizer_time $PY benchmarks/optimizer_time.py --size=large \
-    --repeats=5 --json_out="$OUT/optimizer_time.jsonl" 2>&1 \
-    | grep -v "Unable to initialize" | tee "$OUT/optimizer_time.txt"
+  run_for 90 optimizer_time "${SCRIPT[@]}" benchmarks/optimizer_time.py \
+    --size=large --repeats=5 --json_out="$OUT/optimizer_time.jsonl" 2>&1 \
+    | to_log
 fi
 
 if wants kernels; then
   log "kernel benchmark"
-  run_for 240 kernels $PY benchmarks/kernels.py $BENCH_FLAGS \
-    --json_out="$OUT/kernels.jsonl" 2>&1 | grep -v "Unable to initialize" \
-    | tee "$OUT/kernels.txt"
+  run_for 240 kernels "${SCRIPT[@]}" benchmarks/kernels.py $BENCH_FLAGS \
+    --json_out="$OUT/kernels.jsonl" 2>&1 | to_log
 fi
 log "done"

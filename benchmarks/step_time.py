@@ -42,7 +42,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.append(os.path.dirname(_HERE))
 from benchmarks import cudnn_stand_in  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks.lib import flags as shared  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks.lib import flops  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast.training import flops  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks.lib import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks.lib import step as bench_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks.lib import timing  # pylint: disable=g-import-not-at-top,wrong-import-position

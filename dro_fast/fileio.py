@@ -1,22 +1,104 @@
-"""Atomic file writes: readers see the old file or the whole new one.
+"""Paths and atomic file writes.
 
-Every file dro_fast writes in a workdir goes through here: a temporary file
-in the same directory, fsync, os.replace, then an fsync of the directory so
-that the rename itself survives a crash.
+Paths: every path dro_fast reads may be a local path, a file:// URL or a
+URL that etils.epath serves (gs://, s3://; gs:// needs gcsfs installed).
+`as_path` turns any of them into an epath.Path; `require_local` is for what
+needs a POSIX file system (atomic renames, flock), as a workdir does.
+
+Atomic writes: readers see the old file or the whole new one. Every file
+dro_fast writes in a workdir goes through here: a temporary file in the same
+directory, fsync, os.replace, then an fsync of the directory so that the
+rename itself survives a crash.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from typing import IO, Any, Callable
+
+from etils import epath
+
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", re.DOTALL)
+
+
+def url_scheme(path: str | os.PathLike) -> str | None:
+  """"gs" for gs://bucket/x, "file" for file:///x; None for a plain path."""
+  match = _URL.fullmatch(os.fspath(path))
+  return match[1].lower() if match else None
+
+
+def _file_url_path(url: str) -> str:
+  """file:///x or file://localhost/x -> /x (RFC 8089's local forms)."""
+  rest = _URL.fullmatch(url)[2]
+  host, slash, local = rest.partition("/")
+  if host not in ("", "localhost"):
+    raise ValueError(f"{url}: a file:// URL naming the host {host!r} is not "
+                     "supported; pass a local path or file:///absolute/path.")
+  return slash + local
+
+
+def as_path(location: str | os.PathLike) -> epath.Path:
+  """An epath.Path for a local path, a file:// URL or a remote URL.
+
+  file:// URLs become local paths (epath does not parse them), so that
+  local and file:// locations take the same code. Other URLs go to epath,
+  which reads gs:// through gcsfs.
+  """
+  location = os.fspath(location)
+  if url_scheme(location) == "file":
+    location = _file_url_path(location)
+  return epath.Path(location)
+
+
+def absolute(location: str | os.PathLike | None) -> str | None:
+  """A local path made absolute (file:// URLs become local paths); other
+  URLs unchanged; None stays None. For flags that take either."""
+  if location is None or not os.fspath(location):
+    return location
+  location = os.fspath(location)
+  scheme = url_scheme(location)
+  if scheme == "file":
+    return os.path.abspath(_file_url_path(location))
+  return location if scheme else os.path.abspath(location)
+
+
+def require_local(location: str | os.PathLike, what: str) -> str:
+  """The local path of `location`, for places that need a POSIX file system.
+
+  Args:
+    location: a local path or a file:// URL.
+    what: what the path is, for the message: a flag ("--workdir") or a role.
+
+  Returns:
+    The local path (a file:// URL's path; a plain path as given).
+
+  Raises:
+    ValueError: `location` is another URL (gs://, s3://...): dro_fast's
+      atomic renames and flock need a local or mounted POSIX file system.
+  """
+  location = os.fspath(location)
+  scheme = url_scheme(location)
+  if scheme is None:
+    return location
+  if scheme == "file":
+    return _file_url_path(location)
+  raise ValueError(
+      f"{what}: {location} is a {scheme}:// URL, but it needs atomic renames "
+      "and file locks, which only a local (or mounted POSIX) file system "
+      "gives: pass a local path or a file:// URL.")
 
 
 def atomic_write(path: str | os.PathLike,
                  write: Callable[[IO[bytes]], None]) -> None:
-  """Calls write(f) on a temporary file, then moves it to `path`."""
-  path = os.fspath(path)
+  """Calls write(f) on a temporary file, then moves it to `path`.
+
+  Raises:
+    ValueError: `path` is a URL other than file:// (see require_local).
+  """
+  path = require_local(path, "an atomically written file")
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp_path = tempfile.mkstemp(dir=directory,

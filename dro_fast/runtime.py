@@ -93,26 +93,62 @@ def _configured_platforms() -> str:
   return platforms
 
 
+def _gpu_plugin_installed() -> bool:
+  """Whether a JAX GPU plugin is installed (a `jax_plugins` module or entry
+  point)."""
+  spec = importlib.util.find_spec("jax_plugins")
+  if spec is not None and any(
+      True for _ in pkgutil.iter_modules(spec.submodule_search_locations)):
+    return True
+  return bool(importlib.metadata.entry_points(group="jax_plugins"))
+
+
+def tpu_attached() -> bool:
+  """Whether libtpu is installed and a TPU chip is attached to this host
+  (on the PCI bus, as JAX's own Cloud TPU start-up checks)."""
+  if importlib.util.find_spec("libtpu") is None:
+    return False
+  try:
+    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+  except (ImportError, AttributeError, OSError):
+    return True       # cannot tell: assume a TPU host, as JAX would
+
+
 def cpu_only_jax() -> bool:
   """Whether JAX will run on the CPU alone, judged without starting it.
 
   Yes where JAX_PLATFORMS (or jax.config's jax_platforms) names only cpu;
-  where it names nothing, yes unless a GPU or TPU plugin is installed (a
-  `jax_plugins` module or entry point, or libtpu). On accelerator hosts
-  the setting is not needed (device memory has its own allocator) and
-  would hold large host buffers, such as a checkpoint being restored, for
-  the life of the process.
+  where it names nothing, yes unless a GPU plugin is installed or a TPU is
+  attached (libtpu alone, as the `tpu` extra installs it for deviceless
+  compilation, does not count). On accelerator hosts the setting is not
+  needed (device memory has its own allocator) and would hold large host
+  buffers, such as a checkpoint being restored, for the life of the
+  process.
   """
   platforms = _configured_platforms()
   if platforms:
     return {p.strip() for p in platforms.lower().split(",")} == {"cpu"}
-  spec = importlib.util.find_spec("jax_plugins")
-  if spec is not None and any(
-      True for _ in pkgutil.iter_modules(spec.submodule_search_locations)):
+  return not _gpu_plugin_installed() and not tpu_attached()
+
+
+def hide_absent_tpu() -> bool:
+  """Starts JAX on the CPU alone where libtpu is installed but no TPU is.
+
+  Without it, JAX's first backend start on such a host asks libtpu, which
+  prints several lines of warnings (TPU_ACCELERATOR_TYPE, worker hostnames,
+  an INVALID_ARGUMENT error) before JAX falls back to the CPU. The CLIs call
+  this before their first JAX computation; it sets jax_platforms to "cpu"
+  only where no platform is configured, libtpu is installed, no TPU is
+  attached and no GPU plugin is installed. Returns whether it did.
+  """
+  if (_configured_platforms() or _jax_started()
+      or importlib.util.find_spec("libtpu") is None
+      or _gpu_plugin_installed() or tpu_attached()):
     return False
-  if importlib.metadata.entry_points(group="jax_plugins"):
-    return False
-  return importlib.util.find_spec("libtpu") is None
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_platforms", "cpu")
+  return True
 
 
 def keep_freed_host_memory() -> str:

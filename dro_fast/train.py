@@ -30,7 +30,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from dro_fast import configs
 from dro_fast import data
+from dro_fast import fileio
 from dro_fast import models
 from dro_fast import runtime
 from dro_fast.data.config import DataConfig
@@ -44,18 +46,22 @@ from dro_fast.training.run_config import RunConfig
 
 # Data.
 _TRAIN_DATA = flags.DEFINE_string(
-    "train_data", None, "Training data (JSONL or Parquet). Unset: the demo's "
-    "synthetic task, written to the workdir.")
+    "train_data", None, "Training data: JSONL/Parquet file, folder, glob or "
+    "comma list (docs/DATA.md). Unset: the demo's synthetic task.")
 _DATA_FORMAT = flags.DEFINE_enum(
-    "data_format", "triplets", ["triplets", "ultrafeedback", "pairwise"],
-    "Layout of --train_data: (prompt, completion, reward) rows, OpenBMB "
-    "UltraFeedback rows, or (prompt, chosen, rejected) rows for dpo/ipo/slic.")
+    "data_format", "triplets", list(data.DATA_FORMATS), "Layout of "
+    "--train_data (docs/DATA.md): (prompt, completion, reward), TRL unpaired "
+    "(boolean label), UltraFeedback, or pairwise (prompt, chosen, rejected).")
 _PROMPT_FIELD = flags.DEFINE_string("prompt_field", "prompt",
-                                    "Prompt field (triplets, pairwise).")
+                                    "Prompt field (not ultrafeedback).")
 _COMPLETION_FIELD = flags.DEFINE_string("completion_field", "completion",
-                                        "Completion field (triplets).")
+                                        "Completion field (triplets/unpaired).")
 _REWARD_FIELD = flags.DEFINE_string("reward_field", "reward",
                                     "Reward field (triplets).")
+_LABEL_FIELD = flags.DEFINE_string("label_field", "label",
+                                   "Boolean thumbs-up field (unpaired).")
+_SEPARATOR = flags.DEFINE_string("message_separator", "\n", "Joins the "
+                                 "messages of a chat prompt (docs/DATA.md).")
 _CHOSEN_FIELD = flags.DEFINE_string("chosen_field", "chosen",
                                     "Preferred completion field (pairwise).")
 _REJECTED_FIELD = flags.DEFINE_string("rejected_field", "rejected",
@@ -77,19 +83,16 @@ _MAX_INPUT_LENGTH = flags.DEFINE_integer("max_input_length", 64,
 _MAX_TARGET_LENGTH = flags.DEFINE_integer("max_target_length", 32,
                                           "Completion tokens kept.")
 _LONG_ROWS = flags.DEFINE_enum(
-    "long_rows", "truncate", ["truncate", "skip", "error"], "Rows whose "
-    "prompt or completion has more tokens (EOS included) than "
-    "--max_input_length or --max_target_length: truncate those texts (EOS "
-    "kept last; a warning counts them), skip those rows (with a warning), or "
-    "stop with an error naming the first.")
+    "long_rows", "truncate", ["truncate", "skip", "error"], "Rows longer "
+    "than --max_input_length / --max_target_length (EOS included): truncate "
+    "them (EOS kept last), skip them (both with a warning), or stop.")
 _SFT_STEPS = flags.DEFINE_integer(
     "sft_steps", 0, "Steps of supervised fine-tuning on the training "
     "completions before the main algorithm, when there is no SFT checkpoint; "
     "the result is both the initial policy and π_ref (the demo uses 400).")
 _SFT_LR = flags.DEFINE_float(
     "sft_lr", None, "Learning rate of the --sft_steps warm start (unset: "
-    "--policy_lr). Set it when sweeping --policy_lr so that every run "
-    "starts from the same SFT policy.")
+    "--policy_lr; set it to sweep --policy_lr from one SFT policy).")
 _DEMO_EXAMPLES = flags.DEFINE_integer(
     "demo_examples", 2048, "Examples of the synthetic demo task (used when "
     "--train_data is unset).")
@@ -114,6 +117,9 @@ _VALUE_GRANULARITY = flags.DEFINE_enum(
 # Model and optimisation.
 _MODEL = flags.DEFINE_enum("model", "tiny", sorted(models.PRESETS),
                            "T5 preset when no --init_checkpoint is given.")
+_RANDOM_INIT = flags.DEFINE_bool(
+    "random_init", False, "Allow a large/xl/xxl --model without "
+    "--init_checkpoint (random weights, on purpose).")
 _INIT_CHECKPOINT = flags.DEFINE_string(
     "init_checkpoint", None, "The SFT policy: a T5X checkpoint directory "
     "(with a `checkpoint` file) or a Hugging Face directory (config.json). "
@@ -130,16 +136,12 @@ _SCAN_LAYERS = flags.DEFINE_bool("scan_layers", False,
 _REMAT = flags.DEFINE_enum("remat", "none", list(models.REMAT_POLICIES),
                            "Rematerialisation policy per layer.")
 _ATTENTION = flags.DEFINE_enum(
-    "attention", "xla", ["xla", "cudnn"],
-    "Attention in training and scoring: xla materialises the [B, H, q, k] "
-    "logits; cudnn runs cuDNN's fused (flash) attention, which does not "
-    "(CUDA GPU, --dtype=bfloat16, --dropout_rate=0 and even "
-    "--max_input_length / --max_target_length only).")
+    "attention", "xla", ["xla", "cudnn", "flash"], "Attention in training "
+    "and scoring (T5Config.attention): xla materialises the [B, H, q, k] "
+    "logits; cudnn (CUDA GPU) and flash (TPU) are fused kernels that do not.")
 _KEEP_HOST_MEMORY = flags.DEFINE_bool(
     "keep_freed_host_memory", True, "When JAX runs on the CPU alone, keep "
-    "freed host memory for the next step instead of returning it to the "
-    "system (glibc only; resident memory stays at its peak). See "
-    "dro_fast/runtime.py.")
+    "freed host memory for the next step (dro_fast/runtime.py).")
 _DROPOUT = flags.DEFINE_float("dropout_rate", 0.0, "Dropout while training.")
 _POLICY_LR = flags.DEFINE_float("policy_lr", 1e-4, "Policy learning rate.")
 _VALUE_LR = flags.DEFINE_float("value_lr", 1e-4, "Value learning rate.")
@@ -174,12 +176,11 @@ _MAX_BAD_STEPS = flags.DEFINE_integer(
     "for a non-finite loss or gradient (checked when logging).")
 _SELECT_BEST = flags.DEFINE_bool(
     "select_best", False, "After training, judge every kept checkpoint "
-    "against the initial (SFT) policy with dro_fast.evaluation "
-    "--best_checkpoint and record the best in <workdir>/"
-    "best_checkpoint.json (the paper's checkpoint selection, §4).")
+    "against the SFT policy (dro_fast.evaluation --best_checkpoint) into "
+    "<workdir>/best_checkpoint.json (the paper's selection, §4).")
 _EVAL_FLAGS = flags.DEFINE_multi_string(
     "eval_flag", [], "A flag passed on to dro_fast.evaluation by --select_best, "
-    "e.g. --eval_flag=--judge=http:URL --eval_flag=--prompts=test.jsonl "
+    "e.g. --eval_flag=--judge=http:URL --eval_flag=--judge_model=M "
     "(default for the demo task: 1 fold of 200 held-out prompts, its "
     "reward as the judge).")
 _MESH = flags.DEFINE_string(
@@ -214,10 +215,6 @@ def apply_demo_defaults() -> None:
       flags.FLAGS[name].value = value_
 
 
-def _abspath(path):
-  return os.path.abspath(path) if path else path
-
-
 def _from_flags(cls, **fields):
   """A config whose fields not given take the flags of the same name."""
   for field in dataclasses.fields(cls):
@@ -247,8 +244,15 @@ def run_config() -> RunConfig:
     ValueError: flag values out of range or in conflict; the message names
       the flags.
   """
+  if (_MODEL.value.rsplit("-", 1)[-1] in ("large", "xl", "xxl")
+      and not _INIT_CHECKPOINT.value and not _RANDOM_INIT.value):
+    raise ValueError(f"--model={_MODEL.value} is meant to start from its SFT "
+                     "checkpoint: give --init_checkpoint=DIR (T5X or Hugging "
+                     "Face), or --random_init to train from random weights.")
   data_config = _from_flags(DataConfig,
-                             tokenizer=_abspath(_TOKENIZER.value))
+                             tokenizer=fileio.absolute(_TOKENIZER.value))
+  local = lambda flag: flag.value and os.path.abspath(
+      fileio.require_local(flag.value, f"--{flag.name}"))
   model = models.preset(_MODEL.value, dtype=_DTYPE.value, remat=_REMAT.value,
                         attention=_ATTENTION.value,
                         dropout_rate=_DROPOUT.value,
@@ -265,7 +269,8 @@ def run_config() -> RunConfig:
       RunConfig, data=data_config, model=model, algorithm=algorithm,
       policy_optimizer=_optimizer(_POLICY_LR, model.platform),
       value_optimizer=_optimizer(_VALUE_LR, model.platform),
-      init_checkpoint=_abspath(_INIT_CHECKPOINT.value),
+      init_checkpoint=fileio.absolute(_INIT_CHECKPOINT.value),
+      workdir=local(_WORKDIR), ref_cache_dir=local(_REF_CACHE_DIR),
       eval_flags=tuple(_EVAL_FLAGS.value))
 
 
@@ -292,16 +297,15 @@ def _user_error(message: str) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, its errors reported as user errors (exit 2)."""
+  """absl's flag parsing, a bare --flagfile name taken from the packaged
+  configs (dro_fast.configs), its errors reported as user errors (exit 2)."""
   try:
-    return flags.FLAGS(argv)
+    return flags.FLAGS(configs.resolve_argv(argv))
+  except configs.FlagfileError as e:
+    _user_error(str(e))
   except flags.Error as e:
-    hint = ("Run `python -m dro_fast.train --helpfull` to list the flags and "
-            "their values.")
-    if "flagfile" in str(e):
-      hint = ("Check the --flagfile path (configs/ holds one flagfile per "
-              "model size, e.g. --flagfile=configs/tiny.flags).")
-    _user_error(f"{e}. {hint}")
+    _user_error(f"{e}. Run `python -m dro_fast.train --helpfull` to list the "
+                "flags and their values.")
 
 
 def main(argv):
@@ -312,6 +316,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs every save at INFO; progress shows on the tqdm bar instead.
     logging.set_verbosity(logging.WARNING)
+  runtime.hide_absent_tpu()
   if _KEEP_HOST_MEMORY.value and runtime.cpu_only_jax():
     how = runtime.keep_freed_host_memory()
     if how != "kept":
@@ -332,5 +337,10 @@ def main(argv):
       "best_checkpoint") if k in summary}, indent=2))
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The `dro-fast-train` console script."""
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

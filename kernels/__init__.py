@@ -16,6 +16,7 @@ from dro_fast.kernels.config import BlockSizes
 from dro_fast.kernels.linear_logprobs.ops import linear_sequence_logprobs
 from dro_fast.kernels.linear_logprobs.ops import linear_token_logprobs
 from dro_fast.kernels.registry import default_implementation
+from dro_fast.kernels.registry import implementation_for
 from dro_fast.kernels.registry import Implementation
 from dro_fast.kernels.registry import IMPLEMENTATIONS
 from dro_fast.kernels.sequence_logprobs.ops import dro_residual
@@ -26,5 +27,5 @@ from dro_fast.kernels.sequence_logprobs.ops import token_logprobs
 __all__ = [
     "BlockSizes", "IMPLEMENTATIONS", "Implementation", "default_implementation",
     "dro_residual", "linear_sequence_logprobs", "linear_token_logprobs",
-    "masked_sum", "sequence_logprobs", "token_logprobs",
+    "implementation_for", "masked_sum", "sequence_logprobs", "token_logprobs",
 ]

@@ -24,7 +24,8 @@ class BlockSizes:
     vocab: vocabulary entries per tile (TPU: a multiple of 128; GPU: a power
       of 2). V need not be a multiple: the tail tile is masked.
     hidden: hidden-width chunk for the fused matmul on GPU (power of 2);
-      ignored elsewhere (TPU holds the whole D in one tile).
+      ignored elsewhere (TPU holds the whole D in one tile, so its rows and
+      vocab shrink with D: linear_logprobs.pallas_tpu.default_block_sizes).
     vocab_chunk: vocabulary entries per chunk for "chunked_xla" and the GPU
       linear backward: the peak temporary is rows x vocab_chunk floats.
     num_warps: warps per Triton program (GPU only; a power of 2).

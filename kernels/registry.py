@@ -83,10 +83,18 @@ except ImportError:  # pragma: no cover
 _BY_BACKEND = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cpu": "chunked_xla"}
 
 
+def implementation_for(platform: str) -> str:
+  """The implementation for a program compiled for `platform` ("cpu",
+  "gpu", "tpu"): the platform's Pallas kernels where they import, else
+  "chunked_xla". Callers that compile for a platform other than the host's
+  (a TPU program built on a CPU host) pick by it, not by the backend."""
+  name = _BY_BACKEND.get(platform, "chunked_xla")
+  return name if name in IMPLEMENTATIONS else "chunked_xla"
+
+
 def default_implementation() -> str:
   """The implementation `implementation=None` picks on this backend."""
-  name = _BY_BACKEND.get(jax.default_backend(), "chunked_xla")
-  return name if name in IMPLEMENTATIONS else "chunked_xla"
+  return implementation_for(jax.default_backend())
 
 
 def get(name: str | None) -> Implementation:

@@ -2,13 +2,21 @@
 
 Run from outside the repository with SITE_DIR on PYTHONPATH (make
 check-install): dro_fast.kernels must import from the wheel's files, and the
-wheel must hold no top-level `kernels` package.
+wheel must hold no top-level `kernels` package. The packaged flagfiles
+resolve by bare name from here (the design card's `--flagfile=xl.flags`),
+and the console scripts run.
 """
 
 import glob
 import os
+import subprocess
 import sys
 import zipfile
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess:
+  return subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                        check=False)
 
 
 def main(site_dir: str, wheel_dir: str) -> None:
@@ -23,7 +31,24 @@ def main(site_dir: str, wheel_dir: str) -> None:
       f"dro_fast.kernels came from {location}, not the wheel in {site_dir}")
   assert {"xla", "chunked_xla", "pallas_tpu", "pallas_gpu"} <= set(
       dro_fast.kernels.IMPLEMENTATIONS)
-  print(f"wheel OK: {os.path.basename(wheel)} -> {location}")
+
+  assert not os.path.exists("xl.flags")          # resolved from the package
+  done = _run(sys.executable, "-m", "dro_fast.train", "--flagfile=xl.flags",
+              "--helpfull")
+  assert done.returncode == 0 and "--init_checkpoint" in done.stdout, (
+      done.stderr[-2000:])
+  # xl.flags is read (--model=flan-t5-xl): without a checkpoint it refuses.
+  done = _run(os.path.join(site_dir, "bin", "dro-fast-train"),
+              "--flagfile=xl.flags")
+  assert done.returncode == 2 and "--model=flan-t5-xl is meant to start " \
+      "from its SFT checkpoint" in done.stderr, done.stderr[-2000:]
+  done = _run(sys.executable, "-m", "dro_fast.train", "--flagfile=nope.flags")
+  assert done.returncode == 2 and done.stderr.count("\n") == 1 and (
+      "packaged: base.flags" in done.stderr), done.stderr
+  done = _run(os.path.join(site_dir, "bin", "dro-fast-evaluate"), "--help")
+  assert done.returncode == 0 and "--judge" in done.stdout, done.stderr[-2000:]
+  print(f"wheel OK: {os.path.basename(wheel)} -> {location}; flagfiles and "
+        "console scripts work")
 
 
 if __name__ == "__main__":

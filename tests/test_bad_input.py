@@ -409,7 +409,9 @@ def _flag_cudnn_attention_without_a_gpu(inputs):
 @case
 def _flag_missing_flagfile(inputs):
   path = inputs.tmp / "absent.flags"
-  return [f"--flagfile={path}"], [str(path), "--flagfile", "configs/"]
+  return [f"--flagfile={path}"], [
+      f"--flagfile={path}: no such file, and no packaged config",
+      "packaged: base.flags"]
 
 
 @case
@@ -580,6 +582,14 @@ def _checkpoint_missing_directory(inputs):
       f"--init_checkpoint: {path} does not exist", "Check the path"]
 
 
+@case
+def _pretrained_size_without_a_checkpoint(inputs):
+  del inputs
+  return ["--model=flan-t5-large"], [
+      "--model=flan-t5-large is meant to start from its SFT checkpoint",
+      "--init_checkpoint=DIR", "--random_init"]
+
+
 # ---------------------------------------------------------------------------
 # --tokenizer.
 
@@ -643,3 +653,58 @@ def test_reward_statistics_of_other_data_are_not_reused(tmp_path):
     assert text in result.stderr, (text, result.stderr[-3000:])
   assert stats_path.read_text() == before
   assert leftovers(workdir) == ["reward_stats.json"]
+
+
+@pytest.mark.parametrize("damage", ["garbled", "no_fingerprint", "nan_std"])
+def test_a_reward_statistics_file_that_cannot_be_trusted_stops_the_run(
+    tmp_path, damage):
+  """A workdir's reward_stats.json that is garbled, written before reward
+  fingerprints, or holds a non-finite std stops the run; the error names it
+  and says to delete it."""
+  from dro_fast import data  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  rows = _write_jsonl(tmp_path / "train.jsonl", _good_rows())
+  stored = dataclasses.asdict(data.RewardStats.fit(
+      [row["reward"] for row in _good_rows()], rows))
+  text = {"garbled": json.dumps(stored)[:20],
+          "no_fingerprint": json.dumps(
+              {k: v for k, v in stored.items() if k != "fingerprint"}),
+          "nan_std": json.dumps(dict(stored, std=float("nan")))}[damage]
+  stats_path = workdir / "reward_stats.json"
+  stats_path.write_text(text)
+  result = train(workdir, "--train_steps=4", f"--train_data={rows}",
+                 check=False)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.count("error: ") == 1, result.stderr[-3000:]
+  for expected in (str(stats_path), f"--workdir={workdir}: delete it to fit "
+                   f"the statistics again on {rows}, or use a new --workdir"):
+    assert expected in result.stderr, (expected, result.stderr[-3000:])
+  assert stats_path.read_text() == text
+  assert leftovers(workdir) == ["reward_stats.json"]
+
+
+def test_an_altered_workdir_tokenizer_stops_the_run(tmp_path):
+  """The workdir's spiece.model is checked against the SHA-256 its first run
+  recorded in spiece.model.sha256: a truncated model stops the run."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  from dro_fast import tokenizer  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  rows = _write_jsonl(tmp_path / "train.jsonl", _good_rows())
+  model = tokenizer.train_sentencepiece(
+      [t for row in _good_rows() for t in (row["prompt"], row["completion"])],
+      24, None).serialized_model()
+  (workdir / "spiece.model.sha256").write_text(
+      f"{hashlib.sha256(model).hexdigest()}  spiece.model\n")
+  (workdir / "spiece.model").write_bytes(model[:-7])
+  result = train(workdir, "--train_steps=4", f"--train_data={rows}",
+                 check=False)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.count("error: ") == 1, result.stderr[-3000:]
+  for expected in (f"{workdir / 'spiece.model'} was altered or truncated",
+                   "Restore the original file", "new --workdir"):
+    assert expected in result.stderr, (expected, result.stderr[-3000:])
+  assert leftovers(workdir) == ["spiece.model", "spiece.model.sha256"]

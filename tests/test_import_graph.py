@@ -25,6 +25,7 @@ LAYERS = {
     "dro_fast.fileio": 0,       # helpers with no upward imports
     "dro_fast.tokenizer": 0,
     "dro_fast.runtime": 0,
+    "dro_fast.configs": 0,      # the packaged flagfiles (configs/)
     "dro_fast.data": 1,
     "dro_fast.models": 2,
     "dro_fast.decoding": 2,     # a helper that may import models
@@ -40,10 +41,11 @@ KERNEL_THIRD_PARTY = frozenset({"jax", "jaxlib", "numpy"})
 
 
 def _modules() -> dict[str, pathlib.Path]:
-  """Dotted module name -> file, for dro_fast/ and kernels/."""
+  """Dotted module name -> file, for dro_fast/, kernels/ and configs/."""
   modules = {}
   for root, package in (("dro_fast", "dro_fast"),
-                        ("kernels", "dro_fast.kernels")):
+                        ("kernels", "dro_fast.kernels"),
+                        ("configs", "dro_fast.configs")):
     for path in sorted((REPO / root).rglob("*.py")):
       parts = path.relative_to(REPO / root).with_suffix("").parts
       if parts[-1] == "__init__":

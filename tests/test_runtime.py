@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -101,9 +102,17 @@ def test_cpu_only_jax_sees_an_installed_accelerator_plugin(monkeypatch):
                       lambda group: [])
   installed = set()
   monkeypatch.setattr(runtime.importlib.util, "find_spec",
-                      lambda name: object() if name in installed else None)
+                      lambda name: types.SimpleNamespace(submodule_search_locations=[])
+                      if name in installed else None)
   assert runtime.cpu_only_jax()
-  installed.add("libtpu")
+  installed.add("libtpu")          # libtpu alone: deviceless compilation
+  monkeypatch.setattr(runtime, "tpu_attached", lambda: False)
+  assert runtime.cpu_only_jax()
+  monkeypatch.setattr(runtime, "tpu_attached", lambda: True)
+  assert not runtime.cpu_only_jax()
+  installed.add("jax_plugins")     # a GPU plugin's package
+  monkeypatch.setattr(runtime, "tpu_attached", lambda: False)
+  monkeypatch.setattr(runtime.pkgutil, "iter_modules", lambda path: [object()])
   assert not runtime.cpu_only_jax()
 
 
@@ -177,3 +186,29 @@ def test_compute_dtype_upcasts_bfloat16_only_on_a_cpu_without_it(
   from dro_fast import runtime  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(runtime, "bf16_arithmetic", lambda: native)
   assert runtime.compute_dtype(requested, platform) == want
+
+
+def test_a_cli_on_a_host_with_libtpu_but_no_tpu_prints_no_libtpu_warnings():
+  """With the `tpu` extra installed on a CPU host, the CLIs start JAX on the
+  CPU without libtpu's start-up warnings (runtime.hide_absent_tpu)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  assert importlib.util.find_spec("libtpu") is not None, (
+      "libtpu is not installed: pip install -e '.[tpu]' (make does).")
+  from dro_fast import runtime  # pylint: disable=g-import-not-at-top
+  assert not runtime.tpu_attached()
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  code = ("from dro_fast import runtime; assert runtime.hide_absent_tpu(); "
+          "import jax; print(jax.default_backend(), jax.numpy.ones(3).sum())")
+  done = subprocess.run([sys.executable, "-c", code], env=env,
+                        capture_output=True, text=True, timeout=120,
+                        check=False)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.split() == ["cpu", "3.0"]
+  assert "TPU" not in done.stderr and "INVALID_ARGUMENT" not in done.stderr, (
+      done.stderr)
+  # Without it, the same start prints libtpu's warnings: the check above
+  # can fail.
+  plain = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"],
+                         env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+  assert "TPU_ACCELERATOR_TYPE" in plain.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -175,3 +176,24 @@ def test_second_trainer_on_a_workdir_is_refused(tmp_path):
   assert "is in use by another trainer" in result.stderr
   assert "Traceback" not in result.stderr
   assert not (workdir / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_dropout_with_a_cached_reference_warns_and_progress_lines_print(
+    tmp_path):
+  """Dropout 0 (the default): log π − log π_ref is 0 on the trainer's first
+  batch; with dropout it is not, and a warning gives the measured value.
+  stdout is not a terminal here: each logged step prints a progress line."""
+  plain = train(tmp_path / "a", "--train_steps=2", "--log_every=1")
+  assert metrics(tmp_path / "a")[0]["log_ratio_mean"] == 0.0
+  assert "log π − log π_ref" not in plain.stderr
+  assert re.search(r"^step 1/2  loss -?\d+\.\d{4}  \d+\.\d examples/s  \d+ "
+                   r"tokens/s  elapsed \d\d:\d\d:\d\d  ETA \d\d:\d\d:\d\d$",
+                   plain.stdout, re.M), plain.stdout
+  dropped = train(tmp_path / "b", "--train_steps=2", "--log_every=1",
+                  "--dropout_rate=0.1")
+  first = metrics(tmp_path / "b")[0]["log_ratio_mean"]
+  assert first != 0
+  assert (f"--dropout_rate=0.1 with reference log-probs computed without "
+          f"dropout: on the first batch, mean log π − log π_ref = "
+          f"{first:.4g}") in dropped.stderr, dropped.stderr[-2000:]

@@ -70,7 +70,10 @@ def check_sizes() -> None:
 
 def apply_host_memory() -> str:
   """Applies --host_memory (before the first JAX computation); returns the
-  setting in force, as dro_fast.runtime names it, or "system"."""
+  setting in force, as dro_fast.runtime names it, or "system". Also keeps
+  an installed libtpu without a TPU from probing (runtime.hide_absent_tpu).
+  """
+  runtime.hide_absent_tpu()
   keep = HOST_MEMORY.value == "keep" or (HOST_MEMORY.value == "auto"
                                          and runtime.cpu_only_jax())
   return runtime.keep_freed_host_memory() if keep else "system"

@@ -14,13 +14,16 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.lib import flops
+from dro_fast.training import flops
 from benchmarks.lib import timing
 from dro_fast import models
 from dro_fast import runtime
 from dro_fast.training import init
+from dro_fast.training import loop
 from dro_fast.training import optim
+from dro_fast.training import sharding
 from dro_fast.training import steps
+from dro_fast.training.run_config import RunConfig
 
 NO_PLAN = {"peak_bytes": -1, "temp_bytes": -1}
 
@@ -55,16 +58,22 @@ def random_batch(config: models.T5Config, batch: int, s: int, t: int,
 class JaxStep:
   """The compiled dro_fast update and its state.
 
+  The update is the trainer's own (training.loop.make_trainer over a
+  RunConfig of the paper's optimizer settings), jitted as train() jits it:
+  donating the state, the state sharded by sharding.tree_shardings and the
+  batch by sharding.batch_sharding over `mesh`.
+
   Attributes:
+    compiled: the compiled update.
     compile_s: seconds to lower and compile the update.
-    memory: XLA's planned peak and temporary bytes.
+    memory: XLA's memory plan per device (`timing.compiled_peak_bytes`).
     xla_flops: XLA's count of the compiled update's FLOPs (`flops.xla_flops`).
   """
 
   def __init__(self, config: models.T5Config,
                algorithm: steps.AlgorithmConfig,
                batches: list[dict[str, np.ndarray]], abstract: bool = False,
-               reduce_with_dots: bool | None = None):
+               reduce_with_dots: bool | None = None, mesh=None):
     """Builds and compiles the step.
 
     Args:
@@ -77,33 +86,46 @@ class JaxStep:
       reduce_with_dots: Adafactor's statistics as GEMVs (a CPU form);
         None: as the trainer chooses for config.platform
         (optim.statistics_as_gemvs).
+      mesh: the device mesh (sharding.make_mesh); None: one device. An
+        abstract step over a TPU topology's devices compiles for that
+        slice (benchmarks/tpu_compile.py).
     """
     if reduce_with_dots is None:
       reduce_with_dots = optim.statistics_as_gemvs(config.resolved().platform)
-    optimizer = lambda: optim.make_optimizer(
-        1e-4, reduce_with_dots=reduce_with_dots)
-    trainer = steps.make_trainer(algorithm, config, optimizer(), optimizer())
+    optimizer = optim.OptimizerConfig(reduce_with_dots=reduce_with_dots)
+    run = RunConfig(workdir="", model=config, algorithm=algorithm,
+                    policy_optimizer=optimizer, value_optimizer=optimizer,
+                    batch_size=len(batches[0]["inputs"]))
+    if mesh is None:
+      mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+    trainer = loop.make_trainer(run, config, mesh)
 
     def init_state(key):             # as the trainer splits a run's key
       policy_params, value_params = init.init_params(config, algorithm, key)
       return trainer.init(policy_params, value_params, init.split(key).train)
 
     key = jax.random.key(0)
+    shapes = jax.eval_shape(init_state, key)
+    state_shardings = sharding.tree_shardings(shapes, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
     if abstract:
-      self._state = jax.eval_shape(init_state, key)
-      self._batches = [jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), b)
-                       for b in batches]
+      self._state = jax.tree.map(
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+          shapes, state_shardings)
+      self._batches = [{k: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                sharding=batch_sharding)
+                        for k, x in b.items()} for b in batches]
     else:
-      self._state = jax.jit(init_state)(key)
-      self._batches = [jax.device_put(b) for b in batches]
+      self._state = jax.jit(init_state, out_shardings=state_shardings)(key)
+      self._batches = [jax.device_put(b, batch_sharding) for b in batches]
     self.abstract = abstract
     start = time.perf_counter()
-    self._update = jax.jit(trainer.update, donate_argnums=0).lower(
+    self.compiled = jax.jit(trainer.update, donate_argnums=0).lower(
         self._state, self._batches[0]).compile()
     self.compile_s = time.perf_counter() - start
-    self.memory = timing.compiled_peak_bytes(self._update)
-    self.xla_flops = flops.xla_flops(self._update)
+    self._update = self.compiled
+    self.memory = timing.compiled_peak_bytes(self.compiled)
+    self.xla_flops = flops.xla_flops(self.compiled)
     self._calls = 0
     self._metrics = None
 

@@ -26,14 +26,23 @@ def device_description() -> str:
 
 
 def compiled_peak_bytes(compiled) -> dict[str, int]:
-  """XLA's static memory plan: arguments + outputs + temporaries − aliases."""
+  """XLA's static memory plan of a compiled program (per device):
+  peak_bytes = arguments + outputs + temporaries − aliases (donated inputs
+  reused as outputs), and the parts; total_bytes adds the generated code,
+  which a TPU also holds in HBM."""
   analysis = compiled.memory_analysis()
   if analysis is None:
     return {"peak_bytes": -1, "temp_bytes": -1}
-  peak = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-          + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
-  return {"peak_bytes": int(peak),
-          "temp_bytes": int(analysis.temp_size_in_bytes)}
+  parts = {"argument_bytes": analysis.argument_size_in_bytes,
+           "output_bytes": analysis.output_size_in_bytes,
+           "alias_bytes": analysis.alias_size_in_bytes,
+           "temp_bytes": analysis.temp_size_in_bytes,
+           "code_bytes": analysis.generated_code_size_in_bytes}
+  parts = {k: int(v) for k, v in parts.items()}
+  parts["peak_bytes"] = (parts["argument_bytes"] + parts["output_bytes"]
+                         + parts["temp_bytes"] - parts["alias_bytes"])
+  parts["total_bytes"] = parts["peak_bytes"] + parts["code_bytes"]
+  return parts
 
 
 def median_seconds(fn: Callable[..., Any], args, repeats: int,

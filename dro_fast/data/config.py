@@ -21,13 +21,19 @@ class DataConfig:
   """The training data, its reader and its tokenisation.
 
   Attributes:
-    train_data: a JSON Lines or Parquet file; None: the demo's synthetic
-      task (dro_fast.data.synthetic), written to the workdir.
-    data_format: "triplets", "ultrafeedback" or "pairwise" (the layout of
-      train_data; the demo picks by algorithm).
-    prompt_field: prompt field (triplets, pairwise).
-    completion_field: completion field (triplets).
+    train_data: JSON Lines or Parquet data: a file, a folder of shards, a
+      glob or a comma-separated list, read in sorted order
+      (data.files.data_files); None: the demo's synthetic task
+      (dro_fast.data.synthetic), written to the workdir.
+    data_format: one of data.DATA_FORMATS: "triplets", "unpaired",
+      "ultrafeedback" or "pairwise" (the layout of train_data; the demo
+      picks by algorithm).
+    prompt_field: prompt field (triplets, unpaired, pairwise).
+    completion_field: completion field (triplets, unpaired).
     reward_field: reward field (triplets).
+    label_field: boolean thumbs-up/down field (unpaired).
+    message_separator: joins the "<role>: <content>" lines of a
+      conversational prompt (triplets, unpaired, pairwise).
     chosen_field: preferred completion field (pairwise).
     rejected_field: dispreferred completion field (pairwise).
     ultrafeedback_reward: one of data.ULTRAFEEDBACK_REWARDS.
@@ -50,6 +56,8 @@ class DataConfig:
   prompt_field: str = "prompt"
   completion_field: str = "completion"
   reward_field: str = "reward"
+  label_field: str = "label"
+  message_separator: str = "\n"
   chosen_field: str = "chosen"
   rejected_field: str = "rejected"
   ultrafeedback_reward: str = "mean_rating"
@@ -101,16 +109,20 @@ class DataConfig:
   def reader_kwargs(self, data_format: str) -> dict:
     """Keyword arguments of data.read_dataset for `data_format`."""
     kwargs = {"skip_bad_rows": self.skip_bad_rows}
-    if data_format == "triplets":
-      kwargs.update(prompt_field=self.prompt_field,
-                    completion_field=self.completion_field,
-                    reward_field=self.reward_field)
-    elif data_format == "ultrafeedback":
+    if data_format == "ultrafeedback":
       kwargs.update(reward=self.ultrafeedback_reward,
                     threshold=self.binary_threshold)
+      return kwargs
+    kwargs.update(prompt_field=self.prompt_field,
+                  message_separator=self.message_separator)
+    if data_format == "triplets":
+      kwargs.update(completion_field=self.completion_field,
+                    reward_field=self.reward_field)
+    elif data_format == "unpaired":
+      kwargs.update(completion_field=self.completion_field,
+                    label_field=self.label_field)
     else:
-      kwargs.update(prompt_field=self.prompt_field,
-                    chosen_field=self.chosen_field,
+      kwargs.update(chosen_field=self.chosen_field,
                     rejected_field=self.rejected_field)
     return kwargs
 

@@ -6,6 +6,9 @@ the reward statistics and tokenises. What it would save in the workdir (a
 tokenizer trained here, the reward statistics) comes back unsaved and is
 written by `save_inputs` once every input has been checked, so that a run
 stopped by a bad input leaves nothing a later run would silently reuse.
+What a later run (a resumption) does reuse is checked first: the tokenizer
+against the SHA-256 saved beside it (spiece.model.sha256), the reward
+statistics against the rewards they were fitted on.
 
 Problems with the inputs raise DataError with a message that names the
 file, row or flag and what to do.
@@ -14,11 +17,13 @@ file, row or flag and what to do.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 
 from absl import logging
 import numpy as np
 
+from dro_fast import fileio
 from dro_fast.data import pipeline
 from dro_fast.data import formats
 from dro_fast.data import synthetic
@@ -27,6 +32,9 @@ from dro_fast.data.records import DataError
 from dro_fast.data.rewards import RewardStats
 from dro_fast.tokenizer import Tokenizer
 from dro_fast.tokenizer import train_sentencepiece
+
+# The tokenizer a run trains is saved in its workdir under this name.
+TOKENIZER = "spiece.model"
 
 # Algorithms trained on (prompt, chosen, rejected) pairs.
 PAIRWISE_ALGORITHMS = ("dpo", "ipo", "slic")
@@ -64,8 +72,15 @@ def choose_tokenizer(workdir: str, config: DataConfig,
                      texts: list[str]) -> tuple[Tokenizer, str]:
   """config.tokenizer, the workdir's, or one trained on `texts` (unsaved).
 
+  The workdir's spiece.model is used only when its SHA-256 still equals the
+  one recorded in spiece.model.sha256 when it was saved.
+
   Returns:
     (tokenizer, fingerprint of its SentencePiece model).
+
+  Raises:
+    DataError: an unreadable --tokenizer, or a workdir tokenizer that is
+      invalid, altered or has no (valid) recorded SHA-256.
   """
   if config.tokenizer:
     try:
@@ -73,8 +88,9 @@ def choose_tokenizer(workdir: str, config: DataConfig,
     except (OSError, ValueError) as e:
       raise DataError(f"--tokenizer: {e}") from None
   else:
-    path = os.path.join(workdir, "spiece.model")
+    path = os.path.join(workdir, TOKENIZER)
     if os.path.isfile(path):
+      check_tokenizer_digest(workdir)
       try:
         tok = Tokenizer.load(path)
       except ValueError as e:
@@ -91,6 +107,46 @@ def choose_tokenizer(workdir: str, config: DataConfig,
             "<spiece.model> instead.") from None
   return tok, pipeline.fingerprint(
       {"model": np.frombuffer(tok.serialized_model(), np.uint8)})
+
+
+def check_tokenizer_digest(workdir: str) -> None:
+  """Checks the workdir's spiece.model against spiece.model.sha256.
+
+  Raises:
+    DataError: the digest file is missing or not one `sha256sum` line, or
+      the model's SHA-256 differs from it (the file was altered or
+      truncated since the run that trained it saved it).
+  """
+  path = os.path.join(workdir, TOKENIZER)
+  digest_path = path + ".sha256"
+  record = f"`sha256sum {TOKENIZER} > {TOKENIZER}.sha256` in {workdir}"
+  try:
+    with open(digest_path, encoding="ascii") as f:
+      line = f.read()
+  except FileNotFoundError:
+    raise DataError(
+        f"{path} has no recorded SHA-256 ({digest_path} is missing: an older "
+        "version saved it, or it was copied in), so it cannot be checked. If "
+        "it is the tokenizer this workdir was trained with, record it with "
+        f"{record}; otherwise pass --tokenizer or use a new --workdir."
+    ) from None
+  except (OSError, ValueError):      # unreadable, or not ASCII
+    line = ""
+  recorded = line.split()[0] if line.split() else ""
+  if len(recorded) != 64 or set(recorded) - set("0123456789abcdef"):
+    raise DataError(
+        f"{digest_path} is not a SHA-256 line (`<64 hex digits>  {TOKENIZER}`,"
+        f" as sha256sum writes): restore it, or, if {path} is the tokenizer "
+        f"this workdir was trained with, rewrite it with {record}.")
+  with open(path, "rb") as f:
+    actual = hashlib.sha256(f.read()).hexdigest()
+  if actual != recorded:
+    raise DataError(
+        f"{path} was altered or truncated since the run that trained it "
+        f"saved it: its SHA-256 is {actual[:16]}..., {digest_path} records "
+        f"{recorded[:16]}.... Restore the original file (the checkpoints "
+        "and caches in this workdir were made with it), or use a new "
+        "--workdir.")
 
 
 def check_lengths(rows: list, tokenizer: Tokenizer,
@@ -130,23 +186,47 @@ def check_lengths(rows: list, tokenizer: Tokenizer,
 
 def reward_stats(workdir: str, rewards: list[float],
                  path: str) -> tuple[RewardStats, RewardStats | None]:
-  """(statistics to normalise with, the same if fitted here and unsaved)."""
+  """(statistics to normalise with, the same if fitted here and unsaved).
+
+  The workdir's reward_stats.json is reused only when it is intact and was
+  fitted on exactly these rewards: its recorded fingerprint matches them and
+  its mean, std and count are theirs. Otherwise the run stops: a file fitted
+  on other data means the workdir belongs to another run; an unreadable,
+  edited or unfingerprinted (older) file is not trusted, and deleting it
+  fits the statistics again.
+
+  Raises:
+    DataError: the file is unreadable, invalid, unfingerprinted, edited or
+      fitted on other rewards; the message names it and what to do.
+  """
   stats_path = os.path.join(workdir, "reward_stats.json")
+  fitted = RewardStats.fit(rewards, path)
   if not os.path.isfile(stats_path):
-    stats = RewardStats.fit(rewards, path)
-    return stats, stats
-  stats = RewardStats.load(stats_path)
-  fitted = stats.fitted_on(rewards)
-  if fitted is False:
+    return fitted, fitted
+  delete = (f"It was written by an earlier run in --workdir={workdir}: "
+            f"delete it to fit the statistics again on {path}, or use a new "
+            "--workdir.")
+  stats = RewardStats.load(stats_path, remedy=delete)
+  match = stats.fitted_on(rewards)
+  if match is None:
+    raise DataError(f"{stats_path} records no fingerprint of the rewards it "
+                    f"was fitted on (an older version wrote it), so it "
+                    f"cannot be checked against {path}. {delete}")
+  if match is False:
     raise DataError(
         f"{stats_path} holds the reward statistics of other data "
         f"({stats.count} rewards; {path} now gives {len(rewards)}), so this "
         "workdir was trained on different rewards. Rerun with the "
         "--train_data and reward flags of the run that wrote it, or use a "
         "new --workdir.")
-  if fitted is None:
-    logging.warning("%s predates reward fingerprints: reusing it without "
-                    "checking that it was fitted on %s.", stats_path, path)
+  if stats.count != fitted.count or not np.allclose(
+      [stats.mean, stats.std], [fitted.mean, fitted.std], rtol=1e-9,
+      atol=0.0):
+    raise DataError(
+        f"{stats_path} was edited: it records the fingerprint of the rewards "
+        f"of {path} but mean {stats.mean}, std {stats.std}, count "
+        f"{stats.count}, where they give {fitted.mean}, {fitted.std}, "
+        f"{fitted.count}. {delete}")
   return stats, None
 
 
@@ -171,7 +251,7 @@ def load_dataset(workdir: str, config: DataConfig, algo: str,
   pairwise = algo in PAIRWISE_ALGORITHMS
   if config.train_data and pairwise != (config.data_format == "pairwise"):
     needs = ("--data_format=pairwise" if pairwise else "single-trajectory "
-             "data (--data_format=triplets or ultrafeedback)")
+             "data (--data_format=triplets, unpaired or ultrafeedback)")
     raise DataError(f"--algo={algo} needs {needs}, got --data_format="
                     f"{config.data_format}.")
   path = config.train_data or demo_data(workdir, config, pairwise, seed)
@@ -205,13 +285,20 @@ def load_dataset(workdir: str, config: DataConfig, algo: str,
 
 
 def save_inputs(workdir: str, dataset: Dataset) -> None:
-  """Saves a tokenizer trained here and the reward statistics in `workdir`.
+  """Saves a tokenizer trained here (spiece.model, with its SHA-256 in
+  spiece.model.sha256) and the reward statistics in `workdir`.
 
   Call it once every input has been checked (and in one process of a
   multi-process run).
   """
   if dataset.tokenizer.path is None:
-    dataset.tokenizer.save(os.path.join(workdir, "spiece.model"))
+    # The digest first: a run stopped between the two writes leaves a digest
+    # without a model, and the next run trains and saves both again.
+    model = dataset.tokenizer.serialized_model()
+    fileio.atomic_write_bytes(
+        os.path.join(workdir, TOKENIZER + ".sha256"),
+        f"{hashlib.sha256(model).hexdigest()}  {TOKENIZER}\n".encode())
+    dataset.tokenizer.save(os.path.join(workdir, TOKENIZER))
   if dataset.reward_stats is not None:
     dataset.reward_stats.save(os.path.join(workdir, "reward_stats.json"))
     dataset.reward_stats = None

@@ -4,13 +4,23 @@ A data file is JSON Lines (.jsonl or .json, one object per line, blank lines
 ignored) or Parquet (.parquet). This module holds what a reader returns
 (Triplet, Pair), what it raises (DataError), the row reader and field checks
 that every reader builds on (RowReader, BadValue, text_field, number_field),
-and the two flat readers:
+and the three flat readers:
   read_triplets  one {"prompt", "completion", "reward"} object per row, the
                  paper's single-trajectory data (Richemond et al. 2024);
+  read_unpaired  one {"prompt", "completion", "label"} object per row with a
+                 boolean label, TRL's unpaired preference format (the
+                 paper's thumbs-up/down): reward 1.0 for true, 0.0 for false;
   read_pairwise  one {"prompt", "chosen", "rejected"} object per row, for
                  the pairwise baselines.
 The UltraFeedback reader is dro_fast.data.ultrafeedback; choosing a reader
-by format name is dro_fast.data.formats.
+by format name, and reading several files, is dro_fast.data.formats.
+
+Conversational rows. The flat readers also take TRL's conversational form:
+a prompt may be a list of {"role", "content"} messages, written as text as
+"<role>: <content>" per message joined by `message_separator` (a newline by
+default); a completion (chosen, rejected) may be a list of exactly one
+{"role": "assistant", "content"} message, read as its content. Other keys of
+a message (e.g. "name") are ignored.
 
 The first bad row raises a DataError naming the file, the row, the field,
 what was wrong and what to do. With skip_bad_rows=True bad rows are dropped
@@ -39,6 +49,11 @@ _PARQUET_BATCH_ROWS = 1024
 
 class DataError(ValueError):
   """Data that cannot be used; the message says where, what and what to do."""
+
+
+class NoRowsError(DataError):
+  """A readable file without a usable row (formats.read_dataset reads a
+  shard set that has some, skipping such files with a warning)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,7 +320,7 @@ class RowReader:
              f"(skipped {self._skipped()}; the warning gives the reasons)")
     else:
       why = f"its {_plural(self._rows_seen, 'row')} hold no completions"
-    raise DataError(f"{self.path} has no usable rows: {why}. Check that it "
+    raise NoRowsError(f"{self.path} has no usable rows: {why}. Check that it "
                     "is the right file and that its fields are named as the "
                     "reader expects.")
 
@@ -344,8 +359,9 @@ def _present(row: dict[str, Any], key: str, field: str,
 
 
 def text_field(row: dict[str, Any], key: str, *, field: str | None = None,
-               argument: str | None = None, hint: str | None = None) -> str:
-  """row[key] as a non-blank string, unchanged.
+               argument: str | None = None, hint: str | None = None,
+               messages: str | None = None, separator: str = "\n") -> str:
+  """row[key] as a non-blank string: unchanged, or from TRL messages.
 
   Args:
     row: the row or completion.
@@ -353,18 +369,30 @@ def text_field(row: dict[str, Any], key: str, *, field: str | None = None,
     field: the field as messages name it; defaults to `key`.
     argument: the reader argument that names this field, if any.
     hint: what else to say when the field is missing.
+    messages: None: the value must be a string; "prompt": a list of
+      {"role", "content"} messages is also taken, as "<role>: <content>"
+      per message joined by `separator`; "completion": a list of one
+      assistant message is also taken, as its content.
+    separator: joins a prompt's messages.
 
   Returns:
     The string.
 
   Raises:
-    BadValue: the field is missing, null, not a string, or blank.
+    BadValue: the field is missing, null, neither a string nor (when
+      `messages`) a well-formed list of messages, or blank.
   """
   field = key if field is None else field
   value = _present(row, key, field, argument, hint)
+  # A list without any object (e.g. of words) is no conversation: say so.
+  if (messages is not None and isinstance(value, (list, tuple))
+      and (not value or any(isinstance(item, dict) for item in value))):
+    return _messages_text(value, key, field, messages, separator)
   if not isinstance(value, str):
+    also = "" if messages is None else (
+        " or a list of {'role', 'content'} messages")
     raise BadValue(field, f"{key} not a string",
-                   f"is {a_json_type(value)}, not a string")
+                   f"is {a_json_type(value)}, not a string{also}")
   if not value.strip():
     raise BadValue(field, f"empty {key}",
                    "is empty or only whitespace; every text must be "
@@ -372,8 +400,43 @@ def text_field(row: dict[str, Any], key: str, *, field: str | None = None,
   return value
 
 
+def _messages_text(value: list[Any] | tuple[Any, ...], key: str, field: str,
+                   kind: str, separator: str) -> str:
+  """A prompt's or completion's list of TRL messages as text (text_field).
+
+  Raises:
+    BadValue: the list is empty, a message is not an object or lacks a
+      non-blank string "role" or "content", or a completion is not exactly
+      one assistant message.
+  """
+  one_assistant = ("a conversational completion is a list of exactly one "
+                   "{'role': 'assistant', 'content': ...} message; earlier "
+                   "turns belong in the prompt")
+  if not value:
+    raise BadValue(field, f"empty {key}", "is an empty list of messages"
+                   + ("" if kind == "prompt" else f"; {one_assistant}"))
+  if kind == "completion" and len(value) != 1:
+    raise BadValue(field, f"{key} not one message",
+                   f"holds {len(value)} messages; {one_assistant}")
+  lines = []
+  for index, message in enumerate(value):
+    at = f"{field}[{index}]"
+    if not isinstance(message, dict):
+      raise BadValue(at, f"{key} message not an object",
+                     f"is {a_json_type(message)}, not a message object "
+                     "with 'role' and 'content'")
+    role = text_field(message, "role", field=f"{at}.role")
+    content = text_field(message, "content", field=f"{at}.content")
+    if kind == "completion" and role != "assistant":
+      raise BadValue(f"{at}.role", f"{key} role not assistant",
+                     f"is {role!r}; {one_assistant}")
+    lines.append(content if kind == "completion" else f"{role}: {content}")
+  return separator.join(lines)
+
+
 def number_field(row: dict[str, Any], key: str, *, field: str | None = None,
-                 argument: str | None = None) -> float:
+                 argument: str | None = None,
+                 boolean_hint: str | None = None) -> float:
   """row[key] as a finite float; bools and numeric strings are refused.
 
   Args:
@@ -381,6 +444,7 @@ def number_field(row: dict[str, Any], key: str, *, field: str | None = None,
     key: the field to read; also names the reason a bad row is counted by.
     field: the field as messages name it; defaults to `key`.
     argument: the reader argument that names this field, if any.
+    boolean_hint: what else to say when the value is a boolean.
 
   Returns:
     The value as a float.
@@ -393,7 +457,8 @@ def number_field(row: dict[str, Any], key: str, *, field: str | None = None,
   value = _present(row, key, field, argument)
   if isinstance(value, bool):
     raise BadValue(field, f"{key} not a number",
-                   f"is {json.dumps(value)} (a boolean), not a number")
+                   f"is {json.dumps(value)} (a boolean), not a number"
+                   + ("" if boolean_hint is None else f"; {boolean_hint}"))
   if isinstance(value, str):
     try:
       float(value)
@@ -416,17 +481,44 @@ def number_field(row: dict[str, Any], key: str, *, field: str | None = None,
   return number
 
 
+def _boolean_field(row: dict[str, Any], key: str, *,
+                   argument: str | None = None) -> bool:
+  """row[key], which must be a boolean (JSON true/false, a Parquet bool).
+
+  Raises:
+    BadValue: the field is missing, null or not a boolean.
+  """
+  value = _present(row, key, key, argument)
+  if isinstance(value, bool):
+    return value
+  detail = f"is {a_json_type(value)}, not true or false"
+  if isinstance(value, str):
+    detail = f"is the string {value!r}, not true or false"
+    if value.strip().lower() in ("true", "false"):
+      detail += ("; write it as a JSON boolean "
+                 f"({value.strip().lower()}, without quotes)")
+  elif isinstance(value, numbers.Real):
+    detail = (f"is {value!r} (a number), not true or false; for numeric "
+              "rewards use read_triplets (the trainer's "
+              "--data_format=triplets)")
+  raise BadValue(key, f"{key} not a boolean", detail)
+
+
 def read_triplets(path: str | os.PathLike, *, prompt_field: str = "prompt",
                   completion_field: str = "completion",
                   reward_field: str = "reward",
+                  message_separator: str = "\n",
                   skip_bad_rows: bool = False) -> list[Triplet]:
   """Reads (prompt, completion, reward) rows from JSON Lines or Parquet.
 
   Args:
     path: a .jsonl/.json (one object per line) or .parquet file.
-    prompt_field: the field holding the prompt.
-    completion_field: the field holding the completion.
+    prompt_field: the field holding the prompt: text, or a list of
+      messages (see the module docstring).
+    completion_field: the field holding the completion: text, or a list of
+      one assistant message.
     reward_field: the field holding the reward, a finite number.
+    message_separator: joins the messages of a conversational prompt.
     skip_bad_rows: drop bad rows, logging one warning with counts per
       reason, instead of raising on the first.
 
@@ -436,7 +528,7 @@ def read_triplets(path: str | os.PathLike, *, prompt_field: str = "prompt",
   Raises:
     DataError: the file is missing, has an unknown extension, lacks a column
       (Parquet), has a bad row (unless `skip_bad_rows`), or has no usable
-      rows.
+      rows (NoRowsError).
   """
   reader = RowReader(
       path, (prompt_field, completion_field, reward_field), skip_bad_rows,
@@ -446,10 +538,12 @@ def read_triplets(path: str | os.PathLike, *, prompt_field: str = "prompt",
   triplets = []
   for location, row in reader:
     try:
-      prompt = text_field(row, prompt_field, argument="prompt_field")
-      completion = text_field(row, completion_field,
-                              argument="completion_field")
-      reward = number_field(row, reward_field, argument="reward_field")
+      prompt, completion = _prompt_completion(
+          row, prompt_field, completion_field, message_separator)
+      reward = number_field(
+          row, reward_field, argument="reward_field",
+          boolean_hint="for thumbs-up/down labels use read_unpaired (the "
+          "trainer's --data_format=unpaired)")
     except BadValue as bad:
       reader.reject(location, bad)
       continue
@@ -457,17 +551,79 @@ def read_triplets(path: str | os.PathLike, *, prompt_field: str = "prompt",
   return reader.finish(triplets)
 
 
+def _prompt_completion(row: dict[str, Any], prompt_field: str,
+                       completion_field: str,
+                       separator: str) -> tuple[str, str]:
+  """The row's prompt and completion texts (text or messages)."""
+  return (text_field(row, prompt_field, argument="prompt_field",
+                     messages="prompt", separator=separator),
+          text_field(row, completion_field, argument="completion_field",
+                     messages="completion"))
+
+
+def read_unpaired(path: str | os.PathLike, *, prompt_field: str = "prompt",
+                  completion_field: str = "completion",
+                  label_field: str = "label",
+                  message_separator: str = "\n",
+                  skip_bad_rows: bool = False) -> list[Triplet]:
+  """Reads TRL's unpaired preference rows (prompt, completion, label).
+
+  The label is a boolean, the paper's thumbs-up (true) or thumbs-down
+  (false); it becomes the reward 1.0 or 0.0, which training then normalises
+  over the dataset like any reward (data.RewardStats).
+
+  Args:
+    path: a .jsonl/.json (one object per line) or .parquet file.
+    prompt_field: the field holding the prompt: text, or a list of
+      messages (see the module docstring).
+    completion_field: the field holding the completion: text, or a list of
+      one assistant message.
+    label_field: the field holding the label, JSON true or false (a Parquet
+      bool).
+    message_separator: joins the messages of a conversational prompt.
+    skip_bad_rows: drop bad rows, logging one warning with counts per
+      reason, instead of raising on the first.
+
+  Returns:
+    The triplets in file order, rewards 1.0 and 0.0.
+
+  Raises:
+    DataError: as `read_triplets`; a label that is not a boolean is bad.
+  """
+  reader = RowReader(
+      path, (prompt_field, completion_field, label_field), skip_bad_rows,
+      "Name the right columns with prompt_field=, completion_field= and "
+      "label_field= (the trainer's --prompt_field, --completion_field and "
+      "--label_field).")
+  triplets = []
+  for location, row in reader:
+    try:
+      prompt, completion = _prompt_completion(
+          row, prompt_field, completion_field, message_separator)
+      label = _boolean_field(row, label_field, argument="label_field")
+    except BadValue as bad:
+      reader.reject(location, bad)
+      continue
+    triplets.append(Triplet(prompt, completion, float(label),
+                            location.source))
+  return reader.finish(triplets)
+
+
 def read_pairwise(path: str | os.PathLike, *, prompt_field: str = "prompt",
                   chosen_field: str = "chosen",
                   rejected_field: str = "rejected",
+                  message_separator: str = "\n",
                   skip_bad_rows: bool = False) -> list[Pair]:
   """Reads (prompt, chosen, rejected) rows from JSON Lines or Parquet.
 
   Args:
     path: a .jsonl/.json (one object per line) or .parquet file.
-    prompt_field: the field holding the prompt.
-    chosen_field: the field holding the preferred completion.
-    rejected_field: the field holding the other completion.
+    prompt_field: the field holding the prompt: text, or a list of
+      messages (see the module docstring).
+    chosen_field: the field holding the preferred completion: text, or a
+      list of one assistant message.
+    rejected_field: the field holding the other completion, likewise.
+    message_separator: joins the messages of a conversational prompt.
     skip_bad_rows: drop bad rows, logging one warning with counts per
       reason, instead of raising on the first.
 
@@ -485,9 +641,12 @@ def read_pairwise(path: str | os.PathLike, *, prompt_field: str = "prompt",
   pairs = []
   for location, row in reader:
     try:
-      pair = Pair(text_field(row, prompt_field, argument="prompt_field"),
-                  text_field(row, chosen_field, argument="chosen_field"),
-                  text_field(row, rejected_field, argument="rejected_field"),
+      pair = Pair(text_field(row, prompt_field, argument="prompt_field",
+                             messages="prompt", separator=message_separator),
+                  text_field(row, chosen_field, argument="chosen_field",
+                             messages="completion"),
+                  text_field(row, rejected_field, argument="rejected_field",
+                             messages="completion"),
                   location.source)
     except BadValue as bad:
       reader.reject(location, bad)

@@ -108,11 +108,14 @@ class RewardStats:
     fileio.atomic_write_json(path, dataclasses.asdict(self))
 
   @classmethod
-  def load(cls, path: str | os.PathLike) -> RewardStats:
+  def load(cls, path: str | os.PathLike, *,
+           remedy: str = "Rewrite it with RewardStats.save.") -> RewardStats:
     """Reads statistics written by `save`.
 
     Args:
       path: the JSON file.
+      remedy: what the error messages about the file's contents tell the
+        reader to do (the trainer says to delete its workdir's file).
 
     Returns:
       The statistics.
@@ -130,22 +133,25 @@ class RewardStats:
     try:
       with open(path, encoding="utf-8") as f:
         stored = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise DataError(
-          f"reward statistics file {path} is not valid JSON ({e}). Rewrite "
-          "it with RewardStats.save.") from e
+    except OSError as e:
+      raise DataError(f"reward statistics file {path} cannot be read ({e})."
+                      f" {remedy}") from e
+    except ValueError as e:       # not JSON, or not UTF-8
+      raise DataError(f"reward statistics file {path} is not valid JSON "
+                      f"({e}). {remedy}") from e
     if not isinstance(stored, dict):
       raise DataError(f"reward statistics file {path} holds a JSON "
                       f"{type(stored).__name__}, not an object with mean, "
-                      "std and count. Rewrite it with RewardStats.save.")
+                      f"std and count. {remedy}")
     fingerprint = stored.get("fingerprint", "")
     if not isinstance(fingerprint, str):
       raise DataError(f"reward statistics file {path}: 'fingerprint' is "
-                      f"{fingerprint!r}, not a string. Rewrite the file with "
-                      "RewardStats.save.")
-    return cls(mean=_stored_number(stored, "mean", path),
-               std=_stored_number(stored, "std", path, positive=True),
-               count=_stored_count(stored, path), fingerprint=fingerprint)
+                      f"{fingerprint!r}, not a string. {remedy}")
+    return cls(mean=_stored_number(stored, "mean", path, remedy),
+               std=_stored_number(stored, "std", path, remedy,
+                                  positive=True),
+               count=_stored_count(stored, path, remedy),
+               fingerprint=fingerprint)
 
 
 def rewards_fingerprint(rewards: Sequence[float] | np.ndarray) -> str:
@@ -154,24 +160,22 @@ def rewards_fingerprint(rewards: Sequence[float] | np.ndarray) -> str:
   return hashlib.sha256(values.tobytes()).hexdigest()[:32]
 
 
-def _stored_number(stored: dict[str, Any], key: str, path: str, *,
-                   positive: bool = False) -> float:
+def _stored_number(stored: dict[str, Any], key: str, path: str, remedy: str,
+                   *, positive: bool = False) -> float:
   """stored[key] as a finite (and, if asked, positive) float."""
   value = stored.get(key)
   if (isinstance(value, bool) or not isinstance(value, numbers.Real)
       or not math.isfinite(value) or (positive and value <= 0)):
     kind = "finite positive number" if positive else "finite number"
     raise DataError(f"reward statistics file {path}: {key!r} is "
-                    f"{value!r}, not a {kind}. Rewrite the file with "
-                    "RewardStats.save.")
+                    f"{value!r}, not a {kind}. {remedy}")
   return float(value)
 
 
-def _stored_count(stored: dict[str, Any], path: str) -> int:
+def _stored_count(stored: dict[str, Any], path: str, remedy: str) -> int:
   """stored["count"] as an integer >= 2."""
   value = stored.get("count")
   if isinstance(value, bool) or not isinstance(value, int) or value < 2:
     raise DataError(f"reward statistics file {path}: 'count' is {value!r}, "
-                    "not an integer >= 2. Rewrite the file with "
-                    "RewardStats.save.")
+                    f"not an integer >= 2. {remedy}")
   return value

@@ -1,8 +1,15 @@
-"""`python -m dro_fast.evaluation`: the side-by-side evaluation CLI."""
+"""`python -m dro_fast.evaluation` (or `dro-fast-evaluate`): the side-by-side
+evaluation CLI."""
 
 from absl import app
 
 from dro_fast.evaluation import evaluate
 
-if __name__ == "__main__":
+
+def run() -> None:
+  """The `dro-fast-evaluate` console script."""
   app.run(evaluate.main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,7 +1,8 @@
 r"""Side-by-side evaluation of two policies, as the paper reports its results.
 
   python -m dro_fast.evaluation --policy_a=runs/dro_v --policy_b=runs/dro_v:init \
-      --prompts=test_prompts.jsonl --judge=http:http://127.0.0.1:8000/v1/chat/completions
+      --prompts=test_prompts.jsonl --judge_model=MODEL \
+      --judge=http:http://127.0.0.1:8000/v1/chat/completions
 
 A policy is WORKDIR (its newest checkpoint), WORKDIR:STEP, or WORKDIR:init
 (the run's initial, SFT policy). Both policies answer the same prompts
@@ -17,9 +18,18 @@ paper's checkpoint selection, §4).
 
 Judges (--judge): reward:MODULE:FUNCTION (a callable r(prompt, response);
 higher wins) or http:URL (an OpenAI-compatible chat endpoint asked the
-paper's side-by-side prompt; its API key comes from the environment).
+paper's side-by-side prompt for --judge_model; its API key comes from
+$DRO_FAST_JUDGE_API_KEY). An http: judge is asked --judge_concurrency pairs
+at a time, each request waiting up to --judge_timeout seconds; 408, 429 and
+5xx answers and lost connections are retried --judge_retries times, waiting
+as a 429/503's Retry-After asks (at most 60 s) or backing off 1, 2, 4... s.
 Without --prompts, a run trained on the synthetic demo task is evaluated on
 held-out synthetic prompts with its known reward as the default judge.
+
+Each verdict is appended to pairs.jsonl as it arrives, so a run stopped
+partway (a failing judge, a kill) keeps what it got: rerun the same command
+and only the pairs not yet judged are asked (a verdict is reused only for
+the same judge, prompt and responses; see evaluation.pairs).
 
 A run is read back through its run_config.json (training.runs): only the
 policy parameters are restored, never the optimizer states, and no trainer
@@ -43,7 +53,9 @@ from tqdm import tqdm
 from dro_fast import data
 from dro_fast import fileio
 from dro_fast import decoding
+from dro_fast import runtime
 from dro_fast.evaluation import judges
+from dro_fast.evaluation import pairs
 from dro_fast.data import synthetic
 from dro_fast.training import checkpointing
 from dro_fast.training import runs
@@ -62,6 +74,19 @@ _PROMPT_FIELD = flags.DEFINE_string("prompt_field", "prompt", "Prompt field.")
 _JUDGE = flags.DEFINE_string(
     "judge", None, "reward:MODULE:FUNCTION or http:URL (default for the "
     "synthetic task: reward:dro_fast.data.synthetic:reward).")
+_JUDGE_MODEL = flags.DEFINE_string(
+    "judge_model", None, "The model an http: judge asks for (the request's "
+    "\"model\"; required for http: judges, e.g. a name the server's "
+    "/v1/models lists).")
+_JUDGE_CONCURRENCY = flags.DEFINE_integer(
+    "judge_concurrency", None, "Pairs judged at once (each pair is two "
+    "requests, one after the other). Default: 8 for http: judges, 1 for "
+    "reward: judges (a reward function must be thread-safe for more).")
+_JUDGE_TIMEOUT = flags.DEFINE_float(
+    "judge_timeout", 60.0, "Seconds an http: judge waits for each request.")
+_JUDGE_RETRIES = flags.DEFINE_integer(
+    "judge_retries", 5, "Further attempts of an http: judge's request after "
+    "a transient failure (timeout, lost connection, 408, 429, 5xx).")
 _FOLDS = flags.DEFINE_integer("folds", 5, "Evaluation folds.")
 _PER_FOLD = flags.DEFINE_integer("prompts_per_fold", 1000, "Prompts per fold.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0,
@@ -152,13 +177,11 @@ def generate(params, config, tokenizer, prompts, max_input, max_target,
   return responses
 
 
-def side_by_side(judge, prompts, responses_a, responses_b) -> list[dict]:
-  rows = []
-  for prompt, a, b in tqdm(list(zip(prompts, responses_a, responses_b)),
-                           desc="judge", disable=None, leave=False):
-    rows.append({"prompt": prompt, "response_a": a, "response_b": b,
-                 "score_a": judges.judge_swapped(judge, prompt, a, b)})
-  return rows
+def judge_concurrency(judge) -> int:
+  """--judge_concurrency, or its default for the judge's kind."""
+  if _JUDGE_CONCURRENCY.value is not None:
+    return _JUDGE_CONCURRENCY.value
+  return 8 if isinstance(judge, judges.HttpJudge) else 1
 
 
 def fold_win_rates(rows: list[dict], folds: int) -> list[float]:
@@ -182,16 +205,17 @@ def compare(spec_a: str, spec_b: str, output_dir: str, judge) -> dict:
                               run.data.max_input_length,
                               run.data.max_target_length,
                               jax.random.fold_in(rng, i)))
-  rows = side_by_side(judge, prompts, *responses)
+  os.makedirs(output_dir, exist_ok=True)
+  # Appends each verdict to pairs.jsonl as it arrives and resumes from it.
+  rows = pairs.side_by_side(
+      judge, prompts, *responses,
+      path=os.path.join(output_dir, pairs.PAIRS_FILE),
+      fold_size=_PER_FOLD.value, concurrency=judge_concurrency(judge))
   folds = fold_win_rates(rows, _FOLDS.value)
   result = {"policy_a": spec_a, "policy_b": spec_b, "judge": judge.name,
             "win_rate_mean": float(np.mean(folds)),
             "win_rate_std": float(np.std(folds)), "folds": folds,
             "prompts": len(prompts)}
-  os.makedirs(output_dir, exist_ok=True)
-  fileio.atomic_write_lines(os.path.join(output_dir, "pairs.jsonl"),
-               [dict(r, fold=i // _PER_FOLD.value) for i, r in
-                enumerate(rows)])
   fileio.atomic_write_json(os.path.join(output_dir, "win_rate.json"), result)
   _bar_chart(result, os.path.join(output_dir, "win_rate.png"))
   return result
@@ -259,7 +283,9 @@ def _judge(workdir: str):
                       "http:URL).")
     spec = "reward:dro_fast.data.synthetic:reward"
   try:
-    return judges.make_judge(spec)
+    return judges.make_judge(spec, model=_JUDGE_MODEL.value,
+                             timeout_s=_JUDGE_TIMEOUT.value,
+                             retries=_JUDGE_RETRIES.value)
   except (ValueError, judges.JudgeError) as e:
     raise EvalError(f"--judge: {e}") from None
 
@@ -269,9 +295,14 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  runtime.hide_absent_tpu()
   try:
     if _FOLDS.value < 1 or _PER_FOLD.value < 1:
       raise EvalError("--folds and --prompts_per_fold must be >= 1.")
+    if _JUDGE_CONCURRENCY.value is not None and _JUDGE_CONCURRENCY.value < 1:
+      raise EvalError("--judge_concurrency must be >= 1.")
+    if not _JUDGE_TIMEOUT.value > 0 or _JUDGE_RETRIES.value < 0:
+      raise EvalError("--judge_timeout must be > 0 and --judge_retries >= 0.")
     if _BEST.value:
       record = best_checkpoint(_BEST.value, _judge(_BEST.value))
       print(json.dumps(record, indent=2))

@@ -6,15 +6,17 @@ when B is, 0.5 for a tie.
 
 RewardJudge    compares r(prompt, response) of a reward function;
 HttpJudge      asks an OpenAI-compatible chat-completions endpoint, with the
-               paper's prompt (`build_prompt`);
+               paper's prompt (`build_prompt`); retries transient failures,
+               waiting as a 429/503's Retry-After asks;
 make_judge     builds either from a spec string ("reward:MODULE:FUNCTION",
-               "http:URL");
+               "http:URL" with a model name);
 judge_swapped  judges both orders so that position bias cancels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import email.utils
 import http.client
 import importlib
 import json
@@ -30,6 +32,10 @@ from absl import logging
 
 # How much of a server's answer or error body goes into a message.
 _QUOTE_CHARS = 200
+# Statuses worth another attempt besides 5xx: request timeout, rate limit.
+_RETRYABLE_4XX = (408, 429)
+# Statuses whose Retry-After header is honoured (RFC 9110 §10.2.3).
+_RETRY_AFTER_STATUSES = (429, 503)
 _SPEC_FORMS = ("reward:MODULE:FUNCTION (e.g. reward:dro_fast.data.synthetic:"
                "reward) or http:URL (e.g. http:http://127.0.0.1:8000/v1/chat/"
                "completions)")
@@ -148,8 +154,45 @@ def _quote(text: str) -> str:
   return repr(text)
 
 
+def parse_retry_after(value: str | None,
+                      now: float | None = None) -> float | None:
+  """Seconds a Retry-After header value asks to wait, or None if unusable.
+
+  Args:
+    value: the header's value: delay-seconds ("120", also "1.5") or an
+      HTTP-date ("Wed, 21 Oct 2015 07:28:00 GMT"); None when absent.
+    now: the current time.time() (for tests); by default, the clock.
+
+  Returns:
+    The wait in seconds, >= 0 (a date in the past waits 0), or None for an
+    absent, negative or unparseable value (the caller then backs off as for
+    any transient failure).
+  """
+  if value is None:
+    return None
+  value = value.strip()
+  if re.fullmatch(r"\d+(\.\d*)?", value):
+    return float(value)
+  try:
+    date = email.utils.parsedate_to_datetime(value)
+  except (TypeError, ValueError, IndexError):
+    return None
+  if date is None or date.tzinfo is None:
+    return None
+  return max(0.0, date.timestamp() - (time.time() if now is None else now))
+
+
 class _RetryableError(Exception):
-  """A failure worth another attempt: no connection, timeout, 429 or 5xx."""
+  """A failure worth another attempt: no connection, timeout, 408, 429, 5xx.
+
+  Attributes:
+    retry_after_s: the wait a 429/503's Retry-After header asked for, or
+      None.
+  """
+
+  def __init__(self, message: str, retry_after_s: float | None = None):
+    super().__init__(message)
+    self.retry_after_s = retry_after_s
 
 
 class HttpJudge:
@@ -158,23 +201,31 @@ class HttpJudge:
   The API key is read from the environment at each request and sent only in
   the Authorization header; it is never stored on the judge, and it is
   removed from any server text quoted in an error.
+
+  A judge holds no per-request state, so one judge may be asked from many
+  threads at once (evaluation's --judge_concurrency).
   """
 
-  def __init__(self, url: str, *, model: str = "judge",
+  def __init__(self, url: str, *, model: str,
                api_key_env: str = "DRO_FAST_JUDGE_API_KEY",
-               timeout_s: float = 30.0, retries: int = 3,
-               backoff_s: float = 1.0, temperature: float = 0.0):
+               timeout_s: float = 60.0, retries: int = 5,
+               backoff_s: float = 1.0, max_retry_after_s: float = 60.0,
+               temperature: float = 0.0):
     """Configures the judge; nothing is sent until `judge`.
 
     Args:
       url: the full URL of the chat-completions route, e.g.
         http://127.0.0.1:8000/v1/chat/completions.
-      model: the "model" field of the request.
+      model: the "model" field of the request: a model the server serves
+        (servers reject names they do not know, so there is no default).
       api_key_env: the environment variable holding the API key; when it is
         unset or empty no Authorization header is sent.
       timeout_s: seconds to wait for each request, > 0.
       retries: further attempts after a failed one, >= 0.
       backoff_s: seconds before the first retry, doubling for each next one.
+      max_retry_after_s: the longest wait a 429/503's Retry-After header may
+        ask for; a longer one waits this long. Without the header the wait
+        is the backoff.
       temperature: the sampling temperature of the request.
     """
     if not url.startswith(("http://", "https://")):
@@ -187,13 +238,20 @@ class HttpJudge:
       raise ValueError(f"retries must be >= 0, got {retries}.")
     if backoff_s < 0:
       raise ValueError(f"backoff_s must be >= 0, got {backoff_s}.")
+    if max_retry_after_s < 0:
+      raise ValueError(f"max_retry_after_s must be >= 0, got "
+                       f"{max_retry_after_s}.")
+    if not isinstance(model, str) or not model:
+      raise ValueError(f"model must be the name of a model the judge server "
+                       f"serves, got {model!r}.")
     self.url = url
     self.model = model
-    self.name = f"http:{url}"
+    self.name = f"http:{url} model={model}"
     self._api_key_env = api_key_env
     self._timeout_s = timeout_s
     self._retries = retries
     self._backoff_s = backoff_s
+    self._max_retry_after_s = max_retry_after_s
     self._temperature = temperature
 
   def __repr__(self) -> str:
@@ -224,8 +282,11 @@ class HttpJudge:
       finally:
         err.close()
       status = f"HTTP {err.code}: {_quote(error_body)}"
-      if err.code == 429 or err.code >= 500:
-        raise _RetryableError(status) from None
+      if err.code in _RETRYABLE_4XX or err.code >= 500:
+        wait = (parse_retry_after(err.headers.get("Retry-After"))
+                if err.code in _RETRY_AFTER_STATUSES and err.headers
+                else None)
+        raise _RetryableError(status, wait) from None
       hint = (f"; check the API key in ${self._api_key_env}"
               if err.code in (401, 403) else "")
       raise JudgeError(f"judge at {self.url} rejected the request with "
@@ -260,21 +321,25 @@ class HttpJudge:
 
     Raises:
       JudgeError: the server is unreachable, times out or keeps failing
-        (429, 5xx) after all attempts; it rejects the request (other 4xx);
-        its response is not chat-completions JSON; or no answer names
+        (408, 429, 5xx) after all attempts; it rejects the request (other
+        4xx); its response is not chat-completions JSON; or no answer names
         exactly one of A and B.
     """
     content = build_prompt(prompt, response_a, response_b)
     api_key = os.environ.get(self._api_key_env) or None
     attempts = self._retries + 1
     unreachable, unparseable = "", None  # How the last attempt failed.
+    asked_wait = None  # The last failure's Retry-After, in seconds.
     for attempt in range(attempts):
       if attempt:
-        time.sleep(self._backoff_s * 2 ** (attempt - 1))
+        time.sleep(self._backoff_s * 2 ** (attempt - 1) if asked_wait is None
+                   else min(asked_wait, self._max_retry_after_s))
+      asked_wait = None
       try:
         answer = self._post(content, api_key)
       except _RetryableError as err:
         unreachable, unparseable = str(err), None
+        asked_wait = err.retry_after_s
         logging.warning("Judge at %s failed (attempt %d of %d): %s", self.url,
                         attempt + 1, attempts, unreachable)
         continue
@@ -324,27 +389,40 @@ def _reward_judge_from_spec(spec: str, target: str) -> RewardJudge:
   return RewardJudge(function, name=f"reward:{module_name}:{function_name}")
 
 
-def make_judge(spec: str) -> Judge:
+def make_judge(spec: str, *, model: str | None = None,
+               **http_options: Any) -> Judge:
   """Builds a judge from a spec string (e.g. a command-line flag).
 
   Args:
     spec: "reward:MODULE:FUNCTION" for a RewardJudge of MODULE.FUNCTION, or
-      "http:URL" for an HttpJudge of URL with default settings (the spec is
-      split at its first ':' only, so the URL keeps its own).
+      "http:URL" for an HttpJudge of URL (the spec is split at its first ':'
+      only, so the URL keeps its own).
+    model: the model an http: judge asks for; required for http:, and
+      refused for reward: (it would be silently ignored).
+    **http_options: further HttpJudge arguments (timeout_s, retries, ...);
+      ignored by reward: judges.
 
   Returns:
     The judge.
 
   Raises:
-    ValueError: an unknown form, or a module or function that does not
-      exist or is not callable.
+    ValueError: an unknown form; an http: spec without a model, or a
+      reward: spec with one; a module or function that does not exist or
+      is not callable.
     JudgeError: the module exists but importing it failed.
   """
   kind, _, target = spec.partition(":")
   if kind == "reward" and target:
+    if model:
+      raise ValueError(f"judge spec {spec!r} is a reward function; a model "
+                       f"name ({model!r}) applies to http: judges only.")
     return _reward_judge_from_spec(spec, target)
   if kind == "http" and target:
-    return HttpJudge(target)
+    if not model:
+      raise ValueError(f"judge spec {spec!r} needs the name of the model "
+                       "the server serves (--judge_model=NAME, e.g. the "
+                       "name its /v1/models route lists).")
+    return HttpJudge(target, model=model, **http_options)
   raise ValueError(f"unknown judge spec {spec!r}; use {_SPEC_FORMS}.")
 
 

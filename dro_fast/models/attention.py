@@ -14,11 +14,20 @@ attention core, all with one signature:
      bias [1, H, q, k] float32 or None, mask: AttentionMask,
      dropout_rng=None, dropout_rate=0.0) -> [B, q, H, K]
 
+except that an implementation in RELATIVE_BIAS (`takes_relative_bias`)
+gets the bias as a layers.RelativeBias (the [H, buckets] table and its
+bucket rule, for positions 0, 1, ...) and a keyword `platform`
+(T5Config.platform); the network then never materialises the bias.
+
   "xla": the [B, H, q, k] logits and softmax as arrays (attention_logits'
     VJP runs the backward in the compute dtype); the only one with attention
     dropout, and the one cached decoding always takes.
   "cudnn": cuDNN's fused (flash) attention through
     jax.nn.dot_product_attention; never materialises the logits.
+  "flash": a Pallas TPU (Mosaic) flash attention that builds the relative
+    position bias tile by tile from its table (models/flash_attention/);
+    no [B, H, q, k] array in forward or backward. Runs natively on platform
+    "tpu", in the TPU simulator on "cpu" (tests).
 
 A fused implementation (any but "xla") gets no dropout (T5Config refuses
 dropout_rate > 0 with it) and reads the key mask as per-example lengths of
@@ -38,7 +47,11 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
+from dro_fast.models.flash_attention import ops as flash_ops
+from dro_fast.models import per_device
+from dro_fast.models.flash_attention import pallas_tpu as flash_tpu
 from dro_fast.models.layers import Dense
+from dro_fast.models.layers import RelativeBias
 
 if TYPE_CHECKING:  # config.py imports this module for its registry.
   from dro_fast.models.config import T5Config
@@ -166,20 +179,53 @@ def dot_product_attention(queries: jax.Array, keys: jax.Array,
       key_value_seq_lengths=mask.lengths(), implementation=implementation)
 
 
+def flash_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
+                    *, bias: RelativeBias | None, mask: AttentionMask,
+                    dropout_rng: jax.Array | None = None,
+                    dropout_rate: float = 0.0,
+                    platform: str = "tpu") -> jax.Array:
+  """T5 attention by flash_attention.ops on Mosaic kernels (platform "tpu")
+  or the TPU simulator (any other platform). Saves its output and
+  log-sum-exp only, tagged FUSED_RESIDUALS. A query that sees no key gets
+  0 (the "xla" path averages all values there)."""
+  del dropout_rng, dropout_rate        # fused: refused by T5Config.
+
+  def attend(queries, keys, values, bias, lengths):
+    return flash_ops.flash_attention(
+        queries, keys, values, relative_bias=bias, lengths=lengths,
+        causal=mask.causal, interpret=flash_tpu.interpret_params(platform),
+        residual_names=FUSED_RESIDUALS)
+
+  # A Pallas kernel on a mesh runs per device (per_device.over_batch).
+  return per_device.over_batch(attend, (True, True, True, False, True))(
+      queries, keys, values, bias, mask.lengths())
+
+
 Implementation = Callable[..., jax.Array]
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "xla": xla_attention,
     "cudnn": dot_product_attention,
+    "flash": flash_attention,
 }
+
+# Implementations that take the bias as a RelativeBias and `platform=`.
+RELATIVE_BIAS = frozenset({"flash"})
+
+
+def takes_relative_bias(name: str) -> bool:
+  """Whether implementation `name` builds the relative-position bias from
+  its table (gets a RelativeBias and `platform=`, not a [1, H, q, k]
+  array)."""
+  return name in RELATIVE_BIAS
 
 
 def register(name: str, fn: Implementation) -> None:
   """Adds (or replaces) implementation `name`, usable as
   T5Config(attention=name). fn has the signature of the module docstring
-  and is fused (no dropout, lengths for the key mask); "xla" and "cudnn"
+  and is fused (no dropout, lengths for the key mask); the built-in ones
   cannot be replaced."""
-  if name in ("xla", "cudnn"):
+  if name in ("xla", "cudnn", "flash"):
     raise ValueError(f"attention implementation {name!r} is built in and "
                      f"cannot be replaced; register under another name.")
   IMPLEMENTATIONS[name] = fn
@@ -229,7 +275,9 @@ class Attention(hk.Module):
         project kv_inputs into keys and values.
       kv_inputs: [B, k, D] inputs of the key/value projections, or None to
         use cached_kv as they are.
-      bias: float32 additive bias [1, H, q, k] (relative positions), or None.
+      bias: float32 additive bias [1, H, q, k] (relative positions), its
+        factored form (a RelativeBias, for an implementation that
+        takes_relative_bias; materialised here for any other), or None.
       mask: which keys each query sees.
       dropout_rng: key for dropout on the attention weights, or None.
       cached_kv: ([B, T_max, H, K], [B, T_max, H, K]) cache. With kv_inputs,
@@ -261,11 +309,16 @@ class Attention(hk.Module):
     queries = self._split_heads(checkpoint_name(
         dense(init_scale=1.0 / config.d_kv, name="query")(queries_in),
         "attention_query"))                                       # [B,q,H,K]
-    implementation = IMPLEMENTATIONS[
-        "xla" if cached_kv is not None else config.attention]
-    out = implementation(queries, keys, values, bias=bias, mask=mask,
-                         dropout_rng=dropout_rng,
-                         dropout_rate=config.dropout_rate)        # [B,q,H,K]
+    name = "xla" if cached_kv is not None else config.attention
+    extra = {}
+    if takes_relative_bias(name):
+      extra["platform"] = config.platform
+    elif isinstance(bias, RelativeBias):
+      bias = bias.dense(queries.shape[1], keys.shape[1])          # [1,H,q,k]
+    out = IMPLEMENTATIONS[name](queries, keys, values, bias=bias, mask=mask,
+                                dropout_rng=dropout_rng,
+                                dropout_rate=config.dropout_rate,
+                                **extra)                          # [B,q,H,K]
     out = out.reshape(*out.shape[:2], -1)                         # [B,q,H·K]
     out = Dense(config.d_model, config.compute_dtype,
                 platform=config.platform, name="out")(out)        # [B, q, D]

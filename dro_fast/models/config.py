@@ -62,7 +62,10 @@ class T5Config:
       becomes per-example key lengths). "cudnn" also needs bfloat16 compute
       and platform "gpu" on a CUDA (not ROCm) backend, and even sequence
       lengths when trained with a bias (checked by the trainer's RunConfig).
-      Cached decoding always takes the "xla" path.
+      "flash" is a Pallas TPU kernel that builds the relative-position bias
+      per tile from its table (any lengths): platform "tpu" runs it, "cpu"
+      simulates it (slow: tests); "gpu" is refused. Cached decoding always
+      takes the "xla" path.
     platform: the backend the model is traced for: "cpu", "gpu", "tpu", or
       "auto" (jax.default_backend(), filled in by `resolved()`). "cpu" runs
       the CPU backend's forms (dro_fast/models/cpu.py); any other value the
@@ -152,7 +155,8 @@ class T5Config:
     checked against it. Idempotent; a concrete platform is kept as given.
 
     Raises:
-      ValueError: attention "cudnn" without platform "gpu", or resolved
+      ValueError: attention "flash" on platform "gpu"; attention "cudnn"
+        without platform "gpu", or resolved
         from "auto" on a GPU backend that is not CUDA (ROCm has no cuDNN);
         or a default backend that is none of PLATFORMS.
     """
@@ -164,6 +168,11 @@ class T5Config:
                          f"{backend!r} is none of {PLATFORMS[1:]}; set "
                          f"platform explicitly.")
       config = self.replace(platform=backend)
+    if config.attention == "flash" and config.platform == "gpu":
+      raise ValueError("T5Config.attention='flash' is a Pallas TPU (Mosaic) "
+                       "kernel; platform is 'gpu': use attention='cudnn' or "
+                       "'xla' (or platform='tpu' to lower the TPU's "
+                       "program).")
     if config.attention == "cudnn":
       if config.platform != "gpu":
         raise ValueError(f"T5Config.attention='cudnn' needs a CUDA GPU; "

@@ -12,6 +12,7 @@ the one point where the platform chooses a form.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import TYPE_CHECKING
@@ -169,26 +170,68 @@ def relative_position_bucket(relative_position: jax.Array, bidirectional: bool,
   return bucket + jnp.where(is_small, n, large)
 
 
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["table"],
+                   meta_fields=["bidirectional", "max_distance"])
+@dataclasses.dataclass(frozen=True)
+class RelativeBias:
+  """T5's relative-position bias in factored form, for query and key
+  positions that are the sequence indices (0, 1, ...):
+
+    bias[h, i, j] = table[h, relative_position_bucket(j - i)].
+
+  An attention implementation that builds the bias tile by tile (attention
+  "flash") takes this instead of the [1, H, q, k] array, which `dense`
+  materialises.
+
+  Attributes:
+    table: rel_embedding [H, buckets] float32.
+    bidirectional: bucket rule of relative_position_bucket (encoder: True;
+      decoder self-attention: False).
+    max_distance: distance of the last bucket.
+  """
+  table: jax.Array
+  bidirectional: bool
+  max_distance: int
+
+  @property
+  def num_buckets(self) -> int:
+    return self.table.shape[1]
+
+  def buckets(self, relative_position: jax.Array) -> jax.Array:
+    """relative_position_bucket of key index − query index, this rule."""
+    return relative_position_bucket(relative_position, self.bidirectional,
+                                    self.num_buckets, self.max_distance)
+
+  def dense(self, q_len: int, k_len: int) -> jax.Array:
+    """Bias [1, H, q, k] float32."""
+    return self.lookup(jnp.arange(k_len)[None, :] - jnp.arange(q_len)[:, None])
+
+  def lookup(self, relative_position: jax.Array) -> jax.Array:
+    """table[:, bucket] [1, H, *relative_position.shape] float32."""
+    return jnp.take(self.table, self.buckets(relative_position), axis=1)[None]
+
+
 class RelativePositionBias(hk.Module):
   """One bias table rel_embedding [H, buckets] shared by a stack's layers."""
 
   def __init__(self, config: T5Config, bidirectional: bool,
                name: str = "relpos_bias"):
     super().__init__(name=name)
-    self.config = config
-    self.bidirectional = bidirectional
     self.table = hk.get_parameter(
         "rel_embedding",
         [config.num_heads, config.relative_attention_num_buckets],
         jnp.float32, init=hk.initializers.VarianceScaling(1.0, "fan_in",
                                                           "uniform"))
+    self.relative = RelativeBias(self.table, bidirectional,
+                                 config.relative_attention_max_distance)
 
   def __call__(self, query_positions: jax.Array,
                key_positions: jax.Array) -> jax.Array:
     """Bias [1, H, q, k] float32 for integer positions [q] and [k]."""
-    config = self.config
-    buckets = relative_position_bucket(
-        key_positions[None, :] - query_positions[:, None], self.bidirectional,
-        config.relative_attention_num_buckets,
-        config.relative_attention_max_distance)                   # [q, k]
-    return jnp.take(self.table, buckets, axis=1)[None]            # [1,H,q,k]
+    return self.relative.lookup(key_positions[None, :]
+                                - query_positions[:, None])       # [1,H,q,k]
+
+  def factored(self) -> RelativeBias:
+    """The bias for positions 0, 1, ... as the table and its bucket rule."""
+    return self.relative

@@ -35,6 +35,7 @@ from dro_fast.models.layers import Dropout
 from dro_fast.models.layers import Embed
 from dro_fast.models.layers import matmul
 from dro_fast.models.layers import Mlp
+from dro_fast.models.layers import RelativeBias
 from dro_fast.models.layers import RelativePositionBias
 from dro_fast.models.layers import RMSNorm
 
@@ -160,6 +161,17 @@ class T5:
   def _norm(self, name: str) -> RMSNorm:
     return RMSNorm(self.config.layer_norm_epsilon, name)
 
+  def _relative_bias(self, bidirectional: bool, positions: jax.Array
+                     ) -> jax.Array | RelativeBias:
+    """A stack's self-attention bias over `positions` (0, 1, ...): the
+    [1, H, n, n] array, computed once for all the stack's layers, or, for an
+    implementation that builds it per tile (attention.takes_relative_bias),
+    the table in factored form."""
+    relpos = RelativePositionBias(self.config, bidirectional)
+    if attention.takes_relative_bias(self.config.attention):
+      return relpos.factored()
+    return relpos(positions, positions)
+
   def encode(self, tokens: jax.Array, embedder: Embed,
              is_training: bool = False) -> jax.Array:
     """Encoder output [B, S, D] (compute dtype) of tokens [B, S]."""
@@ -168,8 +180,7 @@ class T5:
     positions = jnp.arange(tokens.shape[1])
     mask = AttentionMask(key_valid=tokens != config.pad_id)       # [B, S]
     with hk.name_scope("encoder"):
-      relpos = RelativePositionBias(config, bidirectional=True)(
-          positions, positions)                                   # [1,H,S,S]
+      relpos = self._relative_bias(True, positions)     # [1,H,S,S] or table
 
       def layer(x, _):
         h = self._norm("pre_attention_layer_norm")(x)
@@ -231,8 +242,7 @@ class T5:
     dropout = Dropout(config.dropout_rate, is_training)
     positions = jnp.arange(decoder_inputs.shape[1])
     with hk.name_scope("decoder"):
-      relpos = RelativePositionBias(config, bidirectional=False)(
-          positions, positions)                                   # [1,H,T,T]
+      relpos = self._relative_bias(False, positions)    # [1,H,T,T] or table
       self_attend = dict(bias=relpos, mask=AttentionMask(causal=True))
       cross_attend = dict(mask=AttentionMask(
           key_valid=encoder_tokens != config.pad_id))             # [B, S]

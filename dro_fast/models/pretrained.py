@@ -5,19 +5,27 @@ whose paths are T5X's: {"encoder/layers_0/attention/query": {"kernel": ...}}.
 A tensor whose shape disagrees with the config, a tensor the model does not
 have, or one the model needs but the checkpoint lacks is a CheckpointError
 naming it.
+
+Paths go through dro_fast.fileio.as_path (etils.epath): a local path, a
+file:// URL or a gs:// URL (gs:// needs gcsfs). T5X's TensorStore arrays are
+read with TensorStore's own kvstore drivers ("file", "gcs"), found relative
+to the directory the checkpoint is read from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import posixpath
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dro_fast import fileio
 from dro_fast import models
 
 Params = dict[str, dict[str, Any]]
@@ -123,7 +131,8 @@ def check_and_build(flat: Mapping[str, np.ndarray], config: models.T5Config,
 
 
 # ---------------------------------------------------------------------------
-# Hugging Face transformers (config.json + model.safetensors / .bin).
+# Hugging Face transformers (config.json + model.safetensors / .bin, whole
+# or sharded through an index file).
 
 _HF_ATTENTION = {"q": "query", "k": "key", "v": "value", "o": "out"}
 _HF_SUBLAYERS = {
@@ -213,65 +222,149 @@ def config_from_hf(hf: Mapping[str, Any], source: str) -> models.T5Config:
                           f"this a T5 config?") from None
 
 
-def _read_hf_tensors(path: str) -> dict[str, np.ndarray]:
-  safetensors_file = os.path.join(path, "model.safetensors")
-  bin_file = os.path.join(path, "pytorch_model.bin")
-  if os.path.exists(safetensors_file):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    try:
-      return dict(load_file(safetensors_file))
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(
-          f"{safetensors_file}: not a readable safetensors file ({e}); it is "
-          "damaged or incomplete: copy it again, or save the model again "
-          "with save_pretrained.") from e
-  if os.path.exists(bin_file):
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      raise CheckpointError(
-          f"{bin_file}: reading pytorch_model.bin needs torch (pip install "
-          f"'dro_fast[hf]'), or convert the checkpoint to model.safetensors."
-      ) from None
-    try:
+def _is_local(path) -> bool:
+  return fileio.url_scheme(str(path)) is None
+
+
+def _read_safetensors(file) -> dict[str, np.ndarray]:
+  """One safetensors file: memory-mapped when local, else read whole."""
+  import safetensors  # pylint: disable=g-import-not-at-top
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  try:
+    if _is_local(file):
+      with safetensors.safe_open(str(file), framework="numpy") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+    return dict(safetensors.numpy.load(file.read_bytes()))
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(
+        f"{file}: not a readable safetensors file ({e}); it is damaged or "
+        "incomplete: copy it again, or save the model again with "
+        "save_pretrained.") from e
+
+
+def _read_torch(file) -> dict[str, np.ndarray]:
+  """One pytorch_model*.bin state dict, loaded without running code."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise CheckpointError(
+        f"{file}: reading pytorch_model.bin needs torch (pip install "
+        "'dro_fast[hf]'), or convert the checkpoint to model.safetensors."
+    ) from None
+  try:
+    with file.open("rb") as f:
       # weights_only: a checkpoint must never run code.
-      state = torch.load(bin_file, map_location="cpu", weights_only=True)
-    except Exception as e:  # pylint: disable=broad-except
+      state = torch.load(f, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(
+        f"{file}: not a readable PyTorch state dict ({e}); it is damaged, "
+        "incomplete or not a plain state dict: copy it again, or save the "
+        "model again with save_pretrained.") from e
+  return {name: tensor.float().numpy() for name, tensor in state.items()}
+
+
+def _read_sharded(index, read_shard: Callable[[Any], dict[str, np.ndarray]]
+                  ) -> dict[str, np.ndarray]:
+  """A sharded checkpoint through its index file, one shard at a time.
+
+  The index ({"weight_map": {tensor: shard file}}) is what save_pretrained
+  writes past max_shard_size (flan-t5-xl and -xxl on the hub); each shard is
+  read once, and every tensor the index names must be in its shard.
+  """
+  try:
+    weight_map = json.loads(index.read_text())["weight_map"]
+    shards: dict[str, set[str]] = {}
+    for name, shard in weight_map.items():
+      shards.setdefault(shard, set()).add(name)
+  except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
+          AttributeError) as e:
+    raise CheckpointError(
+        f"{index}: not a sharded-checkpoint index ({type(e).__name__}: {e}; "
+        "it needs a weight_map of tensor -> shard file): copy it again or "
+        "save the model again with save_pretrained.") from None
+  tensors: dict[str, np.ndarray] = {}
+  for shard in sorted(shards):
+    file = index.parent / shard
+    if not file.is_file():
       raise CheckpointError(
-          f"{bin_file}: not a readable PyTorch state dict ({e}); it is "
-          "damaged, incomplete or not a plain state dict: copy it again, or "
-          "save the model again with save_pretrained.") from e
-    return {name: tensor.float().numpy() for name, tensor in state.items()}
-  raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin; "
-                        f"is this a Hugging Face checkpoint directory?")
+          f"{file}: missing, but {index.name} puts {len(shards[shard])} "
+          "tensors there; copy every shard the index names.")
+    contents = read_shard(file)
+    absent = sorted(shards[shard] - set(contents))
+    if absent:
+      raise CheckpointError(
+          f"{file}: lacks {absent[0]!r}"
+          + (f" and {len(absent) - 1} more" if len(absent) > 1 else "")
+          + f" that {index.name} places there; the shard is damaged or from "
+          "another save: copy it again.")
+    tensors.update(contents)
+  return tensors
+
+
+# transformers' own order of preference.
+_HF_WEIGHTS = (("model.safetensors", _read_safetensors, False),
+               ("model.safetensors.index.json", _read_safetensors, True),
+               ("pytorch_model.bin", _read_torch, False),
+               ("pytorch_model.bin.index.json", _read_torch, True))
+
+
+def _read_hf_tensors(directory) -> dict[str, np.ndarray]:
+  for name, read, sharded in _HF_WEIGHTS:
+    file = directory / name
+    if file.is_file():
+      return _read_sharded(file, read) if sharded else read(file)
+  raise CheckpointError(
+      f"{directory}: no weights (model.safetensors, pytorch_model.bin, or "
+      "their sharded .index.json); is this a Hugging Face checkpoint "
+      "directory?")
+
+
+@contextlib.contextmanager
+def _remote_errors(path: str) -> Iterator[None]:
+  """A URL whose file system's package is absent: one line, what to do."""
+  try:
+    yield
+  except ImportError as e:
+    scheme = fileio.url_scheme(path)
+    if scheme is None:
+      raise
+    raise CheckpointError(f"{path}: reading {scheme}:// paths needs a "
+                          f"package that is not installed ({e}).") from None
 
 
 def load_hf(path: str | os.PathLike) -> tuple[models.T5Config, Params]:
   """Loads a Hugging Face T5 directory (config.json + weights).
 
   Args:
-    path: a directory written by transformers' save_pretrained.
+    path: a directory written by transformers' save_pretrained: a local
+      path, file:// or gs:// URL. Its weights are model.safetensors,
+      pytorch_model.bin, or either sharded (model.safetensors.index.json +
+      model-0000k-of-0000n.safetensors).
 
   Returns:
     (config, params) in dro_fast.models' layout, float32.
   """
   path = os.fspath(path)
-  config_file = os.path.join(path, "config.json")
-  if not os.path.isfile(config_file):
+  with _remote_errors(path):
+    return _load_hf(path, fileio.as_path(path))
+
+
+def _load_hf(path: str, directory) -> tuple[models.T5Config, Params]:
+  config_file = directory / "config.json"
+  if not config_file.is_file():
     raise CheckpointError(f"{path}: no config.json; pass a directory written "
                           f"by save_pretrained.")
-  with open(config_file) as f:
-    try:
-      hf_config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise CheckpointError(f"{config_file}: invalid JSON ({e}); copy it "
-                            "again or save the model again.") from None
+  try:
+    hf_config = json.loads(config_file.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{config_file}: invalid JSON ({e}); copy it "
+                          "again or save the model again.") from None
   if not isinstance(hf_config, dict):
     raise CheckpointError(f"{config_file}: holds a JSON "
                           f"{type(hf_config).__name__}, not a config object; "
                           "is this a Hugging Face T5 checkpoint?")
-  config = config_from_hf(hf_config, config_file)
-  tensors = _read_hf_tensors(path)
+  config = config_from_hf(hf_config, str(config_file))
+  tensors = _read_hf_tensors(directory)
   if config.tied_embeddings:
     lm_head = tensors.pop("lm_head.weight", None)
     if lm_head is not None and not np.array_equal(lm_head,
@@ -316,21 +409,48 @@ def _is_tensorstore_spec(value) -> bool:
   return isinstance(value, dict) and {"driver", "kvstore"} <= set(value)
 
 
+def tensorstore_kvstore(location: str) -> dict[str, str]:
+  """The TensorStore kvstore spec of a local path or a file://, gs:// or
+  s3:// URL: TensorStore reads remote arrays itself, without epath."""
+  scheme = fileio.url_scheme(location)
+  if scheme in (None, "file"):
+    return {"driver": "file",
+            "path": os.path.abspath(os.fspath(fileio.as_path(location)))}
+  if scheme in ("gs", "s3"):
+    bucket, _, key = location.split("://", 1)[1].partition("/")
+    return {"driver": "gcs" if scheme == "gs" else "s3", "bucket": bucket,
+            "path": key}
+  raise CheckpointError(
+      f"{location}: TensorStore cannot read T5X arrays from {scheme}:// "
+      "here; copy the checkpoint to a local path, gs:// or s3://.")
+
+
 def _read_tensorstore(spec: dict, directory: str, name: str) -> np.ndarray:
+  """One T5X array; its spec's path is relative to `directory`.
+
+  T5X records the kvstore it wrote to ("file", "gcs" with a bucket); the
+  array is read from where the checkpoint is now, with the kvstore driver of
+  `directory`'s own scheme, so that a copied checkpoint reads the same.
+  """
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
   spec = json.loads(json.dumps(spec))
   kvstore = spec["kvstore"]
   if kvstore.get("driver") not in ("file", "gfile", "gcs"):
     raise CheckpointError(f"{directory}: tensor {name!r} uses the unsupported "
                           f"TensorStore kvstore {kvstore.get('driver')!r}.")
-  # T5X stores paths relative to the checkpoint directory.
-  spec["kvstore"] = {"driver": "file",
-                     "path": os.path.join(directory, kvstore["path"])}
+  # tensorstore < 0.1.14 (older T5X checkpoints) kept the path in the spec.
+  relative = kvstore.get("path") or spec.pop("path", None)
+  spec.pop("path", None)
+  if not isinstance(relative, str):
+    raise CheckpointError(f"{directory}: tensor {name!r} has a TensorStore "
+                          "spec without a path; is the checkpoint damaged?")
+  location = posixpath.join(directory, relative)
+  spec["kvstore"] = tensorstore_kvstore(location)
   try:
     return np.asarray(ts.open(spec).result().read().result())
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f"{directory}: cannot read tensor {name!r} from "
-                          f"{spec['kvstore']['path']} ({e}).") from e
+                          f"{location} ({e}).") from e
 
 
 def _flatten_tree(tree: Mapping[str, Any], prefix: str = ""
@@ -375,26 +495,32 @@ def load_t5x(path: str | os.PathLike,
 
   Args:
     path: the directory holding the msgpack file `checkpoint` and the
-      TensorStore arrays it refers to.
+      TensorStore arrays it refers to: a local path, file:// or gs:// URL
+      (e.g. gs://t5-data/pretrained_models/t5x/flan_t5_xl/checkpoint_1138000).
     config: the model configuration; inferred from the shapes when None
       (dropout and epsilon then take T5's defaults).
 
   Returns:
     (config, params) in dro_fast.models' layout, float32.
   """
-  import msgpack  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
-  index = os.path.join(path, "checkpoint")
-  if not os.path.isfile(index):
+  with _remote_errors(path):
+    return _load_t5x(path, fileio.as_path(path), config)
+
+
+def _load_t5x(path: str, directory, config: models.T5Config | None
+              ) -> tuple[models.T5Config, Params]:
+  import msgpack  # pylint: disable=g-import-not-at-top
+  index = directory / "checkpoint"
+  if not index.is_file():
     raise CheckpointError(f"{path}: no `checkpoint` msgpack file; pass a T5X "
                           f"checkpoint_<step> directory.")
-  with open(index, "rb") as f:
-    try:
-      contents = msgpack.unpackb(f.read(), ext_hook=_msgpack_ext_hook,
-                                 raw=False, strict_map_key=False)
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"{index}: not a T5X msgpack checkpoint "
-                            f"({e}).") from None
+  try:
+    contents = msgpack.unpackb(index.read_bytes(), ext_hook=_msgpack_ext_hook,
+                               raw=False, strict_map_key=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"{index}: not a T5X msgpack checkpoint "
+                          f"({e}).") from None
   try:
     target = contents["optimizer"]["target"]
   except (KeyError, TypeError):
@@ -404,13 +530,14 @@ def load_t5x(path: str | os.PathLike,
   flat = {}
   for name, value in leaves.items():
     if _is_tensorstore_spec(value):
-      value = _read_tensorstore(value, path, name)
+      value = _read_tensorstore(value, str(directory), name)
     elif isinstance(value, dict) and "__msgpack_chunked_array__" in value:
       raise CheckpointError(f"{index}: tensor {name!r} is a chunked msgpack "
                             f"array, which dro_fast does not read yet.")
     flat[name] = np.asarray(value)
   if config is None:
-    config = config_from_shapes({k: v.shape for k, v in flat.items()}, path)
+    config = config_from_shapes({k: v.shape for k, v in flat.items()},
+                                path.rstrip("/"))
   return config, check_and_build(flat, config, path)
 
 
@@ -418,7 +545,7 @@ def load(path: str | os.PathLike) -> tuple[models.T5Config, Params]:
   """A T5X directory (it holds a `checkpoint` file) or a Hugging Face one.
 
   Args:
-    path: the checkpoint directory.
+    path: the checkpoint directory: a local path, file:// or gs:// URL.
 
   Returns:
     (config, params) in dro_fast.models' layout, float32.
@@ -428,18 +555,21 @@ def load(path: str | os.PathLike) -> tuple[models.T5Config, Params]:
       checkpoint, or its checkpoint cannot be read into the model.
   """
   path = os.fspath(path)
-  if not os.path.exists(path):
-    raise CheckpointError(f"{path} does not exist. Check the path (relative "
-                          f"paths start from {os.getcwd()}).")
-  if not os.path.isdir(path):
-    raise CheckpointError(
-        f"{path} is a file; pass the checkpoint directory holding it (a "
-        "T5X checkpoint_<step> directory or a Hugging Face one).")
-  if os.path.isfile(os.path.join(path, "checkpoint")):
-    return load_t5x(path)
-  if os.path.isfile(os.path.join(path, "config.json")):
-    return load_hf(path)
-  entries = sorted(os.listdir(path))
+  with _remote_errors(path):
+    directory = fileio.as_path(path)
+    if not directory.exists():
+      where = ("" if fileio.url_scheme(path) else
+               f" (relative paths start from {os.getcwd()})")
+      raise CheckpointError(f"{path} does not exist. Check the path{where}.")
+    if not directory.is_dir():
+      raise CheckpointError(
+          f"{path} is a file; pass the checkpoint directory holding it (a "
+          "T5X checkpoint_<step> directory or a Hugging Face one).")
+    if (directory / "checkpoint").is_file():
+      return load_t5x(path)
+    if (directory / "config.json").is_file():
+      return load_hf(path)
+    entries = sorted(entry.name for entry in directory.iterdir())
   holds = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "")
   raise CheckpointError(
       f"{path} is not a checkpoint: it has neither T5X's `checkpoint` file "

@@ -20,19 +20,23 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import os
+import sys
 import time
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from dro_fast import fileio
+from dro_fast import models
 from dro_fast.data import pipeline
 from dro_fast.data import prepare
 from dro_fast.models import pretrained
 from dro_fast.training import checkpointing
 from dro_fast.training import demo
+from dro_fast.training import flops
 from dro_fast.training import init
 from dro_fast.training import metrics as metrics_lib
 from dro_fast.training import reference
@@ -147,6 +151,22 @@ def _reference(run: RunConfig, dataset, model_config, params):
   return ref, ref_fn, outputs
 
 
+def make_trainer(run: RunConfig, model_config: models.T5Config,
+                 mesh: jax.sharding.Mesh | None = None) -> steps.Trainer:
+  """The run's trainer: its algorithm, its optimizers and their schedules
+  over the policy's config. train() jits its update with donate_argnums=0
+  over the state's `sharding.tree_shardings` and the batch's
+  `sharding.batch_sharding`; benchmarks/tpu_compile.py compiles the same."""
+  policy_schedule = run.policy_optimizer.schedule()
+  value_schedule = run.value_optimizer.schedule()
+  return steps.make_trainer(
+      run.algorithm, model_config, run.policy_optimizer.build(),
+      run.value_optimizer.build(),
+      learning_rates=lambda step: {"policy_lr": policy_schedule(step),
+                                   "value_lr": value_schedule(step)},
+      mesh=mesh)
+
+
 def train(run: RunConfig) -> dict:
   """Trains; returns the summary written to <workdir>/summary.json."""
   workdir = run.workdir
@@ -196,13 +216,7 @@ def train(run: RunConfig) -> dict:
                                     policy_params)
   if ref is not None:
     arrays = dict(arrays, **ref)
-  policy_schedule = run.policy_optimizer.schedule()
-  value_schedule = run.value_optimizer.schedule()
-  trainer = steps.make_trainer(
-      run.algorithm, model_config, run.policy_optimizer.build(),
-      run.value_optimizer.build(),
-      learning_rates=lambda step: {"policy_lr": policy_schedule(step),
-                                   "value_lr": value_schedule(step)})
+  trainer = make_trainer(run, model_config, mesh)
   state = trainer.init(policy_params, value_params, init.split(rng).train)
   state_shardings = sharding.tree_shardings(state, mesh)
   state = jax.device_put(state, state_shardings)
@@ -269,6 +283,10 @@ def train_loop(run: RunConfig, state, update, iterator, batch_sharding,
   progress = tqdm(total=train_steps, initial=start,
                   disable=None if jax.process_index() == 0 else True,
                   desc="train", unit="step")
+  # Where stdout is no terminal (a scheduler's log), tqdm is off: a line per
+  # --log_every steps instead.
+  lines = ProgressLines(run, start) if (
+      jax.process_index() == 0 and not sys.stdout.isatty()) else None
   window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
   for step in range(start, train_steps):
     batch = next(iterator)
@@ -281,6 +299,8 @@ def train_loop(run: RunConfig, state, update, iterator, batch_sharding,
                              if k.endswith("mask")))
     batch = sharding.global_batch(batch, batch_sharding)
     state, step_metrics = update(state, batch)
+    if step == 0 and run.model.dropout_rate > 0:
+      _warn_dropout_bias(run, step_metrics)
     window_steps += 1
     done = step + 1
     if done % run.log_every == 0 or done == train_steps:
@@ -296,6 +316,8 @@ def train_loop(run: RunConfig, state, update, iterator, batch_sharding,
         _stop_diverged(run, done, int(host["consecutive_bad_steps"]),
                        checkpointer)
       progress.set_postfix(loss=f"{host['loss']:.4f}")
+      if lines is not None:
+        lines.write(done, host)
       window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
     if done % run.checkpoint_every == 0 or done == train_steps:
       try:
@@ -312,6 +334,50 @@ def train_loop(run: RunConfig, state, update, iterator, batch_sharding,
   return {"final_step": int(state.step), "final_metrics": last_metrics,
           "policy_params_sha256": metrics_lib.params_digest(
               sharding.to_host(state.policy_params))}, state
+
+
+class ProgressLines:
+  """One stdout line per logged step: step, loss, examples/s, tokens/s,
+  MFU (where the device's peak is known: training.flops), elapsed, ETA."""
+
+  def __init__(self, run: RunConfig, start: int):
+    self.run, self.start, self.began = run, start, time.perf_counter()
+    peak = flops.peak_flops()
+    self.step_flops = flops.step_flops(
+        run.model, run.algorithm.algo, run.algorithm.value_net,
+        run.batch_size, run.data.max_input_length,
+        run.data.max_target_length)
+    self.peak = peak * jax.device_count() if peak else None
+
+  def write(self, done: int, host: dict) -> None:
+    elapsed = time.perf_counter() - self.began
+    eta = elapsed / (done - self.start) * (self.run.train_steps - done)
+    steps_per_s = host["examples_per_s"] / self.run.batch_size
+    mfu = ("" if self.peak is None else
+           f"  MFU {steps_per_s * self.step_flops / self.peak:.1%}")
+    clock = lambda s: time.strftime("%H:%M:%S", time.gmtime(s))
+    print(f"step {done}/{self.run.train_steps}  loss {host['loss']:.4f}  "
+          f"{host['examples_per_s']:.1f} examples/s  "
+          f"{host['tokens_per_s']:.0f} tokens/s{mfu}  elapsed "
+          f"{clock(elapsed)}  ETA {clock(eta)}", flush=True)
+
+
+def _warn_dropout_bias(run: RunConfig, step_metrics: dict) -> None:
+  """Warns when dropout makes log π − log π_ref nonzero from the start.
+
+  The reference log-probs are computed without dropout; a policy trained
+  with dropout scores its own completions lower (more so for longer ones),
+  so DRO-V's residual and KTO's reference point start biased by a
+  length-dependent amount. Measured on the first batch, before any update.
+  """
+  if "log_ratio_mean" in step_metrics:
+    log_ratio_mean = float(step_metrics["log_ratio_mean"])
+    logging.warning(
+        "--dropout_rate=%g with reference log-probs computed without "
+        "dropout: on the first batch, mean log π − log π_ref = %.4g (0 "
+        "without dropout). DRO-V's residual and KTO's reference point absorb "
+        "it as a length-dependent bias; --dropout_rate=0 (the default) "
+        "avoids it.", run.model.dropout_rate, log_ratio_mean)
 
 
 def _stop_diverged(run: RunConfig, done: int, bad: int, checkpointer) -> None:

@@ -47,7 +47,7 @@ def warm_start(run: RunConfig, model_config, params, arrays: dict,
   trainer = steps.make_trainer(
       steps.AlgorithmConfig(algo="sft",
                             implementation=run.algorithm.implementation),
-      model_config, run.sft_optimizer.build(), None)
+      model_config, run.sft_optimizer.build(), None, mesh=mesh)
   state = trainer.init(params, {}, rng)
   state = jax.device_put(state, sharding.tree_shardings(state, mesh))
   update = jax.jit(trainer.update)

@@ -16,15 +16,18 @@ the [B, T, V] logits are never materialised.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import optax
 
 from dro_fast import kernels
 from dro_fast import losses
 from dro_fast import models
+from dro_fast.models import per_device
 from dro_fast.models import value
 
 ALGORITHMS = ("dro_v", "kto", "sft", "dpo", "ipo", "slic")
@@ -46,7 +49,8 @@ class AlgorithmConfig:
       ablation (Figure 5).
     kto_desirable_weight: λ_D.
     kto_undesirable_weight: λ_U.
-    implementation: kernel implementation (None: by backend).
+    implementation: kernel implementation (None: by the model's platform,
+      logprob_kernel).
   """
 
   algo: str = "dro_v"
@@ -100,15 +104,45 @@ class Trainer(NamedTuple):
   update: Callable[[TrainState, dict], tuple[TrainState, dict]]
 
 
+def logprob_kernel(implementation: str | None,
+                   model_config: models.T5Config,
+                   mesh: Mesh | None = None) -> Callable[..., jax.Array]:
+  """kernels.linear_sequence_logprobs as the trainer calls it:
+  (hidden [B, T, D], weight [D, V], targets [B, T], mask [B, T]) -> [B].
+
+  Unless `implementation` names one, the platform the model is traced for
+  (T5Config.platform) picks it, where that is also the platform XLA
+  compiles for (the mesh's devices, else the default backend): a CPU host
+  then compiles the TPU program through Mosaic, not the Pallas
+  interpreter (benchmarks/tpu_compile.py), while a CPU plan of a GPU's
+  program (step_time --memory_only --platform=gpu) takes the CPU's
+  implementation, Triton having no CPU lowering. Under a mesh it runs per
+  device (models.per_device): each device takes its rows of the batch and
+  the whole output projection (gathered, as FSDP gathers every weight for
+  its matmul).
+  """
+  platform = model_config.resolved().platform
+  target = (mesh.devices.flat[0].platform if mesh is not None
+            else jax.default_backend())
+  name = implementation or kernels.implementation_for(
+      platform if platform == target else target)
+  native = kernels.IMPLEMENTATIONS[name].native_backend if (
+      name in kernels.IMPLEMENTATIONS) else None
+  fn = functools.partial(kernels.linear_sequence_logprobs,
+                         implementation=name,
+                         interpret=False if native == target else None)
+  return per_device.over_batch(fn, (True, False, True, True))
+
+
 def sequence_logprobs(model: Any, params: Any, rng: jax.Array | None,
                       inputs: jax.Array, targets: jax.Array, mask: jax.Array,
                       *, is_training: bool,
-                      implementation: str | None) -> jax.Array:
-  """log π(targets | inputs) [B] through the fused linear kernel."""
+                      kernel: Callable[..., jax.Array]) -> jax.Array:
+  """log π(targets | inputs) [B] through the fused linear kernel (a
+  logprob_kernel)."""
   hidden, weight = model.apply(params, rng, inputs, targets,
                                is_training=is_training, output="hidden")
-  return kernels.linear_sequence_logprobs(hidden, weight, targets, mask,
-                                          implementation=implementation)
+  return kernel(hidden, weight, targets, mask)
 
 
 def sum_of_squares(tree) -> jax.Array:
@@ -128,8 +162,8 @@ def sum_of_squares(tree) -> jax.Array:
 def make_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
                  policy_optimizer: optax.GradientTransformation,
                  value_optimizer: optax.GradientTransformation | None,
-                 learning_rates: Callable[[jax.Array], dict] | None = None
-                 ) -> Trainer:
+                 learning_rates: Callable[[jax.Array], dict] | None = None,
+                 mesh: Mesh | None = None) -> Trainer:
   """Builds init and update for one algorithm.
 
   Args:
@@ -138,6 +172,9 @@ def make_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
     policy_optimizer: optax transformation for the policy.
     value_optimizer: optax transformation for the value network (dro_v).
     learning_rates: step -> {"policy_lr": ..., "value_lr": ...} for metrics.
+    mesh: the devices the update is sharded over; init and update are
+      traced under it (jax.sharding.use_abstract_mesh), so that custom
+      kernels run per device (models.per_device). None: one device.
 
   Returns:
     Trainer(init(policy_params, value_params, rng), update(state, batch)).
@@ -145,11 +182,11 @@ def make_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
   policy = models.t5(model_config)
   value_net = (value.value_network(model_config, algorithm.value_net)
                if algorithm.has_value else None)
-  implementation = algorithm.implementation
+  kernel = logprob_kernel(algorithm.implementation, model_config, mesh)
 
   def logprobs(params, rng, inputs, targets, mask):
     return sequence_logprobs(policy, params, rng, inputs, targets, mask,
-                             is_training=True, implementation=implementation)
+                             is_training=True, kernel=kernel)
 
   def dro_v_loss(policy_params, value_params, batch, rng):
     policy_rng, value_rng = jax.random.split(rng)
@@ -165,9 +202,7 @@ def make_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
                                     output="hidden")
       values = value_net.apply(value_params, value_rng, inputs,
                                is_training=True)
-    logp = kernels.linear_sequence_logprobs(
-        hidden, weight, targets, batch["target_mask"],
-        implementation=implementation)
+    logp = kernel(hidden, weight, targets, batch["target_mask"])
     if algorithm.value_granularity == "per_batch":
       values = jnp.broadcast_to(jnp.mean(values), values.shape)
     return losses.dro_v_loss(logp, batch["ref_logprobs"], values,
@@ -262,17 +297,29 @@ def make_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
                            policy_opt_state, value_opt_state, rng, bad_steps)
     return new_state, metrics
 
-  return Trainer(init=init, update=update)
+  if mesh is None:
+    return Trainer(init=init, update=update)
+  return Trainer(init=_under_mesh(init, mesh), update=_under_mesh(update, mesh))
+
+
+def _under_mesh(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+  """fn traced with `mesh` as the ambient (abstract) mesh."""
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return wrapped
 
 
 def reference_logprob_fn(model_config: models.T5Config,
                          implementation: str | None):
   """A jitted (params, inputs, targets, mask) -> [B] log π (no dropout)."""
   policy = models.t5(model_config)
+  kernel = logprob_kernel(implementation, model_config)
 
   @jax.jit
   def fn(params, inputs, targets, mask):
     return sequence_logprobs(policy, params, None, inputs, targets, mask,
-                             is_training=False, implementation=implementation)
+                             is_training=False, kernel=kernel)
 
   return fn

@@ -11,6 +11,14 @@ dimensions are (multiple of 8, multiple of 128) or the full extent, as Mosaic
 requires. Tails of N and V are handled by pl.cdiv grids; entries past V are
 masked before the max and the sum; rows past N are computed on padding and
 their writes dropped.
+
+Tiles: default_block_sizes, 256 x 2048 for every dtype and generation. The
+working set does not depend on D: one [bn, bv] tile (2 MiB at float32),
+double-buffered in (and out, in the backward), plus float32 temporaries.
+It compiles under the compiler's default scoped-VMEM limit on v4, v5e, v5p
+and v6e (16 MiB on v4 and v5e; benchmarks/tpu_kernels.py), so no
+vmem_limit_bytes is asked for; a tile 4x wider does not fit
+(tests/kernels/test_tpu_compile.py).
 """
 
 from __future__ import annotations
@@ -69,7 +77,26 @@ def _backward_kernel(targets_ref, lse_ref, g_ref, logits_ref, dlogits_ref, *,
   dlogits_ref[...] = (g_ref[...] * (onehot - probs)).astype(dlogits_ref.dtype)
 
 
-def _tiles(n: int, vocab: int, block_sizes: config.BlockSizes):
+def default_block_sizes(dtype=None,
+                        generation: str | None = None) -> config.BlockSizes:
+  """The default tiles: 256 rows x 2048 vocabulary entries for any dtype
+  and generation (the module docstring says why they fit); the signature
+  matches linear_logprobs.pallas_tpu.default_block_sizes."""
+  del dtype, generation
+  return config.BlockSizes(rows=256, vocab=2048)
+
+
+def _cost(logits, passes: int) -> pl.CostEstimate:
+  """XLA's view of one launch (a Mosaic kernel is opaque to its cost
+  model): a few VPU operations and one exp per logit; the logits read
+  once, and dlogits written once by the backward (passes=2)."""
+  return pl.CostEstimate(
+      flops=4 * logits.size, transcendentals=logits.size,
+      bytes_accessed=passes * logits.size * logits.dtype.itemsize)
+
+
+def _tiles(n: int, vocab: int, block_sizes: config.BlockSizes | None):
+  block_sizes = block_sizes or default_block_sizes()
   block_sizes.check_tpu()
   bn = config.fit_rows(block_sizes.rows, n, 8)
   bv = min(block_sizes.vocab, config.round_up(vocab, 128))
@@ -79,7 +106,6 @@ def _tiles(n: int, vocab: int, block_sizes: config.BlockSizes):
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def token_logprobs(logits, targets, block_sizes=None, interpret=None):
   """Same contract as reference.token_logprobs."""
-  block_sizes = block_sizes or config.BlockSizes()
   n, vocab = logits.shape
   bn, bv = _tiles(n, vocab, block_sizes)
   row = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))
@@ -92,6 +118,7 @@ def token_logprobs(logits, targets, block_sizes=None, interpret=None):
       scratch_shapes=[pltpu.VMEM((bn, 1), jnp.float32)] * 3,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "arbitrary")),
+      cost_estimate=_cost(logits, passes=1),
       interpret=config.tpu_interpret(interpret),
       name="token_logprobs_fwd",
   )(targets.reshape(n, 1), logits)
@@ -102,7 +129,6 @@ def token_logprobs(logits, targets, block_sizes=None, interpret=None):
 def token_logprobs_bwd(logits, targets, lse, g, block_sizes=None,
                        interpret=None):
   """Same contract as reference.token_logprobs_bwd."""
-  block_sizes = block_sizes or config.BlockSizes()
   n, vocab = logits.shape
   bn, bv = _tiles(n, vocab, block_sizes)
   row = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))
@@ -115,6 +141,7 @@ def token_logprobs_bwd(logits, targets, lse, g, block_sizes=None,
       out_shape=jax.ShapeDtypeStruct(logits.shape, logits.dtype),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel")),
+      cost_estimate=_cost(logits, passes=2),
       interpret=config.tpu_interpret(interpret),
       name="token_logprobs_bwd",
   )(targets.reshape(n, 1), lse.reshape(n, 1), g.reshape(n, 1), logits)

@@ -4,6 +4,7 @@ import json
 import logging
 import re
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -86,7 +87,9 @@ _BAD_TRIPLET_LINES = {
     "string_reward": ('{"prompt": "p", "completion": "c", "reward": "good"}',
                       "reward", "is the string 'good', not a number"),
     "bool_reward": ('{"prompt": "p", "completion": "c", "reward": true}',
-                    "reward", "boolean"),
+                    "reward", "(a boolean), not a number; for thumbs-up/down "
+                    "labels use read_unpaired (the trainer's "
+                    "--data_format=unpaired)"),
     "null_reward": ('{"prompt": "p", "completion": "c", "reward": null}',
                     "reward", "is null"),
     "empty_prompt": ('{"prompt": "", "completion": "c", "reward": 1}',
@@ -420,7 +423,204 @@ def test_read_dataset_dispatches(tmp_path):
   assert data.read_dataset(uf, "ultrafeedback", reward="helpfulness") == (
       data.read_ultrafeedback(uf, reward="helpfulness"))
   assert data.read_dataset(pairs, "pairwise") == data.read_pairwise(pairs)
+  unpaired = _write_jsonl(tmp_path / "u.jsonl", [_UNPAIRED])
+  assert data.read_dataset(unpaired, "unpaired") == data.read_unpaired(
+      unpaired)
   with pytest.raises(ValueError,
                      match=r"'csv' is unknown; choose one of triplets, "
-                     "ultrafeedback, pairwise"):
+                     "unpaired, ultrafeedback, pairwise"):
     data.read_dataset(triplets, "csv")
+
+
+# --------------------------------------------------------------------------
+# Unpaired (TRL: prompt, completion, boolean label).
+
+_UNPAIRED = {"prompt": "say hi", "completion": "hi", "label": True}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_read_unpaired(tmp_path, suffix):
+  rows = [_UNPAIRED, {"prompt": "say no", "completion": "yes", "label": False},
+          {"prompt": "count", "completion": "1 2", "label": True}]
+  write = _write_jsonl if suffix == ".jsonl" else _write_parquet
+  path = write(tmp_path / f"train{suffix}", rows)
+  triplets = data.read_unpaired(path)
+  assert triplets == [data.Triplet("say hi", "hi", 1.0, f"{path}:1"),
+                      data.Triplet("say no", "yes", 0.0, f"{path}:2"),
+                      data.Triplet("count", "1 2", 1.0, f"{path}:3")]
+  assert all(isinstance(t.reward, float) for t in triplets)
+
+
+def test_unpaired_rewards_normalise_like_any_reward(tmp_path):
+  # 3 thumbs-up of 4: rewards 1, 1, 1, 0 -> mean 0.75, std sqrt(3) / 4.
+  rows = [dict(_UNPAIRED, label=label) for label in (True, True, False, True)]
+  triplets = data.read_unpaired(_write_jsonl(tmp_path / "u.jsonl", rows))
+  stats = data.RewardStats.fit([t.reward for t in triplets], "u.jsonl")
+  assert (stats.mean, stats.std) == pytest.approx((0.75, 3 ** 0.5 / 4))
+  np.testing.assert_allclose(
+      stats.normalise([1.0, 0.0]), [1 / 3 ** 0.5, -3 ** 0.5], rtol=1e-6)
+
+
+def test_read_unpaired_custom_fields(tmp_path):
+  path = _write_jsonl(tmp_path / "u.jsonl",
+                      [{"x": "p", "y": "c", "thumbs_up": False}])
+  assert data.read_unpaired(path, prompt_field="x", completion_field="y",
+                            label_field="thumbs_up") == [
+                                data.Triplet("p", "c", 0.0, f"{path}:1")]
+
+
+_BAD_LABELS = {
+    "number": (1, "is 1 (a number), not true or false; for numeric rewards "
+               "use read_triplets (the trainer's --data_format=triplets)"),
+    "string_true": ("true", "is the string 'true', not true or false; write "
+                    "it as a JSON boolean (true, without quotes)"),
+    "string": ("good", "is the string 'good', not true or false"),
+    "null": (None, "is null"),
+    "array": ([True], "is an array, not true or false"),
+}
+
+
+@pytest.mark.parametrize("label,what", _BAD_LABELS.values(),
+                         ids=_BAD_LABELS.keys())
+def test_bad_label_names_file_line_and_field(tmp_path, label, what):
+  path = _write_jsonl(tmp_path / "u.jsonl",
+                      [_UNPAIRED, dict(_UNPAIRED, label=label)])
+  with pytest.raises(data.DataError) as error:
+    data.read_unpaired(path)
+  assert str(error.value).startswith(f"{path} line 2, field 'label': {what}. "
+                                     "Fix or remove the line")
+
+
+def test_unpaired_missing_label_and_parquet_column(tmp_path, caplog):
+  path = _write_jsonl(tmp_path / "u.jsonl", [
+      _UNPAIRED, {"prompt": "p", "completion": "c", "reward": 1.0}])
+  with pytest.raises(data.DataError, match=r"line 2, field 'label': is "
+                     r"missing .*pass label_field=<name> \(the trainer's "
+                     r"--label_field\)"):
+    data.read_unpaired(path)
+  with caplog.at_level(logging.WARNING):
+    assert len(data.read_unpaired(path, skip_bad_rows=True)) == 1
+  assert _warnings(caplog) == [f"skipped 1 row of {path}: 1 missing label"]
+  parquet = _write_parquet(tmp_path / "u.parquet",
+                           [{"prompt": "p", "completion": "c", "reward": 1}])
+  with pytest.raises(data.DataError, match=r"has no column 'label'.*"
+                     "--label_field"):
+    data.read_unpaired(parquet)
+
+
+# --------------------------------------------------------------------------
+# Conversational rows (TRL: lists of {"role", "content"} messages).
+
+
+def _user(content):
+  return {"role": "user", "content": content}
+
+
+def _assistant(content):
+  return {"role": "assistant", "content": content}
+
+
+_CONVERSATION = [{"role": "system", "content": "be brief"}, _user("say hi"),
+                 _assistant("hello"), _user("again")]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_conversational_rows_become_text(tmp_path, suffix):
+  write = _write_jsonl if suffix == ".jsonl" else _write_parquet
+  unpaired = write(tmp_path / f"u{suffix}", [
+      {"prompt": _CONVERSATION, "completion": [_assistant("hi")],
+       "label": True},
+      {"prompt": [_user("say hi")], "completion": [_assistant("no")],
+       "label": False}])
+  assert data.read_unpaired(unpaired) == [
+      data.Triplet("system: be brief\nuser: say hi\nassistant: hello\n"
+                   "user: again", "hi", 1.0, f"{unpaired}:1"),
+      data.Triplet("user: say hi", "no", 0.0, f"{unpaired}:2")]
+  triplets = write(tmp_path / f"t{suffix}", [
+      {"prompt": [_user("a"), _assistant("b"), _user("c")],
+       "completion": [_assistant("d")], "reward": 2.5}])
+  assert data.read_triplets(triplets, message_separator="\n\n") == [
+      data.Triplet("user: a\n\nassistant: b\n\nuser: c", "d", 2.5,
+                   f"{triplets}:1")]
+  pairs = write(tmp_path / f"p{suffix}", [
+      {"prompt": [_user("q")], "chosen": [_assistant("good")],
+       "rejected": [_assistant("bad")]}])
+  assert data.read_pairwise(pairs, message_separator=" | ") == [
+      data.Pair("user: q", "good", "bad", f"{pairs}:1")]
+
+
+def test_conversational_and_plain_rows_mix(tmp_path):
+  path = _write_jsonl(tmp_path / "t.jsonl", [
+      _GOOD, {"prompt": [_user("say hi")], "completion": "hi", "reward": 1}])
+  assert [(t.prompt, t.completion) for t in data.read_triplets(path)] == [
+      ("say hi", "hi"), ("user: say hi", "hi")]
+
+
+_BAD_MESSAGES = {
+    "empty_prompt": ("prompt", [], "prompt", "is an empty list of messages"),
+    "message_not_object": ("prompt", [_user("a"), "b"], "prompt[1]",
+                           "is a string, not a message object with 'role' "
+                           "and 'content'"),
+    "missing_role": ("prompt", [{"content": "a"}], "prompt[0].role",
+                     "is missing (the fields present are 'content')"),
+    "null_content": ("prompt", [{"role": "user", "content": None}],
+                     "prompt[0].content", "is null"),
+    "content_parts": ("prompt", [{"role": "user",
+                                  "content": [{"type": "text"}]}],
+                      "prompt[0].content", "is an array, not a string"),
+    "blank_content": ("prompt", [_user(" ")], "prompt[0].content",
+                      "is empty or only whitespace"),
+    "completion_turns": ("completion", [_assistant("a"), _assistant("b")],
+                         "completion", "holds 2 messages; a conversational "
+                         "completion is a list of exactly one {'role': "
+                         "'assistant', 'content': ...} message; earlier "
+                         "turns belong in the prompt"),
+    "completion_role": ("completion", [_user("a")], "completion[0].role",
+                        "is 'user'; a conversational completion is a list "
+                        "of exactly one"),
+    "completion_empty": ("completion", [], "completion",
+                         "is an empty list of messages; a conversational "
+                         "completion"),
+    "prompt_words": ("prompt", ["say", "hi"], "prompt",
+                     "is an array, not a string or a list of {'role', "
+                     "'content'} messages"),
+    "prompt_number": ("prompt", 3, "prompt", "is a number, not a string or a "
+                      "list of {'role', 'content'} messages"),
+}
+
+
+@pytest.mark.parametrize("key,value,field,what", _BAD_MESSAGES.values(),
+                         ids=_BAD_MESSAGES.keys())
+def test_bad_messages_name_file_line_and_field(tmp_path, key, value, field,
+                                               what):
+  row = {"prompt": [_user("p")], "completion": [_assistant("c")],
+         "label": True}
+  path = _write_jsonl(tmp_path / "u.jsonl", [row, dict(row, **{key: value})])
+  with pytest.raises(data.DataError) as error:
+    data.read_unpaired(path)
+  message = str(error.value)
+  assert message.startswith(f"{path} line 2, field {field!r}: {what}"), (
+      message)
+  assert message.endswith("Fix or remove the line, or pass "
+                          "skip_bad_rows=True (the trainer's --skip_bad_rows) "
+                          "to drop bad rows with a warning.")
+
+
+def test_bad_parquet_message_names_row(tmp_path):
+  path = _write_parquet(tmp_path / "p.parquet", [
+      {"prompt": [_user("q")], "chosen": [_assistant("a")],
+       "rejected": [_assistant("b")]},
+      {"prompt": [_user("q")], "chosen": [_assistant("a")],
+       "rejected": [_user("b")]}])
+  with pytest.raises(data.DataError, match=re.escape(
+      f"{path} row 2, field 'rejected[0].role': is 'user'")):
+    data.read_pairwise(path)
+
+
+def test_ultrafeedback_keeps_text_only(tmp_path):
+  rows = _uf_rows()
+  rows[0]["instruction"] = [_user("q")]
+  path = _write_jsonl(tmp_path / "uf.jsonl", rows)
+  with pytest.raises(data.DataError, match="field 'instruction': is an "
+                     "array, not a string"):
+    data.read_ultrafeedback(path)

@@ -1,14 +1,21 @@
-"""End-to-end `python -m dro_fast.evaluation` on a short demo run."""
+"""`python -m dro_fast.evaluation`: end to end on a short demo run, and its
+wiring of the judge (pairs.jsonl, resume) on a faked run."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import types
 
+from absl import flags
+from absl.testing import flagsaver
 import pytest
 
+from dro_fast.evaluation import evaluate as evaluate_cli
+from dro_fast.evaluation import judges
 from tests import test_train
+from tests.evaluation import stub_judge
 
 REPO = test_train.REPO
 
@@ -76,6 +83,9 @@ def test_best_checkpoint_is_recorded(run_dir):
     (["--policy_a=/nonexistent/run"], "no run_config.json"),
     ([], "give --policy_a"),
     (["--folds=0", "--policy_a=x"], "--folds and --prompts_per_fold"),
+    (["--policy_a=x", "--judge=http:http://127.0.0.1:1/v1/chat/completions"],
+     "--judge_model=NAME"),
+    (["--judge_concurrency=0", "--policy_a=x"], "--judge_concurrency"),
 ])
 def test_user_errors_exit_2(flags, message):
   result = evaluate(*flags, check=False)
@@ -94,3 +104,52 @@ def test_bad_judge_and_too_few_prompts(run_dir, tmp_path):
   result = evaluate(f"--policy_a={run_dir}", f"--prompts={prompts}",
                     "--folds=2", "--prompts_per_fold=4", check=False)
   assert result.returncode == 2 and "has 1 prompts" in result.stderr
+
+
+def test_compare_resumes_a_failed_judging_run(stub, tmp_path, monkeypatch):
+  """compare() with an http: judge: verdicts kept through a failure, only
+  the missing pairs asked again, the outputs written at the end. The run,
+  decoding and JAX are faked: the wiring is under test, not the models."""
+  prompts = [f"prompt {i}" for i in range(6)]
+  run = types.SimpleNamespace(data=types.SimpleNamespace(
+      max_input_length=4, max_target_length=4))
+  runs = evaluate_cli.runs
+  monkeypatch.setattr(runs, "read_run_config", lambda workdir: run)
+  monkeypatch.setattr(runs, "model_config", lambda run: None)
+  monkeypatch.setattr(runs, "tokenizer", lambda run, workdir: None)
+  monkeypatch.setattr(evaluate_cli, "prompts_for", lambda run: prompts)
+  monkeypatch.setattr(evaluate_cli, "load", lambda spec: (spec, spec))
+  monkeypatch.setattr(evaluate_cli, "jax", types.SimpleNamespace(
+      random=types.SimpleNamespace(PRNGKey=lambda seed: seed,
+                                   fold_in=lambda rng, i: (rng, i))))
+
+  def generate(params, *args):
+    """Policy A answers longer than B on every third prompt; else a tie."""
+    del args
+    return ["aa" if params == "run_a" and i % 3 == 0 else "a"
+            for i in range(len(prompts))]
+
+  monkeypatch.setattr(evaluate_cli, "generate", generate)
+  judge = judges.make_judge(f"http:{stub.url}", model="m", timeout_s=5.0,
+                            retries=1, backoff_s=0.0)
+  out = tmp_path / "out"
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  assert evaluate_cli.judge_concurrency(judge) == 8  # The http: default.
+  with flagsaver.flagsaver(folds=2, prompts_per_fold=3, judge_concurrency=2):
+    stub.respond = stub_judge.LengthJudging("m", fail_after=5, delay_s=0.01)
+    with pytest.raises(judges.JudgeError, match="quota exhausted"):
+      evaluate_cli.compare("run_a", "run_b", str(out), judge)
+    kept = [json.loads(line) for line in (out / "pairs.jsonl").open()]
+    assert 1 <= len(kept) <= 2 and not (out / "win_rate.json").exists()
+    stub.respond = counter = stub_judge.LengthJudging("m", delay_s=0.01)
+    result = evaluate_cli.compare("run_a", "run_b", str(out), judge)
+  assert counter.count == 2 * (6 - len(kept))
+  assert stub.max_in_flight == 2
+  assert result["folds"] == pytest.approx([2 / 3, 2 / 3])
+  assert result["judge"] == judge.name
+  rows = [json.loads(line) for line in (out / "pairs.jsonl").open()]
+  assert [(r["index"], r["fold"], r["score_a"]) for r in rows] == [
+      (i, i // 3, 1.0 if i % 3 == 0 else 0.5) for i in range(6)]
+  assert json.loads((out / "win_rate.json").read_text()) == result
+  assert (out / "win_rate.png").read_bytes()[:4] == b"\x89PNG"

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-import http.server
-import json
+import email.utils
 import math
 import socket
-import threading
 import time
 import traceback
 
@@ -15,92 +12,17 @@ import pytest
 
 from dro_fast.evaluation import judges
 from dro_fast.data import synthetic
+from tests.evaluation import conftest
+from tests.evaluation.stub_judge import Reply as _Reply
+from tests.evaluation.stub_judge import answer as _answer
 
-_KEY_ENV = "DRO_FAST_JUDGE_API_KEY"
+_KEY_ENV = conftest.KEY_ENV
 _SECRET = "sk-test-7f3a9c1e"
-_PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY",
-               "all_proxy", "ALL_PROXY")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Reply:
-  """What the stub answers: an HTTP status, a body, after a delay."""
-  status: int = 200
-  body: str = ""
-  delay_s: float = 0.0
-
-
-def _answer(content: str) -> _Reply:
-  """A chat-completions reply whose message content is `content`."""
-  return _Reply(body=json.dumps(
-      {"choices": [{"message": {"role": "assistant", "content": content}}]}))
-
-
-@dataclasses.dataclass
-class _Received:
-  path: str
-  headers: dict[str, str]
-  body: dict
-
-
-class _StubState:
-  """Scripted replies (the last one repeats) and the requests received."""
-
-  def __init__(self):
-    self.lock = threading.Lock()
-    self.replies: list[_Reply] = [_answer("A")]
-    self.requests: list[_Received] = []
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-
-  def do_POST(self):  # pylint: disable=invalid-name
-    state: _StubState = self.server.stub_state
-    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-    with state.lock:
-      state.requests.append(_Received(self.path, dict(self.headers), body))
-      reply = (state.replies.pop(0) if len(state.replies) > 1
-               else state.replies[0])
-    if reply.delay_s:
-      time.sleep(reply.delay_s)
-    try:
-      payload = reply.body.encode("utf-8")
-      self.send_response(reply.status)
-      self.send_header("Content-Type", "application/json")
-      self.send_header("Content-Length", str(len(payload)))
-      self.end_headers()
-      self.wfile.write(payload)
-    except (BrokenPipeError, ConnectionResetError):
-      pass  # The client timed out and left.
-
-  def log_message(self, *args):
-    del args  # Keep test output quiet.
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy_no_key(monkeypatch):
-  for name in _PROXY_VARS + (_KEY_ENV,):
-    monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def stub():
-  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-  server.stub_state = _StubState()
-  thread = threading.Thread(target=server.serve_forever,
-                            kwargs={"poll_interval": 0.01}, daemon=True)
-  thread.start()
-  state = server.stub_state
-  state.url = (f"http://127.0.0.1:{server.server_address[1]}"
-               "/v1/chat/completions")
-  yield state
-  server.shutdown()
-  server.server_close()
-  thread.join(timeout=5)
+_MODEL = "test-judge-model"
 
 
 def _fast_judge(url: str, **kwargs) -> judges.HttpJudge:
-  options = dict(timeout_s=2.0, retries=2, backoff_s=0.01)
+  options = dict(model=_MODEL, timeout_s=2.0, retries=2, backoff_s=0.01)
   options.update(kwargs)
   return judges.HttpJudge(url, **options)
 
@@ -208,7 +130,7 @@ def test_http_judge_sends_prompt_model_and_key(stub, monkeypatch):
   assert message["role"] == "user"
   assert message["content"] == judges.build_prompt("repeat: owl", "owl owl",
                                                    "bee")
-  assert judge.name == f"http:{stub.url}"
+  assert judge.name == f"http:{stub.url} model=my-judge-model"
 
 
 def test_http_judge_sends_no_authorization_without_key(stub):
@@ -320,11 +242,97 @@ def test_http_judge_times_out(stub):
 
 
 def test_make_judge_http_keeps_colons_in_url(stub):
-  judge = judges.make_judge(f"http:{stub.url}")
+  judge = judges.make_judge(f"http:{stub.url}", model=_MODEL)
   assert isinstance(judge, judges.HttpJudge)
   assert judge.url == stub.url
-  assert judge.name == f"http:{stub.url}"
+  assert judge.name == f"http:{stub.url} model={_MODEL}"
   assert judge.judge("p", "x", "y") == 1.0
+
+
+def _model_checking(expected: str):
+  """A stub reply function: 400 unless the request names `expected`."""
+  def respond(request):
+    if request.body.get("model") != expected:
+      return _Reply(400, f"model {request.body.get('model')!r} not found")
+    return _answer("A")
+  return respond
+
+
+def test_make_judge_http_sends_the_model_and_options(stub):
+  stub.respond = _model_checking("served-model")
+  judge = judges.make_judge(f"http:{stub.url}", model="served-model",
+                            timeout_s=5.0, retries=0)
+  assert judge.judge("p", "x", "y") == 1.0
+  assert [r.body["model"] for r in stub.requests] == ["served-model"]
+  wrong = judges.make_judge(f"http:{stub.url}", model="other", retries=3)
+  with pytest.raises(judges.JudgeError, match="HTTP 400.*'other' not found"):
+    wrong.judge("p", "x", "y")
+  assert len(stub.requests) == 2  # A 400 is not retried.
+
+
+@pytest.mark.parametrize("spec, model, message", [
+    ("http:http://127.0.0.1:1/v1/chat/completions", None, "--judge_model"),
+    ("http:http://127.0.0.1:1/v1/chat/completions", "", "--judge_model"),
+    ("reward:dro_fast.data.synthetic:reward", "m", "http: judges only"),
+])
+def test_make_judge_model_is_required_for_http_only(spec, model, message):
+  with pytest.raises(ValueError, match=message):
+    judges.make_judge(spec, model=model)
+
+
+# Retry-After.
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_http_judge_waits_as_retry_after_asks(stub, monkeypatch, status):
+  sleeps = []
+  monkeypatch.setattr(judges.time, "sleep", sleeps.append)
+  stub.replies = [_Reply(status, "busy", headers=(("Retry-After", "7"),)),
+                  _Reply(status, "busy", headers=(("Retry-After", "0"),)),
+                  _Reply(500, "no header"), _answer("A")]
+  judge = _fast_judge(stub.url, retries=3, backoff_s=0.5)
+  assert judge.judge("p", "x", "y") == 1.0
+  # Retry-After 7 s and 0 s, then the backoff of a third retry (0.5 * 2**2).
+  assert sleeps == [7.0, 0.0, 2.0]
+  assert len(stub.requests) == 4
+
+
+def test_http_judge_caps_retry_after(stub, monkeypatch):
+  sleeps = []
+  monkeypatch.setattr(judges.time, "sleep", sleeps.append)
+  stub.replies = [_Reply(429, "later", headers=(("Retry-After", "3600"),)),
+                  _answer("B")]
+  judge = _fast_judge(stub.url, retries=1, max_retry_after_s=12.5)
+  assert judge.judge("p", "x", "y") == 0.0
+  assert sleeps == [12.5]
+
+
+def test_http_judge_really_waits_for_retry_after(stub):
+  stub.replies = [_Reply(429, "later", headers=(("Retry-After", "1"),)),
+                  _answer("A")]
+  start = time.monotonic()
+  assert _fast_judge(stub.url, backoff_s=0.0).judge("p", "x", "y") == 1.0
+  assert time.monotonic() - start >= 0.95
+
+
+def test_http_judge_gives_up_on_retry_after_naming_url_and_status(
+    stub, monkeypatch):
+  monkeypatch.setattr(judges.time, "sleep", lambda seconds: None)
+  stub.replies = [_Reply(429, "quota", headers=(("Retry-After", "1"),))]
+  with pytest.raises(judges.JudgeError,
+                     match=f"judge at {stub.url} after 3 attempts: HTTP 429"):
+    _fast_judge(stub.url, retries=2).judge("p", "x", "y")
+  assert len(stub.requests) == 3
+
+
+@pytest.mark.parametrize("value, seconds", [
+    (None, None), ("5", 5.0), (" 1.5 ", 1.5), ("0", 0.0), ("-3", None),
+    ("soon", None), ("", None),
+    (email.utils.formatdate(1_000_030.0, usegmt=True), 30.0),
+    (email.utils.formatdate(999_000.0, usegmt=True), 0.0),
+])
+def test_parse_retry_after(value, seconds):
+  assert judges.parse_retry_after(value, now=1_000_000.0) == seconds
 
 
 @pytest.mark.parametrize("url, kwargs, message", [
@@ -332,10 +340,12 @@ def test_make_judge_http_keeps_colons_in_url(stub):
     ("http://127.0.0.1:1/", {"timeout_s": 0.0}, "timeout_s"),
     ("http://127.0.0.1:1/", {"retries": -1}, "retries"),
     ("http://127.0.0.1:1/", {"backoff_s": -1.0}, "backoff_s"),
+    ("http://127.0.0.1:1/", {"max_retry_after_s": -1.0}, "max_retry_after"),
+    ("http://127.0.0.1:1/", {"model": ""}, "model must be the name"),
 ])
 def test_http_judge_validates_arguments(url, kwargs, message):
   with pytest.raises(ValueError, match=message):
-    judges.HttpJudge(url, **kwargs)
+    judges.HttpJudge(url, **dict(dict(model=_MODEL), **kwargs))
 
 
 # judge_swapped.
@@ -363,7 +373,7 @@ def test_judge_swapped_consistent_judge():
 def test_judge_swapped_with_http_judge_judges_both_orders(stub):
   stub.replies = [_answer("A"), _answer("B")]
   assert judges.judge_swapped(_fast_judge(stub.url), "p", "x", "y") == 1.0
-  contents = [r.body["messages"][0]["content"] for r in stub.requests]
+  contents = [r.content for r in stub.requests]
   assert contents == [judges.build_prompt("p", "x", "y"),
                       judges.build_prompt("p", "y", "x")]
 

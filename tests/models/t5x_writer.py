@@ -25,8 +25,14 @@ def _ndarray_ext(value):
 
 
 def write(directory: str, flat: dict[str, np.ndarray],
-          inline_below: int = 64) -> None:
-  """flat: "encoder/layers_0/attention/query/kernel" -> array."""
+          inline_below: int = 64, recorded_kvstore: str = "file",
+          legacy_path: bool = False) -> None:
+  """flat: "encoder/layers_0/attention/query/kernel" -> array.
+
+  recorded_kvstore: "file", or "gcs" as in checkpoints T5X wrote to GCS
+  (the arrays are still written locally). legacy_path: the spec's path
+  beside its kvstore, as tensorstore < 0.1.14 wrote it.
+  """
   os.makedirs(directory, exist_ok=True)
   target: dict = {}
   for path, value in flat.items():
@@ -47,6 +53,12 @@ def write(directory: str, flat: dict[str, np.ndarray],
                                    "path": os.path.join(directory, name)})
     store = ts.open(absolute, create=True).result()
     store.write(value).result()
+    if recorded_kvstore == "gcs":
+      spec = dict(spec, kvstore={"driver": "gcs", "bucket": "t5-data",
+                                 "path": name})
+    if legacy_path:
+      spec = dict(spec, path=name, kvstore={
+          k: v for k, v in spec["kvstore"].items() if k != "path"})
     node[leaf] = spec
   contents = {"version": 3, "optimizer": {
       "target": target, "state": {"step": np.asarray(1000, np.int32),

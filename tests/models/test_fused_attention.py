@@ -195,7 +195,7 @@ def test_dro_v_step_lowers_with_cudnn_attention_for_cuda(monkeypatch):
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(attention="flash"), "attention must be one of"),
+    (dict(attention="flash_v0"), "attention must be one of"),
     (dict(attention="cudnn", dtype="float32"), "bfloat16"),
     (dict(attention="cudnn", dtype="bfloat16", dropout_rate=0.1),
      "applies no dropout to the attention weights, got dropout_rate=0.1: "

@@ -1,5 +1,9 @@
 """Runs 5 DRO-V steps unsharded and on a data:4,fsdp:2 mesh; prints JSON.
 
+On the mesh the log-prob kernel runs per device under shard_map
+(steps.logprob_kernel), its output projection's gradient summed over the
+mesh: the losses after the first step check that sum.
+
 Run as a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8
 (the flag must be set before JAX starts).
 """
@@ -40,7 +44,8 @@ def run(mesh):
                                         policy_params)
   trainer = steps.make_trainer(
       steps.AlgorithmConfig(implementation="chunked_xla"), CONFIG,
-      optim.make_optimizer(1e-3, 2), optim.make_optimizer(1e-3, 2))
+      optim.make_optimizer(1e-3, 2), optim.make_optimizer(1e-3, 2),
+      mesh=mesh)
   state = trainer.init(policy_params, value_params, jax.random.PRNGKey(0))
   if mesh is not None:
     state = jax.device_put(state, sharding.tree_shardings(state, mesh))

@@ -26,9 +26,11 @@ import jax
 
 from dro_fast import models
 
-# Dense bfloat16 FLOP/s of one device, by a substring of its device_kind.
+# Dense bfloat16 FLOP/s of one device, by a substring of its device_kind;
+# the first match counts ("TPU v5" is v5p's kind, a prefix of v5e's).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12,
-              "TPU v5 lite": 197e12, "TPU v5e": 197e12}
+              "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+              "TPU v6 lite": 918e12, "TPU v5": 459e12}
 
 # Paper, §4: T5-L 0.5 steps/s at batch 32 on 16 TPU v5e; T5-XL 0.1 steps/s
 # on 32 chips. Examples per second per chip:
@@ -74,9 +76,11 @@ def xla_flops(compiled) -> float | None:
   return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
-def peak_flops(override: float | None = None) -> float | None:
-  """`override`, else the first device's peak by its kind, else None."""
+def peak_flops(override: float | None = None,
+               device_kind: str | None = None) -> float | None:
+  """`override`, else the peak of `device_kind` (None: the first device's),
+  else None."""
   if override:
     return override
-  kind = jax.devices()[0].device_kind
+  kind = device_kind or jax.devices()[0].device_kind
   return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)

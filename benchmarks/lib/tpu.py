@@ -1,0 +1,214 @@
+"""Deviceless TPU compilation: a TPU topology's devices on a host without one.
+
+With libtpu installed (`pip install -e ".[tpu]"`), jax can describe a TPU
+slice it does not have (jax.experimental.topologies) and compile for it
+ahead of time: `jax.jit(f).lower(<ShapeDtypeStructs sharded over the
+topology's devices>).compile()` runs the real XLA:TPU and Mosaic compilers
+on this host. The compiled object answers memory_analysis() (per-chip
+bytes: timing.compiled_peak_bytes) and cost_analysis() (per-chip FLOPs, bytes accessed, and
+`optimal_seconds`, XLA's roofline bound: a lower bound on the step's time,
+never a measurement).
+
+`devices(name)` calls jax.config.update("jax_platforms", "cpu") first
+unless JAX has already started: the host computes on its CPU and the TPU
+plugin is loaded only to describe the topology and compile. It also lets
+several processes load libtpu at once (ALLOW_MULTIPLE_LIBTPU_LOAD, as
+jax's own multi-process tests do): libtpu otherwise takes a host-wide lock
+file that a second compiling process (pytest -n 2) fails on.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import re
+from typing import Any
+
+import jax
+
+GIB = 1024 ** 3
+
+# HBM per chip, by libtpu's device_kind (public spec sheets).
+HBM_BYTES = {
+    "TPU v5 lite": 16 * GIB,     # v5e
+    "TPU v6 lite": 32 * GIB,     # v6e (Trillium)
+    "TPU v5": 95 * GIB,          # v5p
+    "TPU v4": 32 * GIB,
+}
+
+
+def require_libtpu() -> None:
+  """Raises RuntimeError with the install line when libtpu is missing."""
+  if importlib.util.find_spec("libtpu") is None:
+    raise RuntimeError(
+        "deviceless TPU compilation needs libtpu: pip install -e \".[tpu]\" "
+        "(the `tpu` extra; `make` installs it).")
+
+
+@functools.cache
+def devices(topology: str) -> tuple[Any, ...]:
+  """The devices of a TPU topology such as "v5e:4x4" (16 chips)."""
+  require_libtpu()
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  if not xla_bridge.backends_are_initialized():
+    jax.config.update("jax_platforms", "cpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+  return tuple(desc.devices)
+
+
+def chip(topology: str) -> str:
+  """The device_kind of a topology's chips, e.g. "TPU v5 lite"."""
+  return devices(topology)[0].device_kind
+
+
+def cost(compiled) -> dict[str, float]:
+  """Per-chip FLOPs, bytes accessed and XLA's roofline seconds."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):      # older jax: one per program
+    analysis = analysis[0]
+  value = lambda key: float(analysis[key]) if key in analysis else None
+  return {"flops": value("flops"), "bytes_accessed": value("bytes accessed"),
+          "optimal_seconds": value("optimal_seconds")}
+
+
+def custom_call_targets(compiled) -> list[str]:
+  """The custom-call targets in a compiled program's HLO (Mosaic kernels
+  appear as "tpu_custom_call")."""
+  return re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())
+
+
+# The paper's throughput (§4), steps/s at batch 32: T5-L on 16 v5e chips,
+# T5-XL on 32.
+PAPER_STEPS_PER_S = {"large": 0.5, "xl": 0.1}
+
+
+def _memory_error_line(error: Exception) -> str | None:
+  """XLA:TPU's line on running out of HBM, or None for another error."""
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+    return None
+  found = re.search(r"[^\n]*(Ran out of memory|exceed)[^\n]*", text)
+  return (found.group(0) if found else text.splitlines()[0]).strip()[:300]
+
+
+def compile_update(size: str, topology: str, *, batch_size: int,
+                   input_length: int, target_length: int, remat: str,
+                   fsdp: int, attention: str = "xla", algo: str = "dro_v",
+                   dtype: str = "bfloat16", scan_layers: bool = True,
+                   roofline: bool = False) -> dict[str, Any]:
+  """Compiles the trainer's update for a TPU topology; returns its record.
+
+  The update is lib/step.py's abstract JaxStep (the trainer's own update,
+  its mesh and shardings) over the topology's devices, on a data x fsdp
+  mesh with `fsdp` chips on fsdp. The record has the per-chip memory plan
+  in GiB, whether it fits the chip's HBM, the compiled and modelled FLOPs
+  per chip, and XLA's roofline (an upper bound on steps/s), which with
+  scan_layers needs `roofline` (a second compile, unrolled). A program
+  XLA:TPU rejects for memory is a record with fits False and the
+  compiler's line.
+  """
+  from dro_fast.training import flops  # pylint: disable=g-import-not-at-top
+  from benchmarks.lib import step as bench_step  # pylint: disable=g-import-not-at-top
+  from dro_fast.training import sharding  # pylint: disable=g-import-not-at-top
+  from dro_fast.training import steps  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  topology_devices = devices(topology)
+  chips = len(topology_devices)
+  kind = topology_devices[0].device_kind
+  hbm = HBM_BYTES.get(kind)
+  mesh_sizes = {"data": chips // fsdp, "fsdp": fsdp}
+  mesh = sharding.make_mesh(mesh_sizes, topology_devices)
+  config = bench_step.config_for(size, dtype, remat=remat,
+                                 attention=attention,
+                                 scan_layers=scan_layers,
+                                 platform="tpu")
+  algorithm = steps.AlgorithmConfig(algo=algo)
+  batch = bench_step.random_batch(config, batch_size, input_length,
+                                  target_length, np.random.default_rng(0))
+  record = {"topology": topology, "chips": chips, "chip": kind,
+            "hbm_gib": hbm / GIB if hbm else None, "size": size,
+            "algo": algo, "batch_size": batch_size,
+            "input_length": input_length, "target_length": target_length,
+            "dtype": config.dtype, "remat": remat, "attention": attention,
+            "scan_layers": scan_layers,
+            "mesh": ",".join(f"{k}:{v}" for k, v in mesh_sizes.items()),
+            "paper_steps_per_s": PAPER_STEPS_PER_S.get(size)}
+  try:
+    step = bench_step.JaxStep(config, algorithm, [batch], abstract=True,
+                              mesh=mesh)
+  except Exception as e:  # pylint: disable=broad-except
+    line = _memory_error_line(e)
+    if line is None:
+      raise
+    return dict(record, fits=False, error=line)
+  # XLA's cost analysis counts a loop body once, not per trip: with
+  # scanned layers its FLOPs and roofline describe no real step, so they
+  # come from the same update with the layers unrolled.
+  seconds = {"flops": None, "optimal_seconds": None}
+  if not scan_layers:
+    seconds = cost(step.compiled)
+  elif roofline:
+    try:
+      seconds = cost(bench_step.JaxStep(
+          config.replace(scan_layers=False), algorithm, [batch],
+          abstract=True, mesh=mesh).compiled)
+    except Exception as e:  # pylint: disable=broad-except
+      line = _memory_error_line(e)
+      if line is None:
+        raise
+      record["roofline_error"] = f"unrolled: {line}"
+  model_flops = flops.step_flops(config, algo, algorithm.value_net,
+                                 batch_size, input_length, target_length)
+  peak = flops.peak_flops(device_kind=kind)
+  bound = seconds["optimal_seconds"]
+  record.update(
+      fits=hbm is None or step.memory["total_bytes"] <= hbm,
+      compile_s=round(step.compile_s, 1),
+      **{k.replace("_bytes", "_gib"): v / GIB
+         for k, v in step.memory.items()},
+      compiled_flops_per_chip=seconds["flops"],
+      model_flops_per_chip=model_flops / chips,
+      roofline_seconds=bound,
+      roofline_steps_per_s_upper_bound=(1 / bound if bound and bound > 0
+                                        else None),
+      model_flops_at_peak_seconds=(model_flops / chips / peak
+                                   if peak else None),
+      custom_calls=sorted(set(custom_call_targets(step.compiled))),
+      encoder_score_arrays=len(score_arrays(step.compiled, config.num_heads,
+                                            input_length)))
+  return record
+
+
+def score_arrays(compiled, heads: int, length: int) -> list[str]:
+  """The HLO values of shape [..., heads, length, length] in a compiled
+  program: attention logits or weights over a length-long sequence (what a
+  flash attention never materialises)."""
+  return re.findall(rf"\b(?:bf16|f32)\[(?:\d+,)*{heads},{length},{length}\]"
+                    r"[^ ]* \S+", compiled.as_text())
+
+
+def largest_batch(size: str, topology: str, start: int, on_record=None,
+                  **variant) -> tuple[int | None, list[dict[str, Any]]]:
+  """The largest global batch, a multiple of the chip count, whose update
+  fits: doubling from `start`, then bisecting between the last fit and the
+  first miss. Returns it (None if not even one per chip fits) and every
+  record compiled on the way (each also passed to on_record)."""
+  chips = len(devices(topology))
+  tried = []
+
+  def fits(batch):
+    tried.append(compile_update(size, topology, batch_size=batch, **variant))
+    if on_record:
+      on_record(tried[-1])
+    return tried[-1]["fits"]
+
+  low, high = 0, max(chips, start // chips * chips)
+  while fits(high):
+    low, high = high, high * 2
+  while high - low > chips:
+    mid = (low + high) // 2 // chips * chips
+    low, high = (mid, high) if fits(mid) else (low, mid)
+  return (low or None), tried

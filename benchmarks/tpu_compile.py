@@ -1,0 +1,153 @@
+r"""The DRO-V train step compiled for a TPU slice, on a host without one.
+
+  python benchmarks/tpu_compile.py       # the paper's T5-L and T5-XL set-ups
+  python benchmarks/tpu_compile.py --runs=large@v5e:4x4 --fsdp=1,4,16 \
+      --remat=none,dots,full --attention=xla,flash
+  python benchmarks/tpu_compile.py --runs=large@v5e:4x4 --max_batch
+
+Needs libtpu (the `tpu` extra). For each run SIZE@TOPOLOGY and each
+variant (batch x remat x fsdp x attention) it builds the trainer's own
+update (benchmarks/lib/step.py's JaxStep: training.loop.make_trainer,
+the trainer's mesh and shardings laid over the topology's devices) from
+shapes alone, and compiles it with XLA:TPU and Mosaic
+(benchmarks/lib/tpu.py). Per variant it prints a table row and a JSON line:
+the per-chip memory plan (arguments, outputs, temporaries, generated code
+and their sum) against the chip's HBM, the compiled FLOPs per chip beside
+the FLOP model's (dro_fast/training/flops.py), and XLA's roofline bound as
+steps/s beside the paper's throughput. The roofline is an upper bound on steps/s (a lower
+bound on time) from cost_analysis' optimal_seconds, never a measurement.
+A variant that XLA:TPU rejects for memory is a record with fits = false and
+the compiler's line, not a traceback.
+
+Memory comes from the program the flagfiles train (--scan_layers, the
+default). XLA's cost analysis counts a loop body once, so the FLOPs and
+the roofline come from a second compile with the layers unrolled
+(--roofline, the default; not under --max_batch).
+
+The mesh: data over the chips not on fsdp (--fsdp=F puts F chips on fsdp).
+--max_batch: the largest global batch (a multiple of the chip count) that
+fits, per variant, by doubling from --batch_size and then bisecting.
+Claims: benchmarks/RESULTS.md#the-paper-set-ups-on-tpu-v5e.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+from typing import Any
+
+from absl import app
+from absl import flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.append(os.path.dirname(_HERE))
+from benchmarks.lib import flags as shared  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks.lib import records  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks.lib import tpu  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast.models.config import REMAT_POLICIES  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast.training import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# The paper's set-ups (§4) and the remat of their flagfiles
+# (configs/large.flags, configs/xl.flags).
+PAPER_RUNS = ("large@v5e:4x4", "xl@v5e:4x8")
+CONFIG_REMAT = {"large": "dots", "xl": "full"}
+
+_RUNS = flags.DEFINE_list("runs", list(PAPER_RUNS),
+                          "SIZE@TOPOLOGY items, e.g. large@v5e:4x4.")
+_REMAT = flags.DEFINE_list(
+    "remat", ["config"], f"Remat policies of {REMAT_POLICIES}, or 'config' "
+    "for the size's flagfile's (large: dots, xl: full).")
+_FSDP = flags.DEFINE_list("fsdp", ["1", "all"], "Chips on the mesh's fsdp "
+                          "axis (the rest on data); 'all' for every chip.")
+_ATTENTION = flags.DEFINE_list("attention", ["xla"],
+                               "Attention implementations (xla, flash).")
+_ALGO = flags.DEFINE_enum("algo", "dro_v", list(steps.ALGORITHMS),
+                          "Algorithm whose update is compiled.")
+_ROOFLINE = flags.DEFINE_bool(
+    "roofline", True, "Also compile each fitting variant with its layers "
+    "unrolled, for XLA's FLOPs and roofline (see above).")
+_MAX_BATCH = flags.DEFINE_bool(
+    "max_batch", False, "Search the largest batch that fits per variant.")
+
+def batch_size() -> int:
+  return shared.positive_ints("batch_size", shared.BATCH.value)[0]
+
+
+def target_length() -> int:
+  return shared.positive_ints("target_length", shared.TARGET_LENGTH.value)[0]
+
+
+def variants(size: str, chips: int) -> list[dict[str, Any]]:
+  """Every remat x fsdp x attention variant of a run."""
+  remats = [CONFIG_REMAT.get(size, "dots") if r == "config" else r
+            for r in _REMAT.value]
+  fsdps = sorted({chips if f == "all" else int(f) for f in _FSDP.value})
+  for f in fsdps:
+    if f < 1 or chips % f:
+      raise app.UsageError(f"--fsdp={f} does not divide {chips} chips.")
+  return [{"remat": r, "fsdp": f, "attention": a} for r, f, a in
+          itertools.product(dict.fromkeys(remats), fsdps, _ATTENTION.value)]
+
+
+def _num(value, spec: str) -> str:
+  return "n/a" if value is None else format(value, spec)
+
+
+def print_row(r: dict[str, Any]) -> None:
+  head = (f"{r['size']:>5} {r['topology']:>8} b{r['batch_size']:<4} "
+          f"{r['remat']:>22} {r['mesh']:>15} {r['attention']:>5}"
+          f"{'' if r['scan_layers'] else ' unrolled'}")
+  if "total_gib" not in r:
+    print(f"{head}  does not fit: {r['error']}", flush=True)
+    return
+  print(f"{head}  {r['total_gib']:6.2f} GiB/chip (args {r['argument_gib']:.2f}"
+        f" temp {r['temp_gib']:.2f}) of {_num(r['hbm_gib'], '.0f')}"
+        f"{'' if r['fits'] else ' DOES NOT FIT'}  flops/chip "
+        f"{_num(r['compiled_flops_per_chip'], '.3g')} (model "
+        f"{r['model_flops_per_chip']:.3g})  roofline <= "
+        f"{_num(r['roofline_steps_per_s_upper_bound'], '.2f')} steps/s "
+        f"(paper {r['paper_steps_per_s']})  compile {r['compile_s']:.0f} s",
+        flush=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  try:
+    tpu.require_libtpu()
+  except RuntimeError as e:
+    raise app.UsageError(str(e)) from None
+  found = []
+  for item in _RUNS.value:
+    size, _, topology = item.partition("@")
+    if size not in shared.SIZES or "@" not in item:
+      raise app.UsageError(f"--runs: unknown size in {item!r}.")
+    chips = len(tpu.devices(topology))
+    if batch_size() % chips and not _MAX_BATCH.value:
+      raise app.UsageError(f"--batch_size={batch_size()} is not a multiple "
+                           f"of {topology}'s {chips} chips.")
+    for variant in variants(size, chips):
+      fixed = dict(variant, input_length=shared.INPUT_LENGTH.value,
+                   target_length=target_length(), algo=_ALGO.value,
+                   dtype=shared.DTYPE.value, scan_layers=shared.SCAN.value,
+                   roofline=_ROOFLINE.value and not _MAX_BATCH.value)
+      if _MAX_BATCH.value:
+        best, tried = tpu.largest_batch(size, topology, batch_size(),
+                                        print_row, **fixed)
+        found.extend(tried)
+        print(f"largest batch that fits: {best or 'none'}", flush=True)
+      else:
+        found.append(tpu.compile_update(size, topology,
+                                        batch_size=batch_size(), **fixed))
+        print_row(found[-1])
+  if shared.JSON_OUT.value:
+    records.append(shared.JSON_OUT.value, found)
+  for record in found:
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,257 @@
+r"""Every Pallas TPU kernel, compiled by Mosaic for TPU generations we lack.
+
+  python benchmarks/tpu_kernels.py [--generations=v5e,v6e,v5p] \
+      [--d=512,768,1024,2048,4096] [--t=128,512] [--dtypes=float32,bfloat16] \
+      [--ops=sequence_logprobs,dro_residual,linear_sequence_logprobs] \
+      [--passes=fwd,bwd] [--batch=2] [--json_out=PATH]
+
+Needs libtpu (`pip install -e ".[tpu]"`), not a TPU: each case is jitted
+with implementation="pallas_tpu", interpret=False and the ops' default
+tiles (block_sizes=None, as the trainer calls them), lowered for one chip
+of the generation's topology (benchmarks/lib/tpu.py) and compiled by the
+real XLA:TPU and Mosaic compilers. --generations=v4 (16 MiB of VMEM, not a
+default target) compiles with the tiles default_block_sizes(...,
+generation="v4") picks instead. "fwd" compiles the op; "bwd" compiles
+jax.value_and_grad of its sum (the forward kernel plus the backward
+kernels). A case passes when it compiles (a VMEM overflow is a
+CompileTimeScopedVmemOom error) and its HLO holds one tpu_custom_call per
+kernel launch.
+
+Prints one table row per case and appends JSON lines (op, pass,
+generation, D, T, N, dtype, block sizes, ok / error, custom calls, per-chip
+bytes from memory_analysis, FLOPs and optimal_seconds from cost_analysis
+(the kernels' pl.CostEstimate plus XLA's ops around them; for a few cases,
+mostly v6e, libtpu answers optimal_seconds near -1, shown n/a), lowering +
+compile seconds).
+The sequence ops read logits [B, T, V] and do not depend on D: they run
+once per (T, dtype), with D recorded as null. The default matrix is 168
+cases, about 9 minutes on a 2-core host shared with other compiles
+(benchmarks/results/tpu_kernels.jsonl).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The repository root, for `benchmarks`; appended so that an installed
+# dro_fast (with its dro_fast.kernels) is found first.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.lib import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks.lib import tpu  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast import kernels  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast.kernels.linear_logprobs import pallas_tpu as linear_pallas_tpu  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast.kernels.sequence_logprobs import pallas_tpu as sequence_pallas_tpu  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# One topology per generation: the smallest that libtpu accepts. A kernel
+# runs on one chip, so only the first device is used.
+TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1",
+              "v6e": "v6e:2x2"}
+OPS = ("sequence_logprobs", "dro_residual", "linear_sequence_logprobs")
+PASSES = ("fwd", "bwd")
+VOCAB = 32128                        # T5's vocabulary (= 251 · 128)
+# Kernel launches per op and pass: the forward kernel, plus the backward ones.
+LAUNCHES = {("sequence_logprobs", "fwd"): 1, ("sequence_logprobs", "bwd"): 2,
+            ("dro_residual", "fwd"): 1, ("dro_residual", "bwd"): 2,
+            ("linear_sequence_logprobs", "fwd"): 1,
+            ("linear_sequence_logprobs", "bwd"): 3}
+
+_GENERATIONS = flags.DEFINE_list(
+    "generations", ["v5e", "v6e", "v5p"],
+    f"TPU generations, of {sorted(TOPOLOGIES)} (topologies {TOPOLOGIES}).")
+_D = flags.DEFINE_list("d", ["512", "768", "1024", "2048", "4096"],
+                       "Hidden widths D for the linear op (T5 v1.1 "
+                       "small, base, large, xl, xxl).")
+_T = flags.DEFINE_list("t", ["128", "512"], "Completion lengths T.")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"],
+                            "Logits / hidden / weight dtypes.")
+_OPS = flags.DEFINE_list("ops", list(OPS), f"Ops, of {OPS}.")
+_PASSES = flags.DEFINE_list("passes", list(PASSES),
+                            "fwd (the op) and/or bwd (value_and_grad).")
+_BATCH = flags.DEFINE_integer(
+    "batch", 2, "Sequences per chip (the paper's 32 examples on 16 v5e "
+    "chips); N = batch · T rows.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Append JSON lines here.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  op: str
+  pass_: str
+  generation: str
+  d: int | None
+  t: int
+  batch: int
+  dtype: str
+
+
+def _op(op: str, blocks: kernels.BlockSizes | None
+        ) -> tuple[Callable, Callable[[Case], list]]:
+  """The op as fn(*differentiable, *rest) -> [B], and its argument shapes."""
+  options = dict(implementation="pallas_tpu", interpret=False,
+                 block_sizes=blocks)
+  if op == "sequence_logprobs":
+    return (lambda x, t, m: kernels.sequence_logprobs(x, t, m, **options),
+            lambda c: [((c.batch, c.t, VOCAB), c.dtype)])
+  if op == "dro_residual":
+    def dro(x, v, t, m, r, ref):
+      return kernels.dro_residual(x, t, m, r, v, ref, tau=1.0, **options)[0]
+    return dro, lambda c: [((c.batch, c.t, VOCAB), c.dtype),
+                           ((c.batch,), "float32")]
+  if op == "linear_sequence_logprobs":
+    return (lambda h, w, t, m: kernels.linear_sequence_logprobs(
+        h, w, t, m, **options),
+            lambda c: [((c.batch, c.t, c.d), c.dtype), ((c.d, VOCAB), c.dtype)])
+  raise ValueError(f"unknown op {op!r}; choose from {OPS}.")
+
+
+def lower(case: Case, devices: tuple[Any, ...],
+          blocks: kernels.BlockSizes | None = None):
+  """The case's jitted program lowered for devices[0] (one chip), with the
+  ops' default tiles unless `blocks`."""
+  mesh = jax.sharding.Mesh(np.array(devices[:1]), ("chip",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype),
+                                                   sharding=replicated)
+  fn, shapes = _op(case.op, blocks)
+  diff = [spec(s, d) for s, d in shapes(case)]
+  rest = [spec((case.batch, case.t), "int32"),
+          spec((case.batch, case.t), "bool")]
+  if case.op == "dro_residual":
+    rest += [spec((case.batch,), "float32")] * 2          # rewards, ref
+  n_diff = len(diff)
+
+  def program(*args):
+    if case.pass_ == "fwd":
+      return fn(*args)
+    loss = lambda *d: jnp.sum(fn(*d, *args[n_diff:]))
+    return jax.value_and_grad(loss, argnums=tuple(range(n_diff)))(
+        *args[:n_diff])
+  return jax.jit(program).lower(*diff, *rest)
+
+
+def block_sizes(case: Case, generation: str | None
+                ) -> kernels.BlockSizes:
+  """The kernels' default tiles for the case on `generation` (None: what
+  the ops pick without being told the generation)."""
+  if case.op == "linear_sequence_logprobs":
+    return linear_pallas_tpu.default_block_sizes(case.d, case.dtype,
+                                                 generation)
+  return sequence_pallas_tpu.default_block_sizes(case.dtype, generation)
+
+
+def run_case(case: Case) -> dict[str, Any]:
+  """Compiles one case; a record with ok=False and the error (its first
+  600 characters) when Mosaic or XLA refuses it."""
+  devices = tpu.devices(TOPOLOGIES[case.generation])
+  blocks = block_sizes(case, case.generation)
+  # The ops' own default where it is the generation's (never told the
+  # generation, they assume v5e/v5p/v6e), else the generation's tiles.
+  default = blocks == block_sizes(case, None)
+  record = {"op": case.op, "pass": case.pass_, "generation": case.generation,
+            "chip": devices[0].device_kind, "D": case.d, "T": case.t,
+            "N": case.batch * case.t, "B": case.batch, "V": VOCAB,
+            "dtype": case.dtype,
+            "block_sizes": {"rows": blocks.rows, "vocab": blocks.vocab},
+            "ops_default_blocks": default,
+            "jax": jax.__version__}
+  start = time.perf_counter()
+  try:
+    compiled = lower(case, devices, None if default else blocks).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    message = " ".join(str(e).split())
+    record.update(ok=False, error=message[:600],
+                  compile_s=time.perf_counter() - start)
+    return record
+  record["compile_s"] = time.perf_counter() - start
+  targets = tpu.custom_call_targets(compiled)
+  calls = targets.count("tpu_custom_call")
+  expected = LAUNCHES[(case.op, case.pass_)]
+  record.update(tpu_custom_calls=calls, ok=calls == expected,
+                **timing.compiled_peak_bytes(compiled),
+                **tpu.cost(compiled))
+  if calls != expected:
+    record["error"] = (f"expected {expected} tpu_custom_call(s), found "
+                       f"{calls}: {targets}")
+  return record
+
+
+def cases(generations, ds, ts, dtypes, ops, passes, batch) -> list[Case]:
+  out = []
+  for generation in generations:
+    for op in ops:
+      for d in (ds if op == "linear_sequence_logprobs" else [None]):
+        for t in ts:
+          for dtype in dtypes:
+            for pass_ in passes:
+              out.append(Case(op, pass_, generation, d, t, batch, dtype))
+  return out
+
+
+def format_row(r: dict[str, Any]) -> str:
+  d = "-" if r["D"] is None else str(r["D"])
+  head = (f"{r['op']:25s} {r['pass']:3s} {r['generation']:4s} {d:>5s} "
+          f"{r['T']:4d} {r['N']:5d} {r['dtype']:8s} "
+          f"{r['block_sizes']['rows']:4d}x{r['block_sizes']['vocab']:<5d} "
+          f"{r['compile_s']:6.1f}s ")
+  if not r["ok"]:
+    return head + "FAIL " + r["error"][:160]
+  bound = (f"{r['optimal_seconds'] * 1e6:9.1f} us"
+           if r["optimal_seconds"] >= 0 else "      n/a")
+  return head + (f"ok  temp {r['temp_bytes'] / 2**20:8.1f} MiB  total "
+                 f"{r['total_bytes'] / 2**20:8.1f} MiB  "
+                 f"{r['flops'] / 1e9:8.2f} GFLOP  {bound}")
+
+
+def _ints(name: str, values: list[str]) -> list[int]:
+  if not values or not all(v.isdigit() and int(v) > 0 for v in values):
+    raise app.UsageError(f"--{name} takes positive integers, got {values}.")
+  return [int(v) for v in values]
+
+
+def _known(name: str, values: list[str], known) -> list[str]:
+  unknown = [v for v in values if v not in known]
+  if unknown or not values:
+    raise app.UsageError(f"--{name}: unknown {unknown}; choose from "
+                         f"{sorted(known)}.")
+  return values
+
+
+def main(argv):
+  del argv
+  tpu.require_libtpu()
+  todo = cases(_known("generations", _GENERATIONS.value, TOPOLOGIES),
+               _ints("d", _D.value), _ints("t", _T.value),
+               _known("dtypes", _DTYPES.value, ("float32", "bfloat16")),
+               _known("ops", _OPS.value, OPS),
+               _known("passes", _PASSES.value, PASSES), _BATCH.value)
+  print(f"jax {jax.__version__}  {len(todo)} cases  V {VOCAB}  "
+        f"batch {_BATCH.value}")
+  print(f"{'op':25s} {'pass':3s} {'gen':4s} {'D':>5s} {'T':>4s} {'N':>5s} "
+        f"{'dtype':8s} {'tiles':10s} compile")
+  start = time.perf_counter()
+  failures = 0
+  for case in todo:
+    record = run_case(case)
+    failures += not record["ok"]
+    print(format_row(record), flush=True)
+    if _JSON_OUT.value:
+      with open(_JSON_OUT.value, "a") as out:
+        out.write(json.dumps(record) + "\n")
+  print(f"{len(todo) - failures}/{len(todo)} compiled in "
+        f"{time.perf_counter() - start:.0f} s")
+  return 1 if failures else 0
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,95 @@
+"""The Mosaic kernels compile for a real TPU on this host (deviceless).
+
+libtpu's XLA:TPU and Mosaic compilers build each op's forward and backward
+for one v5e chip at a realistic shape (T5-L's D = 1024, T = 128, B = 2,
+V = 32128) with the default tiles: a VMEM overflow or a Mosaic error fails
+here, where interpret mode (test_tpu_interpret.py) and lowering
+(test_lowering.py) cannot see it. The whole matrix of generations, widths
+and lengths is benchmarks/tpu_kernels.py. Without libtpu these tests fail
+with the install line: they are not skipped.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import tpu_kernels
+from benchmarks.lib import tpu
+from dro_fast import kernels
+from dro_fast.kernels.linear_logprobs import pallas_tpu as linear_pallas_tpu
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _case(op, dtype, *, d=1024, generation="v5e", pass_="bwd"):
+  return tpu_kernels.Case(op=op, pass_=pass_, generation=generation,
+                          d=d if op == "linear_sequence_logprobs" else None,
+                          t=128, batch=2, dtype=dtype)
+
+
+def _assert_compiles(case):
+  record = tpu_kernels.run_case(case)
+  assert record["ok"], record.get("error")
+  return record
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", tpu_kernels.OPS)
+def test_forward_and_backward_compile_for_v5e(op, dtype):
+  # value_and_grad holds the forward kernel and every backward kernel; the
+  # record checks one tpu_custom_call per launch (interpret mode has none).
+  tpu.require_libtpu()
+  record = _assert_compiles(_case(op, dtype))
+  assert record["ops_default_blocks"]
+  assert record["tpu_custom_calls"] == tpu_kernels.LAUNCHES[(op, "bwd")]
+  # The kernels' cost estimates reach XLA's cost analysis.
+  if op == "linear_sequence_logprobs":
+    n, v, d = 2 * 128, tpu_kernels.VOCAB, 1024
+    assert record["flops"] >= 5 * 2 * n * d * v
+
+
+def test_xxl_width_compiles_for_v4_with_its_tiles():
+  # v4 has 16 MiB of VMEM per core: default_block_sizes(..., "v4") fits it.
+  tpu.require_libtpu()
+  record = _assert_compiles(_case("linear_sequence_logprobs", "bfloat16",
+                                  d=4096, generation="v4"))
+  assert not record["ops_default_blocks"]
+
+
+def test_vmem_overflow_is_a_failure():
+  # Positive control: a float32 [256, 8192] logits tile, double-buffered,
+  # fills v5e's default 16 MiB scoped VMEM on its own; Mosaic refuses it.
+  tpu.require_libtpu()
+  case = _case("sequence_logprobs", "float32", pass_="fwd")
+  lowered = tpu_kernels.lower(case, tpu.devices("v5e:2x2"),
+                              kernels.BlockSizes(rows=256, vocab=8192))
+  with pytest.raises(Exception, match="vmem|VMEM"):
+    lowered.compile()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("generation", [None, "v4", "v5e", "v5p", "v6e"])
+def test_default_linear_tiles_fit_the_budget(generation, dtype):
+  budget = (linear_pallas_tpu.VMEM_BUDGET_BYTES[generation or "v5e"])
+  itemsize = jnp.dtype(dtype).itemsize
+  for d in (512, 768, 1024, 2048, 4096):
+    blocks = linear_pallas_tpu.default_block_sizes(d, dtype, generation)
+    blocks.check_tpu()
+    assert linear_pallas_tpu.vmem_bytes(d, itemsize, blocks.rows,
+                                        blocks.vocab) <= budget
+    if generation in ("v5e", "v5p", "v6e"):    # what the ops use
+      assert blocks == linear_pallas_tpu.default_block_sizes(d, dtype)
+
+
+def test_default_linear_tiles_by_width():
+  tiles = lambda d, dtype: (lambda b: (b.rows, b.vocab))(
+      linear_pallas_tpu.default_block_sizes(d, dtype))
+  assert [tiles(d, "bfloat16") for d in (512, 1024, 2048, 4096)] == [
+      (256, 512), (256, 512), (256, 512), (256, 256)]
+  assert [tiles(d, "float32") for d in (1024, 2048, 4096)] == [
+      (256, 512), (256, 256), (128, 128)]
+  with pytest.raises(ValueError, match="generation"):
+    linear_pallas_tpu.default_block_sizes(1024, "bfloat16", "v9")
+  with pytest.raises(ValueError, match="chunked_xla"):
+    linear_pallas_tpu.default_block_sizes(2 ** 20, "float32")
