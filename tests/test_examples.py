@@ -1,0 +1,166 @@
+"""Runs each example of examples/ and checks what it claims.
+
+The training examples: the fused kernel's log π(y|x) equals an explicit
+float64 log-softmax gather over the completion's targets; V(x) sees the
+prompt only; training starts at π = π_ref (loss ½·mean r², log-ratio 0) and
+the loss falls. The judge example: verdicts follow the rewards, the swap
+cancels a position bias, and the CLI imports the judge from the repo root.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from examples import custom_judge
+from examples import flax_nnx_decoder_only
+from examples import plain_jax_decoder_only
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Distinct small sizes (B, P, C, D, V = 5, 3, 4, 8, 11) so a swapped axis or
+# an off-by-one in the shift fails.
+SHAPES = dict(vocab=11, prompt_len=3, completion_len=4, width=8, heads=2,
+              layers=1, examples=5)
+TRAIN_STEPS = 10
+
+
+def _reference_logprobs(hidden, weight, targets, mask) -> np.ndarray:
+  """Σ_t mask · log_softmax(hidden @ weight)[targets], in float64 numpy."""
+  logits = np.einsum("btd,dv->btv", np.asarray(hidden, np.float64),
+                     np.asarray(weight, np.float64))
+  top = logits.max(-1, keepdims=True)
+  log_z = top[..., 0] + np.log(np.exp(logits - top).sum(-1))
+  picked = np.take_along_axis(logits, np.asarray(targets)[..., None], -1)
+  return ((picked[..., 0] - log_z) * np.asarray(mask)).sum(-1)
+
+
+def _check_training(history: dict[str, list[float]]) -> None:
+  losses = history["loss"]
+  assert len(losses) == TRAIN_STEPS
+  assert all(math.isfinite(x) for x in losses), losses
+  # Step 0 is before any update: π = π_ref and V = 0, so δ = r and the loss
+  # is ½·mean r² = ½ (rewards normalised to variance 1).
+  np.testing.assert_allclose(history["log_ratio_mean"][0], 0.0, atol=1e-6)
+  np.testing.assert_allclose(losses[0], 0.5, atol=1e-3)
+  assert losses[-1] < 0.4 * losses[0], losses
+  assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+
+def _other_completions(tokens: jax.Array, prompt_len: int,
+                       vocab: int) -> jax.Array:
+  completions = tokens[:, prompt_len:]
+  return tokens.at[:, prompt_len:].set(completions % (vocab - 1) + 1)
+
+
+class TestPlainJax:
+  ex = plain_jax_decoder_only
+
+  def test_kernel_logprobs_and_value_position(self):
+    cfg = self.ex.Config(**SHAPES)
+    rng = np.random.default_rng(3)
+    tokens, _ = self.ex.make_data(rng, cfg)
+    params = self.ex.init_params(rng, cfg)
+    params["value"]["w"] = jnp.ones(cfg.width)     # a value that is not 0
+    run = jax.jit(self.ex.policy_and_value, static_argnums=2)
+    logprobs, values = run(params, tokens, cfg.prompt_len)
+
+    inputs, targets, mask = self.ex.decoder_inputs(tokens, cfg.prompt_len)
+    np.testing.assert_array_equal(mask.sum(-1), cfg.completion_len)
+    np.testing.assert_array_equal(targets[:, cfg.prompt_len - 1:],
+                                  tokens[:, cfg.prompt_len:])
+    hidden = jax.jit(self.ex.forward)(params, inputs)
+    expected = _reference_logprobs(hidden, params["unembed"], targets, mask)
+    np.testing.assert_allclose(logprobs, expected, rtol=1e-5, atol=1e-5)
+
+    other = _other_completions(tokens, cfg.prompt_len, cfg.vocab)
+    other_logprobs, other_values = run(params, other, cfg.prompt_len)
+    np.testing.assert_allclose(other_values, values, rtol=1e-6)
+    assert not np.allclose(other_logprobs, logprobs)
+
+  @pytest.mark.slow
+  def test_training_from_the_reference_lowers_the_loss(self):
+    _check_training(self.ex.main(self.ex.Config(steps=TRAIN_STEPS)))
+
+
+class TestFlaxNnx:
+  ex = flax_nnx_decoder_only
+
+  def test_kernel_logprobs_and_value_position(self):
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    cfg = self.ex.Config(**SHAPES)
+    tokens, _ = self.ex.make_data(np.random.default_rng(3), cfg)
+    model = self.ex.Decoder(cfg, rngs=nnx.Rngs(4))
+    model.value_head.kernel[...] = jnp.ones((cfg.width, 1))
+    run = nnx.jit(lambda m, t: (*m(t), m.hidden(t[:, :-1])))
+    logprobs, values, hidden = run(model, tokens)
+
+    _, targets, mask = self.ex.decoder_inputs(tokens, cfg.prompt_len)
+    np.testing.assert_array_equal(mask.sum(-1), cfg.completion_len)
+    expected = _reference_logprobs(hidden, model.unembed.kernel[...],
+                                   targets, mask)
+    np.testing.assert_allclose(logprobs, expected, rtol=1e-5, atol=1e-5)
+
+    other = _other_completions(tokens, cfg.prompt_len, cfg.vocab)
+    other_logprobs, other_values, _ = run(model, other)
+    np.testing.assert_allclose(other_values, values, rtol=1e-6)
+    assert not np.allclose(other_logprobs, logprobs)
+
+  @pytest.mark.slow
+  def test_training_from_the_reference_lowers_the_loss(self):
+    _check_training(self.ex.main(self.ex.Config(steps=TRAIN_STEPS)))
+
+
+class TestCustomJudge:
+
+  def test_verdicts_follow_the_rewards(self, capsys):
+    rows = custom_judge.main()
+    assert f"judge: {custom_judge.JUDGE_SPEC}" in capsys.readouterr().out
+    assert len(rows) == len(custom_judge.PAIRS)
+    for row in rows:
+      by_reward = (0.5 if row["reward_1"] == row["reward_2"] else
+                   float(row["reward_1"] > row["reward_2"]))
+      assert row["verdict"] == row["swapped"] == by_reward, row
+      # The swap turns the biased judge's position preference into a tie
+      # and keeps its clear verdicts.
+      assert row["biased_swapped"] in (by_reward, 0.5), row
+    assert [row["verdict"] for row in rows] == [1.0, 0.5, 1.0, 1.0]
+    assert [row["biased"] for row in rows] == [1.0, 1.0, 1.0, 1.0]
+    assert [row["biased_swapped"] for row in rows] == [1.0, 0.5, 1.0, 0.5]
+
+  def test_make_judge_spec_names_the_example(self):
+    from dro_fast.evaluation import judges  # pylint: disable=g-import-not-at-top
+    judge = judges.make_judge(custom_judge.JUDGE_SPEC)
+    assert judge.name == custom_judge.JUDGE_SPEC
+    prompt, good, bad = custom_judge.PAIRS[0]
+    assert judge.judge(prompt, good, bad) == 1.0
+    assert judge.judge(prompt, bad, good) == 0.0
+
+  @pytest.mark.slow
+  def test_evaluation_cli_imports_the_judge_from_the_repo_root(self, tmp_path):
+    # The CLI builds the judge before it reads the (absent) run, so a run
+    # that fails on the run, not on --judge, has imported the example.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def evaluate(spec: str) -> subprocess.CompletedProcess:
+      return subprocess.run(
+          [sys.executable, "-m", "dro_fast.evaluation",
+           f"--policy_a={tmp_path / 'no_run'}", f"--judge={spec}",
+           f"--output_dir={tmp_path / 'eval'}"],
+          cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+          check=False)
+
+    result = evaluate(custom_judge.JUDGE_SPEC)
+    assert result.returncode == 2, result.stderr
+    assert "no run_config.json" in result.stderr, result.stderr
+    assert "--judge" not in result.stderr, result.stderr
+    missing = evaluate("reward:examples.no_such_module:reward")
+    assert missing.returncode == 2, missing.stderr
+    assert "--judge" in missing.stderr and "no module" in missing.stderr
