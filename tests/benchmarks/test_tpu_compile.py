@@ -25,6 +25,8 @@ def test_tiny_dro_v_update_compiles_for_v5e_with_mosaic_kernels_on_a_mesh():
   # fsdp's gathers are in the program.
   assert "tpu_custom_call" in record["custom_calls"]
   assert "AsyncCollectiveStart" in record["custom_calls"]
+  # "xla" attention materialises [B, H, S, S] scores (flash would not).
+  assert record["encoder_score_arrays"] > 0
   assert record["compiled_flops_per_chip"] > 0
   assert record["roofline_seconds"] > 0
   assert record["roofline_steps_per_s_upper_bound"] == pytest.approx(
