@@ -32,7 +32,6 @@ cases, about 9 minutes on a 2-core host shared with other compiles
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -47,6 +46,8 @@ import numpy as np
 # The repository root, for `benchmarks`; appended so that an installed
 # dro_fast (with its dro_fast.kernels) is found first.
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.lib import flags as shared  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks.lib import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks.lib import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks.lib import tpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast import kernels  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -81,7 +82,6 @@ _PASSES = flags.DEFINE_list("passes", list(PASSES),
 _BATCH = flags.DEFINE_integer(
     "batch", 2, "Sequences per chip (the paper's 32 examples on 16 v5e "
     "chips); N = batch · T rows.")
-_JSON_OUT = flags.DEFINE_string("json_out", None, "Append JSON lines here.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,9 +245,7 @@ def main(argv):
     record = run_case(case)
     failures += not record["ok"]
     print(format_row(record), flush=True)
-    if _JSON_OUT.value:
-      with open(_JSON_OUT.value, "a") as out:
-        out.write(json.dumps(record) + "\n")
+    records.append(shared.JSON_OUT.value, [record])
   print(f"{len(todo) - failures}/{len(todo)} compiled in "
         f"{time.perf_counter() - start:.0f} s")
   return 1 if failures else 0

@@ -8,11 +8,9 @@ import subprocess
 import sys
 import types
 
-from absl import flags
-from absl.testing import flagsaver
 import pytest
 
-from dro_fast.evaluation import evaluate as evaluate_cli
+from dro_fast.evaluation import evaluate as evaluation
 from dro_fast.evaluation import judges
 from tests import test_train
 from tests.evaluation import stub_judge
@@ -113,13 +111,13 @@ def test_compare_resumes_a_failed_judging_run(stub, tmp_path, monkeypatch):
   prompts = [f"prompt {i}" for i in range(6)]
   run = types.SimpleNamespace(data=types.SimpleNamespace(
       max_input_length=4, max_target_length=4))
-  runs = evaluate_cli.runs
+  runs = evaluation.runs
   monkeypatch.setattr(runs, "read_run_config", lambda workdir: run)
   monkeypatch.setattr(runs, "model_config", lambda run: None)
   monkeypatch.setattr(runs, "tokenizer", lambda run, workdir: None)
-  monkeypatch.setattr(evaluate_cli, "prompts_for", lambda run: prompts)
-  monkeypatch.setattr(evaluate_cli, "load", lambda spec: (spec, spec))
-  monkeypatch.setattr(evaluate_cli, "jax", types.SimpleNamespace(
+  monkeypatch.setattr(evaluation, "prompts_for", lambda run, cfg: prompts)
+  monkeypatch.setattr(evaluation, "load", lambda spec: (spec, spec))
+  monkeypatch.setattr(evaluation, "jax", types.SimpleNamespace(
       random=types.SimpleNamespace(PRNGKey=lambda seed: seed,
                                    fold_in=lambda rng, i: (rng, i))))
 
@@ -129,21 +127,21 @@ def test_compare_resumes_a_failed_judging_run(stub, tmp_path, monkeypatch):
     return ["aa" if params == "run_a" and i % 3 == 0 else "a"
             for i in range(len(prompts))]
 
-  monkeypatch.setattr(evaluate_cli, "generate", generate)
+  monkeypatch.setattr(evaluation, "generate", generate)
   judge = judges.make_judge(f"http:{stub.url}", model="m", timeout_s=5.0,
                             retries=1, backoff_s=0.0)
   out = tmp_path / "out"
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  assert evaluate_cli.judge_concurrency(judge) == 8  # The http: default.
-  with flagsaver.flagsaver(folds=2, prompts_per_fold=3, judge_concurrency=2):
-    stub.respond = stub_judge.LengthJudging("m", fail_after=5, delay_s=0.01)
-    with pytest.raises(judges.JudgeError, match="quota exhausted"):
-      evaluate_cli.compare("run_a", "run_b", str(out), judge)
-    kept = [json.loads(line) for line in (out / "pairs.jsonl").open()]
-    assert 1 <= len(kept) <= 2 and not (out / "win_rate.json").exists()
-    stub.respond = counter = stub_judge.LengthJudging("m", delay_s=0.01)
-    result = evaluate_cli.compare("run_a", "run_b", str(out), judge)
+  assert evaluation.judge_concurrency(
+      judge, evaluation.EvalConfig()) == 8  # The http: default.
+  cfg = evaluation.EvalConfig(folds=2, prompts_per_fold=3,
+                                judge_concurrency=2)
+  stub.respond = stub_judge.LengthJudging("m", fail_after=5, delay_s=0.01)
+  with pytest.raises(judges.JudgeError, match="quota exhausted"):
+    evaluation.compare("run_a", "run_b", str(out), judge, cfg)
+  kept = [json.loads(line) for line in (out / "pairs.jsonl").open()]
+  assert 1 <= len(kept) <= 2 and not (out / "win_rate.json").exists()
+  stub.respond = counter = stub_judge.LengthJudging("m", delay_s=0.01)
+  result = evaluation.compare("run_a", "run_b", str(out), judge, cfg)
   assert counter.count == 2 * (6 - len(kept))
   assert stub.max_in_flight == 2
   assert result["folds"] == pytest.approx([2 / 3, 2 / 3])
