@@ -13,16 +13,18 @@ shapes alone, and compiles it with XLA:TPU and Mosaic
 (benchmarks/lib/tpu.py). Per variant it prints a table row and a JSON line:
 the per-chip memory plan (arguments, outputs, temporaries, generated code
 and their sum) against the chip's HBM, the compiled FLOPs per chip beside
-the FLOP model's (dro_fast/training/flops.py), and XLA's roofline bound as
-steps/s beside the paper's throughput. The roofline is an upper bound on steps/s (a lower
-bound on time) from cost_analysis' optimal_seconds, never a measurement.
+the FLOP model's (dro_fast/training/flops.py), and the roofline as steps/s
+beside the paper's throughput: an upper bound on steps/s from the compiled
+program's FLOPs and bytes per chip at the chip's peak rates (tpu.py), never
+a measurement.
 A variant that XLA:TPU rejects for memory is a record with fits = false and
 the compiler's line, not a traceback.
 
 Memory comes from the program the flagfiles train (--scan_layers, the
 default). XLA's cost analysis counts a loop body once, so the FLOPs and
-the roofline come from a second compile with the layers unrolled
-(--roofline, the default; not under --max_batch).
+the roofline come from the update with its layers unrolled (--roofline, the
+default; not under --max_batch), compiled at 1 and 2 layers per stack and
+extrapolated linearly to the model's depth (tpu.unrolled_cost).
 
 The mesh: data over the chips not on fsdp (--fsdp=F puts F chips on fsdp).
 --max_batch: the largest global batch (a multiple of the chip count) that
@@ -67,8 +69,8 @@ _ATTENTION = flags.DEFINE_list("attention", ["xla"],
 _ALGO = flags.DEFINE_enum("algo", "dro_v", list(steps.ALGORITHMS),
                           "Algorithm whose update is compiled.")
 _ROOFLINE = flags.DEFINE_bool(
-    "roofline", True, "Also compile each fitting variant with its layers "
-    "unrolled, for XLA's FLOPs and roofline (see above).")
+    "roofline", True, "Also compile each variant unrolled at 1 and 2 "
+    "layers, for XLA's FLOPs and roofline at the full depth (see above).")
 _MAX_BATCH = flags.DEFINE_bool(
     "max_batch", False, "Search the largest batch that fits per variant.")
 
@@ -107,7 +109,8 @@ def print_row(r: dict[str, Any]) -> None:
         f" temp {r['temp_gib']:.2f}) of {_num(r['hbm_gib'], '.0f')}"
         f"{'' if r['fits'] else ' DOES NOT FIT'}  flops/chip "
         f"{_num(r['compiled_flops_per_chip'], '.3g')} (model "
-        f"{r['model_flops_per_chip']:.3g})  roofline <= "
+        f"{r['model_flops_per_chip']:.3g})  bytes/chip "
+        f"{_num(r.get('compiled_bytes_per_chip'), '.3g')}  roofline <= "
         f"{_num(r['roofline_steps_per_s_upper_bound'], '.2f')} steps/s "
         f"(paper {r['paper_steps_per_s']})  compile {r['compile_s']:.0f} s",
         flush=True)

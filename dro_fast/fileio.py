@@ -9,10 +9,17 @@ Atomic writes: readers see the old file or the whole new one. Every file
 dro_fast writes in a workdir goes through here: a temporary file in the same
 directory, fsync, os.replace, then an fsync of the directory so that the
 rename itself survives a crash.
+
+Write faults: a full disk, an exhausted quota, a read-only or failing file
+system while writing become a WriteError that names the path, the error and
+what to do (as_write_error also recognises them in the errors of Orbax and
+TensorStore, which report the OS error code in their message). Whoever
+raises it has left the previous file, checkpoint or cache in place.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -22,6 +29,44 @@ from typing import IO, Any, Callable
 from etils import epath
 
 _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", re.DOTALL)
+
+# Write faults the user can fix (free space, raise the quota, remount).
+_USER_FIXABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+_WRITE_FAULTS = _USER_FIXABLE | {errno.EIO}
+# How TensorStore (under Orbax) reports the OS error in its messages.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+class WriteError(OSError):
+  """Writing `filename` failed for a reason of its storage.
+
+  exit_code: 2 where the user can fix it (a full disk, a quota, a read-only
+  file system, a file size limit), 1 for an I/O error of the device.
+  """
+
+  def __init__(self, path: str | os.PathLike, code: int):
+    fixable = code in _USER_FIXABLE
+    advice = ("Free space there (or use another --workdir), then rerun "
+              "the same command: the run resumes from its newest "
+              "checkpoint." if fixable else "Check the storage device.")
+    super().__init__(code, f"cannot write {os.fspath(path)}: "
+                     f"{os.strerror(code)}. {advice}", os.fspath(path))
+    self.exit_code = 2 if fixable else 1
+
+  def __str__(self) -> str:
+    return self.strerror
+
+
+def as_write_error(path: str | os.PathLike,
+                   error: BaseException) -> WriteError | None:
+  """`error` as a WriteError naming `path`, or None for any other error."""
+  if isinstance(error, WriteError):
+    return error
+  code = getattr(error, "errno", None) if isinstance(error, OSError) else None
+  if code is None and not isinstance(error, OSError):
+    found = _OS_ERROR_CODE.search(str(error))
+    code = int(found.group(1)) if found else None
+  return WriteError(path, code) if code in _WRITE_FAULTS else None
 
 
 def url_scheme(path: str | os.PathLike) -> str | None:
@@ -97,26 +142,33 @@ def atomic_write(path: str | os.PathLike,
 
   Raises:
     ValueError: `path` is a URL other than file:// (see require_local).
+    WriteError: a write fault (the previous file at `path` is intact).
   """
   path = require_local(path, "an atomically written file")
   directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(dir=directory,
-                                  prefix=f".{os.path.basename(path)}.")
   try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-  except BaseException:
-    os.unlink(tmp_path)
-    raise
-  dir_fd = os.open(directory, os.O_RDONLY)
-  try:
-    os.fsync(dir_fd)
-  finally:
-    os.close(dir_fd)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory,
+                                    prefix=f".{os.path.basename(path)}.")
+    try:
+      with os.fdopen(fd, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp_path, path)
+    except BaseException:
+      os.unlink(tmp_path)
+      raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+      os.fsync(dir_fd)
+    finally:
+      os.close(dir_fd)
+  except OSError as e:
+    fault = as_write_error(path, e)
+    if fault is None:
+      raise
+    raise fault from e
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

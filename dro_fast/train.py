@@ -148,8 +148,7 @@ _VALUE_LR = flags.DEFINE_float("value_lr", 1e-4, "Value learning rate.")
 _WARMUP = flags.DEFINE_integer("warmup_steps", 150, "Linear warm-up steps.")
 _DECAY_RATE = flags.DEFINE_float("adafactor_decay_rate", 0.8,
                                  "Adafactor decay rate.")
-_CLIP = flags.DEFINE_float("clip_grad_norm", 0.0,
-                           "Global-norm gradient clipping (0: off).")
+_CLIP = flags.DEFINE_float("clip_grad_norm", 0.0, "Gradient clipping (0: off).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 40000,
                                     "Steps to train (paper, T5-L: 40,000).")
@@ -168,8 +167,9 @@ _REF_CACHE_DIR = flags.DEFINE_string(
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "The run's folder.")
 _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 2000,
                                          "Steps between checkpoints.")
-_KEEP_CHECKPOINTS = flags.DEFINE_integer("keep_checkpoints", 3,
-                                         "Checkpoints kept.")
+_KEEP_CHECKPOINTS = flags.DEFINE_integer("keep_checkpoints", 3, "Newest kept.")
+_ASYNC_CHECKPOINTS = flags.DEFINE_bool(
+    "async_checkpoints", None, "Save in the background (unset: not on a CPU).")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 100, "Steps between metrics.")
 _MAX_BAD_STEPS = flags.DEFINE_integer(
     "max_bad_steps", 10, "Stop after this many consecutive updates skipped "
@@ -290,10 +290,10 @@ def init_distributed() -> None:
                                   _PROCESS_ID.value)
 
 
-def _user_error(message: str) -> None:
-  """Prints `message` as the CLI's one error line(s) and exits with 2."""
+def _user_error(message: str, code: int = 2) -> None:
+  """Prints `message` as the CLI's one error line(s) and exits with `code`."""
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(code)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -332,6 +332,10 @@ def main(argv):
     summary = loop.train(run)
   except (loop.TrainingError, data.DataError, select.SelectionError) as e:
     _user_error(str(e))
+  except fileio.WriteError as e:  # a full disk: nothing was half-written
+    _user_error(str(e), e.exit_code)
+  if "stopped" in summary:       # preempted: loop.train said where and how
+    return
   print(json.dumps({k: summary[k] for k in (
       "final_step", "final_metrics", "policy_params_sha256", "demo_reward",
       "best_checkpoint") if k in summary}, indent=2))

@@ -5,9 +5,14 @@ slice it does not have (jax.experimental.topologies) and compile for it
 ahead of time: `jax.jit(f).lower(<ShapeDtypeStructs sharded over the
 topology's devices>).compile()` runs the real XLA:TPU and Mosaic compilers
 on this host. The compiled object answers memory_analysis() (per-chip
-bytes: timing.compiled_peak_bytes) and cost_analysis() (per-chip FLOPs, bytes accessed, and
-`optimal_seconds`, XLA's roofline bound: a lower bound on the step's time,
-never a measurement).
+bytes: timing.compiled_peak_bytes) and cost_analysis() (per-chip FLOPs and
+bytes accessed). The roofline here is max(FLOPs / peak FLOP/s, bytes /
+HBM bandwidth) per chip: a lower bound on the step's time as far as those
+counts go, never a measurement. cost_analysis' own `optimal_seconds` is
+recorded but not used: for the sharded T5-L and T5-XL updates libtpu
+0.0.42.1 reports it negative. XLA counts no FLOPs inside a Pallas kernel
+(a custom call), so the FLOPs taken are the larger of XLA's count and the
+FLOP model's (dro_fast/training/flops.py).
 
 `devices(name)` calls jax.config.update("jax_platforms", "cpu") first
 unless JAX has already started: the host computes on its CPU and the TPU
@@ -29,13 +34,16 @@ import jax
 
 GIB = 1024 ** 3
 
-# HBM per chip, by libtpu's device_kind (public spec sheets).
+# HBM per chip and its bandwidth in bytes/s, by libtpu's device_kind
+# (public spec sheets).
 HBM_BYTES = {
     "TPU v5 lite": 16 * GIB,     # v5e
     "TPU v6 lite": 32 * GIB,     # v6e (Trillium)
     "TPU v5": 95 * GIB,          # v5p
     "TPU v4": 32 * GIB,
 }
+HBM_BYTES_PER_S = {"TPU v5 lite": 819e9, "TPU v6 lite": 1640e9,
+                   "TPU v5": 2765e9, "TPU v4": 1200e9}
 
 
 def require_libtpu() -> None:
@@ -65,7 +73,7 @@ def chip(topology: str) -> str:
 
 
 def cost(compiled) -> dict[str, float]:
-  """Per-chip FLOPs, bytes accessed and XLA's roofline seconds."""
+  """Per-chip FLOPs, bytes accessed and XLA's optimal_seconds (see above)."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):      # older jax: one per program
     analysis = analysis[0]
@@ -147,14 +155,12 @@ def compile_update(size: str, topology: str, *, batch_size: int,
   # XLA's cost analysis counts a loop body once, not per trip: with
   # scanned layers its FLOPs and roofline describe no real step, so they
   # come from the same update with the layers unrolled.
-  seconds = {"flops": None, "optimal_seconds": None}
+  seconds = {"flops": None, "bytes_accessed": None, "optimal_seconds": None}
   if not scan_layers:
     seconds = cost(step.compiled)
   elif roofline:
     try:
-      seconds = cost(bench_step.JaxStep(
-          config.replace(scan_layers=False), algorithm, [batch],
-          abstract=True, mesh=mesh).compiled)
+      seconds = unrolled_cost(config, algorithm, batch, mesh)
     except Exception as e:  # pylint: disable=broad-except
       line = _memory_error_line(e)
       if line is None:
@@ -163,13 +169,19 @@ def compile_update(size: str, topology: str, *, batch_size: int,
   model_flops = flops.step_flops(config, algo, algorithm.value_net,
                                  batch_size, input_length, target_length)
   peak = flops.peak_flops(device_kind=kind)
-  bound = seconds["optimal_seconds"]
+  bound = None
+  if seconds["flops"] is not None:
+    bound = roofline_seconds(max(seconds["flops"], model_flops / chips),
+                             seconds["bytes_accessed"], peak,
+                             HBM_BYTES_PER_S.get(kind))
   record.update(
       fits=hbm is None or step.memory["total_bytes"] <= hbm,
       compile_s=round(step.compile_s, 1),
       **{k.replace("_bytes", "_gib"): v / GIB
          for k, v in step.memory.items()},
       compiled_flops_per_chip=seconds["flops"],
+      compiled_bytes_per_chip=seconds["bytes_accessed"],
+      xla_optimal_seconds=seconds["optimal_seconds"],
       model_flops_per_chip=model_flops / chips,
       roofline_seconds=bound,
       roofline_steps_per_s_upper_bound=(1 / bound if bound and bound > 0
@@ -180,6 +192,42 @@ def compile_update(size: str, topology: str, *, batch_size: int,
       encoder_score_arrays=len(score_arrays(step.compiled, config.num_heads,
                                             input_length)))
   return record
+
+
+def roofline_seconds(flops_per_chip: float, bytes_per_chip: float | None,
+                     peak_flops: float | None,
+                     bytes_per_s: float | None) -> float | None:
+  """max(compute time at peak, memory time at HBM bandwidth), per chip;
+  None where the chip's rates are unknown."""
+  if not peak_flops or not bytes_per_s or bytes_per_chip is None:
+    return None
+  return max(flops_per_chip / peak_flops, bytes_per_chip / bytes_per_s)
+
+
+def unrolled_cost(config, algorithm, batch, mesh) -> dict[str, float]:
+  """cost() of the update with `config`'s layers unrolled, from compiles
+  of the same update at 1 and 2 layers per stack, extrapolated linearly.
+
+  Each layer adds the same program (its matmuls, collectives, remat and
+  optimizer update), so FLOPs and bytes accessed are a + b·L (and so would
+  optimal_seconds be, where XLA reports it sensibly); the rest (embeddings, the shared relative-position bias, the
+  loss) is in a. Two shallow compiles take seconds to minutes where 24
+  unrolled layers take tens of minutes on a CPU host; the test checks the
+  extrapolation against a direct compile.
+  """
+  from benchmarks.lib import step as bench_step  # pylint: disable=g-import-not-at-top
+  depth = config.num_encoder_layers
+  if config.num_decoder_layers != depth:
+    raise ValueError("unrolled_cost extrapolates equal encoder and decoder "
+                     f"depths, not {depth} and {config.num_decoder_layers}.")
+  at = [cost(bench_step.JaxStep(
+      config.replace(scan_layers=False, num_encoder_layers=layers,
+                     num_decoder_layers=layers),
+      algorithm, [batch], abstract=True, mesh=mesh).compiled)
+        for layers in (1, 2)]
+  return {key: None if at[0][key] is None or at[1][key] is None
+          else at[0][key] + (depth - 1) * (at[1][key] - at[0][key])
+          for key in at[0]}
 
 
 def score_arrays(compiled, heads: int, length: int) -> list[str]:

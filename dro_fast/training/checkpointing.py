@@ -20,7 +20,9 @@ every item is complete (on object stores, where there is no rename, a
 finalised steps, so a save killed half-way leaves a temporary directory that
 `all_steps`, `latest_step` and `restore` never see. Leftover temporary
 directories are not deleted here: another process (an evaluator, say) may be
-reading or writing the same directory.
+reading or writing the same directory. The exception is a save that hits a
+write fault (a full disk): it removes its own unfinished step, to give the
+space back, and raises fileio.WriteError.
 
 PRNG keys. Typed key arrays (`jax.random.key`) are saved as their raw uint32
 key data (`jax.random.key_data`) and rebuilt on restore with
@@ -32,15 +34,19 @@ value of the right shape and implementation), not `jax.ShapeDtypeStruct`s.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any, Mapping, Sequence
+import shutil
+from typing import Any, Iterator, Mapping, Sequence
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from dro_fast import fileio
 
 PyTree = Any
 
@@ -129,7 +135,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, items: Sequence[str] = ("state",),
-               keep: int = 3):
+               keep: int = 3, async_save: bool = False):
     """Opens (creating it if needed) a checkpoint directory.
 
     Args:
@@ -137,6 +143,10 @@ class Checkpointer:
       items: the names of the pytree items every checkpoint holds.
       keep: how many of the newest checkpoints to keep; older ones are
         deleted after each save.
+      async_save: `save` returns once the arrays are copied to the host and
+        writes them in the background (Orbax's asynchronous saving; a save
+        waits for the one before it); call `wait` before relying on the
+        newest checkpoint, and before exiting.
     """
     if keep < 1:
       raise ValueError(f"keep must be at least 1, got {keep}")
@@ -145,12 +155,14 @@ class Checkpointer:
                        f"{items!r}")
     self._directory = os.path.abspath(os.fspath(directory))
     self._items = tuple(items)
+    self._async = async_save
     handlers = {name: ocp.StandardCheckpointHandler() for name in items}
     handlers[_EXTRA] = ocp.JsonCheckpointHandler()
     self._manager = ocp.CheckpointManager(
         self._directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False),
+            max_to_keep=keep, create=True,
+            enable_async_checkpointing=async_save),
         item_handlers=handlers)
     # Steps that `restore` found unreadable and skipped; `save` may replace
     # them (see there).
@@ -172,7 +184,8 @@ class Checkpointer:
 
   def save(self, step: int, items: Mapping[str, PyTree],
            extra: dict[str, Any]) -> None:
-    """Writes one checkpoint and returns once it is committed.
+    """Writes one checkpoint and returns once it is committed (with
+    async_save: once its arrays are on the host; see `wait`).
 
     Nothing is written when an item holds a NaN or an inf, or when `extra`
     is not JSON-serialisable.
@@ -193,6 +206,8 @@ class Checkpointer:
       ValueError: other item names than the Checkpointer's, non-finite
         values, an `extra` that is not strict JSON (NaN and inf included),
         or a step that is not newer than the readable checkpoints.
+      fileio.WriteError: a write fault (a full disk); the unfinished step
+        is removed and the previous checkpoints are intact.
     """
     if set(items) != set(self._items):
       raise ValueError(f"save takes the items {sorted(self._items)}, got "
@@ -225,10 +240,13 @@ class Checkpointer:
 
     args = {name: ocp.args.StandardSave(_keys_to_data(tree))
             for name, tree in items.items()}
-    saved = self._manager.save(
-        step, force=True,
-        args=ocp.args.Composite(**args, **{_EXTRA: ocp.args.JsonSave(extra)}))
-    self._manager.wait_until_finished()
+    # With async_save, the previous save's write fault surfaces here.
+    with self._write_faults(os.path.join(self._directory, str(step))):
+      saved = self._manager.save(
+          step, force=True, args=ocp.args.Composite(
+              **args, **{_EXTRA: ocp.args.JsonSave(extra)}))
+      if not self._async:
+        self._manager.wait_until_finished()
     if not saved:
       raise RuntimeError(f"orbax skipped saving step {step} in "
                          f"{self._directory}")
@@ -346,8 +364,38 @@ class Checkpointer:
           f"restore template does not match the {name} of checkpoint {step} "
           f"in {self._directory}: " + "; ".join(problems))
 
+  def wait(self) -> None:
+    """Returns once every save has been committed (a no-op without
+    async_save).
+
+    Raises:
+      fileio.WriteError: a background save hit a write fault.
+    """
+    with self._write_faults(self._directory):
+      self._manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _write_faults(self, path: str) -> Iterator[None]:
+    """Turns a write fault of Orbax into a fileio.WriteError naming `path`,
+    after removing the unfinished steps (never read) to give back the
+    space."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      fault = fileio.as_write_error(path, e)
+      if fault is None:
+        raise
+      committed = max(self.all_steps(), default=-1)
+      for name in os.listdir(self._directory):
+        step, tmp, _ = name.partition(".orbax-checkpoint-tmp")
+        if tmp and step.isdigit() and int(step) > committed:
+          shutil.rmtree(os.path.join(self._directory, name),
+                        ignore_errors=True)
+      raise fault from e
+
   def close(self) -> None:
-    """Releases Orbax's resources; the object is unusable afterwards."""
+    """Waits for a background save, then releases Orbax's resources; the
+    object is unusable afterwards."""
     self._manager.close()
 
   def __enter__(self) -> Checkpointer:

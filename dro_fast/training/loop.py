@@ -39,6 +39,7 @@ from dro_fast.training import demo
 from dro_fast.training import flops
 from dro_fast.training import init
 from dro_fast.training import metrics as metrics_lib
+from dro_fast.training import preemption
 from dro_fast.training import reference
 from dro_fast.training import runs
 from dro_fast.training import select
@@ -222,9 +223,12 @@ def train(run: RunConfig) -> dict:
   state = jax.device_put(state, state_shardings)
 
   iterator = pipeline.BatchIterator(arrays, run.batch_size, run.seed)
+  async_save = run.async_checkpoints
+  if async_save is None:
+    async_save = jax.default_backend() != "cpu"
   checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), runs.ITEMS,
-      keep=run.keep_checkpoints)
+      keep=run.keep_checkpoints, async_save=async_save)
   # Every process saves and restores its shards of the checkpoints (Orbax);
   # only process 0 writes the metrics and the summary.
   writer = metrics_lib.MetricsWriter(workdir) if primary else None
@@ -248,11 +252,23 @@ def train(run: RunConfig) -> dict:
   update = jax.jit(trainer.update, donate_argnums=0)
   # The update donates the state's buffers: the online reference keeps a copy.
   online_ref = None if ref is not None else (ref_fn, initial_params, outputs)
-  summary, state = train_loop(run, state, update, iterator,
-                              sharding.batch_sharding(mesh), checkpointer,
-                              writer, online_ref)
-  if writer is not None:
-    writer.close()
+  try:
+    summary, state = train_loop(run, state, update, iterator,
+                                sharding.batch_sharding(mesh), checkpointer,
+                                writer, online_ref)
+  finally:
+    if writer is not None:
+      writer.close()
+  if "stopped" in summary:
+    # Asked to stop (preemption, Ctrl-C): the step's checkpoint is saved;
+    # no summary.json, which marks a finished run.
+    # Every process says so (each host's log shows where it stopped).
+    stopped = summary["stopped"]
+    print(f"{stopped['signal']}: stopped at step {summary['final_step']} "
+          f"of {run.train_steps}, {stopped['seconds']:.1f} s after the "
+          f"signal, with a checkpoint in {checkpointer.directory}. Rerun "
+          "the same command to resume.", flush=True)
+    return summary
   summary.update(algo=run.algorithm.algo,
                  model=dataclasses.asdict(model_config), workdir=workdir)
   if run.data.synthetic_task and run.algorithm.algo not in steps.PAIRWISE:
@@ -288,52 +304,63 @@ def train_loop(run: RunConfig, state, update, iterator, batch_sharding,
   lines = ProgressLines(run, start) if (
       jax.process_index() == 0 and not sys.stdout.isatty()) else None
   window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
-  for step in range(start, train_steps):
-    batch = next(iterator)
-    if online_ref is not None:
-      ref_fn, params0, outputs = online_ref
-      for name, (targets, mask) in outputs.items():
-        batch[name] = np.asarray(ref_fn(params0, batch["inputs"],
-                                        batch[targets], batch[mask]))
-    window_tokens += int(sum(np.sum(v) for k, v in batch.items()
-                             if k.endswith("mask")))
-    batch = sharding.global_batch(batch, batch_sharding)
-    state, step_metrics = update(state, batch)
-    if step == 0 and run.model.dropout_rate > 0:
-      _warn_dropout_bias(run, step_metrics)
-    window_steps += 1
-    done = step + 1
-    if done % run.log_every == 0 or done == train_steps:
-      # The only host synchronisation: fetching the metrics to log them.
-      host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-      elapsed = time.perf_counter() - window_start
-      host.update(examples_per_s=window_steps * run.batch_size / elapsed,
-                  tokens_per_s=window_tokens / elapsed)
-      if writer is not None:
-        writer.write(done, host)
-      last_metrics = host
-      if host["consecutive_bad_steps"] >= run.max_bad_steps:
-        _stop_diverged(run, done, int(host["consecutive_bad_steps"]),
-                       checkpointer)
-      progress.set_postfix(loss=f"{host['loss']:.4f}")
-      if lines is not None:
-        lines.write(done, host)
-      window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
-    if done % run.checkpoint_every == 0 or done == train_steps:
-      try:
-        checkpointer.save(done, _items(state),
-                          {"data": iterator.get_state()})
-      except ValueError as e:     # non-finite parameters, a step taken
-        raise TrainingError(f"cannot save the checkpoint of step {done}: "
-                            f"{e}") from None
-    progress.update(1)
+  stop = preemption.StopRequests()
+  with stop:
+    for step in range(start, train_steps):
+      batch = next(iterator)
+      if online_ref is not None:
+        ref_fn, params0, outputs = online_ref
+        for name, (targets, mask) in outputs.items():
+          batch[name] = np.asarray(ref_fn(params0, batch["inputs"],
+                                          batch[targets], batch[mask]))
+      window_tokens += int(sum(np.sum(v) for k, v in batch.items()
+                               if k.endswith("mask")))
+      batch = sharding.global_batch(batch, batch_sharding)
+      state, step_metrics = update(state, batch)
+      if step == 0 and run.model.dropout_rate > 0:
+        _warn_dropout_bias(run, step_metrics)
+      window_steps += 1
+      done = step + 1
+      if done % run.log_every == 0 or done == train_steps:
+        # The only host synchronisation: fetching the metrics to log them.
+        host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        elapsed = time.perf_counter() - window_start
+        host.update(examples_per_s=window_steps * run.batch_size / elapsed,
+                    tokens_per_s=window_tokens / elapsed)
+        if writer is not None:
+          writer.write(done, host)
+        last_metrics = host
+        if host["consecutive_bad_steps"] >= run.max_bad_steps:
+          _stop_diverged(run, done, int(host["consecutive_bad_steps"]),
+                         checkpointer)
+        progress.set_postfix(loss=f"{host['loss']:.4f}")
+        if lines is not None:
+          lines.write(done, host)
+        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+      stopping = stop.stop_after(done)
+      if (done % run.checkpoint_every == 0 or done == train_steps
+          or stopping):
+        try:
+          checkpointer.save(done, _items(state),
+                            {"data": iterator.get_state()})
+        except ValueError as e:     # non-finite parameters, a step taken
+          raise TrainingError(f"cannot save the checkpoint of step {done}: "
+                              f"{e}") from None
+      progress.update(1)
+      if stopping:
+        break
   progress.close()
+  checkpointer.wait()            # the last save, if it runs in the background
   if not last_metrics:           # resumed at or past the last step
     last_metrics = (metrics_lib.read_metrics(
         os.path.join(run.workdir, "metrics.jsonl")) or [{}])[-1]
-  return {"final_step": int(state.step), "final_metrics": last_metrics,
-          "policy_params_sha256": metrics_lib.params_digest(
-              sharding.to_host(state.policy_params))}, state
+  summary = {"final_step": int(state.step), "final_metrics": last_metrics,
+             "policy_params_sha256": metrics_lib.params_digest(
+                 sharding.to_host(state.policy_params))}
+  if stop.signal_name is not None and summary["final_step"] < train_steps:
+    summary["stopped"] = {"signal": stop.signal_name,
+                          "seconds": time.monotonic() - stop.received_at}
+  return summary, state
 
 
 class ProgressLines:
@@ -381,6 +408,7 @@ def _warn_dropout_bias(run: RunConfig, step_metrics: dict) -> None:
 
 
 def _stop_diverged(run: RunConfig, done: int, bad: int, checkpointer) -> None:
+  checkpointer.wait()
   newest = checkpointer.latest_step()
   saved = ("no checkpoint was saved" if newest is None else
            f"the checkpoints in {checkpointer.directory} (newest: step "

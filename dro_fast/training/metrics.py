@@ -89,7 +89,7 @@ class MetricsWriter:
     self._logdir = os.path.join(workdir, TENSORBOARD_DIR)
     if os.path.exists(self._path):
       self._drop_torn_tail()
-    self._file = open(self._path, "a", encoding="utf-8")
+    self._file = open(self._path, "ab", buffering=0)
     # Created on the first write, so that truncate_after can pass purge_step.
     self._tensorboard: tensorboardX.SummaryWriter | None = None
     self._purge_step: int | None = None
@@ -118,6 +118,8 @@ class MetricsWriter:
 
     Raises:
       ValueError: a name is "step", or a value is not a scalar.
+      fileio.WriteError: a write fault; the file ends with the last
+        complete line.
     """
     if "step" in metrics:
       raise ValueError("'step' is reserved for the step argument; rename "
@@ -129,9 +131,21 @@ class MetricsWriter:
       except (TypeError, ValueError) as e:
         raise ValueError(f"metric {name!r} at step {step} is not a scalar: "
                          f"{e}") from e
-    self._file.write(json.dumps({"step": int(step), **values}) + "\n")
-    self._file.flush()
-    os.fsync(self._file.fileno())
+    line = (json.dumps({"step": int(step), **values}) + "\n").encode()
+    size = self._file.tell()
+    try:
+      view = memoryview(line)   # unbuffered: a short write goes on
+      while view:
+        view = view[self._file.write(view):]
+      os.fsync(self._file.fileno())
+    except OSError as e:
+      # A full disk: cut the part written off (truncating needs no space),
+      # so the file ends with the last complete line.
+      os.truncate(self._path, size)
+      fault = fileio.as_write_error(self._path, e)
+      if fault is None:
+        raise
+      raise fault from e
 
     if self._tensorboard is None:
       # Imported here: tensorboardX imports torch (seconds), a cost a run
@@ -162,7 +176,7 @@ class MetricsWriter:
       fileio.atomic_write(self._path, lambda f: f.write(
           b"".join(json.dumps(r).encode() + b"\n" for r in kept)))
     finally:
-      self._file = open(self._path, "a", encoding="utf-8")
+      self._file = open(self._path, "ab", buffering=0)
     if len(kept) < len(records):
       logging.info("dropped %d metric records after step %d from %s",
                    len(records) - len(kept), step, self._path)
@@ -172,11 +186,26 @@ class MetricsWriter:
     self._purge_step = step + 1
 
   def close(self) -> None:
-    """Flushes and closes the JSONL file and the TensorBoard writer."""
+    """Flushes and closes the JSONL file and the TensorBoard writer.
+
+    TensorBoard events that cannot be written (a full disk) are dropped with
+    a warning: metrics.jsonl holds every logged step.
+    """
     self._file.close()
-    if self._tensorboard is not None:
-      self._tensorboard.close()
-      self._tensorboard = None
+    writer, self._tensorboard = self._tensorboard, None
+    if writer is None:
+      return
+    try:
+      writer.close()
+    except OSError as e:
+      # tensorboardX's exit hook would retry the failed flush and its worker
+      # thread would fail on a closed queue: mark its writer closed and stop
+      # the thread, leaving the unwritten events behind.
+      events = writer.file_writer.event_writer
+      events._closed = True  # pylint: disable=protected-access
+      events._worker.stop()  # pylint: disable=protected-access
+      logging.warning("TensorBoard events not all written to %s: %s",
+                      self._logdir, e)
 
   def __enter__(self) -> MetricsWriter:
     return self

@@ -23,6 +23,8 @@ from absl import logging
 import numpy as np
 import tensorstore as ts
 
+from dro_fast import fileio
+
 # Which arrays feed each cached log-prob: output name -> (targets, mask).
 SINGLE = {"ref_logprobs": ("targets", "target_mask")}
 KTO = dict(SINGLE, mismatched_ref_logprobs=("mismatched_targets",
@@ -155,9 +157,13 @@ def _write(cache_dir: str, key: str, results: Mapping[str, np.ndarray]
   except BaseException as e:
     shutil.rmtree(staging, ignore_errors=True)
     # An OSError with an intact cache in place: a concurrent run wrote it.
-    if not isinstance(e, OSError) or not os.path.isfile(
+    if isinstance(e, OSError) and os.path.isfile(
         os.path.join(directory, MANIFEST)):
+      return
+    fault = fileio.as_write_error(directory, e)   # a full disk, say
+    if fault is None:
       raise
+    raise fault from e
   finally:
     shutil.rmtree(damaged, ignore_errors=True)
 

@@ -64,6 +64,10 @@ class RunConfig:
     ref_cache_dir: the reference log-prob cache; None: <workdir>/ref_cache.
     checkpoint_every: steps between checkpoints.
     keep_checkpoints: checkpoints kept.
+    async_checkpoints: write checkpoints in the background while training
+      goes on (Orbax's asynchronous saving); None: where JAX's backend is
+      not the CPU (on the CPU the writing threads compete with the step:
+      benchmarks/RESULTS.md#asynchronous-checkpoints).
     log_every: steps between logged metrics.
     max_bad_steps: stop after this many consecutive skipped updates.
     mesh: device mesh, e.g. "data:4,fsdp:2"; "": all devices on data.
@@ -88,6 +92,7 @@ class RunConfig:
   ref_cache_dir: str | None = None
   checkpoint_every: int = 2000
   keep_checkpoints: int = 3
+  async_checkpoints: bool | None = None
   log_every: int = 100
   max_bad_steps: int = 10
   mesh: str = ""

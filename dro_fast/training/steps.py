@@ -87,7 +87,7 @@ class TrainState(NamedTuple):
   rng is a raw uint32[2] key (jax.random.PRNGKey), so that it checkpoints as
   a plain array. value_params / value_opt_state are empty dicts for
   algorithms without a value network. bad_steps counts the consecutive
-  updates skipped for a non-finite loss or gradient.
+  updates skipped for a non-finite loss, gradient or updated parameter.
   """
   step: jax.Array
   policy_params: Any
@@ -263,12 +263,16 @@ def make_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
         loss_fn, argnums=(0, 1), has_aux=True)(
             state.policy_params, state.value_params, batch, step_rng)
     # Non-finite guard: a NaN/inf loss or gradient skips the whole update
-    # (parameters and optimizer states stay as they were) and is counted.
-    # lax.cond runs only the taken branch, so a good step pays no select
-    # over every parameter and optimizer-state array.
+    # (parameters and optimizer states stay as they were) and is counted,
+    # and so does an update that would make a parameter non-finite (a
+    # finite gradient times an absurd learning rate). lax.cond runs only
+    # the taken branch, so a good step pays no select over every parameter
+    # and optimizer-state array; the parameter check is one reduction.
     policy_sq, value_sq = sum_of_squares(policy_grads), sum_of_squares(
         value_grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(policy_sq + value_sq)
+    operands = (state.policy_params, state.value_params,
+                state.policy_opt_state, state.value_opt_state)
 
     def apply(operands):
       policy_params, value_params, policy_opt_state, value_opt_state = operands
@@ -279,17 +283,20 @@ def make_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
         updates, value_opt_state = value_optimizer.update(
             value_grads, value_opt_state, value_params)
         value_params = optax.apply_updates(value_params, updates)
-      return policy_params, value_params, policy_opt_state, value_opt_state
+      updated = (policy_params, value_params, policy_opt_state,
+                 value_opt_state)
+      kept = jnp.isfinite(sum_of_squares(policy_params) +
+                          sum_of_squares(value_params))
+      return jax.lax.cond(kept, lambda: updated, lambda: operands), kept
 
     (policy_params, value_params, policy_opt_state,
-     value_opt_state) = jax.lax.cond(
-         finite, apply, lambda operands: operands,
-         (state.policy_params, state.value_params, state.policy_opt_state,
-          state.value_opt_state))
-    bad_steps = jnp.where(finite, 0, state.bad_steps + 1)
+     value_opt_state), applied = jax.lax.cond(
+         finite, apply, lambda operands: (operands, jnp.array(False)),
+         operands)
+    bad_steps = jnp.where(applied, 0, state.bad_steps + 1)
     metrics = dict(metrics, policy_grad_norm=jnp.sqrt(policy_sq),
                    value_grad_norm=jnp.sqrt(value_sq),
-                   skipped_update=1.0 - finite.astype(jnp.float32),
+                   skipped_update=1.0 - applied.astype(jnp.float32),
                    consecutive_bad_steps=bad_steps)
     if learning_rates is not None:
       metrics.update(learning_rates(state.step))

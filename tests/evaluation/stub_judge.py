@@ -81,6 +81,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       if respond is None:
         reply = (state.replies.pop(0) if len(state.replies) > 1
                  else state.replies[0])
+    counted = [True]
+
+    def done():
+      with state.lock:
+        if counted[0]:
+          state.in_flight -= 1
+          counted[0] = False
+
     try:
       if respond is not None:
         reply = respond(received)
@@ -93,12 +101,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       for name, value in reply.headers:
         self.send_header(name, value)
       self.end_headers()
+      # Out of flight before the client can have the answer: else its next
+      # request may arrive while this handler still counts itself.
+      done()
       self.wfile.write(payload)
     except (BrokenPipeError, ConnectionResetError):
       pass  # The client timed out and left.
     finally:
-      with state.lock:
-        state.in_flight -= 1
+      done()
 
   def log_message(self, *args):
     del args  # Keep test output quiet.

@@ -20,6 +20,7 @@ a tolerance.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -29,6 +30,7 @@ import time
 import pytest
 
 from dro_fast.data import synthetic
+from tests import test_kill_resume
 from tests.test_train import metrics
 from tests.test_train import summary
 
@@ -39,6 +41,7 @@ FLAGS = ["--batch_size=8", "--max_input_length=16", "--max_target_length=12",
          "--warmup_steps=2", "--log_every=1", "--checkpoint_every=2",
          "--scan_layers", "--sft_steps=2", "--mesh=fsdp:2"]
 TIMEOUT_S = 900
+TRAIN_STEPS = 8
 
 
 def free_port() -> int:
@@ -47,8 +50,10 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def train(workdir, processes: int, devices_per_process: int, *flags) -> str:
-  """Runs the trainer as `processes` processes; returns process 0's output."""
+def start(workdir, processes: int, devices_per_process: int, *flags
+          ) -> tuple[list[subprocess.Popen], list[str]]:
+  """Starts the trainer as `processes` processes; returns them and their
+  log files."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
       f"--xla_force_host_platform_device_count={devices_per_process}"))
   command = [sys.executable, "-m", "dro_fast.train", f"--workdir={workdir}",
@@ -68,6 +73,12 @@ def train(workdir, processes: int, devices_per_process: int, *flags) -> str:
     with open(log, "w") as out:
       running.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out,
                                       stderr=subprocess.STDOUT))
+  return running, logs
+
+
+def train(workdir, processes: int, devices_per_process: int, *flags) -> str:
+  """Runs the trainer as `processes` processes; returns process 0's output."""
+  running, logs = start(workdir, processes, devices_per_process, *flags)
   deadline = time.monotonic() + TIMEOUT_S
   # A process that fails leaves the others waiting in a collective: stop
   # them all at the first failure (SIGKILL: JAX catches SIGTERM).
@@ -92,20 +103,51 @@ def train(workdir, processes: int, devices_per_process: int, *flags) -> str:
   return outputs[0]
 
 
+def wait_for_step(workdir, step: int, running, logs) -> None:
+  """Polls metrics.jsonl until `step` is logged; fails if a process exits."""
+  deadline = time.monotonic() + TIMEOUT_S
+  while step not in test_kill_resume.logged_steps(workdir):
+    assert all(p.poll() is None for p in running), [
+        open(log).read()[-2000:] for log in logs]
+    assert time.monotonic() < deadline, f"step {step} never logged"
+    time.sleep(0.05)
+
+
 @pytest.mark.slow
-def test_two_processes_train_and_resume_like_one(tmp_path):
+def test_two_processes_stop_on_one_sigterm_and_resume_like_one(tmp_path):
+  """One SIGTERM, to one process (a preempted host): jax's preemption
+  service stops both at the same step, with a checkpoint, exit code 0 and
+  the resume line on each; the rerun resumes there and ends like the run
+  in one process."""
   data = tmp_path / "train.jsonl"
   synthetic.write_jsonl(data, synthetic.make_triplets(64, seed=0))
   single, multi = tmp_path / "single", tmp_path / "multi"
-  train(single, 1, 2, f"--train_data={data}", "--train_steps=4")
-  train(multi, 2, 1, f"--train_data={data}", "--train_steps=2")
-  assert summary(multi)["final_step"] == 2
-  assert os.listdir(multi / "checkpoints") == ["2"]
-  output = train(multi, 2, 1, f"--train_data={data}", "--train_steps=4")
-  assert "Resumed from step 2" in output
+  steps = f"--train_steps={TRAIN_STEPS}"
+  train(single, 1, 2, f"--train_data={data}", steps)
 
-  assert summary(multi)["final_step"] == 4
-  assert [m["step"] for m in metrics(multi)] == [1, 2, 3, 4]
+  running, logs = start(multi, 2, 1, f"--train_data={data}", steps)
+  wait_for_step(multi, 2, running, logs)
+  sent = time.monotonic()
+  running[1].send_signal(signal.SIGTERM)
+  codes = [p.wait(timeout=TIMEOUT_S) for p in running]
+  seconds = time.monotonic() - sent
+  outputs = [open(log).read() for log in logs]
+  assert codes == [0, 0], [o[-3000:] for o in outputs]
+  stopped = [re.search(r"SIGTERM: stopped at step (\d+) of ", o)
+             for o in outputs]
+  assert all(stopped), [o[-3000:] for o in outputs]
+  step = int(stopped[0].group(1))
+  assert int(stopped[1].group(1)) == step and 2 < step < TRAIN_STEPS
+  assert test_kill_resume.committed_steps(multi)[-1] == step
+  assert not (multi / "summary.json").exists()
+  print(f"SIGTERM to one of two processes: both stopped at step {step}, "
+        f"{seconds:.1f} s from the signal to both exits")
+
+  output = train(multi, 2, 1, f"--train_data={data}", steps)
+  assert f"Resumed from step {step}" in output
+  assert summary(multi)["final_step"] == TRAIN_STEPS
+  assert [m["step"] for m in metrics(multi)] == list(
+      range(1, TRAIN_STEPS + 1))
   assert metrics(multi) == metrics(single)
   assert (summary(multi)["policy_params_sha256"] ==
           summary(single)["policy_params_sha256"])

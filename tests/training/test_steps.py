@@ -199,3 +199,32 @@ def test_non_finite_updates_are_skipped_and_counted(policy_params):
   assert not np.array_equal(
       state3.policy_params["decoder/logits_dense"]["kernel"],
       state.policy_params["decoder/logits_dense"]["kernel"])
+
+
+def test_an_update_that_would_make_a_parameter_non_finite_is_skipped(
+    policy_params):
+  """Finite loss and gradients, but a learning rate that throws the
+  parameters past float32: the update is skipped like a non-finite one."""
+  algorithm = steps.AlgorithmConfig(algo="dro_v")
+  absurd = optim.make_optimizer(1e30, warmup_steps=0)
+  trainer = steps.make_trainer(algorithm, CONFIG, absurd,
+                               optim.make_optimizer(1e-2, warmup_steps=0))
+  state = trainer.init(policy_params, _value_params(policy_params,
+                                                    "separate"),
+                       jax.random.PRNGKey(0))
+  # Without the guard the parameters would leave float32's range.
+  grads = jax.tree.map(jnp.ones_like, state.policy_params)
+  updates, _ = absurd.update(grads, state.policy_opt_state,
+                             state.policy_params)
+  moved = optax.apply_updates(state.policy_params, updates)
+  assert not np.isfinite(float(steps.sum_of_squares(moved)))
+  new_state, metrics = jax.jit(trainer.update)(state, _batch(4))
+  assert np.isfinite(float(metrics["loss"]))
+  assert np.isfinite(float(metrics["policy_grad_norm"]))
+  assert float(metrics["skipped_update"]) == 1.0
+  assert int(new_state.bad_steps) == 1 and int(new_state.step) == 1
+  jax.tree.map(np.testing.assert_array_equal,
+               (new_state.policy_params, new_state.value_params,
+                new_state.policy_opt_state, new_state.value_opt_state),
+               (state.policy_params, state.value_params,
+                state.policy_opt_state, state.value_opt_state))

@@ -1,0 +1,88 @@
+"""Stopping a run at a step boundary on request: preemption and Ctrl-C.
+
+A preempted TPU VM or spot GPU node gets SIGTERM some 30 s before it goes.
+Inside `StopRequests` (a context manager around the step loop) SIGTERM and a
+first SIGINT ask the trainer to stop: it finishes the step in flight, saves
+a checkpoint at that step and exits 0 (training.loop). A second SIGINT
+raises KeyboardInterrupt at once; Orbax commits a checkpoint by renaming its
+temporary folder, so the newest complete checkpoint stays the restore point
+(training.checkpointing).
+
+On several processes every process must stop, and save, at the same step.
+jax.distributed.initialize starts jax's preemption service: a SIGTERM to any
+process is propagated to all, and multihost_utils.reached_preemption_sync_
+point(step) answers True on every process at one agreed step. There the
+service handles SIGTERM itself (no Python handler is installed for it, which
+would replace the service's), and SIGINT keeps Python's default: a Ctrl-C
+to one process of a multi-process run is not a coordinated stop.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+
+
+class StopRequests:
+  """Records SIGTERM / a first SIGINT; `stop_after(step)` says when to stop.
+
+  Attributes:
+    signal_name: "SIGTERM" or "SIGINT" once one arrived (on several
+      processes: "SIGTERM" once the preemption service agreed on a step).
+    received_at: time.monotonic() when it arrived (or was agreed).
+  """
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self.received_at: float | None = None
+    self._previous: dict[int, object] = {}
+    self._several = jax.process_count() > 1
+
+  def __enter__(self) -> StopRequests:
+    if threading.current_thread() is not threading.main_thread():
+      return self                      # signal.signal needs the main thread
+    handled = () if self._several else (signal.SIGTERM, signal.SIGINT)
+    for signum in handled:
+      self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous.clear()
+
+  def _handle(self, signum: int, frame) -> None:
+    del frame
+    if signum == signal.SIGINT and self.signal_name is not None:
+      raise KeyboardInterrupt          # the second Ctrl-C: stop at once
+    if self.signal_name is None:
+      self.signal_name = signal.Signals(signum).name
+      self.received_at = time.monotonic()
+      logging.warning("%s: stopping after this step, with a checkpoint "
+                      "(a second Ctrl-C stops at once).", self.signal_name)
+
+  def stop_after(self, step: int) -> bool:
+    """Whether to stop after `step` steps; the same answer on every process.
+
+    On several processes, call it after every step from the same start
+    (the preemption service's contract).
+    """
+    if not self._several:
+      return self.signal_name is not None
+    if not _preemption_sync_point(step):
+      return False
+    if self.signal_name is None:
+      self.signal_name, self.received_at = "SIGTERM", time.monotonic()
+    return True
+
+
+def _preemption_sync_point(step: int) -> bool:
+  try:
+    return multihost_utils.reached_preemption_sync_point(step)
+  except RuntimeError:                 # the preemption service is disabled
+    return False
