@@ -152,6 +152,32 @@ def summary(workdir: pathlib.Path) -> dict:
   return json.loads((workdir / "summary.json").read_text())
 
 
+def straight_run(tmp_path: pathlib.Path, flags: list[str],
+                 env: dict[str, str]) -> tuple[pathlib.Path, float]:
+  """Runs the trainer uninterrupted; returns its workdir and one step's
+  time (the median over the logged steps after the first, which compiled)."""
+  straight = tmp_path / "straight"
+  Trainer(straight, flags, env).finish()
+  lines = (straight / "metrics.jsonl").read_text().splitlines()[1:]
+  return straight, statistics.median(
+      BATCH_SIZE / json.loads(line)["examples_per_s"] for line in lines)
+
+
+def wait_for_write_start(trainer: Trainer, workdir: pathlib.Path,
+                         step: int) -> str:
+  """Waits until Orbax creates the temporary folder of `step`'s checkpoint
+  (not one an earlier run left); returns the folder's name."""
+  folder = f"{step}{_TMP_SUFFIX}"
+  stale = checkpoint_entries(workdir).get(folder)
+
+  def write_started() -> bool:
+    found = checkpoint_entries(workdir).get(folder)
+    return found is not None and found != stale
+
+  trainer.wait_for(write_started, f"the checkpoint of step {step} starts")
+  return folder
+
+
 def kill_inside_step(trainer: Trainer, workdir: pathlib.Path,
                      rng: random.Random, step_s: float,
                      old_metrics: tuple[int | None, list[int]]) -> str:
@@ -203,14 +229,7 @@ def kill_during_checkpoint_write(trainer: Trainer, workdir: pathlib.Path,
   """
   resume = (committed_steps(workdir) or [0])[-1]
   step = min(resume + CHECKPOINT_EVERY * rng.randrange(1, 3), TRAIN_STEPS)
-  folder = f"{step}{_TMP_SUFFIX}"
-  stale = checkpoint_entries(workdir).get(folder)   # left by an earlier kill
-
-  def write_started() -> bool:
-    found = checkpoint_entries(workdir).get(folder)
-    return found is not None and found != stale
-
-  trainer.wait_for(write_started, f"the checkpoint of step {step} starts")
+  folder = wait_for_write_start(trainer, workdir, step)
   trainer.kill()
   left = checkpoint_entries(workdir)
   return "checkpoint" if folder in left and str(step) not in left else "other"
@@ -228,12 +247,7 @@ def kill_at_startup(trainer: Trainer, rng: random.Random) -> str:
 def test_killed_runs_resume_to_the_uninterrupted_parameters(
     tmp_path, env, data_file):
   flags = trainer_flags(data_file, TRAIN_STEPS)
-  straight = tmp_path / "straight"
-  Trainer(straight, flags, env).finish()
-  # One step's time (the first logged step also compiled).
-  lines = (straight / "metrics.jsonl").read_text().splitlines()[1:]
-  step_s = statistics.median(BATCH_SIZE / json.loads(line)["examples_per_s"]
-                             for line in lines)
+  straight, step_s = straight_run(tmp_path, flags, env)
 
   rng = random.Random(SEED)
   plan = ["step", "checkpoint", rng.choice(["step", "checkpoint", "startup"])]

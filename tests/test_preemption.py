@@ -15,17 +15,14 @@ The trainers share a persistent compilation cache (tests/test_kill_resume).
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import signal
-import statistics
 import time
 
 import pytest
 
 from tests.test_kill_resume import _TMP_SUFFIX
-from tests.test_kill_resume import BATCH_SIZE
 from tests.test_kill_resume import CHECKPOINT_EVERY
 from tests.test_kill_resume import checkpoint_entries
 from tests.test_kill_resume import committed_steps
@@ -35,7 +32,9 @@ from tests.test_kill_resume import logged_steps
 from tests.test_kill_resume import metrics_without_timing
 from tests.test_kill_resume import summary
 from tests.test_kill_resume import Trainer
+from tests.test_kill_resume import straight_run
 from tests.test_kill_resume import trainer_flags
+from tests.test_kill_resume import wait_for_write_start
 
 TRAIN_STEPS = 16
 SEED = 20261206
@@ -80,14 +79,7 @@ def sigterm_during_checkpoint_write(trainer, workdir, rng):
   resume = (committed_steps(workdir) or [0])[-1]
   target = (resume // CHECKPOINT_EVERY + 1 + rng.randrange(0, 2)) * (
       CHECKPOINT_EVERY)
-  folder = f"{target}{_TMP_SUFFIX}"
-  stale = checkpoint_entries(workdir).get(folder)
-
-  def write_started() -> bool:
-    found = checkpoint_entries(workdir).get(folder)
-    return found is not None and found != stale
-
-  trainer.wait_for(write_started, f"the checkpoint of step {target} starts")
+  wait_for_write_start(trainer, workdir, target)
   sent = time.monotonic()
   trainer.process.send_signal(signal.SIGTERM)
   during = str(target) not in checkpoint_entries(workdir)
@@ -99,11 +91,7 @@ def sigterm_during_checkpoint_write(trainer, workdir, rng):
 def test_sigterm_stops_with_a_checkpoint_and_reruns_resume_exactly(
     tmp_path, env, data_file, record_property):
   flags = trainer_flags(data_file, TRAIN_STEPS)
-  straight = tmp_path / "straight"
-  Trainer(straight, flags, env).finish()
-  lines = (straight / "metrics.jsonl").read_text().splitlines()[1:]
-  step_s = statistics.median(BATCH_SIZE / json.loads(line)["examples_per_s"]
-                             for line in lines)
+  straight, step_s = straight_run(tmp_path, flags, env)
 
   rng = random.Random(SEED)
   plan = ["step", "checkpoint", rng.choice(["step", "checkpoint"])]

@@ -38,7 +38,7 @@ import json
 import math
 import numbers
 import os
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 
@@ -530,24 +530,39 @@ def read_triplets(path: str | os.PathLike, *, prompt_field: str = "prompt",
       (Parquet), has a bad row (unless `skip_bad_rows`), or has no usable
       rows (NoRowsError).
   """
+  return _read_scored(
+      path, prompt_field, completion_field, ("reward_field", reward_field),
+      lambda row: (
+          number_field(row, reward_field, argument="reward_field",
+                       boolean_hint="for thumbs-up/down labels use "
+                       "read_unpaired (the trainer's --data_format=unpaired)")),
+      message_separator, skip_bad_rows)
+
+
+def _read_scored(path: str | os.PathLike, prompt_field: str,
+                 completion_field: str, score_field: tuple[str, str],
+                 score: Callable[[dict[str, Any]], float],
+                 message_separator: str,
+                 skip_bad_rows: bool) -> list[Triplet]:
+  """Triplets of the rows' prompt, completion and score(row) (read_triplets,
+  read_unpaired). score_field: (the argument's name, the field); score
+  raises BadValue for a bad row."""
+  argument, field = score_field
   reader = RowReader(
-      path, (prompt_field, completion_field, reward_field), skip_bad_rows,
+      path, (prompt_field, completion_field, field), skip_bad_rows,
       "Name the right columns with prompt_field=, completion_field= and "
-      "reward_field= (the trainer's --prompt_field, --completion_field and "
-      "--reward_field).")
+      f"{argument}= (the trainer's --prompt_field, --completion_field and "
+      f"--{argument}).")
   triplets = []
   for location, row in reader:
     try:
       prompt, completion = _prompt_completion(
           row, prompt_field, completion_field, message_separator)
-      reward = number_field(
-          row, reward_field, argument="reward_field",
-          boolean_hint="for thumbs-up/down labels use read_unpaired (the "
-          "trainer's --data_format=unpaired)")
+      value = score(row)
     except BadValue as bad:
       reader.reject(location, bad)
       continue
-    triplets.append(Triplet(prompt, completion, reward, location.source))
+    triplets.append(Triplet(prompt, completion, value, location.source))
   return reader.finish(triplets)
 
 
@@ -590,23 +605,11 @@ def read_unpaired(path: str | os.PathLike, *, prompt_field: str = "prompt",
   Raises:
     DataError: as `read_triplets`; a label that is not a boolean is bad.
   """
-  reader = RowReader(
-      path, (prompt_field, completion_field, label_field), skip_bad_rows,
-      "Name the right columns with prompt_field=, completion_field= and "
-      "label_field= (the trainer's --prompt_field, --completion_field and "
-      "--label_field).")
-  triplets = []
-  for location, row in reader:
-    try:
-      prompt, completion = _prompt_completion(
-          row, prompt_field, completion_field, message_separator)
-      label = _boolean_field(row, label_field, argument="label_field")
-    except BadValue as bad:
-      reader.reject(location, bad)
-      continue
-    triplets.append(Triplet(prompt, completion, float(label),
-                            location.source))
-  return reader.finish(triplets)
+  return _read_scored(
+      path, prompt_field, completion_field, ("label_field", label_field),
+      lambda row: float(_boolean_field(row, label_field,
+                                       argument="label_field")),
+      message_separator, skip_bad_rows)
 
 
 def read_pairwise(path: str | os.PathLike, *, prompt_field: str = "prompt",
