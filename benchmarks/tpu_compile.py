@@ -22,9 +22,10 @@ the compiler's line, not a traceback.
 
 Memory comes from the program the flagfiles train (--scan_layers, the
 default). XLA's cost analysis counts a loop body once, so the FLOPs and
-the roofline come from the update with its layers unrolled (--roofline, the
-default; not under --max_batch), compiled at 1 and 2 layers per stack and
-extrapolated linearly to the model's depth (tpu.unrolled_cost).
+the roofline come from a second compile with the layers unrolled
+(--roofline, the default; not under --max_batch). Extrapolating from
+unrolled compiles of 1 and 2 layers would be faster, but misses part of the
+bytes: XLA fuses and schedules the full depth differently.
 
 The mesh: data over the chips not on fsdp (--fsdp=F puts F chips on fsdp).
 --max_batch: the largest global batch (a multiple of the chip count) that
@@ -69,8 +70,8 @@ _ATTENTION = flags.DEFINE_list("attention", ["xla"],
 _ALGO = flags.DEFINE_enum("algo", "dro_v", list(steps.ALGORITHMS),
                           "Algorithm whose update is compiled.")
 _ROOFLINE = flags.DEFINE_bool(
-    "roofline", True, "Also compile each variant unrolled at 1 and 2 "
-    "layers, for XLA's FLOPs and roofline at the full depth (see above).")
+    "roofline", True, "Also compile each fitting variant with its layers "
+    "unrolled, for XLA's FLOPs and bytes and the roofline (see above).")
 _MAX_BATCH = flags.DEFINE_bool(
     "max_batch", False, "Search the largest batch that fits per variant.")
 

@@ -160,7 +160,9 @@ def compile_update(size: str, topology: str, *, batch_size: int,
     seconds = cost(step.compiled)
   elif roofline:
     try:
-      seconds = unrolled_cost(config, algorithm, batch, mesh)
+      seconds = cost(bench_step.JaxStep(
+          config.replace(scan_layers=False), algorithm, [batch],
+          abstract=True, mesh=mesh).compiled)
     except Exception as e:  # pylint: disable=broad-except
       line = _memory_error_line(e)
       if line is None:
@@ -202,32 +204,6 @@ def roofline_seconds(flops_per_chip: float, bytes_per_chip: float | None,
   if not peak_flops or not bytes_per_s or bytes_per_chip is None:
     return None
   return max(flops_per_chip / peak_flops, bytes_per_chip / bytes_per_s)
-
-
-def unrolled_cost(config, algorithm, batch, mesh) -> dict[str, float]:
-  """cost() of the update with `config`'s layers unrolled, from compiles
-  of the same update at 1 and 2 layers per stack, extrapolated linearly.
-
-  Each layer adds the same program (its matmuls, collectives, remat and
-  optimizer update), so FLOPs and bytes accessed are a + b·L (and so would
-  optimal_seconds be, where XLA reports it sensibly); the rest (embeddings, the shared relative-position bias, the
-  loss) is in a. Two shallow compiles take seconds to minutes where 24
-  unrolled layers take tens of minutes on a CPU host; the test checks the
-  extrapolation against a direct compile.
-  """
-  from benchmarks.lib import step as bench_step  # pylint: disable=g-import-not-at-top
-  depth = config.num_encoder_layers
-  if config.num_decoder_layers != depth:
-    raise ValueError("unrolled_cost extrapolates equal encoder and decoder "
-                     f"depths, not {depth} and {config.num_decoder_layers}.")
-  at = [cost(bench_step.JaxStep(
-      config.replace(scan_layers=False, num_encoder_layers=layers,
-                     num_decoder_layers=layers),
-      algorithm, [batch], abstract=True, mesh=mesh).compiled)
-        for layers in (1, 2)]
-  return {key: None if at[0][key] is None or at[1][key] is None
-          else at[0][key] + (depth - 1) * (at[1][key] - at[0][key])
-          for key in at[0]}
 
 
 def score_arrays(compiled, heads: int, length: int) -> list[str]:

@@ -67,26 +67,3 @@ def test_a_memory_rejection_is_a_record_not_a_traceback():
       "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of")
   assert tpu._memory_error_line(ValueError("a shape error")) is None
 
-
-def test_the_unrolled_cost_extrapolated_from_one_and_two_layers_matches_a_direct_compile():
-  """tpu.unrolled_cost (the roofline of the full-depth models) against the
-  cost of the same update compiled with all its layers unrolled."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from benchmarks.lib import step as bench_step  # pylint: disable=g-import-not-at-top
-  from dro_fast.training import sharding  # pylint: disable=g-import-not-at-top
-  from dro_fast.training import steps  # pylint: disable=g-import-not-at-top
-  mesh = sharding.make_mesh({"data": 2, "fsdp": 2}, tpu.devices("v5e:2x2"))
-  config = bench_step.config_for(
-      "tiny", "bfloat16", remat="dots", platform="tpu", scan_layers=False,
-      num_encoder_layers=4, num_decoder_layers=4)
-  algorithm = steps.AlgorithmConfig(algo="dro_v")
-  batch = bench_step.random_batch(config, 8, 24, 16, np.random.default_rng(0))
-  direct = tpu.cost(bench_step.JaxStep(config, algorithm, [batch],
-                                       abstract=True, mesh=mesh).compiled)
-  extrapolated = tpu.unrolled_cost(config, algorithm, batch, mesh)
-  for key in ("flops", "bytes_accessed"):
-    assert direct[key] > 0
-    assert extrapolated[key] == pytest.approx(direct[key], rel=0.02), key
-  with pytest.raises(ValueError, match="equal encoder and decoder"):
-    tpu.unrolled_cost(config.replace(num_decoder_layers=3), algorithm, batch,
-                      mesh)
