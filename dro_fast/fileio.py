@@ -142,7 +142,8 @@ def atomic_write(path: str | os.PathLike,
 
   Raises:
     ValueError: `path` is a URL other than file:// (see require_local).
-    WriteError: a write fault (the previous file at `path` is intact).
+    WriteError: a write fault (the previous file at `path` is intact,
+      unless the fault is the directory's fsync after the rename).
   """
   path = require_local(path, "an atomically written file")
   directory = os.path.dirname(os.path.abspath(path))

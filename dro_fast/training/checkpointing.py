@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging as std_logging
 import os
 import shutil
 from typing import Any, Iterator, Mapping, Sequence
@@ -54,6 +55,22 @@ _EXTRA = "extra"
 
 # How much of an Orbax/TensorStore error message a log line or error keeps.
 _MAX_REASON_CHARS = 300
+
+
+class _WriteFaultRecords(std_logging.Filter):
+  """Drops Orbax's ERROR records of a write fault (a full disk): one
+  traceback per background thread, while the fault reaches the caller as
+  one fileio.WriteError."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno < std_logging.ERROR:
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    return fileio.as_write_error("", error or ValueError(
+        record.getMessage())) is None
+
+
+_WRITE_FAULT_RECORDS = _WriteFaultRecords()
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -153,6 +170,8 @@ class Checkpointer:
     if not items or _EXTRA in items:
       raise ValueError(f"items must be names other than {_EXTRA!r}, got "
                        f"{items!r}")
+    # Orbax logs through absl's logger.
+    std_logging.getLogger("absl").addFilter(_WRITE_FAULT_RECORDS)
     self._directory = os.path.abspath(os.fspath(directory))
     self._items = tuple(items)
     self._async = async_save
@@ -240,8 +259,10 @@ class Checkpointer:
 
     args = {name: ocp.args.StandardSave(_keys_to_data(tree))
             for name, tree in items.items()}
-    # With async_save, the previous save's write fault surfaces here.
-    with self._write_faults(os.path.join(self._directory, str(step))):
+    # With async_save, the previous save's write fault surfaces here: the
+    # message then names the folder, not this step.
+    with self._write_faults(self._directory if self._async else
+                            os.path.join(self._directory, str(step))):
       saved = self._manager.save(
           step, force=True, args=ocp.args.Composite(
               **args, **{_EXTRA: ocp.args.JsonSave(extra)}))

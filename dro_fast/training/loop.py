@@ -178,6 +178,15 @@ def train(run: RunConfig) -> dict:
     sharding.check_batch_size(run.batch_size, mesh)
   except ValueError as e:
     raise TrainingError(str(e)) from None
+  async_save = run.async_checkpoints
+  if async_save is None:
+    async_save = jax.default_backend() != "cpu"
+  checkpointer = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), runs.ITEMS,
+      keep=run.keep_checkpoints, async_save=async_save)
+  # On several processes, a preemption notice during the start-up below is
+  # then answered at the first step (training.preemption).
+  preemption.register_start(checkpointer.latest_step() or 0)
 
   primary = jax.process_index() == 0
   # Process 0 writes the demo data into the (shared) workdir; the other
@@ -223,12 +232,6 @@ def train(run: RunConfig) -> dict:
   state = jax.device_put(state, state_shardings)
 
   iterator = pipeline.BatchIterator(arrays, run.batch_size, run.seed)
-  async_save = run.async_checkpoints
-  if async_save is None:
-    async_save = jax.default_backend() != "cpu"
-  checkpointer = checkpointing.Checkpointer(
-      os.path.join(workdir, "checkpoints"), runs.ITEMS,
-      keep=run.keep_checkpoints, async_save=async_save)
   # Every process saves and restores its shards of the checkpoints (Orbax);
   # only process 0 writes the metrics and the summary.
   writer = metrics_lib.MetricsWriter(workdir) if primary else None
@@ -304,6 +307,7 @@ def train_loop(run: RunConfig, state, update, iterator, batch_sharding,
   lines = ProgressLines(run, start) if (
       jax.process_index() == 0 and not sys.stdout.isatty()) else None
   window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+  step_metrics = None
   stop = preemption.StopRequests()
   with stop:
     for step in range(start, train_steps):
@@ -316,7 +320,12 @@ def train_loop(run: RunConfig, state, update, iterator, batch_sharding,
       window_tokens += int(sum(np.sum(v) for k, v in batch.items()
                                if k.endswith("mask")))
       batch = sharding.global_batch(batch, batch_sharding)
+      previous = step_metrics
       state, step_metrics = update(state, batch)
+      if previous is not None:
+        # At most two steps in flight: a stop request is then answered
+        # within about one step, and a stop's save waits for no backlog.
+        jax.block_until_ready(previous["loss"])
       if step == 0 and run.model.dropout_rate > 0:
         _warn_dropout_bias(run, step_metrics)
       window_steps += 1
@@ -349,18 +358,19 @@ def train_loop(run: RunConfig, state, update, iterator, batch_sharding,
       progress.update(1)
       if stopping:
         break
+    checkpointer.wait()          # the last save, if it runs in the background
   progress.close()
-  checkpointer.wait()            # the last save, if it runs in the background
+  final_step = int(state.step)
+  if stop.signal_name is not None and final_step < train_steps:
+    return {"final_step": final_step, "stopped": {
+        "signal": stop.signal_name,
+        "seconds": time.monotonic() - stop.received_at}}, state
   if not last_metrics:           # resumed at or past the last step
     last_metrics = (metrics_lib.read_metrics(
         os.path.join(run.workdir, "metrics.jsonl")) or [{}])[-1]
-  summary = {"final_step": int(state.step), "final_metrics": last_metrics,
-             "policy_params_sha256": metrics_lib.params_digest(
-                 sharding.to_host(state.policy_params))}
-  if stop.signal_name is not None and summary["final_step"] < train_steps:
-    summary["stopped"] = {"signal": stop.signal_name,
-                          "seconds": time.monotonic() - stop.received_at}
-  return summary, state
+  return {"final_step": final_step, "final_metrics": last_metrics,
+          "policy_params_sha256": metrics_lib.params_digest(
+              sharding.to_host(state.policy_params))}, state
 
 
 class ProgressLines:

@@ -132,7 +132,7 @@ class MetricsWriter:
         raise ValueError(f"metric {name!r} at step {step} is not a scalar: "
                          f"{e}") from e
     line = (json.dumps({"step": int(step), **values}) + "\n").encode()
-    size = self._file.tell()
+    size = os.fstat(self._file.fileno()).st_size   # (appends ignore tell())
     try:
       view = memoryview(line)   # unbuffered: a short write goes on
       while view:

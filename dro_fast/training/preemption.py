@@ -42,6 +42,7 @@ class StopRequests:
     self.received_at: float | None = None
     self._previous: dict[int, object] = {}
     self._several = jax.process_count() > 1
+    self._told = False
 
   def __enter__(self) -> StopRequests:
     if threading.current_thread() is not threading.main_thread():
@@ -57,14 +58,14 @@ class StopRequests:
     self._previous.clear()
 
   def _handle(self, signum: int, frame) -> None:
+    # Records only: a handler that wrote to a stream could interrupt a
+    # write to the same stream.
     del frame
     if signum == signal.SIGINT and self.signal_name is not None:
-      raise KeyboardInterrupt          # the second Ctrl-C: stop at once
+      raise KeyboardInterrupt          # a Ctrl-C after a request: at once
     if self.signal_name is None:
       self.signal_name = signal.Signals(signum).name
       self.received_at = time.monotonic()
-      logging.warning("%s: stopping after this step, with a checkpoint "
-                      "(a second Ctrl-C stops at once).", self.signal_name)
 
   def stop_after(self, step: int) -> bool:
     """Whether to stop after `step` steps; the same answer on every process.
@@ -73,12 +74,29 @@ class StopRequests:
     (the preemption service's contract).
     """
     if not self._several:
-      return self.signal_name is not None
-    if not _preemption_sync_point(step):
-      return False
-    if self.signal_name is None:
-      self.signal_name, self.received_at = "SIGTERM", time.monotonic()
-    return True
+      stopping = self.signal_name is not None
+    else:
+      stopping = _preemption_sync_point(step)
+      if stopping and self.signal_name is None:
+        self.signal_name, self.received_at = "SIGTERM", time.monotonic()
+    if stopping and not self._told:
+      self._told = True
+      logging.warning("%s: stopping after step %d, with a checkpoint (a "
+                      "Ctrl-C now stops at once).", self.signal_name, step)
+    return stopping
+
+
+def register_start(step: int) -> None:
+  """Tells jax's preemption service (several processes) the step a run
+  starts from, before its start-up.
+
+  The service counts the steps it is told of from 0 and, on a notice,
+  chooses the step after the highest one any process has reported. A
+  resumed run that reports nothing before its loop would have a notice
+  received during start-up answered at step 1, which it never reaches.
+  """
+  if jax.process_count() > 1:
+    _preemption_sync_point(step)
 
 
 def _preemption_sync_point(step: int) -> bool:

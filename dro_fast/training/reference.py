@@ -156,14 +156,13 @@ def _write(cache_dir: str, key: str, results: Mapping[str, np.ndarray]
     os.replace(staging, directory)
   except BaseException as e:
     shutil.rmtree(staging, ignore_errors=True)
-    # An OSError with an intact cache in place: a concurrent run wrote it.
-    if isinstance(e, OSError) and os.path.isfile(
-        os.path.join(directory, MANIFEST)):
-      return
     fault = fileio.as_write_error(directory, e)   # a full disk, say
-    if fault is None:
+    if fault is not None:
+      raise fault from e
+    # Another OSError with a cache in place: a concurrent run wrote it.
+    if not isinstance(e, OSError) or not os.path.isfile(
+        os.path.join(directory, MANIFEST)):
       raise
-    raise fault from e
   finally:
     shutil.rmtree(damaged, ignore_errors=True)
 

@@ -87,7 +87,8 @@ class TrainState(NamedTuple):
   rng is a raw uint32[2] key (jax.random.PRNGKey), so that it checkpoints as
   a plain array. value_params / value_opt_state are empty dicts for
   algorithms without a value network. bad_steps counts the consecutive
-  updates skipped for a non-finite loss, gradient or updated parameter.
+  updates skipped for a non-finite loss, gradient or updated parameter
+  (see update).
   """
   step: jax.Array
   policy_params: Any
@@ -265,9 +266,11 @@ def make_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
     # Non-finite guard: a NaN/inf loss or gradient skips the whole update
     # (parameters and optimizer states stay as they were) and is counted,
     # and so does an update that would make a parameter non-finite (a
-    # finite gradient times an absurd learning rate). lax.cond runs only
-    # the taken branch, so a good step pays no select over every parameter
-    # and optimizer-state array; the parameter check is one reduction.
+    # finite gradient times an absurd learning rate), or the parameters'
+    # sum of squares overflow float32 (a norm above 1.8e19: diverged; see
+    # sum_of_squares). lax.cond runs only the taken branch, so a good step
+    # pays no select over every parameter and optimizer-state array; the
+    # parameter check is one reduction.
     policy_sq, value_sq = sum_of_squares(policy_grads), sum_of_squares(
         value_grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(policy_sq + value_sq)

@@ -204,7 +204,8 @@ def test_non_finite_updates_are_skipped_and_counted(policy_params):
 def test_an_update_that_would_make_a_parameter_non_finite_is_skipped(
     policy_params):
   """Finite loss and gradients, but a learning rate that throws the
-  parameters past float32: the update is skipped like a non-finite one."""
+  parameters so far (about 1e30) that their sum of squares overflows
+  float32: the update is skipped like a non-finite one."""
   algorithm = steps.AlgorithmConfig(algo="dro_v")
   absurd = optim.make_optimizer(1e30, warmup_steps=0)
   trainer = steps.make_trainer(algorithm, CONFIG, absurd,
