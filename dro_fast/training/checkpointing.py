@@ -140,6 +140,17 @@ def _shape_and_dtype(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
   return array.shape, array.dtype
 
 
+def newest_step_name(directory: str) -> int:
+  """The highest step folder name in `directory` (0 when none or absent),
+  read without creating anything; whether that step is readable is
+  Checkpointer.restore's question."""
+  try:
+    names = os.listdir(directory)
+  except FileNotFoundError:
+    return 0
+  return max((int(n) for n in names if n.isdigit()), default=0)
+
+
 class Checkpointer:
   """Saves and restores checkpoints of named pytree items by step.
 

@@ -178,15 +178,10 @@ def train(run: RunConfig) -> dict:
     sharding.check_batch_size(run.batch_size, mesh)
   except ValueError as e:
     raise TrainingError(str(e)) from None
-  async_save = run.async_checkpoints
-  if async_save is None:
-    async_save = jax.default_backend() != "cpu"
-  checkpointer = checkpointing.Checkpointer(
-      os.path.join(workdir, "checkpoints"), runs.ITEMS,
-      keep=run.keep_checkpoints, async_save=async_save)
   # On several processes, a preemption notice during the start-up below is
   # then answered at the first step (training.preemption).
-  preemption.register_start(checkpointer.latest_step() or 0)
+  preemption.register_start(checkpointing.newest_step_name(
+      os.path.join(workdir, "checkpoints")))
 
   primary = jax.process_index() == 0
   # Process 0 writes the demo data into the (shared) workdir; the other
@@ -232,6 +227,12 @@ def train(run: RunConfig) -> dict:
   state = jax.device_put(state, state_shardings)
 
   iterator = pipeline.BatchIterator(arrays, run.batch_size, run.seed)
+  async_save = run.async_checkpoints
+  if async_save is None:
+    async_save = jax.default_backend() != "cpu"
+  checkpointer = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), runs.ITEMS,
+      keep=run.keep_checkpoints, async_save=async_save)
   # Every process saves and restores its shards of the checkpoints (Orbax);
   # only process 0 writes the metrics and the summary.
   writer = metrics_lib.MetricsWriter(workdir) if primary else None
