@@ -2,7 +2,7 @@
 state intact, and a rerun after space is freed resumes exactly.
 
 Where the sandbox lets the tests mount a tmpfs (root with CAP_SYS_ADMIN),
-each writer meets a real full file system of a few MB (ENOSPC): the layer
+each writer meets a real full file system of 8 MB (ENOSPC): the layer
 tests fill it with a ballast file, the end-to-end test fills it under a
 running trainer. Elsewhere the layer tests meet the file size limit
 instead (RLIMIT_FSIZE: the OS fails the write with EFBIG, also a
@@ -29,7 +29,7 @@ from dro_fast.training import checkpointing
 from dro_fast.training import metrics as metrics_lib
 from dro_fast.training import reference
 
-_SIZE = "4m"
+_SIZE = "8m"
 # TensorStore's report of ENOSPC, as Orbax raises it (seen on a full tmpfs).
 _TENSORSTORE_ENOSPC = ('RESOURCE_EXHAUSTED: Error writing "w/0.0": Failed to '
                        'write 2641265 bytes to file 15: No space left on '
