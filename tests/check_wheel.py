@@ -35,8 +35,9 @@ def main(site_dir: str, wheel_dir: str) -> None:
   assert not os.path.exists("xl.flags")          # resolved from the package
   done = _run(sys.executable, "-m", "dro_fast.train", "--flagfile=xl.flags",
               "--helpfull")
-  assert done.returncode == 0 and "--init_checkpoint" in done.stdout, (
-      done.stderr[-2000:])
+  # absl ends --helpfull with exit code 1 (app.HelpfullFlag).
+  assert done.returncode == 1 and "--init_checkpoint" in done.stdout, (
+      done.returncode, done.stderr[-2000:])
   # xl.flags is read (--model=flan-t5-xl): without a checkpoint it refuses.
   done = _run(os.path.join(site_dir, "bin", "dro-fast-train"),
               "--flagfile=xl.flags")
@@ -45,8 +46,10 @@ def main(site_dir: str, wheel_dir: str) -> None:
   done = _run(sys.executable, "-m", "dro_fast.train", "--flagfile=nope.flags")
   assert done.returncode == 2 and done.stderr.count("\n") == 1 and (
       "packaged: base.flags" in done.stderr), done.stderr
-  done = _run(os.path.join(site_dir, "bin", "dro-fast-evaluate"), "--help")
-  assert done.returncode == 0 and "--judge" in done.stdout, done.stderr[-2000:]
+  done = _run(os.path.join(site_dir, "bin", "dro-fast-evaluate"),
+              "--helpfull")
+  assert done.returncode == 1 and "--judge" in done.stdout, (
+      done.returncode, done.stderr[-2000:])
   print(f"wheel OK: {os.path.basename(wheel)} -> {location}; flagfiles and "
         "console scripts work")
 
