@@ -5,9 +5,9 @@ A seeded generator picks the moments: at least one SIGTERM inside a
 training step and one while a checkpoint is being written. Each stopped
 run must exit 0 with the line saying where it stopped and how to resume,
 and the run that finally completes must hold the parameters, bit for bit,
-and the metrics of a run that was never interrupted. A second Ctrl-C stops
-at once (tested in-process below). (Two
-processes joined by jax.distributed, one of them sent SIGTERM:
+and the metrics of a run that was never interrupted. A Ctrl-C after a
+request stops at once (tested in-process below). (Two processes joined by
+jax.distributed, one of them sent SIGTERM:
 tests/training/test_multiprocess.py.)
 
 The trainers share a persistent compilation cache (tests/test_kill_resume).

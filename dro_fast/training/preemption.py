@@ -3,8 +3,8 @@
 A preempted TPU VM or spot GPU node gets SIGTERM some 30 s before it goes.
 Inside `StopRequests` (a context manager around the step loop) SIGTERM and a
 first SIGINT ask the trainer to stop: it finishes the step in flight, saves
-a checkpoint at that step and exits 0 (training.loop). A second SIGINT
-raises KeyboardInterrupt at once; Orbax commits a checkpoint by renaming its
+a checkpoint at that step and exits 0 (training.loop). A SIGINT after a
+request raises KeyboardInterrupt at once; Orbax commits a checkpoint by renaming its
 temporary folder, so the newest complete checkpoint stays the restore point
 (training.checkpointing).
 
