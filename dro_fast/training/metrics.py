@@ -15,6 +15,7 @@ tensorboardX's `purge_step`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -214,13 +215,81 @@ class MetricsWriter:
     self.close()
 
 
+# Metrics plot_curves leaves out by name: the step, and the counters of
+# skipped updates (0 in a healthy run; metrics.jsonl keeps them).
+_COUNTERS = frozenset({"step", "skipped_update", "consecutive_bad_steps"})
+_COLUMNS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class _Panel:
+  """One subplot of plot_curves: metrics that share a y-axis.
+
+  Attributes:
+    title: what the panel shows, with its unit where it has one.
+    members: (metric, legend label) pairs.
+    log_scale: a logarithmic y-axis where the values are positive and span
+      a decade or more (the first throughput window includes compilation;
+      the two gradient norms differ in scale).
+  """
+  title: str
+  members: tuple[tuple[str, str], ...]
+  log_scale: bool = False
+
+
+# The metrics the trainer logs, grouped in reading order; a metric not named
+# here gets a panel of its own, titled by its name.
+_PANELS = (
+    _Panel("loss", (("loss", "loss"),)),
+    _Panel(r"reward $r$ and residual $\delta$",
+           (("reward_mean", r"mean $r$"), ("residual_mean", r"mean $\delta$"),
+            ("residual_std", r"std $\delta$"))),
+    _Panel(r"$\log\pi - \log\pi_{\mathrm{ref}}$ (nats)",
+           (("log_ratio_mean", "mean"), ("log_ratio_std", "std"))),
+    _Panel(r"value $V(x)$", (("value_mean", "mean"),)),
+    _Panel(r"gradient norm $\|g\|_2$",
+           (("policy_grad_norm", "policy"), ("value_grad_norm", "value")),
+           log_scale=True),
+    _Panel("learning rate", (("policy_lr", "policy"), ("value_lr", "value"))),
+    _Panel("examples/s", (("examples_per_s", "examples/s"),), log_scale=True),
+    _Panel("tokens/s", (("tokens_per_s", "tokens/s"),), log_scale=True),
+)
+
+
 def _is_number(value: Any) -> bool:
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _series(records: Sequence[Mapping[str, Any]],
+            key: str) -> tuple[list[int], list[float]]:
+  """(steps, values) of one metric, its non-finite values left out."""
+  points = [(r["step"], r[key]) for r in records
+            if _is_number(r.get(key)) and math.isfinite(r[key])]
+  return [s for s, _ in points], [float(v) for _, v in points]
+
+
+def _panels(keys: Sequence[str]) -> list[_Panel]:
+  """The panels of `keys`: the _PANELS groups first, then one per other key."""
+  chosen = set(keys)
+  panels = []
+  for panel in _PANELS:
+    members = tuple(m for m in panel.members if m[0] in chosen)
+    if members:
+      panels.append(dataclasses.replace(panel, members=members))
+  grouped = {key for panel in panels for key, _ in panel.members}
+  return panels + [_Panel(key, ((key, key),))
+                   for key in keys if key not in grouped]
+
+
 def plot_curves(metrics_path: str, png_path: str,
-                keys: Sequence[str] | None = None) -> None:
-  """Plots metrics against step, one subplot per metric, to a PNG.
+                keys: Sequence[str] | None = None) -> list[str]:
+  """Plots the metrics that move against step, in a grid of panels, to a PNG.
+
+  Related metrics share a panel (the policy's and the value's gradient
+  norms, say), at most three panels a row. By default the counters of
+  skipped updates and every metric whose value never changes (a constant
+  learning rate) are left out; when no metric changes (a run that logged
+  once), every metric but the counters is drawn.
 
   Uses matplotlib's Agg canvas directly (no pyplot), so the caller's
   matplotlib backend is left alone. The PNG is written atomically.
@@ -228,17 +297,23 @@ def plot_curves(metrics_path: str, png_path: str,
   Args:
     metrics_path: a metrics.jsonl file.
     png_path: where to write the PNG.
-    keys: the metrics to plot; by default every numeric key except "step",
-      in order of first appearance. Non-finite values are left out.
+    keys: the metrics to plot, moving or not; by default those described
+      above. Non-finite values are left out (a metric with no finite value
+      is not plotted by default).
+
+  Returns:
+    The metrics plotted, in the order of the panels.
 
   Raises:
     ValueError: no metric to plot, or a requested key never logged.
   """
   records = read_metrics(metrics_path)
   if keys is None:
-    keys = list(dict.fromkeys(
+    logged = [k for k in dict.fromkeys(
         k for r in records for k, v in r.items()
-        if k != "step" and _is_number(v)))
+        if k not in _COUNTERS and _is_number(v)) if _series(records, k)[1]]
+    keys = [k for k in logged if len(set(_series(records, k)[1])) > 1]
+    keys = keys or logged
   else:
     logged = {k for r in records for k in r}
     missing = [k for k in keys if k not in logged]
@@ -246,20 +321,44 @@ def plot_curves(metrics_path: str, png_path: str,
       raise ValueError(f"metrics {missing} are not in {metrics_path}")
   if not keys:
     raise ValueError(f"no numeric metrics to plot in {metrics_path}")
+  panels = _panels(keys)
 
   from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
-  fig = figure.Figure(figsize=(6.0, 2.2 * len(keys)), layout="constrained")
+  columns = min(_COLUMNS, len(panels))
+  rows = -(-len(panels) // columns)
+  fig = figure.Figure(figsize=(4.2 * columns, 2.6 * rows),
+                      layout="constrained")
   backend_agg.FigureCanvasAgg(fig)
-  axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
-  for ax, key in zip(axes, keys):
-    points = [(r["step"], r[key]) for r in records
-              if _is_number(r.get(key)) and math.isfinite(r[key])]
-    ax.plot([s for s, _ in points], [v for _, v in points], linewidth=1.0)
-    ax.set_ylabel(key)
+  grid = fig.subplots(rows, columns, sharex=True, squeeze=False)
+  for ax in grid.flat[len(panels):]:
+    ax.remove()
+  for ax, panel in zip(grid.flat, panels):
+    drawn = []
+    for (key, label), style in zip(panel.members, ("-", "--", ":")):
+      steps, values = _series(records, key)
+      ax.plot(steps, values, style, linewidth=1.2, label=label,
+              marker="o" if len(steps) == 1 else None)
+      drawn += values
+    if panel.log_scale and drawn and min(drawn) > 0 and (
+        max(drawn) >= 10 * min(drawn)):
+      ax.set_yscale("log")
+      ax.yaxis.set_major_formatter(ticker.LogFormatter())   # 100, not 10²
+      ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False))
+    if len(panel.members) > 1:
+      ax.legend(fontsize=8)
+    ax.set_title(panel.title, fontsize=10)
     ax.grid(True, alpha=0.3)
-  axes[-1].set_xlabel("step")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+  for column in range(columns):
+    # The lowest panel of each column shows the steps (sharex hides them on
+    # the panels above, and a short last row leaves some columns higher).
+    bottom = grid[(len(panels) - 1 - column) // columns, column]
+    bottom.xaxis.set_tick_params(labelbottom=True)
+    bottom.set_xlabel("step")
   fileio.atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
+  return [key for panel in panels for key, _ in panel.members]
 
 
 def params_digest(params: Any) -> str:

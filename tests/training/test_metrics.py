@@ -103,23 +103,48 @@ def test_torn_last_line_is_dropped(tmp_path):
       str(tmp_path / "metrics.jsonl"))] == [0, 1, 2]
 
 
-def _png_height(png: bytes) -> int:
-  return int.from_bytes(png[20:24], "big")  # The IHDR chunk's height field.
+def _write_run(workdir, steps):
+  """A DRO-V-like log: moving metrics, a constant one and the counters."""
+  with metrics.MetricsWriter(str(workdir)) as writer:
+    for step in steps:
+      writer.write(step, {"loss": 1.0 / step, "policy_grad_norm": 10.0 + step,
+                          "value_grad_norm": 1.0, "policy_lr": 1e-4,
+                          "value_lr": 1e-4 * step, "examples_per_s": 7.0 * step,
+                          "accuracy": float("nan") if step == 2 else 0.5 * step,
+                          "skipped_update": float(step == 3),
+                          "consecutive_bad_steps": float(step == 3)})
 
 
-def test_plot_curves_writes_a_png(tmp_path):
-  _write_steps(tmp_path, range(5))
+def test_plot_curves_draws_the_moving_metrics_in_a_grid(tmp_path):
+  _write_run(tmp_path, [1, 2, 3, 4])
   png = tmp_path / "curves.png"
-  metrics.plot_curves(str(tmp_path / "metrics.jsonl"), str(png))
+  plotted = metrics.plot_curves(str(tmp_path / "metrics.jsonl"), str(png))
+  # Grouped panels in their order, then the others; constants (value's grad
+  # norm, policy's lr) and the counters (moving here) are left out.
+  assert plotted == ["loss", "policy_grad_norm", "value_lr",
+                     "examples_per_s", "accuracy"]
   data = png.read_bytes()
   assert data.startswith(_PNG_SIGNATURE) and len(data) > 1000
-  # Three subplots by default (loss, accuracy, tokens): taller than one.
-  one = tmp_path / "loss.png"
-  metrics.plot_curves(str(tmp_path / "metrics.jsonl"), str(one), ["loss"])
-  assert _png_height(data) > _png_height(one.read_bytes())
+  width, height = struct.unpack(">II", data[16:24])  # The IHDR chunk.
+  assert (width, height) == (3 * 420, 2 * 260)  # 5 panels: 3 columns, 2 rows.
+
+
+def test_plot_curves_given_keys_and_a_single_record(tmp_path):
+  _write_run(tmp_path, [1, 2])
+  path = str(tmp_path / "metrics.jsonl")
+  png = str(tmp_path / "curves.png")
+  assert metrics.plot_curves(path, png, ["value_lr", "policy_lr",
+                                         "skipped_update"]) == [
+                                             "policy_lr", "value_lr",
+                                             "skipped_update"]
   with pytest.raises(ValueError, match="'perplexity'"):
-    metrics.plot_curves(str(tmp_path / "metrics.jsonl"), str(png),
-                        ["perplexity"])
+    metrics.plot_curves(path, png, ["perplexity"])
+  # One logged step: nothing changes, so every metric but the counters.
+  _write_run(tmp_path / "once", [2])
+  assert metrics.plot_curves(str(tmp_path / "once" / "metrics.jsonl"),
+                             png) == ["loss", "policy_grad_norm",
+                                      "value_grad_norm", "policy_lr",
+                                      "value_lr", "examples_per_s"]
 
 
 def _params(values):
