@@ -180,31 +180,46 @@ def compare(spec_a: str, spec_b: str, output_dir: str, judge,
             "win_rate_std": float(np.std(folds)), "folds": folds,
             "prompts": len(prompts)}
   fileio.atomic_write_json(os.path.join(output_dir, "win_rate.json"), result)
-  _bar_chart(result, os.path.join(output_dir, "win_rate.png"))
+  chart = win_rate_figure(result)
+  fileio.atomic_write(os.path.join(output_dir, "win_rate.png"),
+                      lambda f: chart.savefig(f, format="png", dpi=100))
   return result
 
 
-def _bar_chart(result: dict, path: str) -> None:
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  figure = Figure(figsize=(5, 3.5))
-  axes = figure.add_subplot()
+def win_rate_figure(result: dict):
+  """A bar chart of the per-fold win rates of A, with their mean ± std.
+
+  Args:
+    result: what compare returns (folds, win_rate_mean, win_rate_std,
+      policy_a, policy_b).
+
+  Returns:
+    A matplotlib Figure on an Agg canvas (no pyplot), its labels laid out
+    inside it.
+  """
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
+  fig = figure.Figure(figsize=(5, 3.5), layout="constrained")
+  backend_agg.FigureCanvasAgg(fig)
+  axes = fig.add_subplot()
   folds = result["folds"]
   axes.bar(range(len(folds)), folds, color="tab:blue")
   axes.axhline(result["win_rate_mean"], color="k", linestyle="--",
                label=f"mean {result['win_rate_mean']:.3f} ± "
                      f"{result['win_rate_std']:.3f}")
   axes.axhline(0.5, color="gray", linewidth=0.8)
+  # Folds are numbered as in the table and pairs.jsonl, from 0; a single
+  # fold still gets its integer tick (min_n_ticks).
+  axes.xaxis.set_major_locator(ticker.MaxNLocator(integer=True,
+                                                  min_n_ticks=1))
   axes.set_xlabel("fold")
   axes.set_ylabel("win rate of A")
   axes.set_ylim(0, 1)
   axes.set_title(f"{os.path.basename(result['policy_a'])} vs "
                  f"{os.path.basename(result['policy_b'])}", fontsize=9)
   axes.legend(fontsize=8)
-  FigureCanvasAgg(figure)
-  tmp = f"{path}.tmp.png"
-  figure.savefig(tmp, dpi=100)
-  os.replace(tmp, path)
+  return fig
 
 
 def table(result: dict) -> str:

@@ -151,3 +151,31 @@ def test_compare_resumes_a_failed_judging_run(stub, tmp_path, monkeypatch):
       (i, i // 3, 1.0 if i % 3 == 0 else 0.5) for i in range(6)]
   assert json.loads((out / "win_rate.json").read_text()) == result
   assert (out / "win_rate.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("folds", [[0.75], [0.5, 0.625, 0.25],
+                                   [0.5] * 2 + [0.75] * 9])
+def test_win_rate_chart_has_integer_fold_ticks_and_labels_inside(folds):
+  fig = evaluation.win_rate_figure({
+      "folds": folds, "win_rate_mean": 0.5, "win_rate_std": 0.125,
+      "policy_a": "/runs/a_rather_long_run_name:120",
+      "policy_b": "/runs/a_rather_long_run_name:init"})
+  fig.canvas.draw()
+  axes, = fig.axes
+
+  def shown(axis, low, high):
+    """The tick labels drawn: those of ticks inside the view limits."""
+    return [(tick.get_loc(), tick.label1) for tick in axis.get_major_ticks()
+            if low <= tick.get_loc() <= high]
+
+  x_ticks = shown(axes.xaxis, *axes.get_xlim())
+  assert x_ticks and all(float(x).is_integer() for x, _ in x_ticks), x_ticks
+  renderer = fig.canvas.get_renderer()
+  box = fig.bbox
+  labels = [label for _, label in x_ticks + shown(axes.yaxis,
+                                                  *axes.get_ylim())]
+  for text in (axes.xaxis.label, axes.yaxis.label, axes.title, *labels):
+    extent = text.get_window_extent(renderer)
+    assert (box.x0 <= extent.x0 and extent.x1 <= box.x1 and
+            box.y0 <= extent.y0 and extent.y1 <= box.y1), (
+                text.get_text(), extent, box)
