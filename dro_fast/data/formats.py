@@ -10,7 +10,7 @@
   pairwise       one {"prompt", "chosen", "rejected"} object per row
                  (records.read_pairwise).
 triplets, unpaired and pairwise also take TRL's conversational rows (lists
-of {"role", "content"} messages; see dro_fast.data.records).
+of {"role", "content"} messages; see dro_fast.data.fields).
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from typing import Any
 from absl import logging
 
 from dro_fast.data.files import data_files
-from dro_fast.data.records import DataError
-from dro_fast.data.records import NoRowsError
 from dro_fast.data.records import Pair
 from dro_fast.data.records import read_pairwise
 from dro_fast.data.records import read_triplets
 from dro_fast.data.records import read_unpaired
 from dro_fast.data.records import Triplet
+from dro_fast.data.rows import DataError
+from dro_fast.data.rows import NoRowsError
 from dro_fast.data.ultrafeedback import read_ultrafeedback
 
 _READERS = {

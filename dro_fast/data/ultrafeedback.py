@@ -2,24 +2,26 @@
 
 One triplet per completion, the reward taken from the completion's
 annotations (see read_ultrafeedback). Files, bad rows and DataError messages
-follow dro_fast.data.records; a triplet's `source` is "path:number#k" for
+follow dro_fast.data.rows; a triplet's `source` is "path:number#k" for
 completion k (from 0) of the row.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import os
-from typing import Any
+from typing import Any, Callable
 
-from dro_fast.data.records import a_json_type
-from dro_fast.data.records import BadValue
-from dro_fast.data.records import number_field
-from dro_fast.data.records import RowReader
-from dro_fast.data.records import text_field
+from dro_fast.data.fields import number_field
+from dro_fast.data.fields import text_field
 from dro_fast.data.records import Triplet
+from dro_fast.data.rows import a_json_type
+from dro_fast.data.rows import BadValue
+from dro_fast.data.rows import Location
+from dro_fast.data.rows import RowReader
 
 ULTRAFEEDBACK_ASPECTS = ("instruction_following", "honesty", "truthfulness",
                          "helpfulness")
@@ -160,30 +162,38 @@ def read_ultrafeedback(path: str | os.PathLike, *,
       path, ("instruction", "completions"), skip_bad_rows,
       "UltraFeedback rows need 'instruction' and 'completions'; "
       f"{_NOT_ULTRAFEEDBACK}.")
+  return reader.read(functools.partial(
+      _row_triplets, reject=reader.reject, reward=reward,
+      threshold=threshold))
+
+
+def _row_triplets(row: dict[str, Any], location: Location, *,
+                  reject: Callable[[Location, BadValue], None],
+                  reward: str, threshold: float | None) -> list[Triplet]:
+  """The triplets of one row's good completions; `reject`s the bad ones.
+
+  Raises:
+    BadValue: the row has no instruction or no list of completions.
+  """
+  instruction = text_field(row, "instruction", hint=_NOT_ULTRAFEEDBACK)
+  completions = row.get("completions")
+  if not isinstance(completions, (list, tuple)):
+    raise BadValue("completions", "completions not a list",
+                   f"is {a_json_type(completions)}, not a list of "
+                   "completions")
   triplets = []
-  for location, row in reader:
+  for index, completion in enumerate(completions):
+    at = dataclasses.replace(location, completion=index)
+    prefix = f"completions[{index}]"
     try:
-      instruction = text_field(row, "instruction", hint=_NOT_ULTRAFEEDBACK)
-      completions = row.get("completions")
-      if not isinstance(completions, (list, tuple)):
-        raise BadValue("completions", "completions not a list",
-                       f"is {a_json_type(completions)}, not a list of "
-                       "completions")
+      if not isinstance(completion, dict):
+        raise BadValue(prefix, "completion not an object",
+                       f"is {a_json_type(completion)}, not an object")
+      response = text_field(completion, "response",
+                            field=f"{prefix}.response")
+      value = _completion_reward(completion, prefix, reward, threshold)
     except BadValue as bad:
-      reader.reject(location, bad)
+      reject(at, bad)
       continue
-    for index, completion in enumerate(completions):
-      at = dataclasses.replace(location, completion=index)
-      prefix = f"completions[{index}]"
-      try:
-        if not isinstance(completion, dict):
-          raise BadValue(prefix, "completion not an object",
-                         f"is {a_json_type(completion)}, not an object")
-        response = text_field(completion, "response",
-                              field=f"{prefix}.response")
-        value = _completion_reward(completion, prefix, reward, threshold)
-      except BadValue as bad:
-        reader.reject(at, bad)
-        continue
-      triplets.append(Triplet(instruction, response, value, at.source))
-  return reader.finish(triplets)
+    triplets.append(Triplet(instruction, response, value, at.source))
+  return triplets
