@@ -74,11 +74,12 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def _jax_started() -> bool:
+  """Whether JAX has started its backends; False where JAX cannot tell."""
   try:
-    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-    return bool(xla_bridge.backends_are_initialized())
-  except (ImportError, AttributeError):
+    from dro_fast import jax_private  # pylint: disable=g-import-not-at-top
+  except ImportError:
     return False
+  return bool(jax_private.backends_are_initialized())
 
 
 def _configured_platforms() -> str:
@@ -94,8 +95,11 @@ def _configured_platforms() -> str:
 
 
 def _gpu_plugin_installed() -> bool:
-  """Whether a JAX GPU plugin is installed (a `jax_plugins` module or entry
-  point)."""
+  """Whether a JAX GPU plugin is installed.
+
+  That is a module of the `jax_plugins` package or a `jax_plugins` entry
+  point, as JAX finds its plugins.
+  """
   spec = importlib.util.find_spec("jax_plugins")
   if spec is not None and any(
       True for _ in pkgutil.iter_modules(spec.submodule_search_locations)):
@@ -104,14 +108,17 @@ def _gpu_plugin_installed() -> bool:
 
 
 def tpu_attached() -> bool:
-  """Whether libtpu is installed and a TPU chip is attached to this host
-  (on the PCI bus, as JAX's own Cloud TPU start-up checks)."""
+  """Whether libtpu is installed and a TPU chip is attached to this host.
+
+  Read from the PCI bus, as JAX's own Cloud TPU start-up checks; True where
+  that cannot be read.
+  """
   if importlib.util.find_spec("libtpu") is None:
     return False
   try:
-    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
-    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-  except (ImportError, AttributeError, OSError):
+    from dro_fast import jax_private  # pylint: disable=g-import-not-at-top
+    return jax_private.num_available_tpu_chips_and_device_id()[0] > 0
+  except (ImportError, OSError):
     return True       # cannot tell: assume a TPU host, as JAX would
 
 

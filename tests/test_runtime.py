@@ -102,7 +102,8 @@ def test_cpu_only_jax_sees_an_installed_accelerator_plugin(monkeypatch):
                       lambda group: [])
   installed = set()
   monkeypatch.setattr(runtime.importlib.util, "find_spec",
-                      lambda name: types.SimpleNamespace(submodule_search_locations=[])
+                      lambda name: types.SimpleNamespace(
+                          submodule_search_locations=[])
                       if name in installed else None)
   assert runtime.cpu_only_jax()
   installed.add("libtpu")          # libtpu alone: deviceless compilation
@@ -116,9 +117,33 @@ def test_cpu_only_jax_sees_an_installed_accelerator_plugin(monkeypatch):
   assert not runtime.cpu_only_jax()
 
 
+def test_runtime_asks_jax_private_and_does_without_it(monkeypatch):
+  """Without jax_private (e.g. after a jax upgrade), runtime still answers.
+
+  JAX is then taken as not started, and libtpu as beside a TPU, as JAX
+  itself would assume.
+  """
+  from dro_fast import jax_private  # pylint: disable=g-import-not-at-top
+  from dro_fast import runtime  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(runtime.importlib.util, "find_spec",
+                      lambda name: types.SimpleNamespace())
+  monkeypatch.setattr(jax_private, "backends_are_initialized", lambda: True)
+  monkeypatch.setattr(jax_private, "num_available_tpu_chips_and_device_id",
+                      lambda: (0, None))
+  assert runtime._jax_started()   # pylint: disable=protected-access
+  assert not runtime.tpu_attached()
+  import dro_fast  # pylint: disable=g-import-not-at-top
+  monkeypatch.delattr(dro_fast, "jax_private")
+  monkeypatch.setitem(sys.modules, "dro_fast.jax_private", None)
+  assert not runtime._jax_started()   # pylint: disable=protected-access
+  assert runtime.tpu_attached()
+
+
 class _FakeLibc:
-  """mallopt that answers `accept` and records its calls (the real one
-  would change this test process's allocator)."""
+  """A mallopt that answers `accept` and records its calls.
+
+  The real one would change this test process's allocator.
+  """
 
   def __init__(self, accept: int):
     self.calls = []
@@ -189,8 +214,10 @@ def test_compute_dtype_upcasts_bfloat16_only_on_a_cpu_without_it(
 
 
 def test_a_cli_on_a_host_with_libtpu_but_no_tpu_prints_no_libtpu_warnings():
-  """With the `tpu` extra installed on a CPU host, the CLIs start JAX on the
-  CPU without libtpu's start-up warnings (runtime.hide_absent_tpu)."""
+  """A CPU host with the `tpu` extra starts JAX without libtpu's warnings.
+
+  That is what runtime.hide_absent_tpu does for the CLIs.
+  """
   import importlib.util  # pylint: disable=g-import-not-at-top
   assert importlib.util.find_spec("libtpu") is not None, (
       "libtpu is not installed: pip install -e '.[tpu]' (make does).")
