@@ -17,8 +17,10 @@ of every judged pair and a bar chart, in --output_dir.
 initial policy and records the best one in WORKDIR/best_checkpoint.json (the
 paper's checkpoint selection, §4).
 
-Judges (--judge): reward:MODULE:FUNCTION (a callable r(prompt, response);
-higher wins) or http:URL (an OpenAI-compatible chat endpoint asked the
+Judges (--judge): reward:PATH/TO/FILE.py:FUNCTION or reward:MODULE:FUNCTION
+(a callable r(prompt, response); higher wins; the file's path is absolute or
+relative to the current directory, and MODULE is imported from sys.path or
+else from the current directory) or http:URL (an OpenAI-compatible chat endpoint asked the
 paper's side-by-side prompt for --judge_model; its API key comes from
 $DRO_FAST_JUDGE_API_KEY). An http: judge is asked --judge_concurrency pairs
 at a time, each request waiting up to --judge_timeout seconds; 408, 429 and
@@ -66,8 +68,9 @@ _PROMPTS = flags.DEFINE_string("prompts", None, "JSONL of prompts "
                                "prompts of the synthetic demo task.")
 _PROMPT_FIELD = flags.DEFINE_string("prompt_field", "prompt", "Prompt field.")
 _JUDGE = flags.DEFINE_string(
-    "judge", None, "reward:MODULE:FUNCTION or http:URL (default for the "
-    "synthetic task: reward:dro_fast.data.synthetic:reward).")
+    "judge", None, "reward:PATH/TO/FILE.py:FUNCTION, reward:MODULE:FUNCTION "
+    "or http:URL (default for the synthetic task: "
+    "reward:dro_fast.data.synthetic:reward).")
 _JUDGE_MODEL = flags.DEFINE_string(
     "judge_model", None, "The model an http: judge asks for (the request's "
     "\"model\"; required for http: judges, e.g. a name the server's "
@@ -96,8 +99,9 @@ def _judge(workdir: str):
   spec = _JUDGE.value
   if spec is None:
     if not runs.read_run_config(workdir).data.synthetic_task:
-      raise evaluate.EvalError("--judge is required (reward:MODULE:FUNCTION "
-                               "or http:URL).")
+      raise evaluate.EvalError("--judge is required (reward:PATH/TO/FILE.py:"
+                               "FUNCTION, reward:MODULE:FUNCTION or "
+                               "http:URL).")
     spec = "reward:dro_fast.data.synthetic:reward"
   try:
     return judges.make_judge(spec, model=_JUDGE_MODEL.value,

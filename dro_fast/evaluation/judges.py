@@ -9,7 +9,8 @@ HttpJudge      asks an OpenAI-compatible chat-completions endpoint, with the
                paper's prompt (`build_prompt`); retries transient failures,
                waiting as a 429/503's Retry-After asks;
 make_judge     builds either from a spec string ("reward:MODULE:FUNCTION",
-               "http:URL" with a model name);
+               "reward:PATH/TO/FILE.py:FUNCTION", "http:URL" with a model
+               name);
 judge_swapped  judges both orders so that position bias cancels.
 """
 
@@ -17,13 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import email.utils
+import hashlib
 import http.client
 import importlib
+import importlib.util
 import json
 import math
 import os
 import re
+import sys
 import time
+from types import ModuleType
 from typing import Any, Protocol
 import urllib.error
 import urllib.request
@@ -36,9 +41,10 @@ _QUOTE_CHARS = 200
 _RETRYABLE_4XX = (408, 429)
 # Statuses whose Retry-After header is honoured (RFC 9110 §10.2.3).
 _RETRY_AFTER_STATUSES = (429, 503)
-_SPEC_FORMS = ("reward:MODULE:FUNCTION (e.g. reward:dro_fast.data.synthetic:"
-               "reward) or http:URL (e.g. http:http://127.0.0.1:8000/v1/chat/"
-               "completions)")
+_REWARD_FORMS = ("reward:MODULE:FUNCTION (e.g. reward:dro_fast.data.synthetic:"
+                 "reward) or reward:PATH/TO/FILE.py:FUNCTION")
+_SPEC_FORMS = (f"{_REWARD_FORMS}, or http:URL (e.g. http:http://127.0.0.1:"
+               "8000/v1/chat/completions)")
 # A standalone letter A or B: "A", "Response B", "**A**", "B." but not "Bee".
 _UPPER_LETTER = re.compile(r"(?<![A-Za-z0-9])([AB])(?![A-Za-z0-9])")
 _ANY_LETTER = re.compile(r"(?<![A-Za-z0-9])([AaBb])(?![A-Za-z0-9])")
@@ -359,34 +365,104 @@ class HttpJudge:
                      "server is running")
 
 
-def _reward_judge_from_spec(spec: str, target: str) -> RewardJudge:
-  module_name, _, function_name = target.rpartition(":")
-  if not module_name or not function_name:
-    raise ValueError(f"judge spec {spec!r} needs a module and a function: "
-                     "reward:MODULE:FUNCTION, e.g. "
-                     "reward:dro_fast.data.synthetic:reward.")
+def _module_from_file(spec: str, location: str) -> tuple[ModuleType, str]:
+  """Loads a judge's .py file as a module; returns it and its absolute path.
+
+  The module gets a name of its own (from the path), so that a file called
+  like an installed module does not replace it in sys.modules.
+  """
+  path = os.path.abspath(location)
+  if not os.path.isfile(path):
+    raise ValueError(f"judge spec {spec!r}: no file {path} (a relative path "
+                     "is read from the current directory).")
+  name = "dro_fast_judge_" + hashlib.sha256(path.encode()).hexdigest()[:16]
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  if module_spec is None or module_spec.loader is None:
+    raise ValueError(f"judge spec {spec!r}: {path} cannot be loaded as a "
+                     "Python module.")
+  module = importlib.util.module_from_spec(module_spec)
+  # Registered before it runs, as an import would (dataclasses and pickle
+  # look their module up there).
+  sys.modules[name] = module
   try:
-    module = importlib.import_module(module_name)
+    module_spec.loader.exec_module(module)
+  except Exception as err:
+    del sys.modules[name]
+    raise JudgeError(f"judge spec {spec!r}: importing {path} failed: "
+                     f"{type(err).__name__}: {err}") from err
+  return module, path
+
+
+def _is_missing(err: ModuleNotFoundError, module_name: str) -> bool:
+  """Whether `err` says module_name (or a package above it) is absent."""
+  return bool(err.name) and (module_name == err.name or
+                             module_name.startswith(err.name + "."))
+
+
+def _import_from_cwd(module_name: str) -> ModuleType:
+  """Imports module_name from sys.path, else from the current directory.
+
+  `python -m` puts the current directory on sys.path and a console script
+  does not; the directory is searched last, and only during this import.
+  """
+  try:
+    return importlib.import_module(module_name)
   except ModuleNotFoundError as err:
-    if err.name and (module_name == err.name or
-                     module_name.startswith(err.name + ".")):
+    cwd = os.getcwd()
+    if (not _is_missing(err, module_name) or
+        cwd in (os.path.abspath(entry or os.curdir) for entry in sys.path)):
+      raise
+    sys.path.append(cwd)
+    try:
+      return importlib.import_module(module_name)
+    finally:
+      sys.path.remove(cwd)
+
+
+def _module_by_name(spec: str, module_name: str) -> ModuleType:
+  """Imports a judge's MODULE, naming what failed in one line."""
+  try:
+    return _import_from_cwd(module_name)
+  except ModuleNotFoundError as err:
+    if _is_missing(err, module_name):
+      # A package found elsewhere first (an installed namespace package of
+      # the same name) hides the current directory's.
+      package = sys.modules.get(module_name.rpartition(".")[0])
+      found = (f" (package {package.__name__} is "
+               f"{', '.join(getattr(package, '__path__', []))})"
+               if package is not None else "")
       raise ValueError(f"judge spec {spec!r}: no module named {module_name!r}"
-                       "; check the module path and that it is "
-                       "installed.") from err
+                       f" on sys.path or in the current directory{found}; "
+                       "check the module path, or give the file: "
+                       "reward:PATH/TO/FILE.py:FUNCTION.") from err
     raise JudgeError(f"judge spec {spec!r}: importing {module_name} failed: "
                      f"{err}") from err
   except Exception as err:
     raise JudgeError(f"judge spec {spec!r}: importing {module_name} failed: "
                      f"{type(err).__name__}: {err}") from err
+
+
+def _reward_judge_from_spec(spec: str, target: str) -> RewardJudge:
+  location, _, function_name = target.rpartition(":")
+  if not location or not function_name:
+    raise ValueError(f"judge spec {spec!r} needs a module or file and a "
+                     f"function: {_REWARD_FORMS}.")
+  if location.endswith(".py"):
+    module, location = _module_from_file(spec, location)
+  else:
+    module = _module_by_name(spec, location)
   function: Any = getattr(module, function_name, None)
   if function is None:
-    raise ValueError(f"judge spec {spec!r}: module {module_name} has no "
+    raise ValueError(f"judge spec {spec!r}: {location} has no "
                      f"{function_name!r}.")
   if not callable(function):
-    raise ValueError(f"judge spec {spec!r}: {module_name}.{function_name} is "
-                     f"a {type(function).__name__}, not a callable "
-                     "r(prompt, response) -> float.")
-  return RewardJudge(function, name=f"reward:{module_name}:{function_name}")
+    raise ValueError(f"judge spec {spec!r}: {function_name} in {location} is "
+                     f"not callable (type {type(function).__name__}); it must "
+                     "be a function r(prompt, response) -> float.")
+  # A file is named by its absolute path: a verdict kept in pairs.jsonl is
+  # reused only for the same judge, and a relative path read from another
+  # directory names another file.
+  return RewardJudge(function, name=f"reward:{location}:{function_name}")
 
 
 def make_judge(spec: str, *, model: str | None = None,
@@ -394,7 +470,10 @@ def make_judge(spec: str, *, model: str | None = None,
   """Builds a judge from a spec string (e.g. a command-line flag).
 
   Args:
-    spec: "reward:MODULE:FUNCTION" for a RewardJudge of MODULE.FUNCTION, or
+    spec: "reward:MODULE:FUNCTION" for a RewardJudge of MODULE.FUNCTION
+      (MODULE on sys.path, else in the current directory, as `python -m`
+      finds it); "reward:PATH/TO/FILE.py:FUNCTION" for one of a file's
+      function (PATH absolute or relative to the current directory); or
       "http:URL" for an HttpJudge of URL (the spec is split at its first ':'
       only, so the URL keeps its own).
     model: the model an http: judge asks for; required for http:, and
@@ -407,9 +486,9 @@ def make_judge(spec: str, *, model: str | None = None,
 
   Raises:
     ValueError: an unknown form; an http: spec without a model, or a
-      reward: spec with one; a module or function that does not exist or
-      is not callable.
-    JudgeError: the module exists but importing it failed.
+      reward: spec with one; a file, module or function that does not
+      exist, or a function that is not callable.
+    JudgeError: the file or module exists but importing it failed.
   """
   kind, _, target = spec.partition(":")
   if kind == "reward" and target:

@@ -4,6 +4,7 @@ wiring of the judge (pairs.jsonl, resume) on a faked run."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -16,6 +17,22 @@ from tests import test_train
 from tests.evaluation import stub_judge
 
 REPO = test_train.REPO
+# The two ways a user runs the evaluation, from any directory.
+ENTRY_POINTS = {
+    "python -m": [sys.executable, "-m", "dro_fast.evaluation"],
+    "console script": [os.path.join(os.path.dirname(sys.executable),
+                                    "dro-fast-evaluate")],
+}
+# A user's judge: records which name it was imported under, and prefers the
+# longer response.
+MY_JUDGE = """
+with open("imported.txt", "a") as f:
+  f.write(__name__ + "\\n")
+
+
+def score(prompt, response):
+  return float(len(response))
+"""
 
 
 def evaluate(*flags, check=True):
@@ -179,3 +196,59 @@ def test_win_rate_chart_has_integer_fold_ticks_and_labels_inside(folds):
     assert (box.x0 <= extent.x0 and extent.x1 <= box.x1 and
             box.y0 <= extent.y0 and extent.y1 <= box.y1), (
                 text.get_text(), extent, box)
+
+
+def evaluate_in(directory, entry_point, *flags):
+  """Runs the evaluation CLI in `directory`, the repository off sys.path."""
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  return subprocess.run([*ENTRY_POINTS[entry_point], *flags], cwd=directory,
+                        env=env, capture_output=True, text=True, timeout=600,
+                        check=False)
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+@pytest.mark.parametrize("spec, imported_as", [
+    ("reward:my_judge.py:score", "dro_fast_judge_"),
+    ("reward:my_judge:score", "my_judge"),
+])
+def test_a_judge_in_the_current_directory(tmp_path, entry_point, spec,
+                                          imported_as):
+  (tmp_path / "my_judge.py").write_text(MY_JUDGE)
+  # The judge is built before the run is read: the absent run is the error.
+  result = evaluate_in(tmp_path, entry_point, "--policy_a=no_run",
+                       f"--judge={spec}")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "no run_config.json" in result.stderr, result.stderr[-2000:]
+  assert (tmp_path / "imported.txt").read_text().startswith(imported_as)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("reward:missing.py:score", "no file "),
+    ("reward:my_judge.py:missing", "has no 'missing'"),
+    ("reward:missing_judge:score", "no module named 'missing_judge'"),
+])
+def test_judge_errors_in_one_line_from_the_console_script(tmp_path, spec,
+                                                          message):
+  (tmp_path / "my_judge.py").write_text(MY_JUDGE)
+  result = evaluate_in(tmp_path, "console script", "--policy_a=no_run",
+                       f"--judge={spec}")
+  assert result.returncode == 2, result.stderr[-2000:]
+  error, = result.stderr.strip().splitlines()
+  assert error.startswith("error: --judge: judge spec") and message in error
+
+
+@pytest.mark.slow
+def test_a_judge_file_judges_the_pairs(run_dir, tmp_path):
+  (tmp_path / "my_judge.py").write_text(MY_JUDGE)
+  result = evaluate_in(tmp_path, "console script", f"--policy_a={run_dir}",
+                       "--judge=reward:my_judge.py:score", "--folds=1",
+                       "--prompts_per_fold=8", "--output_dir=out")
+  assert result.returncode == 0, result.stderr[-4000:]
+  summary = json.loads((tmp_path / "out" / "win_rate.json").read_text())
+  assert summary["judge"] == f"reward:{tmp_path / 'my_judge.py'}:score"
+  rows = [json.loads(line) for line in (tmp_path / "out" / "pairs.jsonl")
+          .open()]
+  assert len(rows) == 8
+  for row in rows:
+    a, b = len(row["response_a"]), len(row["response_b"])
+    assert row["score_a"] == (0.5 if a == b else float(a > b)), row

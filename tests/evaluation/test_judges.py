@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import email.utils
 import math
+import os
 import socket
+import sys
 import time
 import traceback
 
@@ -77,8 +79,9 @@ def test_make_judge_reward_uses_synthetic_reward():
 @pytest.mark.parametrize("spec, message", [
     ("reward:no_such_module_for_judges:f", "no module named"),
     ("reward:dro_fast.data.synthetic:no_such_function", "has no"),
-    ("reward:dro_fast.data.synthetic:WORDS", "not a callable"),
-    ("reward:dro_fast.data.synthetic", "needs a module and a function"),
+    ("reward:dro_fast.data.synthetic:WORDS", "not callable"),
+    ("reward:dro_fast.data.synthetic", "needs a module or file and a "
+     "function"),
     ("reward:", "unknown judge spec"),
     ("http:", "unknown judge spec"),
     ("gpt4", "reward:MODULE:FUNCTION.*http:URL"),
@@ -87,6 +90,78 @@ def test_make_judge_reward_uses_synthetic_reward():
 def test_make_judge_rejects_bad_specs(spec, message):
   with pytest.raises(ValueError, match=message):
     judges.make_judge(spec)
+
+
+_JUDGE_SOURCE = """
+import dataclasses
+
+@dataclasses.dataclass
+class Verdict:    # needs its module in sys.modules
+  words: int
+
+def score(prompt, response):
+  return Verdict(len(response.split())).words
+
+LIMIT = 3
+"""
+
+
+def test_make_judge_reward_from_a_file_relative_or_absolute(tmp_path,
+                                                            monkeypatch):
+  (tmp_path / "judges").mkdir()
+  path = tmp_path / "judges" / "json.py"   # named like the standard module
+  path.write_text(_JUDGE_SOURCE)
+  monkeypatch.chdir(tmp_path)
+  relative = judges.make_judge("reward:judges/json.py:score")
+  absolute = judges.make_judge(f"reward:{path}:score")
+  # Named by the absolute path, so that pairs.jsonl keys name the file.
+  assert relative.name == absolute.name == f"reward:{path}:score"
+  assert relative.judge("p", "two words", "one") == 1.0
+  import json  # pylint: disable=g-import-not-at-top
+  assert sys.modules["json"] is json and hasattr(json, "dumps")
+
+
+def test_make_judge_reward_finds_a_module_in_the_current_directory(
+    tmp_path, monkeypatch):
+  (tmp_path / "cwd_judge_for_tests.py").write_text(_JUDGE_SOURCE)
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in (
+      "", os.curdir, str(tmp_path))])
+  monkeypatch.delitem(sys.modules, "cwd_judge_for_tests", raising=False)
+  path_before = list(sys.path)
+  judge = judges.make_judge("reward:cwd_judge_for_tests:score")
+  assert judge.name == "reward:cwd_judge_for_tests:score"
+  assert judge.judge("p", "a", "b c") == 0.0
+  assert sys.path == path_before   # the directory was searched, not added
+  monkeypatch.delitem(sys.modules, "cwd_judge_for_tests")
+
+
+@pytest.mark.parametrize("source, spec, error, message", [
+    (None, "reward:absent.py:score", ValueError, r"no file .*absent\.py"),
+    (_JUDGE_SOURCE, "reward:j.py:reward", ValueError,
+     r"j\.py has no 'reward'"),
+    (_JUDGE_SOURCE, "reward:j.py:LIMIT", ValueError,
+     r"LIMIT in .*j\.py is not callable \(type int\)"),
+    ("def score(:\n", "reward:j.py:score", judges.JudgeError,
+     r"importing .*j\.py failed: SyntaxError"),
+    ("import no_such_module_for_judges\n", "reward:j.py:score",
+     judges.JudgeError, r"importing .*j\.py failed: ModuleNotFoundError"),
+    ("raise RuntimeError('no GPU')\n", "reward:j.py:score",
+     judges.JudgeError, r"importing .*j\.py failed: RuntimeError: no GPU"),
+    ("import no_such_module_for_judges\n", "reward:j:score",
+     judges.JudgeError, "importing j failed: No module named "
+     "'no_such_module_for_judges'"),
+])
+def test_make_judge_reward_file_and_module_errors_in_one_line(
+    tmp_path, monkeypatch, source, spec, error, message):
+  if source is not None:
+    (tmp_path / "j.py").write_text(source)
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.delitem(sys.modules, "j", raising=False)
+  with pytest.raises(error, match=message) as raised:
+    judges.make_judge(spec)
+  assert "\n" not in str(raised.value)
+  monkeypatch.delitem(sys.modules, "j", raising=False)
 
 
 # build_prompt and HttpJudge.
