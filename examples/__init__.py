@@ -1,2 +1,5 @@
-"""Runnable examples of dro_fast's kernels, losses and judges (each is run by
-tests/test_examples.py). Run them from the repository root."""
+"""Runnable examples of dro_fast's kernels, losses and judges.
+
+Each runs as `python examples/NAME.py` from any directory, and
+tests/test_examples.py runs each so.
+"""

@@ -1,20 +1,21 @@
 r"""A reward function used as the side-by-side judge of an evaluation.
 
-  python -m examples.custom_judge           # from the repository root
+  python examples/custom_judge.py           # from any directory
 
 The paper compares two policies by asking a judge which of two responses to
 a prompt is better (§4). Any function r(prompt, response) -> float can be
 that judge: `judges.RewardJudge(reward)` prefers the response with the higher
 reward (1.0: A, 0.0: B, 0.5: equal). The evaluation CLI builds the same judge
-from a spec string, importing MODULE and looking FUNCTION up in it:
+from a spec string naming a file (absolute, or relative to the current
+directory) and the function in it:
 
-  python -m dro_fast.evaluation --policy_a=runs/dro_v \
-      --policy_b=runs/dro_v:init --prompts=test_prompts.jsonl \
-      --judge=reward:examples.custom_judge:reward
+  dro-fast-evaluate --policy_a=runs/dro_v --policy_b=runs/dro_v:init \
+      --prompts=test_prompts.jsonl \
+      --judge=reward:examples/custom_judge.py:reward
 
-`python -m` puts the current directory on sys.path, so run it from the
-repository root (elsewhere, or with the `dro-fast-evaluate` script, set
-PYTHONPATH=/path/to/repo). A reward judge is asked one pair at a time unless
+The module form, --judge=reward:examples.custom_judge:reward, works with
+`python -m dro_fast.evaluation` run from the repository root, which it puts
+first on sys.path. A reward judge is asked one pair at a time unless
 --judge_concurrency says otherwise; the function must then be thread-safe.
 
 `judges.judge_swapped` asks a judge both orders and averages, so that a
@@ -26,10 +27,13 @@ to show what the swap does.
 from __future__ import annotations
 
 from collections.abc import Callable
+import os
 
 from dro_fast.evaluation import judges
 
-JUDGE_SPEC = "reward:examples.custom_judge:reward"
+# This file's reward as --judge names it; a path, so that it is found from
+# any directory.
+JUDGE_SPEC = f"reward:{os.path.abspath(__file__)}:reward"
 
 _STOPWORDS = frozenset(
     "a an and are as at be by does for from how i in is it of on or so that "

@@ -4,7 +4,8 @@ The training examples: the fused kernel's log π(y|x) equals an explicit
 float64 log-softmax gather over the completion's targets; V(x) sees the
 prompt only; training starts at π = π_ref (loss ½·mean r², log-ratio 0) and
 the loss falls. The judge example: verdicts follow the rewards, the swap
-cancels a position bias, and the CLI imports the judge from the repo root.
+cancels a position bias, and the CLI takes the judge in both documented
+forms. Each example runs as `python examples/NAME.py` from any directory.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ from examples import flax_nnx_decoder_only
 from examples import plain_jax_decoder_only
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Each example, and what its output ends with when it runs as a script.
+EXAMPLES = {
+    "custom_judge": "judge: reward:",
+    "plain_jax_decoder_only": "step 19 ",
+    "flax_nnx_decoder_only": "step 19 ",
+}
 # Distinct small sizes (B, P, C, D, V = 5, 3, 4, 8, 11) so a swapped axis or
 # an off-by-one in the shift fails.
 SHAPES = dict(vocab=11, prompt_len=3, completion_len=4, width=8, heads=2,
@@ -144,23 +151,38 @@ class TestCustomJudge:
     assert judge.judge(prompt, bad, good) == 0.0
 
   @pytest.mark.slow
-  def test_evaluation_cli_imports_the_judge_from_the_repo_root(self, tmp_path):
+  def test_evaluation_cli_takes_the_documented_specs(self, tmp_path):
     # The CLI builds the judge before it reads the (absent) run, so a run
     # that fails on the run, not on --judge, has imported the example.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-
-    def evaluate(spec: str) -> subprocess.CompletedProcess:
-      return subprocess.run(
+    for spec in (custom_judge.JUDGE_SPEC,
+                 "reward:examples/custom_judge.py:reward",
+                 "reward:examples.custom_judge:reward"):
+      result = subprocess.run(
           [sys.executable, "-m", "dro_fast.evaluation",
            f"--policy_a={tmp_path / 'no_run'}", f"--judge={spec}",
            f"--output_dir={tmp_path / 'eval'}"],
           cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
           check=False)
+      assert result.returncode == 2, result.stderr
+      assert "no run_config.json" in result.stderr, result.stderr
+      assert "--judge" not in result.stderr, result.stderr
 
-    result = evaluate(custom_judge.JUDGE_SPEC)
-    assert result.returncode == 2, result.stderr
-    assert "no run_config.json" in result.stderr, result.stderr
-    assert "--judge" not in result.stderr, result.stderr
-    missing = evaluate("reward:examples.no_such_module:reward")
-    assert missing.returncode == 2, missing.stderr
-    assert "--judge" in missing.stderr and "no module" in missing.stderr
+
+def test_every_example_is_run():
+  scripts = {p.stem for p in (REPO / "examples").glob("*.py")}
+  assert scripts - {"__init__"} == set(EXAMPLES)
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=() if name == "custom_judge" else
+                 pytest.mark.slow) for name in EXAMPLES])
+def test_runs_as_a_script_from_any_directory(name, tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  result = subprocess.run([sys.executable, str(REPO / "examples" /
+                                               f"{name}.py")],
+                          cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-4000:]
+  last_line = result.stdout.strip().splitlines()[-1]
+  assert last_line.startswith(EXAMPLES[name]), result.stdout[-2000:]
