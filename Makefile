@@ -19,15 +19,18 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 demo: $(STAMP)
 	$(BIN)/python -m dro_fast.train
 
+# Benchmarks run as modules of the benchmarks package, from the repository
+# root, over the installed dro_fast.
 bench-kernels: $(STAMP)
-	$(BIN)/python benchmarks/kernels.py --flagfile=configs/kernels_cpu.flags
+	$(BIN)/python -m benchmarks.kernel_time \
+	  --flagfile=benchmarks/configs/kernels_cpu.flags
 
 # The DRO-V train step against the same step in PyTorch / transformers
 # (benchmarks/torch_step.py) on the CPU, timed interleaved, with unrolled
 # layers (the faster choice on a CPU); every other measurement's command is
 # beside its figure in benchmarks/RESULTS.md.
 bench-step-cpu: $(STAMP)
-	$(BIN)/python benchmarks/step_time.py --compare_torch --dtype=float32 \
+	$(BIN)/python -m benchmarks.step_time --compare_torch --dtype=float32 \
 	  --remat=none --size=small --batch_size=8 --input_length=128 \
 	  --target_length=64 --implementation=chunked_xla,xla --steps=1 \
 	  --repeats=5 --noscan_layers --torch_host_memory=same,system
@@ -35,7 +38,7 @@ bench-step-cpu: $(STAMP)
 # Each CPU-only form of dro_fast against its removal, paired in one process
 # (benchmarks/RESULTS.md#cpu-forms). Run it on a quiet machine.
 bench-cpu-forms: $(STAMP)
-	$(BIN)/python benchmarks/cpu_forms.py --repeats=9
+	$(BIN)/python -m benchmarks.cpu_forms --repeats=9
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q

@@ -1,6 +1,6 @@
 r"""Each kept CPU form against its removal, paired, in one process.
 
-  python benchmarks/cpu_forms.py [--repeats=9] [--json_out=PATH]
+  python -m benchmarks.cpu_forms [--repeats=9] [--json_out=PATH]
   make bench-cpu-forms
 
 A CPU-only form stays in dro_fast only if it speeds up the T5-small DRO-V
@@ -24,9 +24,7 @@ this measurement's defaults.
 
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 from typing import Any
 
 from absl import app
@@ -34,14 +32,11 @@ from absl import flags
 import jax
 import numpy as np
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.append(os.path.dirname(_HERE))
-from benchmarks.lib import flags as shared  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks.lib import records  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks.lib import step as bench_step  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks.lib import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast.training import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks.lib import flags as shared
+from benchmarks.lib import records
+from benchmarks.lib import step as bench_step
+from benchmarks.lib import timing
+from dro_fast.training import steps
 
 # form -> the step's settings with that form off.
 FORMS = {"dense_vjp": {"platform": "gpu"},
@@ -102,6 +97,7 @@ def measure(forms: list[str]) -> list[dict[str, Any]]:
 
 def main(argv):
   del argv
+  timing.quiet_backend_probe()
   how = shared.apply_host_memory()
   unknown = [f for f in _FORMS.value if f not in FORMS]
   if unknown or not _FORMS.value:

@@ -1,6 +1,6 @@
 r"""One GEMM on XLA:CPU in the forms a CPU matmul can take, torch.mm, numpy.
 
-  python benchmarks/cpu_gemm.py [--shapes=1024x512x1024,...] [--repeats=15]
+  python -m benchmarks.cpu_gemm [--shapes=1024x512x1024,...] [--repeats=15]
 
 For each M x K x N, GFLOP/s (2·M·K·N / the median seconds of a call) of the
 forms below. Each form runs in blocks of --repeats back-to-back calls after

@@ -15,11 +15,11 @@
 #   DRY_RUN=1 bash benchmarks/device_check.sh         # on a CPU (the test)
 #
 # CHECKS (default: all, in this order):
-#   profile    benchmarks/profile_step.py, PROFILE_FLAGS: the variant we
+#   profile    benchmarks.profile_step, PROFILE_FLAGS: the variant we
 #              would ship (T5-L DRO-V, cuDNN attention, remat "dots", B=32,
 #              512/128, bfloat16): device ms per step by category and op,
 #              the raw trace (gzipped, or left out, past 15 MiB).
-#   steps      benchmarks/step_time.py with STEP_FLAGS, one process per
+#   steps      benchmarks.step_time with STEP_FLAGS, one process per
 #              STEP_RUNS item SIZE:REMAT[,REMAT...][:ATTENTION[,...]]
 #              (attention "xla" unless given), its variants timed side by
 #              side (T5-XL: one per item, two states do not fit). A variant
@@ -27,10 +27,10 @@
 #              error. The defaults, RESULTS.md#train-step-on-the-h100's
 #              open targets: T5-L "dots", xla against cudnn; T5-XL cudnn,
 #              then xla (a figure even if cuDNN refuses); T5-L remat none.
-#   numerics   benchmarks/gpu_numerics.py: the kernels against float64.
+#   numerics   benchmarks.gpu_numerics: the kernels against float64.
 #   tests      the GPU kernel tests (the sequence op: pallas_gpu and xla).
-#   optimizer  benchmarks/optimizer_time.py: our Adafactor against optax's.
-#   kernels    benchmarks/kernels.py with BENCH_FLAGS.
+#   optimizer  benchmarks.optimizer_time: our Adafactor against optax's.
+#   kernels    benchmarks.kernel_time with BENCH_FLAGS.
 # The budget is likely spent by the steps: ask for the rest on a 2nd call.
 #
 # The cap: the profile and the steps may take CAP_MIB (default 77,481 MiB,
@@ -45,6 +45,7 @@
 # them at requirements/constraints.txt's pins into .whl/ (git ignores it);
 # name .whl in the device call's carry: they install with pip --no-index.
 #
+# Every script runs as a module (python -m benchmarks.NAME) from SITE.
 # DRY_RUN=1 (tests/test_device_check.py, on a CPU): every script gets its
 # command line but only parses it and runs its check_flags() (PARSE_ONLY;
 # step_time with --memory_only --platform=gpu, its stand-in for cuDNN),
@@ -81,28 +82,29 @@ FRACTION="${XLA_CLIENT_MEM_FRACTION:-${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}}"
 unset XLA_CLIENT_MEM_FRACTION
 export XLA_PYTHON_CLIENT_MEM_FRACTION="$FRACTION"
 CHECKS="${CHECKS:-profile steps numerics tests optimizer kernels}"
-BENCH_FLAGS="${BENCH_FLAGS:---flagfile=configs/kernels_gpu.flags}"
+BENCH_FLAGS="${BENCH_FLAGS:---flagfile=benchmarks/configs/kernels_gpu.flags}"
 STEP_RUNS="${STEP_RUNS:-large:dots:xla,cudnn xl:dots_except_mlp_hidden:cudnn xl:dots_except_mlp_hidden:xla large:none:cudnn}"
 STEP_FLAGS="${STEP_FLAGS:---batch_size=32 --input_length=512 --target_length=128 --steps=4 --repeats=3}"
 PROFILE_FLAGS="${PROFILE_FLAGS:---size=large --remat=dots --attention=cudnn --batch_size=32 --input_length=512 --target_length=128 --dtype=bfloat16 --warmup=2 --steps=2}"
 DEADLINE=$((SECONDS + ${BUDGET_S:-450}))
 
-# PARSE_ONLY: `$PY -c "$PARSE_ONLY" SCRIPT ARGS...` runs SCRIPT with its
+# PARSE_ONLY: `$PY -c "$PARSE_ONLY" MODULE ARGS...` runs MODULE with its
 # app.run(main) replaced: the flags parsed, the script's check_flags() if it
 # has one, a dry-run record appended to --json_out; main never runs.
 PARSE_ONLY='import json, runpy, sys
 from absl import app, flags
+module, args = sys.argv[1], sys.argv[2:]
 def parse_only(main):
-  flags.FLAGS(sys.argv)
+  flags.FLAGS([module, *args])
   main.__globals__.get("check_flags", lambda: None)()
   if flags.FLAGS.json_out:
     with open(flags.FLAGS.json_out, "a") as f:
-      f.write(json.dumps({"dry_run": True, "script": sys.argv[0],
-                          "args": sys.argv[1:]}) + "\n")
-  print("flags parse:", *sys.argv)
-app.run, sys.argv = parse_only, sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")'
-SCRIPT=($PY) DRY_STEP="" DRY_PROFILE="" DRY_TESTS=""
+      f.write(json.dumps({"dry_run": True, "script": module, "args": args})
+              + "\n")
+  print("flags parse:", module, *args)
+app.run = parse_only
+runpy.run_module(module, run_name="__main__", alter_sys=True)'
+SCRIPT=($PY -m) DRY_STEP="" DRY_PROFILE="" DRY_TESTS=""
 if [[ "$DRY_RUN" == 1 ]]; then
   SCRIPT=($PY -c "$PARSE_ONLY") DRY_STEP="--memory_only --platform=gpu"
   DRY_PROFILE="--dry_run --platform=gpu" DRY_TESTS="--collect-only"
@@ -147,9 +149,9 @@ log "step memory: fraction $STEP_FRACTION (CAP_MIB $CAP_MIB of the card's" \
   "the other checks $FRACTION)"
 
 # The installed layout without pip: kernels/ becomes dro_fast/kernels, as
-# pyproject's package-dir maps it.
+# pyproject's package-dir maps it; the .whl wheels install into SITE/wheels.
 log "lay out dro_fast as installed (no deps, no network)"
-SITE="$(realpath -m "${SITE:-/tmp/dro_site}")"
+SITE="$(realpath -m "${SITE:-${TMPDIR:-/tmp}/dro_site}")"
 case "$REPO/" in "$SITE"/*)
   log "refusing SITE=$SITE: it holds the checkout"; exit 2 ;; esac
 case "$SITE/" in "$REPO"/*)
@@ -163,8 +165,8 @@ if ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
   else
     log "install $(ls "$REPO"/.whl | tr '\n' ' ')(--no-index)"
     if $PY -m pip install -q --no-index --find-links "$REPO/.whl" --no-deps \
-      --no-compile --no-cache-dir --upgrade --target /tmp/whl_site \
-      "$REPO"/.whl/*.whl >>"$LOG" 2>&1; then export PYTHONPATH=/tmp/whl_site
+      --no-compile --no-cache-dir --upgrade --target "$SITE/wheels" \
+      "$REPO"/.whl/*.whl >>"$LOG" 2>&1; then export PYTHONPATH="$SITE/wheels"
     else log "pip install from .whl failed (above)"; fi
   fi
 fi
@@ -190,7 +192,7 @@ if wants steps; then
       "$STEP_FLAGS; memory fraction $STEP_FRACTION)"
     XLA_PYTHON_CLIENT_MEM_FRACTION=$STEP_FRACTION run_for \
       "${STEP_TIMEOUT:-170}" "step_time $RUN" "${SCRIPT[@]}" \
-      benchmarks/step_time.py --size="$SIZE" --remat="$REMAT" \
+      benchmarks.step_time --size="$SIZE" --remat="$REMAT" \
       --attention="$ATTENTION" $STEP_FLAGS $DRY_STEP \
       --json_out="$OUT/step_time.jsonl" 2>&1 | to_log
     cap "$OUT/step_time.jsonl"
@@ -199,7 +201,7 @@ fi
 
 if wants numerics; then
   log "numerics against float64 (both ops, float32 + bfloat16, V=32128)"
-  run_for 120 numerics "${SCRIPT[@]}" benchmarks/gpu_numerics.py \
+  run_for 120 numerics "${SCRIPT[@]}" benchmarks.gpu_numerics \
     --json_out="$OUT/numerics.jsonl" 2>&1 | to_log
 fi
 
@@ -212,14 +214,14 @@ fi
 
 if wants optimizer; then
   log "optimizer_time (T5-L policy + value encoder, optax against fused)"
-  run_for 90 optimizer_time "${SCRIPT[@]}" benchmarks/optimizer_time.py \
+  run_for 90 optimizer_time "${SCRIPT[@]}" benchmarks.optimizer_time \
     --size=large --repeats=5 --json_out="$OUT/optimizer_time.jsonl" 2>&1 \
     | to_log
 fi
 
 if wants kernels; then
   log "kernel benchmark"
-  run_for 240 kernels "${SCRIPT[@]}" benchmarks/kernels.py $BENCH_FLAGS \
+  run_for 240 kernels "${SCRIPT[@]}" benchmarks.kernel_time $BENCH_FLAGS \
     --json_out="$OUT/kernels.jsonl" 2>&1 | to_log
 fi
 log "done"

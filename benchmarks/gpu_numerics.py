@@ -1,6 +1,6 @@
 r"""Numerics of every native implementation on this device against float64.
 
-  python benchmarks/gpu_numerics.py [--json_out=PATH]
+  python -m benchmarks.gpu_numerics [--json_out=PATH]
 
 For both ops, float32 and bfloat16, shapes with vocabulary and row tails
 (V = 32128), it compares the forward and the VJP (random cotangent) with a
@@ -13,7 +13,6 @@ the linear op 3e-3 in float32 (GPU matmuls run in TF32 by default) and
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from absl import app
@@ -22,12 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The repository root, for `benchmarks` and `tests`; appended so that an
-# installed dro_fast (with its dro_fast.kernels) is found first.
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.lib import kernel_cases as kernel_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks.lib import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tests.kernels import numpy_reference as ref  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks.lib import kernel_cases as kernel_bench
+from benchmarks.lib import timing
+from benchmarks.lib import numpy_reference as ref
 
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write JSON lines here.")
 
@@ -49,6 +45,7 @@ def rel_error(actual, expected) -> float:
 
 def main(argv):
   del argv
+  timing.quiet_backend_probe()
   print(f"device {timing.device_description()}  jax {jax.__version__}")
   rng = np.random.default_rng(0)
   records, failed = [], False

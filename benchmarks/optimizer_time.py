@@ -1,6 +1,6 @@
 r"""One Adafactor update of a T5's parameters: optax's against ours.
 
-  python benchmarks/optimizer_time.py --size=small [--repeats=15] \
+  python -m benchmarks.optimizer_time --size=small [--repeats=15] \
       [--json_out=PATH]
 
 Times `update` + `optax.apply_updates` (jitted, parameters and state
@@ -23,7 +23,6 @@ benchmarks/RESULTS.md#optimizer.
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 
@@ -34,16 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.append(os.path.dirname(_HERE))
-from benchmarks.lib import flags as shared  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks.lib import records  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks.lib import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast.training import init  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast.training import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast.training import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks.lib import flags as shared
+from benchmarks.lib import records
+from benchmarks.lib import timing
+from dro_fast import models
+from dro_fast.training import init
+from dro_fast.training import optim
+from dro_fast.training import steps
 
 _VARIANTS = flags.DEFINE_list("variants", ["optax", "fused",
                                            "fused_reductions"],
@@ -96,6 +92,7 @@ def max_relative_difference(a, b) -> float:
 
 def main(argv):
   del argv
+  timing.quiet_backend_probe()
   how = shared.apply_host_memory()
   shared.check_sizes()
   size = shared.SIZE.value[0]

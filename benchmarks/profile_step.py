@@ -32,6 +32,7 @@ import numpy as np
 from benchmarks.lib import flags as shared
 from benchmarks.lib import records
 from benchmarks.lib import step as bench_step
+from benchmarks.lib import timing
 from dro_fast.training import steps
 
 _REMAT = flags.DEFINE_string("remat", "dots", "Rematerialisation policy.")
@@ -133,6 +134,7 @@ def profile(run, hlo_text: str, n: int, trace_dir: str) -> dict:
 
 def main(argv):
   del argv
+  timing.quiet_backend_probe()
   size, b = shared.SIZE.value[0], int(shared.BATCH.value[0])
   s, t = shared.INPUT_LENGTH.value, int(shared.TARGET_LENGTH.value[0])
   config = bench_step.config_for(

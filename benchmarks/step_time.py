@@ -1,9 +1,9 @@
 r"""Train-step throughput of DRO-V (and baselines) against the paper.
 
-  python benchmarks/step_time.py --size=large --batch_size=32 \
+  python -m benchmarks.step_time --size=large --batch_size=32 \
       --input_length=512 --target_length=128 [--json_out=PATH]
   make bench-step-cpu        # JAX against PyTorch (torch_step.py) on a CPU
-  python benchmarks/step_time.py --size=large,xl --remat=dots,full \
+  python -m benchmarks.step_time --size=large,xl --remat=dots,full \
       --attention=xla,cudnn --memory_only --platform=gpu   # GPU plans, no GPU
 
 Builds the trainer's step (benchmarks/lib/step.py), times it on random
@@ -23,7 +23,6 @@ Claims: benchmarks/RESULTS.md#train-step-on-the-h100,
 from __future__ import annotations
 
 import itertools
-import os
 import statistics
 import sys
 from typing import Any
@@ -33,22 +32,15 @@ from absl import flags
 import jax
 import numpy as np
 
-# Run as a script, Python puts benchmarks/ first on sys.path, where
-# kernels.py would shadow the top-level `kernels` that transformers probes
-# for; import as `benchmarks.*` from the repository root instead, appended so
-# that an installed dro_fast comes first.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.append(os.path.dirname(_HERE))
-from benchmarks import cudnn_stand_in  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks.lib import flags as shared  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast.training import flops  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks.lib import records  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks.lib import step as bench_step  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks.lib import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast import kernels  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast.models.config import REMAT_POLICIES  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast.training import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import cudnn_stand_in
+from benchmarks.lib import flags as shared
+from benchmarks.lib import records
+from benchmarks.lib import step as bench_step
+from benchmarks.lib import timing
+from dro_fast import kernels
+from dro_fast.models.config import REMAT_POLICIES
+from dro_fast.training import flops
+from dro_fast.training import steps
 
 _ALGO = flags.DEFINE_enum("algo", "dro_v", ["dro_v", "kto", "sft"],
                           "Algorithm whose step is timed.")
@@ -275,6 +267,7 @@ def print_point(point: list[dict[str, Any]]) -> None:
 
 def main(argv):
   del argv
+  timing.quiet_backend_probe()
   how = shared.apply_host_memory()
   stand_in = "cudnn" in _ATTENTION.value and _stand_in()
   if stand_in:

@@ -1,9 +1,9 @@
 r"""The DRO-V train step compiled for a TPU slice, on a host without one.
 
-  python benchmarks/tpu_compile.py       # the paper's T5-L and T5-XL set-ups
-  python benchmarks/tpu_compile.py --runs=large@v5e:4x4 --fsdp=1,4,16 \
+  python -m benchmarks.tpu_compile       # the paper's T5-L and T5-XL set-ups
+  python -m benchmarks.tpu_compile --runs=large@v5e:4x4 --fsdp=1,4,16 \
       --remat=none,dots,full --attention=xla,flash
-  python benchmarks/tpu_compile.py --runs=large@v5e:4x4 --max_batch
+  python -m benchmarks.tpu_compile --runs=large@v5e:4x4 --max_batch
 
 Needs libtpu (the `tpu` extra). For each run SIZE@TOPOLOGY and each
 variant (batch x remat x fsdp x attention) it builds the trainer's own
@@ -37,21 +37,17 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import sys
 from typing import Any
 
 from absl import app
 from absl import flags
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.append(os.path.dirname(_HERE))
-from benchmarks.lib import flags as shared  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks.lib import records  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks.lib import tpu  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast.models.config import REMAT_POLICIES  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast.training import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks.lib import flags as shared
+from benchmarks.lib import records
+from benchmarks.lib import timing
+from benchmarks.lib import tpu
+from dro_fast.models.config import REMAT_POLICIES
+from dro_fast.training import steps
 
 # The paper's set-ups (§4) and the remat of their flagfiles
 # (configs/large.flags, configs/xl.flags).
@@ -118,6 +114,7 @@ def print_row(r: dict[str, Any]) -> None:
 
 
 def main(argv):
+  timing.quiet_backend_probe()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   try:

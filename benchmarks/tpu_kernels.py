@@ -1,6 +1,6 @@
 r"""Every Pallas TPU kernel, compiled by Mosaic for TPU generations we lack.
 
-  python benchmarks/tpu_kernels.py [--generations=v5e,v6e,v5p] \
+  python -m benchmarks.tpu_kernels [--generations=v5e,v6e,v5p] \
       [--d=512,768,1024,2048,4096] [--t=128,512] [--dtypes=float32,bfloat16] \
       [--ops=sequence_logprobs,dro_residual,linear_sequence_logprobs] \
       [--passes=fwd,bwd] [--batch=2] [--json_out=PATH]
@@ -32,8 +32,6 @@ cases, about 9 minutes on a 2-core host shared with other compiles
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 import time
 from typing import Any, Callable
 
@@ -43,16 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The repository root, for `benchmarks`; appended so that an installed
-# dro_fast (with its dro_fast.kernels) is found first.
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.lib import flags as shared  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks.lib import records  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks.lib import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks.lib import tpu  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast import kernels  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast.kernels.linear_logprobs import pallas_tpu as linear_pallas_tpu  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast.kernels.sequence_logprobs import pallas_tpu as sequence_pallas_tpu  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks.lib import flags as shared
+from benchmarks.lib import records
+from benchmarks.lib import timing
+from benchmarks.lib import tpu
+from dro_fast import kernels
+from dro_fast.kernels.linear_logprobs import pallas_tpu as linear_pallas_tpu
+from dro_fast.kernels.sequence_logprobs import pallas_tpu as sequence_pallas_tpu
 
 # One topology per generation: the smallest that libtpu accepts. A kernel
 # runs on one chip, so only the first device is used.
@@ -229,6 +224,7 @@ def _known(name: str, values: list[str], known) -> list[str]:
 
 def main(argv):
   del argv
+  timing.quiet_backend_probe()
   tpu.require_libtpu()
   todo = cases(_known("generations", _GENERATIONS.value, TOPOLOGIES),
                _ints("d", _D.value), _ints("t", _T.value),

@@ -1,4 +1,4 @@
-"""benchmarks/cpu_gemm.py on a tiny GEMM (its own process: its flags)."""
+"""benchmarks.cpu_gemm on a tiny GEMM (its own process: its flags)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
 def _run(*args):
   return subprocess.run(
-      [sys.executable, "benchmarks/cpu_gemm.py", *args], cwd=REPO,
+      [sys.executable, "-m", "benchmarks.cpu_gemm", *args], cwd=REPO,
       capture_output=True, text=True, timeout=600, check=False, env=ENV)
 
 

@@ -56,8 +56,8 @@ def test_dry_run_parses_every_default_command(tmp_path):
   log = (out / "device_check.log").read_text()
   assert "Traceback" not in log and "skipped" not in log, log[-3000:]
   assert log.rstrip().endswith("done")
-  for script in ("gpu_numerics", "optimizer_time", "kernels"):
-    assert f"flags parse: benchmarks/{script}.py" in log
+  for script in ("gpu_numerics", "optimizer_time", "kernel_time"):
+    assert f"flags parse: benchmarks.{script}" in log
   assert "tests collected" in log
 
   # The default STEP_RUNS, one record each, at the H100's memory: 77,481
@@ -72,6 +72,7 @@ def test_dry_run_parses_every_default_command(tmp_path):
          "device_memory_mib": H200_MIB}
   for record in steps:
     assert record["dry_run"] and record.items() >= cap.items(), record
+    assert record["script"] == "benchmarks.step_time", record
 
   [profile] = _records(out / "profile.jsonl")
   assert profile.items() >= cap.items()

@@ -1,4 +1,4 @@
-"""benchmarks/optimizer_time.py on the tiny preset (its own processes: its
+"""benchmarks.optimizer_time on the tiny preset (its own processes: its
 flags would clash with step_time's in this one)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
 def _run(args, code=None):
   command = ([sys.executable, "-c", code, *args] if code else
-             [sys.executable, "benchmarks/optimizer_time.py", *args])
+             [sys.executable, "-m", "benchmarks.optimizer_time", *args])
   return subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                         timeout=600, check=False, env=ENV)
 
@@ -46,11 +46,10 @@ def test_an_update_that_differs_from_optax_fails_the_run():
   # "fused" replaced by an update twice too large: the check must catch it.
   code = """
 import sys
-sys.path.insert(0, "benchmarks")
 import jax
 import optax
 from absl import app
-import optimizer_time as bench
+from benchmarks import optimizer_time as bench
 made = bench.make_variant
 def wrong(name):
   t = made(name)

@@ -53,8 +53,8 @@ def test_check_flags_names_what_it_cannot_run(changes, message):
 
 def test_the_cli_exits_1_on_a_usage_error():
   result = subprocess.run(
-      [sys.executable, "benchmarks/step_time.py", "--remat=some"], cwd=REPO,
-      capture_output=True, text=True, timeout=300, check=False,
+      [sys.executable, "-m", "benchmarks.step_time", "--remat=some"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode == 1, result.stderr[-3000:]
   assert "--remat: unknown ['some']" in result.stderr, result.stderr[-3000:]

@@ -16,8 +16,15 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-# jax logs at INFO that it found no TPU library; absl would print it.
-logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+
+def quiet_backend_probe() -> None:
+  """Hides jax's INFO lines about backends it could not start.
+
+  absl prints INFO, and a host without a TPU logs one such line per process.
+  Each script's main() calls this first: it changes a process-wide logger,
+  so importing this module must not.
+  """
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 def device_description() -> str:

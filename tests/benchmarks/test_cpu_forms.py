@@ -1,4 +1,4 @@
-"""benchmarks/cpu_forms.py at a tiny shape, in its own process (its flag
+"""benchmarks.cpu_forms at a tiny shape, in its own process (its flag
 defaults are the measurement's own)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 def test_times_every_form_against_its_removal(tmp_path):
   out = tmp_path / "forms.jsonl"
   result = subprocess.run(
-      [sys.executable, "benchmarks/cpu_forms.py", "--size=tiny",
+      [sys.executable, "-m", "benchmarks.cpu_forms", "--size=tiny",
        "--batch_size=2", "--input_length=8", "--target_length=4",
        "--repeats=2", f"--json_out={out}"],
       cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
@@ -44,7 +44,7 @@ def test_times_every_form_against_its_removal(tmp_path):
 
 def test_refuses_an_unknown_form():
   result = subprocess.run(
-      [sys.executable, "benchmarks/cpu_forms.py", "--forms=gelu_vjp"],
+      [sys.executable, "-m", "benchmarks.cpu_forms", "--forms=gelu_vjp"],
       cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode == 1

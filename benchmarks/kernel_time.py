@@ -1,6 +1,6 @@
 r"""Benchmark of the log-prob kernels: implementations x modes x named shapes.
 
-  python benchmarks/kernels.py [--shapes=small|paper|all|NAME,...]
+  python -m benchmarks.kernel_time [--shapes=small|paper|all|NAME,...]
       [--implementations=xla,chunked_xla,...] [--json_out=PATH]
 
 For every case it prints and writes (JSON lines) the median time, XLA's
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 
 from absl import app
@@ -25,16 +24,13 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-# The repository root, for `benchmarks` and `tests`; appended so that an
-# installed dro_fast (with its dro_fast.kernels) is found first.
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.lib import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks.lib import kernel_cases  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dro_fast import kernels  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks.lib import kernel_cases
+from benchmarks.lib import timing
+from dro_fast import kernels
 
 _SHAPES = flags.DEFINE_string(
     "shapes", None, "Comma-separated shape names, or a group: small (quick, "
-    "CPU default), paper (the issue's shapes: V 32128, T 128/512, B 8/32, "
+    "CPU default), paper (at the paper's scale: V 32128, T 128/512, B 8/32, "
     "D 1024; GPU default) or all.")
 _IMPLEMENTATIONS = flags.DEFINE_list(
     "implementations", None, "Implementations to run (default: those that "
@@ -132,6 +128,7 @@ def sweep_configs(op: str):
 
 def main(argv):
   del argv
+  timing.quiet_backend_probe()
   backend = jax.default_backend()
   group = _SHAPES.value or ("small" if backend == "cpu" else "paper")
   names = kernel_cases.GROUPS.get(group, None) or group.split(",")
