@@ -49,9 +49,12 @@ def _content_words(text: str) -> set[str]:
 
 
 def reward(prompt: str, response: str) -> float:
-  """The fraction of the prompt's content words the response uses, minus
-  0.01 per word past 30; -1 for an empty response. Deterministic and
-  thread-safe, as a judge's reward must be."""
+  """How much of the prompt's content the response covers, for its length.
+
+  The fraction of the prompt's content words the response uses, minus 0.01
+  per word past 30; -1 for an empty response. Deterministic and thread-safe,
+  as a judge's reward must be.
+  """
   words = response.split()
   if not words:
     return -1.0
@@ -61,9 +64,11 @@ def reward(prompt: str, response: str) -> float:
 
 
 class FirstUnlessClearlyWorse:
-  """A judge with a position bias: prefers response A unless B's reward is
-  higher by more than `margin` (any object with `name` and `judge` is a
-  judges.Judge)."""
+  """A judge with a position bias: response A unless B is clearly better.
+
+  Prefers A unless B's reward is higher by more than `margin`. Any object
+  with `name` and `judge` is a judges.Judge.
+  """
 
   def __init__(self, reward_fn: Callable[[str, str], float],
                margin: float = 0.25):

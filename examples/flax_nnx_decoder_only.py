@@ -54,8 +54,11 @@ class Config:
 
 def make_data(rng: np.random.Generator, cfg: Config
               ) -> tuple[jax.Array, jax.Array]:
-  """[B, P + C] random sequences and [B] rewards: the fraction of completion
-  tokens found in the prompt, normalised to mean 0, variance 1."""
+  """[B, P + C] random sequences and [B] rewards.
+
+  A reward is the fraction of completion tokens found in the prompt,
+  normalised to mean 0, variance 1.
+  """
   prompts = rng.integers(1, cfg.vocab, (cfg.examples, cfg.prompt_len))
   completions = rng.integers(1, cfg.vocab, (cfg.examples, cfg.completion_len))
   raw = (completions[:, :, None] == prompts[:, None, :]).any(-1).mean(-1)
@@ -141,8 +144,10 @@ def update(model: Decoder, optimizer: nnx.Optimizer, tokens: jax.Array,
 
 
 def main(cfg: Config = Config()) -> dict[str, list[float]]:
-  """Trains for cfg.steps full-batch steps; returns each step's metrics
-  (computed before that step's update)."""
+  """Trains for cfg.steps full-batch steps; returns each step's metrics.
+
+  A step's metrics are computed before its update.
+  """
   tokens, rewards = make_data(np.random.default_rng(cfg.seed), cfg)
   model = Decoder(cfg, rngs=nnx.Rngs(cfg.seed))
   ref_logprobs, _ = nnx.jit(lambda m, t: m(t))(model, tokens)   # π_ref, once

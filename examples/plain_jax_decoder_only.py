@@ -67,9 +67,11 @@ class Config:
 
 def make_data(rng: np.random.Generator, cfg: Config
               ) -> tuple[jax.Array, jax.Array]:
-  """Toy triplets: random prompts and completions, [B, P + C] tokens and [B]
-  rewards = the fraction of completion tokens found in the prompt,
-  normalised to mean 0, variance 1 (paper §4)."""
+  """Toy triplets: [B, P + C] random prompts and completions, [B] rewards.
+
+  A reward is the fraction of completion tokens found in the prompt,
+  normalised to mean 0, variance 1 (paper §4).
+  """
   prompts = rng.integers(1, cfg.vocab, (cfg.examples, cfg.prompt_len))
   completions = rng.integers(1, cfg.vocab, (cfg.examples, cfg.completion_len))
   raw = (completions[:, :, None] == prompts[:, None, :]).any(-1).mean(-1)
@@ -88,8 +90,11 @@ def decoder_inputs(tokens: jax.Array, prompt_len: int
 
 
 def init_params(rng: np.random.Generator, cfg: Config) -> dict:
-  """Parameters as a dict pytree; matrices scaled by 1/√fan-in. Drawn with
-  numpy: tiny, and free of the per-op compiles of eager jax.random."""
+  """Parameters as a dict pytree; matrices scaled by 1/√fan-in.
+
+  Drawn with numpy: tiny, and free of the per-op compiles of eager
+  jax.random.
+  """
   d, h, k = cfg.width, cfg.heads, cfg.width // cfg.heads
   t = cfg.prompt_len + cfg.completion_len - 1
 
@@ -152,8 +157,10 @@ def loss_fn(params, tokens, ref_logprobs, rewards, *, cfg: Config):
 
 
 def main(cfg: Config = Config()) -> dict[str, list[float]]:
-  """Trains for cfg.steps full-batch steps; returns each step's metrics
-  (computed before that step's update)."""
+  """Trains for cfg.steps full-batch steps; returns each step's metrics.
+
+  A step's metrics are computed before its update.
+  """
   rng = np.random.default_rng(cfg.seed)
   tokens, rewards = make_data(rng, cfg)
   params = init_params(rng, cfg)

@@ -1,5 +1,7 @@
-r"""`python -m dro_fast.evaluation` (or `dro-fast-evaluate`): side-by-side
-evaluation of two policies, as the paper reports its results (evaluate.py).
+r"""The evaluation CLI: two policies side by side, as the paper reports them.
+
+`python -m dro_fast.evaluation`, or the `dro-fast-evaluate` script
+(evaluate.py does the work):
 
   python -m dro_fast.evaluation --policy_a=runs/dro_v --policy_b=runs/dro_v:init \
       --prompts=test_prompts.jsonl --judge_model=MODEL \
@@ -20,12 +22,13 @@ paper's checkpoint selection, §4).
 Judges (--judge): reward:PATH/TO/FILE.py:FUNCTION or reward:MODULE:FUNCTION
 (a callable r(prompt, response); higher wins; the file's path is absolute or
 relative to the current directory, and MODULE is imported from sys.path or
-else from the current directory) or http:URL (an OpenAI-compatible chat endpoint asked the
-paper's side-by-side prompt for --judge_model; its API key comes from
-$DRO_FAST_JUDGE_API_KEY). An http: judge is asked --judge_concurrency pairs
-at a time, each request waiting up to --judge_timeout seconds; 408, 429 and
-5xx answers and lost connections are retried --judge_retries times, waiting
-as a 429/503's Retry-After asks (at most 60 s) or backing off 1, 2, 4... s.
+else from the current directory) or http:URL (an OpenAI-compatible chat
+endpoint asked the paper's side-by-side prompt for --judge_model; its API
+key comes from $DRO_FAST_JUDGE_API_KEY). An http: judge is asked
+--judge_concurrency pairs at a time, each request waiting up to
+--judge_timeout seconds; 408, 429 and 5xx answers and lost connections are
+retried --judge_retries times, waiting as a 429/503's Retry-After asks (at
+most 60 s) or backing off 1, 2, 4... s.
 Without --prompts, a run trained on the synthetic demo task is evaluated on
 held-out synthetic prompts with its known reward as the default judge.
 

@@ -72,8 +72,10 @@ def parse_policy(spec: str) -> tuple[str, str | int | None]:
 
 
 def load(spec: str):
-  """(params, description) of a policy spec: the policy parameters alone
-  (runs.load_policy reads no optimizer state)."""
+  """(params, description) of a policy spec: its policy parameters alone.
+
+  runs.load_policy reads no optimizer state.
+  """
   workdir, which = parse_policy(spec)
   try:
     if which == "init":

@@ -19,8 +19,7 @@ import time
 
 @dataclasses.dataclass(frozen=True)
 class Reply:
-  """What the stub answers: an HTTP status, a body and headers, after a
-  delay."""
+  """What the stub answers: an HTTP status, body and headers, after a delay."""
   status: int = 200
   body: str = ""
   delay_s: float = 0.0

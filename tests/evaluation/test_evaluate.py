@@ -1,5 +1,8 @@
-"""`python -m dro_fast.evaluation`: end to end on a short demo run, and its
-wiring of the judge (pairs.jsonl, resume) on a faked run."""
+"""`python -m dro_fast.evaluation` end to end, and its wiring of the judge.
+
+End to end on a short demo run; the wiring (pairs.jsonl, resume) on a faked
+run; a judge of one's own from any directory; the win-rate chart.
+"""
 
 from __future__ import annotations
 
@@ -122,9 +125,12 @@ def test_bad_judge_and_too_few_prompts(run_dir, tmp_path):
 
 
 def test_compare_resumes_a_failed_judging_run(stub, tmp_path, monkeypatch):
-  """compare() with an http: judge: verdicts kept through a failure, only
-  the missing pairs asked again, the outputs written at the end. The run,
-  decoding and JAX are faked: the wiring is under test, not the models."""
+  """compare() with an http: judge keeps verdicts through a failure.
+
+  Only the missing pairs are asked again, and the outputs written at the end.
+  The run, decoding and JAX are faked: the wiring is under test, not the
+  models.
+  """
   prompts = [f"prompt {i}" for i in range(6)]
   run = types.SimpleNamespace(data=types.SimpleNamespace(
       max_input_length=4, max_target_length=4))
