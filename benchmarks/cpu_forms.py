@@ -99,10 +99,7 @@ def main(argv):
   del argv
   timing.quiet_backend_probe()
   how = shared.apply_host_memory()
-  unknown = [f for f in _FORMS.value if f not in FORMS]
-  if unknown or not _FORMS.value:
-    raise app.UsageError(f"--forms: unknown {unknown}; choose from "
-                         f"{list(FORMS)}.")
+  shared.known_values("forms", _FORMS.value, FORMS)
   shared.check_sizes()
   if jax.default_backend() != "cpu":
     raise app.UsageError("cpu_forms measures CPU forms: run it with JAX on "

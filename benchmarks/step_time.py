@@ -81,14 +81,10 @@ def config_for(size: str, remat: str, attention: str):
 def check_flags() -> None:
   """Raises app.UsageError for flag values this script cannot run."""
   shared.check_sizes()
-  for name, values, known in (("remat", _REMAT.value, REMAT_POLICIES),
-                              ("attention", _ATTENTION.value, ("xla", "cudnn")),
-                              ("implementation", shared.IMPLEMENTATION.value,
-                               ["default", *kernels.IMPLEMENTATIONS])):
-    unknown = [v for v in values if v not in known]
-    if unknown or not values:
-      raise app.UsageError(f"--{name}: unknown {unknown}; choose from "
-                           f"{sorted(known)}.")
+  shared.known_values("remat", _REMAT.value, REMAT_POLICIES)
+  shared.known_values("attention", _ATTENTION.value, ("xla", "cudnn"))
+  shared.known_values("implementation", shared.IMPLEMENTATION.value,
+                      ["default", *kernels.IMPLEMENTATIONS])
   lengths = shared.positive_ints("target_length", shared.TARGET_LENGTH.value)
   shared.positive_ints("batch_size", shared.BATCH.value)
   if "cudnn" in _ATTENTION.value:

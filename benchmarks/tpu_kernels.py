@@ -208,29 +208,16 @@ def format_row(r: dict[str, Any]) -> str:
                  f"{r['flops'] / 1e9:8.2f} GFLOP  {bound}")
 
 
-def _ints(name: str, values: list[str]) -> list[int]:
-  if not values or not all(v.isdigit() and int(v) > 0 for v in values):
-    raise app.UsageError(f"--{name} takes positive integers, got {values}.")
-  return [int(v) for v in values]
-
-
-def _known(name: str, values: list[str], known) -> list[str]:
-  unknown = [v for v in values if v not in known]
-  if unknown or not values:
-    raise app.UsageError(f"--{name}: unknown {unknown}; choose from "
-                         f"{sorted(known)}.")
-  return values
-
-
 def main(argv):
   del argv
   timing.quiet_backend_probe()
   tpu.require_libtpu()
-  todo = cases(_known("generations", _GENERATIONS.value, TOPOLOGIES),
-               _ints("d", _D.value), _ints("t", _T.value),
-               _known("dtypes", _DTYPES.value, ("float32", "bfloat16")),
-               _known("ops", _OPS.value, OPS),
-               _known("passes", _PASSES.value, PASSES), _BATCH.value)
+  todo = cases(
+      shared.known_values("generations", _GENERATIONS.value, TOPOLOGIES),
+      shared.positive_ints("d", _D.value), shared.positive_ints("t", _T.value),
+      shared.known_values("dtypes", _DTYPES.value, ("float32", "bfloat16")),
+      shared.known_values("ops", _OPS.value, OPS),
+      shared.known_values("passes", _PASSES.value, PASSES), _BATCH.value)
   print(f"jax {jax.__version__}  {len(todo)} cases  V {VOCAB}  "
         f"batch {_BATCH.value}")
   print(f"{'op':25s} {'pass':3s} {'gen':4s} {'D':>5s} {'T':>4s} {'N':>5s} "

@@ -62,10 +62,17 @@ def positive_ints(name: str, values: list[str]) -> list[int]:
   return [int(v) for v in values]
 
 
+def known_values(name: str, values: list[str], known) -> list[str]:
+  """Returns --name's values if each is one of `known`, else a usage error."""
+  unknown = [v for v in values if v not in known]
+  if unknown or not values:
+    raise app.UsageError(f"--{name}: unknown {unknown}; choose from "
+                         f"{list(known)}.")
+  return values
+
+
 def check_sizes() -> None:
-  unknown = [s for s in SIZE.value if s not in SIZES]
-  if unknown or not SIZE.value:
-    raise app.UsageError(f"--size: unknown {unknown}; choose from {SIZES}.")
+  known_values("size", SIZE.value, SIZES)
 
 
 def apply_host_memory() -> str:
