@@ -72,9 +72,11 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
 
 
 def device_events(xspace) -> list[tuple[str, int]]:
-  """(op, nanoseconds) of each op the device ran: a GPU's or TPU's planes
-  (their "XLA Ops" line where derived, else every line), else the CPU's
-  thunks (the events that name an hlo_op)."""
+  """(op, nanoseconds) of each op the device ran.
+
+  From a GPU's or TPU's planes (their "XLA Ops" line where derived, else
+  every line), else from the CPU's thunks (the events that name an hlo_op).
+  """
   for prefix in ("/device:GPU", "/device:TPU", "/host:CPU"):
     found = []
     for plane in [p for p in xspace.planes if p.name.startswith(prefix)]:
@@ -101,8 +103,11 @@ def keep_trace(path: str, out: str) -> str | None:
 
 
 def profile(run, hlo_text: str, n: int, trace_dir: str) -> dict:
-  """Traces `n` calls of `run`: seconds, device ms per step by op joined
-  with the HLO, and the raw trace kept at --trace_out."""
+  """Traces `n` calls of `run`.
+
+  Returns their seconds and the device ms per step by op, joined with the
+  HLO; the raw trace is kept at --trace_out.
+  """
   options = jax.profiler.ProfileOptions()
   options.python_tracer_level = 0
   seconds = []

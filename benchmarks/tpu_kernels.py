@@ -112,8 +112,10 @@ def _op(op: str, blocks: kernels.BlockSizes | None
 
 def lower(case: Case, devices: tuple[Any, ...],
           blocks: kernels.BlockSizes | None = None):
-  """The case's jitted program lowered for devices[0] (one chip), with the
-  ops' default tiles unless `blocks`."""
+  """The case's jitted program lowered for devices[0] (one chip).
+
+  It uses the ops' default tiles unless `blocks` is given.
+  """
   mesh = jax.sharding.Mesh(np.array(devices[:1]), ("chip",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype),
@@ -137,8 +139,10 @@ def lower(case: Case, devices: tuple[Any, ...],
 
 def block_sizes(case: Case, generation: str | None
                 ) -> kernels.BlockSizes:
-  """The kernels' default tiles for the case on `generation` (None: what
-  the ops pick without being told the generation)."""
+  """The kernels' default tiles for the case on `generation`.
+
+  None: what the ops pick without being told the generation.
+  """
   if case.op == "linear_sequence_logprobs":
     return linear_pallas_tpu.default_block_sizes(case.d, case.dtype,
                                                  generation)
@@ -146,8 +150,11 @@ def block_sizes(case: Case, generation: str | None
 
 
 def run_case(case: Case) -> dict[str, Any]:
-  """Compiles one case; a record with ok=False and the error (its first
-  600 characters) when Mosaic or XLA refuses it."""
+  """Compiles one case and returns its record.
+
+  When Mosaic or XLA refuses it, the record has ok=False and the error's
+  first 600 characters.
+  """
   devices = tpu.devices(TOPOLOGIES[case.generation])
   blocks = block_sizes(case, case.generation)
   # The ops' own default where it is the generation's (never told the

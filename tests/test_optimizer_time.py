@@ -1,5 +1,7 @@
-"""benchmarks.optimizer_time on the tiny preset (its own processes: its
-flags would clash with step_time's in this one)."""
+"""benchmarks.optimizer_time on the tiny preset, in processes of its own.
+
+Its flags would clash with step_time's in this one.
+"""
 
 from __future__ import annotations
 

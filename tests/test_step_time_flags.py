@@ -1,5 +1,7 @@
-"""benchmarks/step_time.py refuses flag values it cannot run, before any
-JAX or PyTorch work, naming the flag."""
+"""benchmarks.step_time refuses flag values it cannot run, naming the flag.
+
+It does so before any JAX or PyTorch work.
+"""
 
 from __future__ import annotations
 

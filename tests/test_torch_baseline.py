@@ -1,5 +1,8 @@
-"""The PyTorch DRO-V baseline (benchmarks/torch_step.py) computes our step's
-loss and gradients: the same weights in both, one step on the same batch."""
+"""The PyTorch DRO-V baseline (benchmarks/torch_step.py) computes our step.
+
+Its loss and gradients equal ours: the same weights in both, one step on the
+same batch.
+"""
 
 from __future__ import annotations
 

@@ -76,9 +76,11 @@ def check_sizes() -> None:
 
 
 def apply_host_memory() -> str:
-  """Applies --host_memory (before the first JAX computation); returns the
-  setting in force, as dro_fast.runtime names it, or "system". Also keeps
-  an installed libtpu without a TPU from probing (runtime.hide_absent_tpu).
+  """Applies --host_memory before the first JAX computation; returns it.
+
+  The setting in force is named as dro_fast.runtime names it, or "system".
+  Also keeps an installed libtpu without a TPU from probing
+  (runtime.hide_absent_tpu).
   """
   runtime.hide_absent_tpu()
   keep = HOST_MEMORY.value == "keep" or (HOST_MEMORY.value == "auto"

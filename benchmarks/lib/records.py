@@ -1,5 +1,7 @@
-"""JSON-lines records: what every benchmark record says about its machine,
-and where records are appended (the raw files benchmarks/RESULTS.md cites)."""
+"""JSON-lines records: the machine every record names, and where they go.
+
+Records are appended to the raw files benchmarks/RESULTS.md cites.
+"""
 
 from __future__ import annotations
 

@@ -29,9 +29,11 @@ NO_PLAN = {"peak_bytes": -1, "temp_bytes": -1}
 
 
 def config_for(size: str, dtype: str, **fields) -> models.T5Config:
-  """The benchmarked preset of `size`, without dropout, resolved to a
-  platform, computing in what `runtime.compute_dtype` gives for `dtype`
-  there (as the CLIs do)."""
+  """The benchmarked preset of `size`, without dropout, resolved to a platform.
+
+  It computes in what `runtime.compute_dtype` gives for `dtype` there, as
+  the CLIs do.
+  """
   name = "tiny" if size == "tiny" else f"flan-t5-{size}"
   config = models.preset(name, dtype=dtype, dropout_rate=0.0,
                          **fields).resolved()
@@ -143,8 +145,11 @@ class JaxStep:
 
 
 class TorchStep:
-  """benchmarks/torch_step.DroVStep on the same batches: float32, or under
-  torch.autocast to bfloat16 when the config computes in bfloat16."""
+  """benchmarks/torch_step.DroVStep on the same batches.
+
+  In float32, or under torch.autocast to bfloat16 when the config computes
+  in bfloat16.
+  """
 
   def __init__(self, config: models.T5Config,
                batches: list[dict[str, np.ndarray]]):

@@ -33,10 +33,12 @@ def device_description() -> str:
 
 
 def compiled_peak_bytes(compiled) -> dict[str, int]:
-  """XLA's static memory plan of a compiled program (per device):
+  """XLA's static memory plan of a compiled program, per device.
+
   peak_bytes = arguments + outputs + temporaries − aliases (donated inputs
   reused as outputs), and the parts; total_bytes adds the generated code,
-  which a TPU also holds in HBM."""
+  which a TPU also holds in HBM.
+  """
   analysis = compiled.memory_analysis()
   if analysis is None:
     return {"peak_bytes": -1, "temp_bytes": -1}
@@ -121,8 +123,10 @@ def interleaved_seconds(
 
 def speedup(reference: Sequence[float],
             own: Sequence[float]) -> tuple[float, float]:
-  """How much faster `own` ran than `reference`, from per-round seconds:
-  the ratio of the medians, and the paired ratio (median of per-round
-  ratios)."""
+  """How much faster `own` ran than `reference`, from per-round seconds.
+
+  Returns the ratio of the medians and the paired ratio (the median of
+  per-round ratios).
+  """
   return (statistics.median(reference) / statistics.median(own),
           statistics.median(r / o for r, o in zip(reference, own)))

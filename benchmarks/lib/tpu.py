@@ -83,8 +83,10 @@ def cost(compiled) -> dict[str, float]:
 
 
 def custom_call_targets(compiled) -> list[str]:
-  """The custom-call targets in a compiled program's HLO (Mosaic kernels
-  appear as "tpu_custom_call")."""
+  """The custom-call targets in a compiled program's HLO.
+
+  Mosaic kernels appear as "tpu_custom_call".
+  """
   return re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())
 
 
@@ -199,27 +201,33 @@ def compile_update(size: str, topology: str, *, batch_size: int,
 def roofline_seconds(flops_per_chip: float, bytes_per_chip: float | None,
                      peak_flops: float | None,
                      bytes_per_s: float | None) -> float | None:
-  """max(compute time at peak, memory time at HBM bandwidth), per chip;
-  None where the chip's rates are unknown."""
+  """max(compute time at peak, memory time at HBM bandwidth), per chip.
+
+  None where the chip's rates are unknown.
+  """
   if not peak_flops or not bytes_per_s or bytes_per_chip is None:
     return None
   return max(flops_per_chip / peak_flops, bytes_per_chip / bytes_per_s)
 
 
 def score_arrays(compiled, heads: int, length: int) -> list[str]:
-  """The HLO values of shape [..., heads, length, length] in a compiled
-  program: attention logits or weights over a length-long sequence (what a
-  flash attention never materialises)."""
+  """The HLO values of shape [..., heads, length, length] in a compiled program.
+
+  They are attention logits or weights over a length-long sequence, what a
+  flash attention never materialises.
+  """
   return re.findall(rf"\b(?:bf16|f32)\[(?:\d+,)*{heads},{length},{length}\]"
                     r"[^ ]* \S+", compiled.as_text())
 
 
 def largest_batch(size: str, topology: str, start: int, on_record=None,
                   **variant) -> tuple[int | None, list[dict[str, Any]]]:
-  """The largest global batch, a multiple of the chip count, whose update
-  fits: doubling from `start`, then bisecting between the last fit and the
-  first miss. Returns it (None if not even one per chip fits) and every
-  record compiled on the way (each also passed to on_record)."""
+  """The largest global batch, a multiple of the chip count, whose update fits.
+
+  Doubles from `start`, then bisects between the last fit and the first
+  miss. Returns it (None if not even one per chip fits) and every record
+  compiled on the way (each also passed to on_record).
+  """
   chips = len(devices(topology))
   tried = []
 

@@ -1,5 +1,7 @@
-"""benchmarks.cpu_forms at a tiny shape, in its own process (its flag
-defaults are the measurement's own)."""
+"""benchmarks.cpu_forms at a tiny shape, in a process of its own.
+
+Its flag defaults are the measurement's own.
+"""
 
 from __future__ import annotations
 
