@@ -147,9 +147,12 @@ def build_jax_step(config, implementation: str,
 
 def measure_point(size: str, b: int, t: int, host_memory: str
                   ) -> list[dict[str, Any]]:
-  """Every variant at one (size, batch, target length), timed interleaved
-  unless --memory_only; one record per variant. A JAX variant is named by
-  its implementation, then "/remat" and "/attention" where several are."""
+  """One record per variant at one (size, batch, target length).
+
+  The variants are timed interleaved unless --memory_only. A JAX variant is
+  named by its implementation, then "/remat" and "/attention" where several
+  are.
+  """
   s = shared.INPUT_LENGTH.value
   config = config_for(size, "none", "xla")      # remat changes no shape
   rng = np.random.default_rng(0)

@@ -1,5 +1,8 @@
-"""benchmarks/step_time.py: variants that do not fit are findings, memory
-plans from shapes alone, cuDNN planned with its stand-in off the GPU."""
+"""benchmarks.step_time: variants that do not fit are findings.
+
+Also: memory plans from shapes alone, cuDNN planned with its stand-in off
+the GPU.
+"""
 
 from __future__ import annotations
 
@@ -136,8 +139,10 @@ def test_cudnn_memory_is_planned_with_the_stand_in_without_a_gpu(tiny_flags):
 
 @pytest.mark.parametrize("message", ["a bug in the stand-in", None])
 def test_a_failing_cudnn_variant(tiny_flags, monkeypatch, message):
-  """Under the stand-in no cuDNN is involved: its error is our bug. On a GPU
-  (faked here) cuDNN refusing its attention is recorded."""
+  """Under the stand-in a cuDNN error is our bug; on a GPU it is recorded.
+
+  The GPU is faked here.
+  """
   del tiny_flags
   real_step = bench_step.JaxStep
 
