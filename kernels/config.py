@@ -1,6 +1,10 @@
 """Static configuration shared by every kernel implementation.
 
 Glossary: N rows (= B·T flattened token positions), V vocabulary, D hidden width.
+
+Every op (sequence_logprobs, linear_logprobs, flash_attention) takes from
+here: NEG_LARGE, the block-size check (`check_sizes`), the tile arithmetic
+(`round_up`, `fit_rows`) and the interpret-mode choice (`interpret_for`).
 """
 
 from __future__ import annotations
@@ -45,13 +49,7 @@ class BlockSizes:
   vocab_splits: int = 1
 
   def __post_init__(self):
-    for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      least = 0 if field.name == "vocab_splits" else 1
-      if not isinstance(value, int) or value < least:
-        raise ValueError(
-            f"BlockSizes.{field.name} must be an int >= {least}, got "
-            f"{value!r}.")
+    check_sizes(self, least={"vocab_splits": 0})
 
   def check_tpu(self):
     if self.rows % 8 or self.vocab % 128:
@@ -71,14 +69,40 @@ class BlockSizes:
 
 @dataclasses.dataclass(frozen=True)
 class CallConfig:
-  """Everything static about one op call: a single hashable custom_vjp
-  argument (not a positional nondiff_argnums list)."""
+  """Everything static about one op call: one hashable custom_vjp argument."""
   implementation: str
   block_sizes: BlockSizes | None
   interpret: Any
 
 
+def check_sizes(sizes: Any, *, least: dict[str, int] | None = None,
+                multiple: int = 1, why: str = "") -> None:
+  """Checks each field of a block-size dataclass: an int >= least, a multiple.
+
+  Args:
+    sizes: a dataclass instance whose fields are all tile sizes.
+    least: per-field lower bounds (default 1).
+    multiple: every field must be a multiple of this.
+    why: the reason for `multiple`, appended to the message.
+
+  Raises:
+    ValueError: naming the first bad field, e.g. "BlockSizes.rows must be an
+      int >= 1, got 0."
+  """
+  for field in dataclasses.fields(sizes):
+    value = getattr(sizes, field.name)
+    bound = (least or {}).get(field.name, 1)
+    if (not isinstance(value, int) or isinstance(value, bool) or value < bound
+        or value % multiple):
+      rule = f"an int >= {bound}"
+      if multiple > 1:
+        rule += f" and a multiple of {multiple}{why}"
+      raise ValueError(f"{type(sizes).__name__}.{field.name} must be {rule}, "
+                       f"got {value!r}.")
+
+
 def round_up(x: int, multiple: int) -> int:
+  """The least multiple of `multiple` that is >= x."""
   return -(-x // multiple) * multiple
 
 
@@ -87,18 +111,30 @@ def fit_rows(block_rows: int, n_rows: int, multiple: int) -> int:
   return max(multiple, min(block_rows, round_up(n_rows, multiple)))
 
 
-def tpu_interpret(interpret: Any) -> Any:
-  """`interpret` for a Mosaic kernel: simulate the TPU unless on one."""
-  if interpret is None:
-    if jax.default_backend() == "tpu":
-      return False
+def interpret_for(native: str, platform: str) -> Any:
+  """pallas_call's `interpret` for a `native` kernel in a `platform` program.
+
+  Args:
+    native: the platform the kernel is written for: "tpu" (Mosaic) or "gpu"
+      (Triton).
+    platform: the platform the program compiles for ("cpu", "gpu", "tpu"),
+      which its caller knows (T5Config.platform, a mesh's devices).
+
+  Returns:
+    False (compile the kernel) on its own platform; elsewhere the TPU
+    simulator (pltpu.InterpretParams()) for Mosaic, Pallas's generic
+    interpreter (True) for Triton.
+  """
+  if platform == native:
+    return False
+  if native == "tpu":
     from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
     return pltpu.InterpretParams()
-  return interpret
+  return True
 
 
-def gpu_interpret(interpret: Any) -> Any:
-  """`interpret` for a Triton kernel: the generic interpreter unless on a GPU."""
+def resolve_interpret(interpret: Any, native: str) -> Any:
+  """`interpret` as given, or for None interpret_for the default backend."""
   if interpret is None:
-    return jax.default_backend() != "gpu"
+    return interpret_for(native, jax.default_backend())
   return interpret

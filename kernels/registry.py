@@ -4,12 +4,15 @@ Each entry supplies, for both ops, a row-wise forward returning
 (logprobs [N], lse [N]) and a backward that rebuilds the gradient from the
 saved lse. "xla" is differentiated by JAX's autodiff instead (the baseline a
 user would write); every other entry goes through the ops' jax.custom_vjp.
+The table is fixed at import (a read-only mapping); the Pallas backends are
+in it where their modules import.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import types
+from typing import Callable, Mapping
 
 import jax
 
@@ -47,38 +50,41 @@ class Implementation:
   native_backend: str | None = None
 
 
-IMPLEMENTATIONS: dict[str, Implementation] = {
-    "xla": Implementation(
-        "xla", reference.token_logprobs, reference.token_logprobs_bwd,
-        linear_reference.linear_token_logprobs,
-        linear_reference.linear_token_logprobs_bwd, autodiff=True),
-    "chunked_xla": Implementation(
-        "chunked_xla", chunked_xla.token_logprobs,
-        chunked_xla.token_logprobs_bwd,
-        linear_chunked_xla.linear_token_logprobs,
-        linear_chunked_xla.linear_token_logprobs_bwd),
-}
+def _implementations() -> Mapping[str, Implementation]:
+  """The table, built once: the XLA entries always, Pallas where it imports."""
+  table = {
+      "xla": Implementation(
+          "xla", reference.token_logprobs, reference.token_logprobs_bwd,
+          linear_reference.linear_token_logprobs,
+          linear_reference.linear_token_logprobs_bwd, autodiff=True),
+      "chunked_xla": Implementation(
+          "chunked_xla", chunked_xla.token_logprobs,
+          chunked_xla.token_logprobs_bwd,
+          linear_chunked_xla.linear_token_logprobs,
+          linear_chunked_xla.linear_token_logprobs_bwd),
+  }
+  try:
+    from dro_fast.kernels.linear_logprobs import pallas_tpu as linear_pallas_tpu  # pylint: disable=g-import-not-at-top
+    from dro_fast.kernels.sequence_logprobs import pallas_tpu  # pylint: disable=g-import-not-at-top
+    table["pallas_tpu"] = Implementation(
+        "pallas_tpu", pallas_tpu.token_logprobs, pallas_tpu.token_logprobs_bwd,
+        linear_pallas_tpu.linear_token_logprobs,
+        linear_pallas_tpu.linear_token_logprobs_bwd, native_backend="tpu")
+  except ImportError:  # pragma: no cover - depends on the jaxlib build
+    pass
+  try:
+    from dro_fast.kernels.linear_logprobs import pallas_gpu as linear_pallas_gpu  # pylint: disable=g-import-not-at-top
+    from dro_fast.kernels.sequence_logprobs import pallas_gpu  # pylint: disable=g-import-not-at-top
+    table["pallas_gpu"] = Implementation(
+        "pallas_gpu", pallas_gpu.token_logprobs, pallas_gpu.token_logprobs_bwd,
+        linear_pallas_gpu.linear_token_logprobs,
+        linear_pallas_gpu.linear_token_logprobs_bwd, native_backend="gpu")
+  except ImportError:  # pragma: no cover
+    pass
+  return types.MappingProxyType(table)
 
-# Pallas backends register only where their modules import.
-try:
-  from dro_fast.kernels.linear_logprobs import pallas_tpu as linear_pallas_tpu  # pylint: disable=g-import-not-at-top
-  from dro_fast.kernels.sequence_logprobs import pallas_tpu  # pylint: disable=g-import-not-at-top
-  IMPLEMENTATIONS["pallas_tpu"] = Implementation(
-      "pallas_tpu", pallas_tpu.token_logprobs, pallas_tpu.token_logprobs_bwd,
-      linear_pallas_tpu.linear_token_logprobs,
-      linear_pallas_tpu.linear_token_logprobs_bwd, native_backend="tpu")
-except ImportError:  # pragma: no cover - depends on the jaxlib build
-  pass
 
-try:
-  from dro_fast.kernels.linear_logprobs import pallas_gpu as linear_pallas_gpu  # pylint: disable=g-import-not-at-top
-  from dro_fast.kernels.sequence_logprobs import pallas_gpu  # pylint: disable=g-import-not-at-top
-  IMPLEMENTATIONS["pallas_gpu"] = Implementation(
-      "pallas_gpu", pallas_gpu.token_logprobs, pallas_gpu.token_logprobs_bwd,
-      linear_pallas_gpu.linear_token_logprobs,
-      linear_pallas_gpu.linear_token_logprobs_bwd, native_backend="gpu")
-except ImportError:  # pragma: no cover
-  pass
+IMPLEMENTATIONS: Mapping[str, Implementation] = _implementations()
 
 _BY_BACKEND = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cpu": "chunked_xla"}
 

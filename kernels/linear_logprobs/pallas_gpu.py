@@ -126,7 +126,7 @@ def linear_token_logprobs(hidden, weight, targets, block_sizes=None,
       grid=(pl.cdiv(n, kw["bn"]), splits),
       out_shape=[jax.ShapeDtypeStruct((splits * n,), jnp.float32)] * 3,
       compiler_params=_compiler_params(block_sizes),
-      interpret=config.gpu_interpret(interpret),
+      interpret=config.resolve_interpret(interpret, "gpu"),
       name="linear_token_logprobs_fwd",
   )(hidden, weight, targets)
   return online_lse.combine_partials(
@@ -146,7 +146,7 @@ def linear_token_logprobs_bwd(hidden, weight, targets, lse, g,
       grid=(pl.cdiv(n, kw["bn"]), pl.cdiv(chunk, kw["bv"])),
       out_shape=jax.ShapeDtypeStruct((n, chunk), dtype),
       compiler_params=_compiler_params(block_sizes),
-      interpret=config.gpu_interpret(interpret),
+      interpret=config.resolve_interpret(interpret, "gpu"),
       name="linear_token_logprobs_dlogits",
   )
   # Chunk-relative targets: the kernel sees its chunk as vocabulary [0, c).

@@ -145,50 +145,43 @@ def _forward_kernel(targets_ref, hidden_ref, weight_ref, logprobs_ref, lse_ref,
                                     lse_ref))
 
 
-def _dhidden_kernel(targets_ref, lse_ref, g_ref, hidden_ref, weight_ref,
-                    dhidden_ref, acc_ref, *, n, vocab, bn, bv):
-  i, j = pl.program_id(0), pl.program_id(1)
+def _backward_kernel(targets_ref, lse_ref, g_ref, hidden_ref, weight_ref,
+                     out_ref, acc_ref, *, n, vocab, bn, bv, wrt):
+  """d(hidden) (wrt "hidden": grid (i, j), vocab tiles sequential) or
+  d(weight) (wrt "weight": grid (j, i), row tiles sequential), accumulated
+  in float32 over the sequential axis."""
+  if wrt == "hidden":
+    i, j = pl.program_id(0), pl.program_id(1)
+  else:
+    j, i = pl.program_id(0), pl.program_id(1)
+  step = pl.program_id(1)
 
-  @pl.when(j == 0)
+  @pl.when(step == 0)
   def _init():
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  logits, rows, cols, _, w = _logits_tile(hidden_ref, weight_ref, i * bn,
-                                          j * bv, vocab, mask_weight=True)
-  dlogits = _dlogits(logits, rows, cols, targets_ref, lse_ref, g_ref, n, vocab)
-  # [bn, bv] x [D, bv]ᵀ -> [bn, D]
-  acc_ref[...] += lax.dot_general(
-      dlogits.astype(w.dtype), w, (((1,), (1,)), ((), ())),
-      preferred_element_type=jnp.float32)
-
-  @pl.when(j == pl.num_programs(1) - 1)
-  def _finish():
-    dhidden_ref[...] = acc_ref[...].astype(dhidden_ref.dtype)
-
-
-def _dweight_kernel(targets_ref, lse_ref, g_ref, hidden_ref, weight_ref,
-                    dweight_ref, acc_ref, *, n, vocab, bn, bv):
-  j, i = pl.program_id(0), pl.program_id(1)
-
-  @pl.when(i == 0)
-  def _init():
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-
-  # Only hidden is contracted with dlogits here: the weight's tail columns
+  # d(weight) contracts dlogits with hidden only: the weight's tail columns
   # reach nothing but logits that _dlogits replaces by 0.
-  logits, rows, cols, h, _ = _logits_tile(hidden_ref, weight_ref, i * bn,
-                                          j * bv, vocab, mask_weight=False)
+  logits, rows, cols, h, w = _logits_tile(hidden_ref, weight_ref, i * bn,
+                                          j * bv, vocab,
+                                          mask_weight=wrt == "hidden")
   dlogits = _dlogits(logits, rows, cols, targets_ref, lse_ref, g_ref, n, vocab)
-  h_rows = i * bn + lax.broadcasted_iota(jnp.int32, h.shape, 0)
-  h = jnp.where(h_rows < n, h, jnp.zeros_like(h))
-  # [bn, D]ᵀ x [bn, bv] -> [D, bv]
-  acc_ref[...] += lax.dot_general(
-      h, dlogits.astype(h.dtype), (((0,), (0,)), ((), ())),
-      preferred_element_type=jnp.float32)
+  if wrt == "hidden":
+    # [bn, bv] x [D, bv]ᵀ -> [bn, D]
+    acc_ref[...] += lax.dot_general(
+        dlogits.astype(w.dtype), w, (((1,), (1,)), ((), ())),
+        preferred_element_type=jnp.float32)
+  else:
+    h_rows = i * bn + lax.broadcasted_iota(jnp.int32, h.shape, 0)
+    h = jnp.where(h_rows < n, h, jnp.zeros_like(h))
+    # [bn, D]ᵀ x [bn, bv] -> [D, bv]
+    acc_ref[...] += lax.dot_general(
+        h, dlogits.astype(h.dtype), (((0,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32)
 
-  @pl.when(i == pl.num_programs(1) - 1)
+  @pl.when(step == pl.num_programs(1) - 1)
   def _finish():
-    dweight_ref[...] = acc_ref[...].astype(dweight_ref.dtype)
+    out_ref[...] = acc_ref[...].astype(out_ref.dtype)
 
 
 def _tiles(hidden, vocab, block_sizes):
@@ -233,63 +226,57 @@ def linear_token_logprobs(hidden, weight, targets, block_sizes=None,
       scratch_shapes=[pltpu.VMEM((bn, 1), jnp.float32)] * 3,
       compiler_params=_params("parallel", "arbitrary"),
       cost_estimate=_cost(hidden, weight, bn, matmuls=1),
-      interpret=config.tpu_interpret(interpret),
+      interpret=config.resolve_interpret(interpret, "tpu"),
       name="linear_token_logprobs_fwd",
   )(targets.reshape(n, 1), hidden, weight)
   return logprobs[:, 0], lse[:, 0]
 
 
-def _backward_call(kernel, grid, spec_index, out_spec, out_like, scratch,
-                   hidden, weight, targets, lse, g, block_sizes, interpret,
-                   name):
-  """One backward launch; spec_index maps grid (a, b) to (row tile, vocab tile)."""
+@functools.partial(jax.jit,
+                   static_argnames=("wrt", "block_sizes", "interpret"))
+def _backward_call(wrt, hidden, weight, targets, lse, g, block_sizes=None,
+                   interpret=None):
+  """One backward launch: d(hidden) [N, D] or d(weight) [D, V] (`wrt`)."""
   (n, d), vocab = hidden.shape, weight.shape[1]
   bn, bv = _tiles(hidden, vocab, block_sizes)
-  row = pl.BlockSpec((bn, 1), lambda a, b: (spec_index(a, b)[0], 0))
+  if wrt == "hidden":      # grid (row tiles, vocab tiles), vocab sequential
+    grid, rows_axis = (pl.cdiv(n, bn), pl.cdiv(vocab, bv)), 0
+    out_spec = pl.BlockSpec((bn, d), lambda i, j: (i, 0))
+    out_like, scratch = hidden, (bn, d)
+  else:                    # grid (vocab tiles, row tiles), rows sequential
+    grid, rows_axis = (pl.cdiv(vocab, bv), pl.cdiv(n, bn)), 1
+    out_spec = pl.BlockSpec((d, bv), lambda j, i: (0, j))
+    out_like, scratch = weight, (d, bv)
+  row = pl.BlockSpec((bn, 1), lambda *ij: (ij[rows_axis], 0))
   return pl.pallas_call(
-      functools.partial(kernel, n=n, vocab=vocab, bn=bn, bv=bv),
-      grid=grid(n, vocab, bn, bv),
+      functools.partial(_backward_kernel, n=n, vocab=vocab, bn=bn, bv=bv,
+                        wrt=wrt),
+      grid=grid,
       in_specs=[row, row, row,
-                pl.BlockSpec((bn, d), lambda a, b: (spec_index(a, b)[0], 0)),
-                pl.BlockSpec((d, bv), lambda a, b: (0, spec_index(a, b)[1]))],
-      out_specs=out_spec(bn, bv, d),
+                pl.BlockSpec((bn, d), lambda *ij: (ij[rows_axis], 0)),
+                pl.BlockSpec((d, bv), lambda *ij: (0, ij[1 - rows_axis]))],
+      out_specs=out_spec,
       out_shape=jax.ShapeDtypeStruct(out_like.shape, out_like.dtype),
-      scratch_shapes=[pltpu.VMEM(scratch(bn, bv, d), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM(scratch, jnp.float32)],
       compiler_params=_params("parallel", "arbitrary"),
       cost_estimate=_cost(hidden, weight, bn, matmuls=2),
-      interpret=config.tpu_interpret(interpret),
-      name=name,
+      interpret=config.resolve_interpret(interpret, "tpu"),
+      name=f"linear_token_logprobs_d{wrt}",
   )(targets.reshape(n, 1), lse.reshape(n, 1), g.reshape(n, 1), hidden, weight)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def linear_dhidden(hidden, weight, targets, lse, g, block_sizes=None,
                    interpret=None):
-  """d(hidden) [N, D]: grid (row tiles, vocab tiles), vocab sequential."""
-  return _backward_call(
-      _dhidden_kernel,
-      grid=lambda n, v, bn, bv: (pl.cdiv(n, bn), pl.cdiv(v, bv)),
-      spec_index=lambda i, j: (i, j),
-      out_spec=lambda bn, bv, d: pl.BlockSpec((bn, d), lambda i, j: (i, 0)),
-      out_like=hidden, scratch=lambda bn, bv, d: (bn, d),
-      hidden=hidden, weight=weight, targets=targets, lse=lse, g=g,
-      block_sizes=block_sizes, interpret=interpret,
-      name="linear_token_logprobs_dhidden")
+  """d(hidden) [N, D]."""
+  return _backward_call("hidden", hidden, weight, targets, lse, g,
+                        block_sizes, interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def linear_dweight(hidden, weight, targets, lse, g, block_sizes=None,
                    interpret=None):
-  """d(weight) [D, V]: grid (vocab tiles, row tiles), rows sequential."""
-  return _backward_call(
-      _dweight_kernel,
-      grid=lambda n, v, bn, bv: (pl.cdiv(v, bv), pl.cdiv(n, bn)),
-      spec_index=lambda j, i: (i, j),
-      out_spec=lambda bn, bv, d: pl.BlockSpec((d, bv), lambda j, i: (0, j)),
-      out_like=weight, scratch=lambda bn, bv, d: (d, bv),
-      hidden=hidden, weight=weight, targets=targets, lse=lse, g=g,
-      block_sizes=block_sizes, interpret=interpret,
-      name="linear_token_logprobs_dweight")
+  """d(weight) [D, V]."""
+  return _backward_call("weight", hidden, weight, targets, lse, g,
+                        block_sizes, interpret)
 
 
 def linear_token_logprobs_bwd(hidden, weight, targets, lse, g,

@@ -106,7 +106,7 @@ def token_logprobs(logits, targets, block_sizes=None, interpret=None):
       grid=(pl.cdiv(n, bn), splits),
       out_shape=[jax.ShapeDtypeStruct((splits * n,), jnp.float32)] * 3,
       compiler_params=params,
-      interpret=config.gpu_interpret(interpret),
+      interpret=config.resolve_interpret(interpret, "gpu"),
       name="token_logprobs_fwd",
   )(logits, targets)
   # Combine the slices' partial states: O(S·N), a few microseconds.
@@ -125,6 +125,6 @@ def token_logprobs_bwd(logits, targets, lse, g, block_sizes=None,
       grid=(pl.cdiv(n, bn), pl.cdiv(vocab, bv)),
       out_shape=jax.ShapeDtypeStruct(logits.shape, logits.dtype),
       compiler_params=params,
-      interpret=config.gpu_interpret(interpret),
+      interpret=config.resolve_interpret(interpret, "gpu"),
       name="token_logprobs_bwd",
   )(logits, targets, lse, g)

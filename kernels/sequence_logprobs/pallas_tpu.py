@@ -119,7 +119,7 @@ def token_logprobs(logits, targets, block_sizes=None, interpret=None):
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "arbitrary")),
       cost_estimate=_cost(logits, passes=1),
-      interpret=config.tpu_interpret(interpret),
+      interpret=config.resolve_interpret(interpret, "tpu"),
       name="token_logprobs_fwd",
   )(targets.reshape(n, 1), logits)
   return logprobs[:, 0], lse[:, 0]
@@ -142,6 +142,6 @@ def token_logprobs_bwd(logits, targets, lse, g, block_sizes=None,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel")),
       cost_estimate=_cost(logits, passes=2),
-      interpret=config.tpu_interpret(interpret),
+      interpret=config.resolve_interpret(interpret, "tpu"),
       name="token_logprobs_bwd",
   )(targets.reshape(n, 1), lse.reshape(n, 1), g.reshape(n, 1), logits)
