@@ -12,9 +12,8 @@ probabilities and their gradients in the backward, one layer at a time) are
 a workspace cuDNN does not have, so it overstates cuDNN's memory, as far as
 XLA:CPU's buffer assignment stands for the GPU's.
 
-Use:
-  cudnn_stand_in.register()
-  config = T5Config(attention=cudnn_stand_in.NAME, platform="gpu",
+Use (the model takes an implementation of one's own by value):
+  config = T5Config(attention=cudnn_stand_in.IMPLEMENTATION, platform="gpu",
                     dtype="bfloat16", dropout_rate=0.0, ...)
 """
 
@@ -27,6 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from dro_fast.models import attention
+from dro_fast.models.config import AttentionImplementation
 
 NAME = "cudnn_stand_in"
 
@@ -94,15 +94,15 @@ def stand_in_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
                        mask: attention.AttentionMask,
                        dropout_rng: jax.Array | None = None,
                        dropout_rate: float = 0.0) -> jax.Array:
-  """An attention implementation (dro_fast.models.attention's signature)
-  computing T5 attention with cuDNN's residuals. The bias is cast to the
-  compute dtype, as cuDNN takes it."""
+  """T5 attention that keeps cuDNN's residuals, in models.attention's signature.
+
+  The bias is cast to the compute dtype, as cuDNN takes it.
+  """
   del dropout_rng, dropout_rate        # fused: refused by T5Config.
   if bias is not None:
     bias = bias.astype(queries.dtype)
   return _attention(queries, keys, values, bias, mask.key_valid, mask.causal)
 
 
-def register() -> None:
-  """Makes T5Config(attention=NAME) run the stand-in."""
-  attention.register(NAME, stand_in_attention)
+# T5Config.attention for the stand-in.
+IMPLEMENTATION = AttentionImplementation(NAME, stand_in_attention)

@@ -7,12 +7,20 @@ Usable without the rest of dro_fast (no Haiku, no T5):
   delta, logp = kernels.dro_residual(logits, targets, mask, rewards,
                                      values, ref_logprobs, tau=1.0)
   logp = kernels.linear_sequence_logprobs(hidden, weight, targets, mask)
+  out = kernels.flash_attention(q, k, v, relative_bias=bias, lengths=lengths,
+                                interpret=kernels.interpret_for("tpu", "cpu"))
 
-`implementation=` picks a key of IMPLEMENTATIONS ("xla", "chunked_xla",
-"pallas_tpu", "pallas_gpu"); None picks by backend.
+For the log-prob ops `implementation=` picks a key of IMPLEMENTATIONS
+("xla", "chunked_xla", "pallas_tpu", "pallas_gpu"); None picks by backend.
+flash_attention (T5 attention with its relative-position bias) has its own
+table, IMPLEMENTATIONS of dro_fast.kernels.flash_attention.ops ("xla",
+"pallas_tpu"). Every table is fixed at import. One folder per op:
+reference.py, the backends, ops.py.
 """
 
 from dro_fast.kernels.config import BlockSizes
+from dro_fast.kernels.config import interpret_for
+from dro_fast.kernels.flash_attention.ops import flash_attention
 from dro_fast.kernels.linear_logprobs.ops import linear_sequence_logprobs
 from dro_fast.kernels.linear_logprobs.ops import linear_token_logprobs
 from dro_fast.kernels.registry import default_implementation
@@ -26,6 +34,7 @@ from dro_fast.kernels.sequence_logprobs.ops import token_logprobs
 
 __all__ = [
     "BlockSizes", "IMPLEMENTATIONS", "Implementation", "default_implementation",
-    "dro_residual", "linear_sequence_logprobs", "linear_token_logprobs",
-    "implementation_for", "masked_sum", "sequence_logprobs", "token_logprobs",
+    "dro_residual", "flash_attention", "implementation_for", "interpret_for",
+    "linear_sequence_logprobs", "linear_token_logprobs", "masked_sum",
+    "sequence_logprobs", "token_logprobs",
 ]

@@ -3,7 +3,7 @@
 Run from outside the repository with SITE_DIR on PYTHONPATH (make
 check-install): dro_fast.kernels must import from the wheel's files, and the
 wheel must hold no top-level `kernels` package. The packaged flagfiles
-resolve by bare name from here (the design card's `--flagfile=xl.flags`),
+resolve by bare name from here (`--flagfile=xl.flags` names the XL size's),
 and the console scripts run.
 """
 
@@ -31,6 +31,9 @@ def main(site_dir: str, wheel_dir: str) -> None:
       f"dro_fast.kernels came from {location}, not the wheel in {site_dir}")
   assert {"xla", "chunked_xla", "pallas_tpu", "pallas_gpu"} <= set(
       dro_fast.kernels.IMPLEMENTATIONS)
+  from dro_fast.kernels.flash_attention import ops as flash_ops  # pylint: disable=g-import-not-at-top
+  assert set(flash_ops.IMPLEMENTATIONS) == {"xla", "pallas_tpu"}, (
+      "the wheel's flash_attention op folder is incomplete")
 
   assert not os.path.exists("xl.flags")          # resolved from the package
   done = _run(sys.executable, "-m", "dro_fast.train", "--flagfile=xl.flags",

@@ -1,6 +1,7 @@
-"""The import graph runs one way: helpers -> data -> models -> kernels ->
-losses -> training -> CLIs, and the kernels import only jax, numpy, the
-standard library and themselves.
+"""The import graph runs one way: kernels -> helpers -> data and models ->
+losses -> training -> CLIs; the kernels import only jax, numpy, the
+standard library and themselves, and the model's config imports no
+implementation.
 
 Read from the source with `ast` (nothing is imported), over every module of
 dro_fast/ and kernels/ (installed as dro_fast.kernels). An import counts
@@ -21,19 +22,20 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # Module prefix -> rank. A module may import modules of its own rank or
 # lower; the longest matching prefix decides.
 LAYERS = {
-    "dro_fast": 0,              # the package itself: no imports
-    "dro_fast.fileio": 0,       # helpers with no upward imports
-    "dro_fast.tokenizer": 0,
-    "dro_fast.runtime": 0,
-    "dro_fast.configs": 0,      # the packaged flagfiles (configs/)
-    "dro_fast.data": 1,
+    "dro_fast.kernels": 0,      # the bottom: usable without the rest
+    "dro_fast": 1,              # the package itself: no imports
+    "dro_fast.fileio": 1,       # helpers with no upward imports
+    "dro_fast.tokenizer": 1,
+    "dro_fast.runtime": 1,
+    "dro_fast.jax_private": 1,
+    "dro_fast.configs": 1,      # the packaged flagfiles (configs/)
+    "dro_fast.data": 2,
     "dro_fast.models": 2,
     "dro_fast.decoding": 2,     # a helper that may import models
-    "dro_fast.kernels": 3,
-    "dro_fast.losses": 4,
-    "dro_fast.training": 5,
-    "dro_fast.train": 6,        # the CLIs
-    "dro_fast.evaluation": 6,
+    "dro_fast.losses": 3,
+    "dro_fast.training": 4,
+    "dro_fast.train": 5,        # the CLIs
+    "dro_fast.evaluation": 5,
 }
 
 # What a kernel module may import besides dro_fast.kernels.
@@ -90,6 +92,20 @@ def test_every_module_has_a_layer():
   assert len(MODULES) > 40, sorted(MODULES)
   unplaced = [m for m in MODULES if m != "dro_fast" and _layer(m) == "dro_fast"]
   assert not unplaced, f"add these modules to LAYERS: {unplaced}"
+  assert "dro_fast.kernels.flash_attention.ops" in MODULES
+  assert not any(m.startswith("dro_fast.models.flash_attention")
+                 for m in MODULES)
+
+
+def test_kernels_are_the_bottom_layer():
+  # Nothing ranks below the kernels, and models rank above them (the
+  # model's attention "flash" imports dro_fast.kernels).
+  assert LAYERS["dro_fast.kernels"] == min(LAYERS.values())
+  assert all(rank > LAYERS["dro_fast.kernels"] for prefix, rank in
+             LAYERS.items() if prefix != "dro_fast.kernels")
+  assert any(_layer(imported) == "dro_fast.kernels" for imported in _imports(
+      "dro_fast.models.attention", MODULES["dro_fast.models.attention"])
+             if imported.startswith("dro_fast."))
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
@@ -114,6 +130,15 @@ def test_kernels_import_only_jax_numpy_stdlib_and_themselves(name):
     elif top not in KERNEL_THIRD_PARTY and top not in sys.stdlib_module_names:
       foreign.append(imported)
   assert not foreign, f"{name} imports {foreign}"
+
+
+def test_model_config_imports_no_implementation():
+  # T5Config is a leaf: it validates names against tuples of its own module,
+  # so whether a config is valid never depends on what was imported first.
+  imported = _imports("dro_fast.models.config",
+                      MODULES["dro_fast.models.config"])
+  assert not [m for m in imported if m.startswith("dro_fast.")], imported
+  assert {m.split(".")[0] for m in imported} <= {"jax", *sys.stdlib_module_names}
 
 
 def _bound_names(path: pathlib.Path) -> set[str]:

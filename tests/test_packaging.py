@@ -2,8 +2,10 @@
 
 import importlib.util
 import os
+import pathlib
 import subprocess
 import sys
+import tomllib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,3 +29,19 @@ def test_package_layers_import_in_order():
                        text=True, check=True).stdout.strip()
   assert out == "[]"
   assert importlib.util.find_spec("dro_fast.losses") is not None
+
+
+def test_pyproject_lists_every_package():
+  # setuptools installs only the packages pyproject names: a package folder
+  # missing from the list (a moved op folder) would be missing from the
+  # wheel, while the editable install still finds it.
+  repo = pathlib.Path(REPO)
+  with open(repo / "pyproject.toml", "rb") as f:
+    setuptools = tomllib.load(f)["tool"]["setuptools"]
+  found = set()
+  for package, folder in setuptools["package-dir"].items():
+    for init in (repo / folder).rglob("__init__.py"):
+      parts = init.parent.relative_to(repo / folder).parts
+      found.add(".".join((package, *parts)))
+  assert set(setuptools["packages"]) == found
+  assert "dro_fast.kernels.flash_attention" in found

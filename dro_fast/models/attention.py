@@ -7,54 +7,57 @@ T5 attention has no biases and no 1/√K scale (folded into the query
 initialisation); an additive bias [1, H, q, k] carries the relative
 positions, and an AttentionMask says which keys each query sees.
 
-`IMPLEMENTATIONS` maps T5Config.attention to the function that runs the
-attention core, all with one signature:
+`IMPLEMENTATIONS`, fixed at import, maps each name of config.ATTENTIONS to
+an AttentionImplementation whose `fn` runs the attention core, all with one
+signature:
 
   fn(queries [B, q, H, K], keys [B, k, H, K], values [B, k, H, K], *,
      bias [1, H, q, k] float32 or None, mask: AttentionMask,
      dropout_rng=None, dropout_rate=0.0) -> [B, q, H, K]
 
-except that an implementation in RELATIVE_BIAS (`takes_relative_bias`)
-gets the bias as a layers.RelativeBias (the [H, buckets] table and its
-bucket rule, for positions 0, 1, ...) and a keyword `platform`
-(T5Config.platform); the network then never materialises the bias.
+except that one with `relative_bias` gets the bias as a RelativeBias (the
+[H, buckets] table and its bucket rule, for positions 0, 1, ...) and a
+keyword `platform` (T5Config.platform); the network then never
+materialises the bias.
 
   "xla": the [B, H, q, k] logits and softmax as arrays (attention_logits'
     VJP runs the backward in the compute dtype); the only one with attention
     dropout, and the one cached decoding always takes.
   "cudnn": cuDNN's fused (flash) attention through
     jax.nn.dot_product_attention; never materialises the logits.
-  "flash": a Pallas TPU (Mosaic) flash attention that builds the relative
-    position bias tile by tile from its table (models/flash_attention/);
-    no [B, H, q, k] array in forward or backward. Runs natively on platform
-    "tpu", in the TPU simulator on "cpu" (tests).
+  "flash": dro_fast.kernels.flash_attention, a Pallas TPU (Mosaic) flash
+    attention that builds the relative position bias tile by tile from its
+    table; no [B, H, q, k] array in forward or backward. Runs natively on
+    platform "tpu", in the TPU simulator on "cpu" (tests).
 
-A fused implementation (any but "xla") gets no dropout (T5Config refuses
-dropout_rate > 0 with it) and reads the key mask as per-example lengths of
-right-padded keys. `register()` adds implementations from outside the
-package (benchmarks/cudnn_stand_in.py); a fused one tags the residuals its
-backward needs with checkpoint_name FUSED_RESIDUALS so that the "dots"
-remat policies keep them (`saves_fused_residuals`).
+A query that sees no key gets 0 from every built-in. A fused implementation
+(any but "xla") gets no dropout (T5Config refuses dropout_rate > 0 with it)
+and reads the key mask as per-example lengths of right-padded keys
+(AttentionMask.lengths). An implementation of one's own is passed by value,
+T5Config(attention=AttentionImplementation(...)) (benchmarks/
+cudnn_stand_in.py); a fused one tags the residuals its backward needs with
+checkpoint_name FUSED_RESIDUALS so that the "dots" remat policies keep them
+(`saves_fused_residuals`).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, TYPE_CHECKING
+import types
+from typing import Mapping, NamedTuple
 
 import haiku as hk
 import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
+import numpy as np
 
-from dro_fast.models.flash_attention import ops as flash_ops
+from dro_fast import kernels
 from dro_fast.models import per_device
-from dro_fast.models.flash_attention import pallas_tpu as flash_tpu
+from dro_fast.models.config import AttentionImplementation
+from dro_fast.models.config import T5Config
 from dro_fast.models.layers import Dense
 from dro_fast.models.layers import RelativeBias
-
-if TYPE_CHECKING:  # config.py imports this module for its registry.
-  from dro_fast.models.config import T5Config
 
 # Attention logits at masked positions (finite: a fully masked row stays
 # NaN-free).
@@ -72,12 +75,37 @@ _CUDNN_FORWARD = frozenset({"dot_product_attention_fwd_wrapper",
                             "dot_product_attention_fwd"})
 
 
+def _check_leading_runs(key_valid: jax.Array) -> None:
+  """Refuses a concrete [B, k] key mask whose True entries are not a prefix.
+
+  A traced mask cannot be read while tracing and is taken as prefix runs:
+  the model builds its encoder mask as tokens != pad_id over inputs that
+  dro_fast.data.pipeline right-pads (no pad id inside a text), and its
+  decoding masks as positions <= the step.
+  """
+  try:
+    valid = np.asarray(key_valid, bool)
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
+    return
+  gaps = np.any(valid[:, 1:] & ~valid[:, :-1], axis=1)            # [B]
+  if gaps.any():
+    row = int(np.argmax(gaps))
+    raise ValueError(
+        f"AttentionMask.key_valid row {row} is not a leading run of valid "
+        f"keys ({valid[row].astype(int).tolist()}): a fused attention reads "
+        f"the mask as lengths, so a valid key after a masked one would be "
+        f"masked; right-pad the inputs (no pad_id before a token), or use "
+        f"attention 'xla'.")
+
+
 class AttentionMask(NamedTuple):
   """Which keys each query may see.
 
   key_valid: [B, k] or [1, k] bool, False for keys no query sees (padding,
     cache slots not yet written); None for all. Fused implementations take
-    it as lengths, so its True entries must come first in each row.
+    it as lengths, so its True entries must come first in each row
+    (`lengths` checks a concrete mask).
   causal: query i sees keys up to i only (self-attention, q == k).
   """
   key_valid: jax.Array | None = None
@@ -95,9 +123,15 @@ class AttentionMask(NamedTuple):
     return visible
 
   def lengths(self) -> jax.Array | None:
-    """[B] int32 count of visible keys (right-padded keys), or None."""
+    """[B] int32 count of visible keys (right-padded keys), or None.
+
+    Raises:
+      ValueError: key_valid is concrete and a row's True entries are not a
+        leading run (the lengths would mask other keys than it does).
+    """
     if self.key_valid is None:
       return None
+    _check_leading_runs(self.key_valid)
     return jnp.sum(self.key_valid, axis=1, dtype=jnp.int32)
 
 
@@ -144,7 +178,11 @@ def xla_attention(queries: jax.Array, keys: jax.Array, values: jax.Array, *,
                   bias: jax.Array | None, mask: AttentionMask,
                   dropout_rng: jax.Array | None = None,
                   dropout_rate: float = 0.0) -> jax.Array:
-  """Attention with the [B, H, q, k] logits and softmax materialised."""
+  """Attention with the [B, H, q, k] logits and softmax materialised.
+
+  A query that sees no key gets 0 (as from "flash"), not the mean of the
+  values that a softmax over MASKED logits alone would give.
+  """
   logits = attention_logits(queries, keys)                        # [B,H,q,k]
   if bias is not None:
     logits = logits + bias
@@ -155,7 +193,11 @@ def xla_attention(queries: jax.Array, keys: jax.Array, values: jax.Array, *,
   if dropout_rng is not None:
     weights = hk.dropout(dropout_rng, dropout_rate, weights)
   weights = weights.astype(values.dtype)
-  return jnp.einsum("bhqt,bthk->bqhk", weights, values)          # [B,q,H,K]
+  out = jnp.einsum("bhqt,bthk->bqhk", weights, values)           # [B,q,H,K]
+  if visible is None:
+    return out
+  sees_a_key = jnp.swapaxes(jnp.any(visible, axis=-1), 1, 2)      # [B,q,1]
+  return jnp.where(sees_a_key[..., None], out, jnp.zeros((), out.dtype))
 
 
 def dot_product_attention(queries: jax.Array, keys: jax.Array,
@@ -184,16 +226,18 @@ def flash_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
                     dropout_rng: jax.Array | None = None,
                     dropout_rate: float = 0.0,
                     platform: str = "tpu") -> jax.Array:
-  """T5 attention by flash_attention.ops on Mosaic kernels (platform "tpu")
-  or the TPU simulator (any other platform). Saves its output and
-  log-sum-exp only, tagged FUSED_RESIDUALS. A query that sees no key gets
-  0 (the "xla" path averages all values there)."""
+  """T5 attention by dro_fast.kernels.flash_attention.
+
+  Its Mosaic kernels run on platform "tpu", the TPU simulator on any other.
+  Saves its output and log-sum-exp only, tagged FUSED_RESIDUALS.
+  """
   del dropout_rng, dropout_rate        # fused: refused by T5Config.
+  interpret = kernels.interpret_for("tpu", platform)
 
   def attend(queries, keys, values, bias, lengths):
-    return flash_ops.flash_attention(
+    return kernels.flash_attention(
         queries, keys, values, relative_bias=bias, lengths=lengths,
-        causal=mask.causal, interpret=flash_tpu.interpret_params(platform),
+        causal=mask.causal, implementation="pallas_tpu", interpret=interpret,
         residual_names=FUSED_RESIDUALS)
 
   # A Pallas kernel on a mesh runs per device (per_device.over_batch).
@@ -201,34 +245,30 @@ def flash_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
       queries, keys, values, bias, mask.lengths())
 
 
-Implementation = Callable[..., jax.Array]
-
-IMPLEMENTATIONS: dict[str, Implementation] = {
-    "xla": xla_attention,
-    "cudnn": dot_product_attention,
-    "flash": flash_attention,
-}
-
-# Implementations that take the bias as a RelativeBias and `platform=`.
-RELATIVE_BIAS = frozenset({"flash"})
+IMPLEMENTATIONS: Mapping[str, AttentionImplementation] = (
+    types.MappingProxyType({
+        "xla": AttentionImplementation("xla", xla_attention),
+        "cudnn": AttentionImplementation("cudnn", dot_product_attention),
+        "flash": AttentionImplementation("flash", flash_attention,
+                                         relative_bias=True),
+    }))
 
 
-def takes_relative_bias(name: str) -> bool:
-  """Whether implementation `name` builds the relative-position bias from
-  its table (gets a RelativeBias and `platform=`, not a [1, H, q, k]
-  array)."""
-  return name in RELATIVE_BIAS
+def implementation(attention: str | AttentionImplementation
+                   ) -> AttentionImplementation:
+  """T5Config.attention as an AttentionImplementation (a name: its entry)."""
+  if isinstance(attention, AttentionImplementation):
+    return attention
+  return IMPLEMENTATIONS[attention]
 
 
-def register(name: str, fn: Implementation) -> None:
-  """Adds (or replaces) implementation `name`, usable as
-  T5Config(attention=name). fn has the signature of the module docstring
-  and is fused (no dropout, lengths for the key mask); the built-in ones
-  cannot be replaced."""
-  if name in ("xla", "cudnn", "flash"):
-    raise ValueError(f"attention implementation {name!r} is built in and "
-                     f"cannot be replaced; register under another name.")
-  IMPLEMENTATIONS[name] = fn
+def takes_relative_bias(attention: str | AttentionImplementation) -> bool:
+  """Whether T5Config.attention builds the relative-position bias itself.
+
+  Such an implementation gets a RelativeBias and `platform=`, not a
+  [1, H, q, k] array.
+  """
+  return implementation(attention).relative_bias
 
 
 def saves_fused_residuals(prim, *avals, **params) -> bool:
@@ -309,16 +349,16 @@ class Attention(hk.Module):
     queries = self._split_heads(checkpoint_name(
         dense(init_scale=1.0 / config.d_kv, name="query")(queries_in),
         "attention_query"))                                       # [B,q,H,K]
-    name = "xla" if cached_kv is not None else config.attention
+    impl = implementation("xla" if cached_kv is not None else
+                          config.attention)
     extra = {}
-    if takes_relative_bias(name):
+    if impl.relative_bias:
       extra["platform"] = config.platform
     elif isinstance(bias, RelativeBias):
       bias = bias.dense(queries.shape[1], keys.shape[1])          # [1,H,q,k]
-    out = IMPLEMENTATIONS[name](queries, keys, values, bias=bias, mask=mask,
-                                dropout_rng=dropout_rng,
-                                dropout_rate=config.dropout_rate,
-                                **extra)                          # [B,q,H,K]
+    out = impl.fn(queries, keys, values, bias=bias, mask=mask,
+                  dropout_rng=dropout_rng, dropout_rate=config.dropout_rate,
+                  **extra)                                        # [B,q,H,K]
     out = out.reshape(*out.shape[:2], -1)                         # [B,q,H·K]
     out = Dense(config.d_model, config.compute_dtype,
                 platform=config.platform, name="out")(out)        # [B, q, D]

@@ -14,15 +14,39 @@ value.value_network call once when they build the model.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from dro_fast.models import attention as attention_lib
-
 VARIANTS = ("v1_1", "v1_0")
 REMAT_POLICIES = ("none", "full", "dots", "dots_except_mlp_hidden")
 PLATFORMS = ("auto", "cpu", "gpu", "tpu")
+# The built-in attention implementations (dro_fast.models.attention's table).
+ATTENTIONS = ("xla", "cudnn", "flash")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionImplementation:
+  """An attention core by value: a built-in's entry, or a caller's own.
+
+  T5Config.attention takes one of these where a name of ATTENTIONS does not
+  fit (benchmarks/cudnn_stand_in.py); it is part of the config's hash, as a
+  name is. Such a config is not written to run_config.json.
+
+  Attributes:
+    name: how records and errors name it.
+    fn: fn(queries [B, q, H, K], keys [B, k, H, K], values [B, k, H, K], *,
+      bias, mask: attention.AttentionMask, dropout_rng, dropout_rate) ->
+      [B, q, H, K]; bias is [1, H, q, k] float32 or None, or, with
+      relative_bias, a RelativeBias (the table and its bucket rule) or None,
+      and fn then also takes `platform` (T5Config.platform).
+    relative_bias: fn builds the relative-position bias from its table, so
+      the model never materialises it.
+  """
+  name: str
+  fn: Callable[..., jax.Array]
+  relative_bias: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,19 +77,21 @@ class T5Config:
       the attentions' projections and outputs, recompute the MLP and its
       d_ff-wide hidden: less memory than "dots", two GEMMs more per layer).
     attention: how attention runs where no key/value cache is involved
-      (training, scoring), a name in dro_fast.models.attention's registry:
-      "xla" computes the [B, H, q, k] logits and softmax as arrays; "cudnn"
-      calls cuDNN's fused (flash) attention through
-      jax.nn.dot_product_attention, which never materialises them. A fused
-      implementation (any but "xla") has no attention dropout, so it needs
-      dropout_rate 0, and right-padded encoder inputs (the padding mask
-      becomes per-example key lengths). "cudnn" also needs bfloat16 compute
-      and platform "gpu" on a CUDA (not ROCm) backend, and even sequence
-      lengths when trained with a bias (checked by the trainer's RunConfig).
-      "flash" is a Pallas TPU kernel that builds the relative-position bias
-      per tile from its table (any lengths): platform "tpu" runs it, "cpu"
-      simulates it (slow: tests); "gpu" is refused. Cached decoding always
-      takes the "xla" path.
+      (training, scoring): a name of ATTENTIONS, or an
+      AttentionImplementation of one's own. "xla" computes the [B, H, q, k]
+      logits and softmax as arrays; "cudnn" calls cuDNN's fused (flash)
+      attention through jax.nn.dot_product_attention, which never
+      materialises them. A fused implementation (any but "xla") has no
+      attention dropout, so it needs dropout_rate 0, and right-padded
+      encoder inputs: the padding mask becomes per-example key lengths, and
+      a concrete mask that is not a leading run of valid keys is refused
+      when the model runs (a traced one is taken as such a run). "cudnn"
+      also needs bfloat16 compute and platform "gpu" on a CUDA (not ROCm)
+      backend, and even sequence lengths when trained with a bias (checked
+      by the trainer's RunConfig). "flash" is a Pallas TPU kernel that
+      builds the relative-position bias per tile from its table (any
+      lengths): platform "tpu" runs it, "cpu" simulates it (slow: tests);
+      "gpu" is refused. Cached decoding always takes the "xla" path.
     platform: the backend the model is traced for: "cpu", "gpu", "tpu", or
       "auto" (jax.default_backend(), filled in by `resolved()`). "cpu" runs
       the CPU backend's forms (dro_fast/models/cpu.py); any other value the
@@ -91,7 +117,7 @@ class T5Config:
   dtype: str = "float32"
   scan_layers: bool = False
   remat: str = "none"
-  attention: str = "xla"
+  attention: str | AttentionImplementation = "xla"
   platform: str = "auto"
   pad_id: int = 0
   eos_id: int = 1
@@ -110,9 +136,10 @@ class T5Config:
     if self.platform not in PLATFORMS:
       raise ValueError(f"T5Config.platform must be one of {PLATFORMS}, got "
                        f"{self.platform!r}.")
-    if self.attention not in attention_lib.IMPLEMENTATIONS:
-      raise ValueError(f"T5Config.attention must be one of "
-                       f"{tuple(attention_lib.IMPLEMENTATIONS)}, got "
+    if not (self.attention in ATTENTIONS
+            or isinstance(self.attention, AttentionImplementation)):
+      raise ValueError(f"T5Config.attention must be one of {ATTENTIONS} "
+                       f"(or an AttentionImplementation), got "
                        f"{self.attention!r}.")
     if self.attention == "cudnn" and self.dtype != "bfloat16":
       raise ValueError("T5Config.attention='cudnn' runs cuDNN's fused "

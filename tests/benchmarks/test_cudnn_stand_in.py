@@ -14,20 +14,18 @@ from tests.models.attention_cases import B, CONFIG, S, T
 
 
 @pytest.fixture
-def stand_in(monkeypatch):
-  """The stand-in registered for one test."""
-  monkeypatch.setitem(attention.IMPLEMENTATIONS, cudnn_stand_in.NAME,
-                      cudnn_stand_in.stand_in_attention)
-  return cudnn_stand_in.NAME
+def stand_in():
+  """T5Config.attention that runs the stand-in."""
+  return cudnn_stand_in.IMPLEMENTATION
 
 
-def test_register_adds_the_name(monkeypatch):
-  monkeypatch.setattr(attention, "IMPLEMENTATIONS",
-                      dict(attention.IMPLEMENTATIONS))
-  cudnn_stand_in.register()
-  assert (attention.IMPLEMENTATIONS[cudnn_stand_in.NAME]
-          is cudnn_stand_in.stand_in_attention)
-  config = CONFIG.replace(attention=cudnn_stand_in.NAME, platform="gpu")
+def test_the_config_takes_the_stand_in_by_value():
+  stand_in_entry = cudnn_stand_in.IMPLEMENTATION
+  assert stand_in_entry.name == cudnn_stand_in.NAME
+  assert stand_in_entry.fn is cudnn_stand_in.stand_in_attention
+  assert not attention.takes_relative_bias(stand_in_entry)
+  assert cudnn_stand_in.NAME not in attention.IMPLEMENTATIONS
+  config = CONFIG.replace(attention=stand_in_entry, platform="gpu")
   assert config.resolved() is config
 
 
@@ -40,7 +38,8 @@ def test_stand_in_matches_a_float64_reference(causal):
 def test_model_with_the_stand_in_matches_the_materialised_one(stand_in):
   encoder, targets = attention_cases.tokens()
   params = models.t5(CONFIG).init(jax.random.key(0), encoder, targets)
-  attention_cases.check_matches_materialised(stand_in, params)
+  attention_cases.check_matches_materialised(
+      CONFIG.replace(attention=stand_in), params)
 
 
 @pytest.mark.parametrize("remat", ["dots", "dots_except_mlp_hidden", "full"])

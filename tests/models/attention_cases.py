@@ -98,14 +98,16 @@ def logits_and_grads(config, params, encoder, targets):
   return logits, grads
 
 
-def check_matches_materialised(attention_name: str, params):
-  """The model with attention `attention_name` against attention "xla" on
-  the same parameters, bfloat16 compute: the two differ only in where the
-  bias is rounded to bfloat16."""
+def check_matches_materialised(config, params):
+  """The model under `config` against attention "xla" on the same params.
+
+  bfloat16 compute on both sides: the two differ in summation order and in
+  where the bias and the probabilities are rounded to bfloat16.
+  """
   encoder, targets = tokens()
-  fused = logits_and_grads(CONFIG.replace(attention=attention_name), params,
-                           encoder, targets)
-  materialised = logits_and_grads(CONFIG, params, encoder, targets)
+  fused = logits_and_grads(config, params, encoder, targets)
+  materialised = logits_and_grads(config.replace(attention="xla"), params,
+                                  encoder, targets)
   scale = float(jnp.max(jnp.abs(materialised[0])))
   np.testing.assert_allclose(fused[0], materialised[0], atol=0.02 * scale)
   flat_fused = dict(jax.tree_util.tree_leaves_with_path(fused[1]))

@@ -1,11 +1,16 @@
-"""T5Config.attention="cudnn": fused attention through
-jax.nn.dot_product_attention.
+"""The fused attention implementations of T5Config.attention, and the table.
 
-No GPU here, so the same call runs with jax's "xla" implementation (a test
-registration, DOT_PRODUCT_XLA) to check its values, masks and gradients, and
-the model is lowered for "cuda" (T5Config.platform "gpu") to check that
-cuDNN's custom calls (forward, and backward with the relative position
-bias's gradient) are what a GPU would compile.
+"cudnn" (jax.nn.dot_product_attention): no GPU here, so the same call runs
+with jax's "xla" implementation (an implementation passed by value,
+DOT_PRODUCT_XLA) to check its values, masks and gradients, and the model is
+lowered for "cuda" (T5Config.platform "gpu") to check that cuDNN's custom
+calls (forward, and backward with the relative position bias's gradient)
+are what a GPU would compile.
+
+"flash" (dro_fast.kernels.flash_attention, tested against float64 in
+tests/kernels/test_flash_attention.py): the model in the TPU simulator
+against attention "xla", its residuals under remat, and the edges it shares
+with "xla": the key-mask contract and queries that see no key.
 """
 
 from __future__ import annotations
@@ -20,20 +25,23 @@ import pytest
 
 from dro_fast import models
 from dro_fast.models import attention
+from dro_fast.models.attention import AttentionMask
+from dro_fast.models.config import ATTENTIONS
+from dro_fast.models.config import AttentionImplementation
+from dro_fast.models.layers import RelativeBias
 from tests.models import attention_cases
 from tests.models.attention_cases import B, CONFIG, S, T
 
 # The cudnn entry's jax.nn.dot_product_attention call, run by XLA.
-DOT_PRODUCT_XLA = "dot_product_attention_xla"
 _DOT_PRODUCT_XLA_FN = functools.partial(attention.dot_product_attention,
                                         implementation="xla")
+DOT_PRODUCT_XLA = AttentionImplementation("dot_product_attention_xla",
+                                          _DOT_PRODUCT_XLA_FN)
 
 
 @pytest.fixture
-def dot_product_xla(monkeypatch):
-  """Registers DOT_PRODUCT_XLA for one test."""
-  monkeypatch.setitem(attention.IMPLEMENTATIONS, DOT_PRODUCT_XLA,
-                      _DOT_PRODUCT_XLA_FN)
+def dot_product_xla():
+  """T5Config.attention that runs DOT_PRODUCT_XLA."""
   return DOT_PRODUCT_XLA
 
 
@@ -52,7 +60,8 @@ def params():
 
 
 def test_fused_model_matches_the_materialised_one(params, dot_product_xla):
-  attention_cases.check_matches_materialised(dot_product_xla, params)
+  attention_cases.check_matches_materialised(
+      CONFIG.replace(attention=dot_product_xla), params)
 
 
 def test_fused_decoder_is_causal(params, dot_product_xla):
@@ -235,7 +244,136 @@ def test_auto_platform_tells_nvidia_from_rocm(monkeypatch, backend,
       config.resolved()
 
 
-def test_register_keeps_the_built_in_implementations():
-  with pytest.raises(ValueError, match="'cudnn' is built in"):
-    attention.register("cudnn", _DOT_PRODUCT_XLA_FN)
-  assert attention.IMPLEMENTATIONS["cudnn"] is attention.dot_product_attention
+def test_the_table_is_fixed_and_names_the_config_s_choices():
+  # config.py validates against its own tuple, importing no implementation;
+  # the table has exactly those entries and cannot be changed.
+  assert tuple(attention.IMPLEMENTATIONS) == ATTENTIONS
+  assert all(attention.IMPLEMENTATIONS[name].name == name
+             for name in attention.IMPLEMENTATIONS)
+  with pytest.raises(TypeError):
+    attention.IMPLEMENTATIONS["cudnn"] = DOT_PRODUCT_XLA
+  assert (attention.IMPLEMENTATIONS["cudnn"].fn
+          is attention.dot_product_attention)
+  assert attention.implementation(DOT_PRODUCT_XLA) is DOT_PRODUCT_XLA
+  assert CONFIG.replace(attention=DOT_PRODUCT_XLA).attention is DOT_PRODUCT_XLA
+
+
+def test_an_implementation_of_one_s_own_is_fused():
+  with pytest.raises(ValueError, match="applies no dropout"):
+    CONFIG.replace(attention=DOT_PRODUCT_XLA, dropout_rate=0.1)
+
+
+# The tiny model, its layers scanned so that each stack's attention is
+# traced (and simulated) once.
+FLASH_CONFIG = CONFIG.replace(attention="flash", scan_layers=True)
+
+
+def test_flash_model_matches_the_materialised_one():
+  encoder, targets = attention_cases.tokens()
+  params = models.t5(FLASH_CONFIG).init(jax.random.key(0), encoder, targets)
+  attention_cases.check_matches_materialised(FLASH_CONFIG, params)
+
+
+@pytest.mark.parametrize("remat", ["none", "dots", "dots_except_mlp_hidden",
+                                   "full"])
+def test_remat_keeps_the_flash_residuals(remat):
+  # Under the "dots" policies the output and log-sum-exp (FUSED_RESIDUALS)
+  # are saved, so no forward kernel runs twice; "full" saves neither. No
+  # [B, H, q, k] array (bias or logits) is a residual under any policy.
+  from jax._src.ad_checkpoint import saved_residuals  # pylint: disable=g-import-not-at-top
+  encoder, targets = attention_cases.tokens()
+  config = FLASH_CONFIG.replace(platform="tpu", remat=remat,
+                                scan_layers=False)
+  model = models.t5(config)
+  params = jax.eval_shape(model.init, jax.random.key(0), encoder, targets)
+  params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params)
+  residuals = saved_residuals(
+      lambda p: model.apply(p, None, encoder, targets).sum(), params)
+  attentions = config.num_encoder_layers + 2 * config.num_decoder_layers
+  tagged = sum("fused_attention_" in description
+               for _, description in residuals)
+  assert tagged == (0 if remat == "full" else 2 * attentions)
+  assert not any(a.ndim == 4 and a.shape[-2:] in ((S, S), (T, T), (T, S))
+                 for a, _ in residuals)
+
+
+def test_flash_config_checks():
+  with pytest.raises(ValueError, match="applies no dropout"):
+    models.preset("tiny", attention="flash", dropout_rate=0.1)
+  with pytest.raises(ValueError, match="Pallas TPU"):
+    models.t5(FLASH_CONFIG.replace(platform="gpu"))
+  assert FLASH_CONFIG.replace(platform="tpu").resolved().platform == "tpu"
+  assert attention.takes_relative_bias("flash")
+  assert not attention.takes_relative_bias("xla")
+  assert not attention.takes_relative_bias(DOT_PRODUCT_XLA)
+
+
+def test_a_mask_that_is_not_a_leading_run_is_refused():
+  # The fused implementations read the key mask as lengths; a concrete
+  # mask with a valid key after a masked one would be read wrongly.
+  mask = AttentionMask(key_valid=jnp.asarray([[True, True, False],
+                                              [True, False, True]]))
+  message = (r"AttentionMask.key_valid row 1 is not a leading run of valid "
+             r"keys \(\[1, 0, 1\]\)")
+  with pytest.raises(ValueError, match=message):
+    mask.lengths()
+  x = jnp.ones((2, 3, 1, 8), jnp.float32)
+  with pytest.raises(ValueError, match=message):
+    attention.flash_attention(x, x, x, bias=None, mask=mask, platform="cpu")
+  # A traced mask cannot be read: it is taken as leading runs (the model's
+  # masks are, over right-padded inputs).
+  lengths = jax.jit(lambda valid: AttentionMask(valid).lengths())(
+      mask.key_valid)
+  np.testing.assert_array_equal(lengths, [2, 2])
+  np.testing.assert_array_equal(
+      AttentionMask(key_valid=jnp.asarray([[True, False, False]])).lengths(),
+      [1])
+
+
+def test_flash_model_refuses_a_pad_inside_the_input():
+  # Run eagerly, the model's encoder mask is concrete, so the flash
+  # attention checks it before any kernel runs.
+  encoder, targets = attention_cases.tokens()
+  model = models.t5(FLASH_CONFIG)
+  params = jax.eval_shape(model.init, jax.random.key(0), encoder, targets)
+  params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params)
+  encoder[0, 3] = CONFIG.pad_id
+  with pytest.raises(ValueError, match="row 0 is not a leading run"):
+    model.apply(params, None, encoder, targets)
+
+
+def test_a_query_that_sees_no_key_gets_zero_from_xla_and_flash():
+  # Example 0 has no valid key (an empty input): both give 0 there, and
+  # the same values and gradients everywhere.
+  rng = np.random.default_rng(5)
+  b, q_len, k_len, h, d = 2, 3, 5, 2, 8
+  q, k, v, cotangent = (rng.normal(size=shape).astype(np.float32) for shape in
+                        ((b, q_len, h, d), (b, k_len, h, d), (b, k_len, h, d),
+                         (b, q_len, h, d)))
+  table = rng.normal(size=(h, CONFIG.relative_attention_num_buckets)).astype(
+      np.float32)
+  mask = AttentionMask(key_valid=jnp.arange(k_len)[None, :]
+                       < jnp.asarray([[0], [3]]))
+
+  def loss(name, q, k, v, table):
+    bias = RelativeBias(table, True, CONFIG.relative_attention_max_distance)
+    impl = attention.IMPLEMENTATIONS[name]
+    if impl.relative_bias:
+      out = impl.fn(q, k, v, bias=bias, mask=mask, platform="cpu")
+    else:
+      out = impl.fn(q, k, v, bias=bias.dense(q_len, k_len), mask=mask)
+    return jnp.sum(out * cotangent), out
+
+  results = {}
+  for name in ("xla", "flash"):
+    (_, out), grads = jax.value_and_grad(
+        functools.partial(loss, name), argnums=(0, 1, 2, 3), has_aux=True)(
+            q, k, v, table)
+    np.testing.assert_array_equal(out[0], 0.0, err_msg=name)
+    np.testing.assert_array_equal(grads[0][0], 0.0, err_msg=name)
+    assert float(jnp.max(jnp.abs(out[1]))) > 0, name
+    results[name] = (out, *grads)
+  for what, got, want in zip(("out", "q", "k", "v", "table"),
+                             results["flash"], results["xla"]):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5,
+                               err_msg=what)

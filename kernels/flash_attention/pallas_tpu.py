@@ -1,23 +1,27 @@
-"""Mosaic (TPU) kernels of T5 flash attention: forward, and one backward
-kernel for dq, dk, dv and the bias tiles' gradient.
+"""The "pallas_tpu" flash attention: Mosaic kernels for the forward, and one
+backward kernel for dq, dk, dv and the bias tiles' gradient.
 
-Shapes: B batch, H heads, Sq / Sk query / key lengths padded to the blocks,
-K per-head width, bq / bk the blocks, nd the number of distinct bias tiles.
+Shapes: B batch, H heads, q / k query / key lengths, Sq / Sk those lengths
+padded to the blocks, K per-head width, bq / bk the blocks, nd the number of
+distinct bias tiles.
 
-Layout: [B, H, S, K] per operand (ops.py transposes), per-row statistics as
-[B, H, Sq, 1] columns. Every block's last two dimensions are (multiple of 8,
-multiple of 128) or the full extent, as Mosaic requires.
+Layout: `forward` and `backward` (the registry's entries) take T5's [B, q,
+H, K] and transpose to the kernels' [B, H, S, K] with the lengths padded to
+whole blocks (O(B·S·H·K) work, small beside the S² of attention); per-row
+statistics travel as [B, H, Sq, 1] columns. Every block's last two
+dimensions are (multiple of 8, multiple of 128) or the full extent, as
+Mosaic requires.
 
 Relative-position bias: T5's bias depends on key index − query index only,
 so the bias of tile (i, j) depends on its offset j·bk − i·bq only, and tiles
 far from the diagonal (|distance| ≥ max_distance everywhere in the tile) all
-hold one bucket. ops.py builds the nd distinct tiles [H, nd, bq, bk] float32
-(nd = 5 at 128×128 blocks and T5's max distance 128, whatever the length)
-from the [H, buckets] table; a head's tiles stay in VMEM and each grid step
-adds tile `tile_index(i, j)`. The backward accumulates the logits' gradient
-of each distinct tile in the same layout (summed over batch and all tiles of
-that offset), which ops.py folds back into the table: no [B, H, q, k] array
-exists in either pass.
+hold one bucket. `forward` builds the nd distinct tiles [H, nd, bq, bk]
+float32 (nd = 5 at 128×128 blocks and T5's max distance 128, whatever the
+length) from the [H, buckets] table; a head's tiles stay in VMEM and each
+grid step adds tile `tile_index(i, j)`. The backward accumulates the logits'
+gradient of each distinct tile in the same layout (summed over batch and all
+tiles of that offset), which `backward` folds back into the table: no [B, H,
+q, k] array exists in either pass.
 
 Masking: keys at or past `lengths[b]` (scalar-prefetched) and, when causal,
 keys after the query are masked; tiles that are masked entirely are skipped,
@@ -46,36 +50,20 @@ from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 import numpy as np
 
-# A finite stand-in for −inf: exp(x − m) stays NaN-free in a masked row.
-NEG_LARGE = float(np.finfo(np.float32).min)
+from dro_fast.kernels import config
+from dro_fast.kernels.flash_attention.config import BlockSizes
+from dro_fast.kernels.flash_attention.config import CallConfig
+
+NEG_LARGE = config.NEG_LARGE
+
+# Log-sum-exp of padded query rows in the backward: exp(s − this) is 0, so a
+# padded row has probabilities (and gradients) 0.
+_PADDED_ROW_LSE = 1e30
 
 # s = q · kᵀ: contract the last dimension of both.
 _TRANS_B = (((1,), (1,)), ((), ()))
 # pᵀ · do: contract the first dimension of both.
 _TRANS_A = (((0,), (0,)), ((), ()))
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Tile sizes of the flash attention kernels; a hashable static argument.
-
-  Attributes:
-    block_q: queries per tile (a multiple of 128: the tile's rows are also
-      the lanes of its transpose in the backward).
-    block_k: keys per tile (a multiple of 128, Mosaic's lane width).
-  Inputs shorter than a block shrink it to their length rounded up to 128;
-  lengths need not be multiples (tails are padded and masked).
-  """
-  block_q: int = 128
-  block_k: int = 128
-
-  def __post_init__(self):
-    for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      if not isinstance(value, int) or value <= 0 or value % 128:
-        raise ValueError(
-            f"BlockSizes.{field.name} must be a positive multiple of 128 "
-            f"(Mosaic's lane width), got {value!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,10 +109,6 @@ class Tiling:
             - np.arange(self.block_q)[None, :, None]).astype(np.int32)
 
 
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
 def tiling(block_sizes: BlockSizes, q_len: int, k_len: int, *, causal: bool,
            constant_from: int | None, constant_below: int | None) -> Tiling:
   """The Tiling of a call.
@@ -140,9 +124,9 @@ def tiling(block_sizes: BlockSizes, q_len: int, k_len: int, *, causal: bool,
   if causal and q_len != k_len:
     raise ValueError(f"causal flash attention needs as many queries as keys "
                      f"(self-attention); got {q_len} and {k_len}.")
-  bq = min(block_sizes.block_q, _round_up(q_len, 128))
-  bk = min(block_sizes.block_k, _round_up(k_len, 128))
-  q_pad, k_pad = _round_up(q_len, bq), _round_up(k_len, bk)
+  bq = min(block_sizes.block_q, config.round_up(q_len, 128))
+  bk = min(block_sizes.block_k, config.round_up(k_len, 128))
+  q_pad, k_pad = config.round_up(q_len, bq), config.round_up(k_len, bk)
   step = int(np.gcd(bq, bk))
   if constant_from is None:
     return Tiling(bq, bk, q_pad, k_pad, causal, step, 0, 0)
@@ -156,10 +140,19 @@ def tiling(block_sizes: BlockSizes, q_len: int, k_len: int, *, causal: bool,
   return Tiling(bq, bk, q_pad, k_pad, causal, step, first, last - first + 1)
 
 
-def interpret_params(platform: str) -> Any:
-  """`interpret` for a model traced for `platform` (T5Config.platform): the
-  Mosaic kernel on "tpu", the TPU simulator elsewhere (tests on the CPU)."""
-  return False if platform == "tpu" else pltpu.InterpretParams()
+def call_tiling(static: CallConfig, q_len: int, k_len: int,
+                num_buckets: int) -> Tiling:
+  """The Tiling of a call with the bias rule of `static` (num_buckets wide)."""
+  if static.bidirectional is None:
+    return tiling(static.block_sizes, q_len, k_len, causal=static.causal,
+                  constant_from=None, constant_below=None)
+  # relative_position_bucket holds one bucket per direction beyond
+  # max_distance (and below num_buckets, its exact range's bound);
+  # unidirectional, every distance >= 0 is bucket 0.
+  far = max(static.max_distance, num_buckets)
+  return tiling(static.block_sizes, q_len, k_len, causal=static.causal,
+                constant_from=far if static.bidirectional else 0,
+                constant_below=-far)
 
 
 def _visible(tiles: Tiling, b, i, j, lengths_ref):
@@ -181,13 +174,20 @@ def _tile_runs(tiles: Tiling, b, i, j, lengths_ref):
   return runs
 
 
-def _last_key_tile(tiles: Tiling, b, i, lengths_ref):
-  """The last k tile query tile i reads (0 when it reads none). (lax.div:
-  Mosaic lowers no floor division's sign for an unknown TPU.)"""
-  last = lax.div(lengths_ref[b] + tiles.block_k - 1, tiles.block_k) - 1
-  if tiles.causal:
-    last = jnp.minimum(last, lax.div((i + 1) * tiles.block_q - 1,
-                                     tiles.block_k))
+def _div(x, divisor: int):
+  """x // divisor for int32 x >= 0 (lax.div: Mosaic lowers no floor
+  division's sign for an unknown TPU). The divisor is made int32 here:
+  under jax_enable_x64 a Python int would be int64, which lax.div refuses
+  beside an int32 x."""
+  return lax.div(x, jnp.int32(divisor))
+
+
+def _last_key_tile(tiles: Tiling, b, lengths_ref, i=None):
+  """The last k tile example b's keys reach (0 when none), and with query
+  tile i given, the last one that tile reads (causal)."""
+  last = _div(lengths_ref[b] + tiles.block_k - 1, tiles.block_k) - 1
+  if tiles.causal and i is not None:
+    last = jnp.minimum(last, _div((i + 1) * tiles.block_q - 1, tiles.block_k))
   return jnp.maximum(last, 0)
 
 
@@ -238,9 +238,23 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, tiles: Tiling):
     lse_ref[...] = jnp.where(empty, NEG_LARGE, m_ref[...] + jnp.log(l))
 
 
-def forward(q, k, v, bias_tiles, lengths, *, tiles: Tiling,
-            interpret: Any) -> tuple[jax.Array, jax.Array]:
-  """Attention output and log-sum-exp.
+def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch_shapes,
+          semantics, interpret, name):
+  """pallas_call over `grid` with the lengths [B] as its scalar prefetch."""
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
+          out_specs=out_specs, scratch_shapes=scratch_shapes),
+      out_shape=out_shape,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+      interpret=interpret,
+      name=name)
+
+
+def _forward_call(q, k, v, bias_tiles, lengths, *, tiles: Tiling,
+                  interpret: Any) -> tuple[jax.Array, jax.Array]:
+  """Attention output and log-sum-exp, in the kernels' layout.
 
   Args:
     q: [B, H, Sq, K]; k, v: [B, H, Sk, K], padded to tiles' lengths.
@@ -256,10 +270,14 @@ def forward(q, k, v, bias_tiles, lengths, *, tiles: Tiling,
   bq, bk = tiles.block_q, tiles.block_k
 
   def kv_index(b, h, i, j, lengths_ref):
-    return b, h, jnp.minimum(j, _last_key_tile(tiles, b, i, lengths_ref)), 0
+    return b, h, jnp.minimum(j, _last_key_tile(tiles, b, lengths_ref, i)), 0
 
-  row = pl.BlockSpec((None, None, bq, width), lambda b, h, i, j, _: (b, h, i, 0))
-  column = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, _: (b, h, i, 0))
+  def q_index(b, h, i, j, lengths_ref):
+    del j, lengths_ref
+    return b, h, i, 0
+
+  row = pl.BlockSpec((None, None, bq, width), q_index)
+  column = pl.BlockSpec((None, None, bq, 1), q_index)
   key = pl.BlockSpec((None, None, bk, width), kv_index)
   in_specs = [row, key, key]
   operands = [q, k, v]
@@ -267,24 +285,19 @@ def forward(q, k, v, bias_tiles, lengths, *, tiles: Tiling,
     in_specs.append(pl.BlockSpec((None, tiles.num_tiles, bq, bk),
                                  lambda b, h, i, j, _: (h, 0, 0, 0)))
     operands.append(bias_tiles)
-  return pl.pallas_call(
+  return _call(
       functools.partial(_forward_kernel, tiles=tiles),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1,
-          grid=(batch, heads, tiles.grid_q, tiles.grid_k),
-          in_specs=in_specs,
-          out_specs=[row, column],
-          scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32),
-                          pltpu.VMEM((bq, 1), jnp.float32),
-                          pltpu.VMEM((bq, width), jnp.float32)]),
+      grid=(batch, heads, tiles.grid_q, tiles.grid_k),
+      in_specs=in_specs,
+      out_specs=[row, column],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, tiles.q_len, 1),
                                       jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel",
-                               "arbitrary")),
-      interpret=interpret,
-      name="t5_flash_attention_fwd",
+      scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32),
+                      pltpu.VMEM((bq, 1), jnp.float32),
+                      pltpu.VMEM((bq, width), jnp.float32)],
+      semantics=("parallel", "parallel", "parallel", "arbitrary"),
+      interpret=interpret, name="t5_flash_attention_fwd",
   )(lengths, *operands)
 
 
@@ -361,15 +374,15 @@ def _backward_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
       lax.fori_loop(0, num_buckets, fold, 0)
 
 
-def backward(q, k, v, d_out, lse, di, bias_tiles, buckets, lengths, *,
-             tiles: Tiling, num_buckets: int, interpret: Any):
-  """Gradients of `forward`'s output for the cotangent d_out.
+def _backward_call(q, k, v, d_out, lse, di, bias_tiles, buckets, lengths, *,
+                   tiles: Tiling, num_buckets: int, interpret: Any):
+  """Gradients of `_forward_call`'s output for the cotangent d_out.
 
   Args:
-    q, k, v, bias_tiles, lengths, tiles, interpret: as for `forward`.
+    q, k, v, bias_tiles, lengths, tiles, interpret: as for `_forward_call`.
     d_out: [B, H, Sq, K] cotangent of the output, in q.dtype (zeros in
       padded rows).
-    lse: [B, H, Sq, 1] float32, `forward`'s.
+    lse: [B, H, Sq, 1] float32, `_forward_call`'s.
     di: [B, H, Sq, 1] float32, Σ_K d_out · out per row.
     buckets: [nd, bq, bk] int32, the bucket of each bias tile entry, or None.
     num_buckets: the table's width.
@@ -384,28 +397,24 @@ def backward(q, k, v, d_out, lse, di, bias_tiles, buckets, lengths, *,
   def q_index(h, b, j, i, lengths_ref):
     del lengths_ref
     if tiles.causal:                # Query tiles before the key tile: skipped.
-      i = jnp.maximum(i, lax.div(j * bk, bq))
+      i = jnp.maximum(i, _div(j * bk, bq))
     return b, h, i, 0
 
   def kv_index(h, b, j, i, lengths_ref):
-    last = lax.div(lengths_ref[b] + bk - 1, bk) - 1
-    return b, h, jnp.clip(j, 0, jnp.maximum(last, 0)), 0
+    del i
+    return b, h, jnp.minimum(j, _last_key_tile(tiles, b, lengths_ref)), 0
 
   query = pl.BlockSpec((None, None, bq, width), q_index)
   column = pl.BlockSpec((None, None, bq, 1), q_index)
   key = pl.BlockSpec((None, None, bk, width), kv_index)
   in_specs = [query, key, key, query, column, column]
   operands = [q, k, v, d_out, lse, di]
-  out_specs = [
-      pl.BlockSpec((None, None, tiles.q_len, width),
-                   lambda h, b, j, i, _: (b, h, 0, 0)),
-      pl.BlockSpec((None, None, bk, width),
-                   lambda h, b, j, i, _: (b, h, j, 0)),
-      pl.BlockSpec((None, None, bk, width),
-                   lambda h, b, j, i, _: (b, h, j, 0))]
-  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
-               jax.ShapeDtypeStruct(k.shape, k.dtype),
-               jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  key_grad = pl.BlockSpec((None, None, bk, width),
+                          lambda h, b, j, i, _: (b, h, j, 0))
+  out_specs = [pl.BlockSpec((None, None, tiles.q_len, width),
+                            lambda h, b, j, i, _: (b, h, 0, 0)),
+               key_grad, key_grad]
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
   scratch_shapes = [pltpu.VMEM((tiles.q_len, width), jnp.float32),
                     pltpu.VMEM((bk, width), jnp.float32),
                     pltpu.VMEM((bk, width), jnp.float32)]
@@ -420,22 +429,94 @@ def backward(q, k, v, d_out, lse, di, bias_tiles, buckets, lengths, *,
     out_shape.append(jax.ShapeDtypeStruct((heads, num_buckets, bk),
                                           jnp.float32))
     scratch_shapes.append(pltpu.VMEM((tiles.num_tiles, bq, bk), jnp.float32))
-  grads = pl.pallas_call(
+  grads = _call(
       functools.partial(_backward_kernel, tiles=tiles,
                         num_buckets=num_buckets),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1,
-          grid=(heads, batch, tiles.grid_k, tiles.grid_q),
-          in_specs=in_specs,
-          out_specs=out_specs,
-          scratch_shapes=scratch_shapes),
-      out_shape=out_shape,
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "arbitrary", "arbitrary",
-                               "arbitrary")),
-      interpret=interpret,
-      name="t5_flash_attention_bwd",
+      grid=(heads, batch, tiles.grid_k, tiles.grid_q),
+      in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      scratch_shapes=scratch_shapes,
+      semantics=("parallel", "arbitrary", "arbitrary", "arbitrary"),
+      interpret=interpret, name="t5_flash_attention_bwd",
   )(lengths, *operands)
   if tiles.num_tiles:
     return tuple(grads)
   return (*grads, None)
+
+
+def _tile_buckets(static: CallConfig, tiles: Tiling,
+                  table: jax.Array | None) -> jax.Array | None:
+  """[nd, bq, bk] int32 bucket of each distinct tile's entries."""
+  if table is None:
+    return None
+  return static.relative_bias(table).buckets(
+      jnp.asarray(tiles.relative_positions()))
+
+
+def _bias_tiles(table: jax.Array | None,
+                buckets: jax.Array | None) -> jax.Array | None:
+  """[H, nd, bq, bk] float32: table[h, buckets].
+
+  Built as a chain of selects that XLA fuses into one pass writing the
+  tiles (a gather's layout would pad the head axis to 128 lanes).
+  """
+  if table is None:
+    return None
+  tiles = jnp.broadcast_to(table[:, :1, None, None], (table.shape[0],
+                                                      *buckets.shape))
+  for bucket in range(1, table.shape[1]):
+    tiles = jnp.where(buckets == bucket, table[:, bucket, None, None, None],
+                      tiles)
+  return tiles
+
+
+def _to_heads(x: jax.Array, length: int) -> jax.Array:
+  """[B, S, H, K] -> [B, H, length, K], zero-padded."""
+  x = jnp.swapaxes(x, 1, 2)
+  return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
+
+
+def _from_heads(x: jax.Array, length: int) -> jax.Array:
+  """[B, H, S_pad, K] -> [B, length, H, K]."""
+  return jnp.swapaxes(x[:, :, :length], 1, 2)
+
+
+def _num_buckets(table: jax.Array | None) -> int:
+  return 0 if table is None else table.shape[1]
+
+
+def forward(q, k, v, table, lengths,
+            static: CallConfig) -> tuple[jax.Array, jax.Array]:
+  """Same contract as reference.forward: (out [B, q, H, K], lse [B, H, q])."""
+  tiles = call_tiling(static, q.shape[1], k.shape[1], _num_buckets(table))
+  buckets = _tile_buckets(static, tiles, table)
+  out, lse = _forward_call(
+      _to_heads(q, tiles.q_len), _to_heads(k, tiles.k_len),
+      _to_heads(v, tiles.k_len), _bias_tiles(table, buckets), lengths,
+      tiles=tiles, interpret=static.interpret)
+  return _from_heads(out, q.shape[1]), lse[:, :, :q.shape[1], 0]
+
+
+def backward(q, k, v, table, lengths, out, lse, d_out, static: CallConfig):
+  """(dq, dk, dv, d_table [H, buckets] or None) of `forward`'s output.
+
+  Recomputes the probabilities from the log-sum-exp tile by tile (flash
+  attention 2) and folds the bias tiles' gradient back into the table.
+  """
+  q_len = q.shape[1]
+  tiles = call_tiling(static, q_len, k.shape[1], _num_buckets(table))
+  d_out = d_out.astype(q.dtype)
+  di = jnp.einsum("bqhk,bqhk->bhq", d_out.astype(jnp.float32),
+                  out.astype(jnp.float32))                        # [B, H, q]
+  rows = ((0, 0), (0, 0), (0, tiles.q_len - q_len))
+  buckets = _tile_buckets(static, tiles, table)
+  dq, dk, dv, d_table = _backward_call(
+      _to_heads(q, tiles.q_len), _to_heads(k, tiles.k_len),
+      _to_heads(v, tiles.k_len), _to_heads(d_out, tiles.q_len),
+      jnp.pad(lse, rows, constant_values=_PADDED_ROW_LSE)[..., None],
+      jnp.pad(di, rows)[..., None], _bias_tiles(table, buckets), buckets,
+      lengths, tiles=tiles, num_buckets=_num_buckets(table),
+      interpret=static.interpret)
+  if d_table is not None:
+    d_table = jnp.sum(d_table, axis=-1)                           # [H, buckets]
+  return (_from_heads(dq, q_len), _from_heads(dk, k.shape[1]),
+          _from_heads(dv, k.shape[1]), d_table)

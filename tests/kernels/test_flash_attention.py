@@ -1,11 +1,12 @@
-"""T5Config.attention="flash": the Pallas TPU flash attention with T5's
-relative-position bias (dro_fast/models/flash_attention).
+"""kernels/flash_attention: T5 attention with the relative-position bias.
 
-On the CPU the kernels run in the TPU simulator (pltpu.InterpretParams):
-values and gradients against a float64 numpy attention, and the model
-against attention "xla". The Mosaic kernels themselves are compiled for a
-TPU v5e without one (deviceless, through libtpu): a block shape, lowering or
-VMEM error fails that test, and so does a missing libtpu.
+Every implementation (the materialised "xla" reference and the Mosaic
+"pallas_tpu" kernels, run here in the TPU simulator) against a float64
+numpy attention, values and gradients; the same under jax_enable_x64. The
+Mosaic kernels themselves are compiled for a TPU v5e without one
+(deviceless, through libtpu): a block shape, lowering or VMEM error fails
+that test, and so does a missing libtpu. The model's attention "flash" is
+tested in tests/models/test_fused_attention.py.
 """
 
 from __future__ import annotations
@@ -18,20 +19,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dro_fast import models
-from dro_fast.models import attention
-from dro_fast.models.flash_attention import BlockSizes
-from dro_fast.models.flash_attention import ops
-from dro_fast.models.flash_attention import pallas_tpu
-from dro_fast.models.layers import relative_position_bucket
-from dro_fast.models.layers import RelativeBias
-from tests.models import attention_cases
+from dro_fast import kernels
+from dro_fast.kernels.flash_attention import BlockSizes
+from dro_fast.kernels.flash_attention import ops
+from dro_fast.kernels.flash_attention import pallas_tpu
+from dro_fast.kernels.flash_attention import RelativeBias
+from dro_fast.kernels.flash_attention import relative_bias
 
+SIMULATOR = kernels.interpret_for("tpu", "cpu")
 NUM_BUCKETS, MAX_DISTANCE = 32, 128
 
 
 def _buckets(relative: np.ndarray, bidirectional: bool) -> np.ndarray:
-  return np.asarray(relative_position_bucket(
+  return np.asarray(relative_bias.relative_position_bucket(
       jnp.asarray(relative), bidirectional, NUM_BUCKETS, MAX_DISTANCE))
 
 
@@ -80,11 +80,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, q_len, k_len, lengths, causal, bidirectional",
-                         CASES, ids=[case[0] for case in CASES])
-def test_flash_matches_a_float64_reference(name, q_len, k_len, lengths,
-                                           causal, bidirectional):
-  del name
+def check_against_reference(implementation, q_len, k_len, lengths, causal,
+                            bidirectional):
+  """The op's float32 output and VJP (random cotangent) against float64."""
   rng = np.random.default_rng(3)
   b, h, d = 2, 3, 8
   q, k, v, cotangent = (rng.normal(size=shape).astype(np.float32) for shape in
@@ -97,9 +95,10 @@ def test_flash_matches_a_float64_reference(name, q_len, k_len, lengths,
   def loss(q, k, v, table):
     bias = None if table is None else RelativeBias(table, bidirectional,
                                                    MAX_DISTANCE)
-    out = ops.flash_attention(q, k, v, relative_bias=bias,
-                              lengths=jnp.asarray(lengths), causal=causal,
-                              interpret=pallas_tpu.interpret_params("cpu"))
+    out = kernels.flash_attention(q, k, v, relative_bias=bias,
+                                  lengths=jnp.asarray(lengths), causal=causal,
+                                  implementation=implementation,
+                                  interpret=SIMULATOR)
     return jnp.sum(out * cotangent), out
 
   argnums = (0, 1, 2) if table is None else (0, 1, 2, 3)
@@ -107,11 +106,42 @@ def test_flash_matches_a_float64_reference(name, q_len, k_len, lengths,
       q, k, v, table)
   want_out, want_grads = reference(q, k, v, table, lengths, causal,
                                    bidirectional, cotangent)
+  assert out.dtype == jnp.float32
   assert np.all(np.isfinite(out))
   np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
   for grad_name, got, want in zip("q k v table".split(), grads, want_grads):
+    assert got.dtype == jnp.float32, grad_name
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5,
                                err_msg=grad_name)
+
+
+@pytest.mark.parametrize("implementation", sorted(ops.IMPLEMENTATIONS))
+@pytest.mark.parametrize("name, q_len, k_len, lengths, causal, bidirectional",
+                         CASES, ids=[case[0] for case in CASES])
+def test_flash_matches_a_float64_reference(implementation, name, q_len, k_len,
+                                           lengths, causal, bidirectional):
+  del name
+  check_against_reference(implementation, q_len, k_len, lengths, causal,
+                          bidirectional)
+
+
+def test_registry_is_fixed_and_holds_the_kernel():
+  assert set(ops.IMPLEMENTATIONS) == {"xla", "pallas_tpu"}
+  assert ops.IMPLEMENTATIONS["pallas_tpu"].native_backend == "tpu"
+  with pytest.raises(TypeError):
+    ops.IMPLEMENTATIONS["mine"] = ops.IMPLEMENTATIONS["xla"]
+  with pytest.raises(ValueError, match="choose one of"):
+    kernels.flash_attention(jnp.ones((1, 2, 1, 8)), jnp.ones((1, 2, 1, 8)),
+                            jnp.ones((1, 2, 1, 8)), relative_bias=None,
+                            lengths=None, implementation="pallas_gpu")
+
+
+@pytest.mark.parametrize("implementation", sorted(ops.IMPLEMENTATIONS))
+def test_flash_runs_under_x64(implementation):
+  # float32 inputs with jax_enable_x64 on: Python ints become int64 there,
+  # which the kernels' int32 index arithmetic must not meet.
+  with jax.enable_x64(True):
+    check_against_reference(implementation, 9, 9, [9, 4], True, False)
 
 
 @pytest.mark.parametrize("block_q, block_k", [(128, 128), (256, 128),
@@ -144,67 +174,9 @@ def test_bias_tiles_equal_the_bias_of_every_grid_tile(block_q, block_k,
 @pytest.mark.parametrize("changes", [dict(block_q=64), dict(block_k=8),
                                      dict(block_q=0), dict(block_k=128.0)])
 def test_block_sizes_are_validated(changes):
-  with pytest.raises(ValueError, match="multiple of 128"):
+  with pytest.raises(ValueError, match=r"BlockSizes\.block_. must be an int "
+                     r">= 1 and a multiple of 128 \(Mosaic's lane width\)"):
     BlockSizes(**changes)
-
-
-# The tiny model, its layers scanned so that each stack's attention is
-# traced (and simulated) once.
-FLASH_CONFIG = attention_cases.CONFIG.replace(attention="flash",
-                                              scan_layers=True)
-
-
-def test_flash_model_matches_the_materialised_one():
-  # bfloat16 compute on both sides; the two differ in summation order and
-  # where the probabilities are rounded.
-  encoder, targets = attention_cases.tokens()
-  params = models.t5(FLASH_CONFIG).init(jax.random.key(0), encoder, targets)
-  flash = attention_cases.logits_and_grads(FLASH_CONFIG, params, encoder,
-                                           targets)
-  xla = attention_cases.logits_and_grads(
-      FLASH_CONFIG.replace(attention="xla"), params, encoder, targets)
-  scale = float(jnp.max(jnp.abs(xla[0])))
-  np.testing.assert_allclose(flash[0], xla[0], atol=0.02 * scale)
-  flat_flash = dict(jax.tree_util.tree_leaves_with_path(flash[1]))
-  for path, want in jax.tree_util.tree_leaves_with_path(xla[1]):
-    got = flat_flash[path]
-    assert float(jnp.max(jnp.abs(want))) > 0, path
-    error = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-    assert error < 0.05, (jax.tree_util.keystr(path), error)
-
-
-@pytest.mark.parametrize("remat", ["none", "dots", "dots_except_mlp_hidden",
-                                   "full"])
-def test_remat_keeps_the_flash_residuals(remat):
-  # Under the "dots" policies the output and log-sum-exp (FUSED_RESIDUALS)
-  # are saved, so no forward kernel runs twice; "full" saves neither. No
-  # [B, H, q, k] array (bias or logits) is a residual under any policy.
-  from jax._src.ad_checkpoint import saved_residuals  # pylint: disable=g-import-not-at-top
-  encoder, targets = attention_cases.tokens()
-  config = FLASH_CONFIG.replace(platform="tpu", remat=remat,
-                                scan_layers=False)
-  model = models.t5(config)
-  params = jax.eval_shape(model.init, jax.random.key(0), encoder, targets)
-  params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params)
-  residuals = saved_residuals(
-      lambda p: model.apply(p, None, encoder, targets).sum(), params)
-  attentions = config.num_encoder_layers + 2 * config.num_decoder_layers
-  tagged = sum("fused_attention_" in description
-               for _, description in residuals)
-  assert tagged == (0 if remat == "full" else 2 * attentions)
-  b, s, t = attention_cases.B, attention_cases.S, attention_cases.T
-  assert not any(a.ndim == 4 and a.shape[-2:] in ((s, s), (t, t), (t, s))
-                 for a, _ in residuals)
-
-
-def test_flash_config_checks():
-  with pytest.raises(ValueError, match="applies no dropout"):
-    models.preset("tiny", attention="flash", dropout_rate=0.1)
-  with pytest.raises(ValueError, match="Pallas TPU"):
-    models.t5(FLASH_CONFIG.replace(platform="gpu"))
-  assert FLASH_CONFIG.replace(platform="tpu").resolved().platform == "tpu"
-  assert attention.takes_relative_bias("flash")
-  assert not attention.takes_relative_bias("xla")
 
 
 def _v5e_chip():
@@ -236,7 +208,7 @@ def test_mosaic_compiles_forward_and_backward_for_v5e():
     return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
 
   def loss(x, y, encoder_table, decoder_table, lengths):
-    run = lambda q, k, v, **kw: ops.flash_attention(  # noqa: E731
+    run = lambda q, k, v, **kw: kernels.flash_attention(  # noqa: E731
         q, k, v, interpret=False, **kw)
     encoded = run(x, x, x, lengths=lengths, relative_bias=RelativeBias(
         encoder_table, True, MAX_DISTANCE))
