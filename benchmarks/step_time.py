@@ -74,7 +74,7 @@ def config_for(size: str, remat: str, attention: str):
   stand_in = attention == "cudnn" and _stand_in()
   return bench_step.config_for(
       size, shared.DTYPE.value, remat=remat, scan_layers=shared.SCAN.value,
-      attention=cudnn_stand_in.NAME if stand_in else attention,
+      attention=cudnn_stand_in.IMPLEMENTATION if stand_in else attention,
       platform=shared.PLATFORM.value)
 
 
@@ -269,8 +269,6 @@ def main(argv):
   timing.quiet_backend_probe()
   how = shared.apply_host_memory()
   stand_in = "cudnn" in _ATTENTION.value and _stand_in()
-  if stand_in:
-    cudnn_stand_in.register()
   check_flags()
   print(f"jax {jax.__version__}  {timing.device_description()}  host memory: "
         f"{how}" + "; cudnn planned with its stand-in" * stand_in)

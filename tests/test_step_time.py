@@ -120,7 +120,6 @@ def test_cudnn_memory_is_planned_with_the_stand_in_without_a_gpu(tiny_flags):
   del tiny_flags
   # No remat: the "xla" variant keeps every layer's [B, H, S, S] softmax for
   # the backward, the stand-in (as cuDNN) only outputs and log-sum-exps.
-  cudnn_stand_in.register()
   with flagsaver.flagsaver(attention=["xla", "cudnn"], dtype="bfloat16",
                            input_length=128, memory_only=True,
                            platform="gpu", implementation=["xla"]):
@@ -147,12 +146,11 @@ def test_a_failing_cudnn_variant(tiny_flags, monkeypatch, message):
   real_step = bench_step.JaxStep
 
   def build(config, algorithm, batches, abstract):
-    if config.attention in ("cudnn", cudnn_stand_in.NAME):
+    if config.attention in ("cudnn", cudnn_stand_in.IMPLEMENTATION):
       raise ValueError(message or "cuDNN is not detected.\nmore")
     return real_step(config, algorithm, batches, abstract)
 
   monkeypatch.setattr(bench_step, "JaxStep", build)
-  cudnn_stand_in.register()
   if message is None:
     monkeypatch.setattr(step_time, "_stand_in", lambda: False)
   with flagsaver.flagsaver(attention=["xla", "cudnn"], dtype="bfloat16",
