@@ -8,9 +8,9 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
+from benchmarks.lib import numpy_reference as ref
 from dro_fast import kernels
 from tests.kernels import cases
-from tests.kernels import numpy_reference as ref
 
 
 @st.composite

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.lib import numpy_reference as ref
 from dro_fast import kernels
 from tests.kernels import cases
-from tests.kernels import numpy_reference as ref
 
 
 def _value_and_vjp(implementation, logits, targets, mask, cotangent,
@@ -21,19 +21,29 @@ def _value_and_vjp(implementation, logits, targets, mask, cotangent,
   return value, vjp(cotangent)[0]
 
 
+def _check(implementation, logits, targets, mask, cotangent, value_tol,
+           grad_tol, block_sizes=cases.SMALL_BLOCKS):
+  """Value and VJP against float64 NumPy; returns (value, dlogits)."""
+  value, dlogits = _value_and_vjp(implementation, logits, targets, mask,
+                                  cotangent, block_sizes)
+  cases.close(value, ref.sequence_logprobs(logits, targets, mask),
+              **value_tol)
+  cases.close(dlogits, ref.sequence_logprobs_vjp(logits, targets, mask,
+                                                 cotangent), **grad_tol)
+  return value, dlogits
+
+
 @pytest.mark.parametrize("dtype", cases.DTYPES, ids=lambda d: d.__name__)
 @pytest.mark.parametrize("implementation", cases.IMPLEMENTATIONS)
 @pytest.mark.parametrize("shape", [(2, 5, 300), (3, 7, 130)])
 def test_matches_float64_reference(implementation, dtype, shape):
   logits, targets, mask, g = cases.random_inputs(0, *shape, dtype)
-  value, dlogits = _value_and_vjp(implementation, logits, targets, mask, g)
+  value, dlogits = _check(implementation, logits, targets, mask, g,
+                          cases.tolerance(dtype, "value"),
+                          cases.tolerance(dtype, "grad"))
 
   assert value.dtype == jnp.float32 and value.shape == shape[:1]
   assert dlogits.dtype == dtype and dlogits.shape == shape
-  cases.close(value, ref.sequence_logprobs(logits, targets, mask),
-              **cases.tolerance(dtype, "value"))
-  cases.close(dlogits, ref.sequence_logprobs_vjp(logits, targets, mask, g),
-              **cases.tolerance(dtype, "grad"))
   # The all-masked last row: value 0 and gradient 0, exactly.
   assert float(value[-1]) == 0.0
   assert not np.any(np.asarray(dlogits[-1], np.float32))
@@ -43,24 +53,19 @@ def test_matches_float64_reference(implementation, dtype, shape):
 def test_t5_vocabulary_with_default_blocks(implementation):
   # 32128 = 251 · 128: not a multiple of any power-of-2 tile above 128.
   logits, targets, mask, g = cases.random_inputs(1, 1, 3, 32128, jnp.float32)
-  value, dlogits = _value_and_vjp(implementation, logits, targets, mask, g,
-                                  block_sizes=None)
-  cases.close(value, ref.sequence_logprobs(logits, targets, mask),
-              rtol=1e-5, atol=1e-4)
-  cases.close(dlogits, ref.sequence_logprobs_vjp(logits, targets, mask, g),
-              rtol=1e-4, atol=1e-6)
+  _check(implementation, logits, targets, mask, g,
+         dict(rtol=1e-5, atol=1e-4), dict(rtol=1e-4, atol=1e-6),
+         block_sizes=None)
 
 
 @pytest.mark.parametrize("implementation", cases.IMPLEMENTATIONS)
 def test_large_logits_stay_finite(implementation):
   logits, targets, mask, g = cases.random_inputs(2, 2, 5, 300, jnp.float32,
                                                  scale=1e4)
-  value, dlogits = _value_and_vjp(implementation, logits, targets, mask, g)
+  value, dlogits = _check(implementation, logits, targets, mask, g,
+                          dict(rtol=1e-6, atol=1e-2),
+                          dict(rtol=1e-5, atol=1e-5))
   assert np.all(np.isfinite(value)) and np.all(np.isfinite(dlogits))
-  cases.close(value, ref.sequence_logprobs(logits, targets, mask),
-              rtol=1e-6, atol=1e-2)
-  cases.close(dlogits, ref.sequence_logprobs_vjp(logits, targets, mask, g),
-              rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("implementation", cases.IMPLEMENTATIONS)

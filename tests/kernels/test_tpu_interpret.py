@@ -15,10 +15,10 @@ from jax._src.pallas.mosaic.interpret import interpret_pallas_call
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from benchmarks.lib import numpy_reference as ref
 from dro_fast import kernels
 from dro_fast.kernels.linear_logprobs import pallas_tpu as linear_pallas_tpu
 from tests.kernels import cases
-from tests.kernels import numpy_reference as ref
 
 RACES = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
 IMPL = kernels.IMPLEMENTATIONS["pallas_tpu"]
