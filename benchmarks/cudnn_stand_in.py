@@ -32,10 +32,12 @@ NAME = "cudnn_stand_in"
 
 
 def _probabilities(queries, keys, bias, mask, lse):
-  """Softmax probabilities [B, H, q, k] float32 with the mask applied, and
-  (when lse is None) the logits' log-sum-exp [B, H, q]; else the
+  """Softmax probabilities [B, H, q, k] float32 with the mask applied.
+
+  With lse None, also the logits' log-sum-exp [B, H, q]; else the
   probabilities from the given lse. A query that sees no key gets
-  probabilities 0."""
+  probabilities 0.
+  """
   logits = attention.attention_logits(queries, keys)              # [B,H,q,k]
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)

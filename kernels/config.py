@@ -1,6 +1,7 @@
 """Static configuration shared by every kernel implementation.
 
-Glossary: N rows (= B·T flattened token positions), V vocabulary, D hidden width.
+Glossary: N rows (= B·T flattened token positions), V vocabulary, D hidden
+width.
 
 Every op (sequence_logprobs, linear_logprobs, flash_attention) takes from
 here: NEG_LARGE, the block-size check (`check_sizes`), the tile arithmetic

@@ -60,7 +60,10 @@ def combine_partials(m: jax.Array, l: jax.Array, t: jax.Array
 
 def auto_splits(row_tiles: int, vocab_tiles: int, requested: int,
                 target_programs: int = 512) -> int:
-  """vocab_splits to use: `requested`, or with 0 enough slices that about
-  `target_programs` programs run, clamped to [1, vocab_tiles]."""
+  """The vocab_splits to use, clamped to [1, vocab_tiles].
+
+  `requested`, or for 0 enough slices that about `target_programs`
+  programs run.
+  """
   splits = requested or -(-target_programs // row_tiles)
   return max(1, min(splits, vocab_tiles))

@@ -90,10 +90,12 @@ _BY_BACKEND = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cpu": "chunked_xla"}
 
 
 def implementation_for(platform: str) -> str:
-  """The implementation for a program compiled for `platform` ("cpu",
-  "gpu", "tpu"): the platform's Pallas kernels where they import, else
-  "chunked_xla". Callers that compile for a platform other than the host's
-  (a TPU program built on a CPU host) pick by it, not by the backend."""
+  """The implementation for a program compiled for `platform`.
+
+  The platform's ("cpu", "gpu", "tpu") Pallas kernels where they import,
+  else "chunked_xla". Callers that compile for a platform other than the
+  host's (a TPU program built on a CPU host) pick by it, not by the backend.
+  """
   name = _BY_BACKEND.get(platform, "chunked_xla")
   return name if name in IMPLEMENTATIONS else "chunked_xla"
 

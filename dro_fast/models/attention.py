@@ -138,8 +138,11 @@ class AttentionMask(NamedTuple):
 def attention_logits_backward(queries: jax.Array, keys: jax.Array,
                               d_logits: jax.Array
                               ) -> tuple[jax.Array, jax.Array]:
-  """d(queries), d(keys) of attention_logits for d_logits [B, H, q, k],
-  cast to the compute dtype before the products (float32 accumulation)."""
+  """d(queries), d(keys) of attention_logits for d_logits [B, H, q, k].
+
+  d_logits is cast to the compute dtype before the products (float32
+  accumulation).
+  """
   d_logits = d_logits.astype(queries.dtype)
   d_queries = jnp.einsum("bhqt,bthk->bqhk", d_logits, keys,
                          preferred_element_type=jnp.float32)
@@ -150,13 +153,13 @@ def attention_logits_backward(queries: jax.Array, keys: jax.Array,
 
 @jax.custom_vjp
 def attention_logits(queries: jax.Array, keys: jax.Array) -> jax.Array:
-  """queries [B, q, H, K] · keys [B, k, H, K] -> logits [B, H, q, k] float32,
-  as einsum("bqhk,bthk->bhqt", preferred float32).
+  """queries [B, q, H, K] · keys [B, k, H, K] -> logits [B, H, q, k] float32.
 
-  Autodiff of that einsum runs the backward products in float32: the
-  float32 logits' gradient promotes the bfloat16 operand (on a GPU, float32
-  or TF32 GEMMs, at half bfloat16's rate or less). Here the gradient is cast
-  to the compute dtype first, as cuDNN does (mixed precision: float32
+  The einsum "bqhk,bthk->bhqt" with float32 results, and a VJP of its own:
+  autodiff of that einsum runs the backward products in float32 (the
+  float32 logits' gradient promotes the bfloat16 operand: on a GPU, float32
+  or TF32 GEMMs, at half bfloat16's rate or less). Here the gradient is
+  cast to the compute dtype first, as cuDNN does (mixed precision: float32
   accumulation, compute-dtype operands).
   """
   return jnp.einsum("bqhk,bthk->bhqt", queries, keys,
@@ -272,9 +275,11 @@ def takes_relative_bias(attention: str | AttentionImplementation) -> bool:
 
 
 def saves_fused_residuals(prim, *avals, **params) -> bool:
-  """A remat policy's test: whether prim's outputs are residuals of a fused
-  attention's backward (cuDNN's forward primitives, or values tagged with
-  FUSED_RESIDUALS)."""
+  """A remat policy's test: are prim's outputs a fused attention's residuals?
+
+  They are for cuDNN's forward primitives and for values tagged with
+  FUSED_RESIDUALS.
+  """
   return (prim.name in _CUDNN_FORWARD
           or _tagged_fused_residual(prim, *avals, **params))
 

@@ -178,8 +178,9 @@ class T5Config:
     return dataclasses.replace(self, **changes)
 
   def resolved(self) -> "T5Config":
-    """This config with platform "auto" replaced by jax.default_backend(),
-    checked against it. Idempotent; a concrete platform is kept as given.
+    """This config with platform "auto" as jax.default_backend(), checked.
+
+    Idempotent; a concrete platform is kept as given.
 
     Raises:
       ValueError: attention "flash" on platform "gpu"; attention "cudnn"
@@ -214,8 +215,7 @@ class T5Config:
 
 
 def _cuda_backend() -> bool:
-  """Whether JAX's default backend is an NVIDIA GPU (ROCm's is named "gpu"
-  too)."""
+  """Whether JAX's default backend is an NVIDIA GPU (ROCm's is "gpu" too)."""
   if jax.default_backend() != "gpu":
     return False
   version = getattr(jax.devices()[0].client, "platform_version", "")

@@ -1,5 +1,7 @@
-"""The "pallas_tpu" flash attention: Mosaic kernels for the forward, and one
-backward kernel for dq, dk, dv and the bias tiles' gradient.
+"""The "pallas_tpu" flash attention: Mosaic kernels, forward and backward.
+
+One forward kernel, and one backward kernel for dq, dk, dv and the bias
+tiles' gradient.
 
 Shapes: B batch, H heads, q / k query / key lengths, Sq / Sk those lengths
 padded to the blocks, K per-head width, bq / bk the blocks, nd the number of
@@ -97,8 +99,7 @@ class Tiling:
     return self.k_len // self.block_k
 
   def tile_index(self, i, j):
-    """Bias tile of grid tile (i, j): its offset, clamped to the distinct
-    ones."""
+    """Bias tile of grid tile (i, j): its offset, clamped to the distinct."""
     offset = j * (self.block_k // self.step) - i * (self.block_q // self.step)
     return jnp.clip(offset - self.first_tile, 0, self.num_tiles - 1)
 
@@ -175,16 +176,20 @@ def _tile_runs(tiles: Tiling, b, i, j, lengths_ref):
 
 
 def _div(x, divisor: int):
-  """x // divisor for int32 x >= 0 (lax.div: Mosaic lowers no floor
-  division's sign for an unknown TPU). The divisor is made int32 here:
-  under jax_enable_x64 a Python int would be int64, which lax.div refuses
-  beside an int32 x."""
+  """x // divisor for int32 x >= 0, the divisor made int32.
+
+  lax.div: Mosaic lowers no floor division's sign for an unknown TPU. Under
+  jax_enable_x64 a Python int divisor would be int64, which lax.div refuses
+  beside an int32 x.
+  """
   return lax.div(x, jnp.int32(divisor))
 
 
 def _last_key_tile(tiles: Tiling, b, lengths_ref, i=None):
-  """The last k tile example b's keys reach (0 when none), and with query
-  tile i given, the last one that tile reads (causal)."""
+  """The last k tile of example b's keys (0 when none); with i, query tile i's.
+
+  With query tile i given (causal), the last k tile that tile reads.
+  """
   last = _div(lengths_ref[b] + tiles.block_k - 1, tiles.block_k) - 1
   if tiles.causal and i is not None:
     last = jnp.minimum(last, _div((i + 1) * tiles.block_q - 1, tiles.block_k))

@@ -1,2 +1,4 @@
-"""Per-token log-probabilities from hidden states and the output projection,
-without materialising the [N, V] logits."""
+"""Log-probabilities from hidden states and the output projection.
+
+No [N, V] logits are materialised.
+"""

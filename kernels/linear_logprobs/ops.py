@@ -1,5 +1,6 @@
-"""Public op: sequence log-probabilities from hidden states and the output
-projection, never materialising the [B, T, V] logits.
+"""Public op: sequence log-probabilities from hidden states and a projection.
+
+The [B, T, V] logits are never materialised.
 
 Glossary: B batch, T target length, D hidden width, V vocabulary, N = B·T.
 """
@@ -78,8 +79,9 @@ def linear_token_logprobs(hidden: jax.Array, weight: jax.Array,
     logprobs, _ = impl.linear_token_logprobs(rows, weight, flat_targets,
                                              block_sizes, interpret)
   else:
-    logprobs = _rows_custom_vjp(config.CallConfig(impl.name, block_sizes, interpret),
-                                rows, weight, flat_targets)
+    logprobs = _rows_custom_vjp(
+        config.CallConfig(impl.name, block_sizes, interpret), rows, weight,
+        flat_targets)
   return logprobs.reshape(targets.shape)
 
 

@@ -56,10 +56,12 @@ _CANDIDATES = ((256, 512), (256, 256), (128, 256), (128, 128), (64, 128),
 
 
 def vmem_bytes(d: int, itemsize: int, rows: int, vocab: int) -> int:
-  """Estimated VMEM of the hungriest of the three kernels at tiles
-  (rows, vocab): double-buffered input and output blocks, the float32
-  accumulator, the zeroed operand copy and a few float32 [rows, vocab]
-  temporaries (logits, exp, dlogits)."""
+  """Estimated VMEM of the hungriest of the three kernels at (rows, vocab).
+
+  Double-buffered input and output blocks, the float32 accumulator, the
+  zeroed operand copy and a few float32 [rows, vocab] temporaries (logits,
+  exp, dlogits).
+  """
   hidden, weight = rows * d * itemsize, d * vocab * itemsize
   tile = 4 * rows * vocab * 4
   forward = 2 * (hidden + weight) + tile
@@ -147,9 +149,11 @@ def _forward_kernel(targets_ref, hidden_ref, weight_ref, logprobs_ref, lse_ref,
 
 def _backward_kernel(targets_ref, lse_ref, g_ref, hidden_ref, weight_ref,
                      out_ref, acc_ref, *, n, vocab, bn, bv, wrt):
-  """d(hidden) (wrt "hidden": grid (i, j), vocab tiles sequential) or
-  d(weight) (wrt "weight": grid (j, i), row tiles sequential), accumulated
-  in float32 over the sequential axis."""
+  """d(hidden) or d(weight) (`wrt`), accumulated over the sequential axis.
+
+  wrt "hidden": grid (i, j), vocab tiles sequential; wrt "weight": grid
+  (j, i), row tiles sequential. The accumulator is float32.
+  """
   if wrt == "hidden":
     i, j = pl.program_id(0), pl.program_id(1)
   else:
@@ -199,9 +203,11 @@ def _params(*semantics):
 
 
 def _cost(hidden, weight, bn, matmuls):
-  """XLA's view of one launch (a Mosaic kernel is opaque to its cost
-  model): `matmuls` [N, D] x [D, V] products, one exp per logit, hidden and
-  the outputs once and the weight once per row tile."""
+  """XLA's view of one launch (a Mosaic kernel is opaque to its cost model).
+
+  `matmuls` [N, D] x [D, V] products, one exp per logit, hidden and the
+  outputs once and the weight once per row tile.
+  """
   (n, d), vocab = hidden.shape, weight.shape[1]
   weight_reads = pl.cdiv(n, bn) * weight.size * weight.dtype.itemsize
   return pl.CostEstimate(

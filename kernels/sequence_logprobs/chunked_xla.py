@@ -36,7 +36,8 @@ def token_logprobs(logits: jax.Array, targets: jax.Array,
     return online_lse.update(carry, tile.astype(jnp.float32), cols,
                              cols >= j * chunk, targets[:, None]), None
 
-  (m, l, t), _ = lax.scan(body, online_lse.init_state(n), jnp.arange(num_chunks))
+  (m, l, t), _ = lax.scan(body, online_lse.init_state(n),
+                          jnp.arange(num_chunks))
   lse = m + jnp.log(l)
   return t - lse, lse
 

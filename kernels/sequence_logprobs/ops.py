@@ -81,13 +81,17 @@ def token_logprobs(logits: jax.Array, targets: jax.Array, *,
                                       interpret)
   else:
     logprobs = _rows_custom_vjp(
-        config.CallConfig(impl.name, block_sizes, interpret), rows, flat_targets)
+        config.CallConfig(impl.name, block_sizes, interpret), rows,
+        flat_targets)
   return logprobs.reshape(targets.shape)
 
 
 def masked_sum(token_values: jax.Array, mask: jax.Array) -> jax.Array:
-  """Σ_t over positions where mask is nonzero; masked entries are dropped
-  (not multiplied), so garbage in padding cannot leak in as NaN."""
+  """Σ_t over positions where mask is nonzero.
+
+  Masked entries are dropped (not multiplied), so garbage in padding cannot
+  leak in as NaN.
+  """
   return jnp.sum(jnp.where(mask != 0, token_values, 0.0), axis=-1)
 
 

@@ -79,17 +79,22 @@ def _backward_kernel(targets_ref, lse_ref, g_ref, logits_ref, dlogits_ref, *,
 
 def default_block_sizes(dtype=None,
                         generation: str | None = None) -> config.BlockSizes:
-  """The default tiles: 256 rows x 2048 vocabulary entries for any dtype
-  and generation (the module docstring says why they fit); the signature
-  matches linear_logprobs.pallas_tpu.default_block_sizes."""
+  """The default tiles: 256 rows x 2048 vocabulary entries.
+
+  The same for any dtype and generation (the module docstring says why
+  they fit); the signature matches
+  linear_logprobs.pallas_tpu.default_block_sizes.
+  """
   del dtype, generation
   return config.BlockSizes(rows=256, vocab=2048)
 
 
 def _cost(logits, passes: int) -> pl.CostEstimate:
-  """XLA's view of one launch (a Mosaic kernel is opaque to its cost
-  model): a few VPU operations and one exp per logit; the logits read
-  once, and dlogits written once by the backward (passes=2)."""
+  """XLA's view of one launch (a Mosaic kernel is opaque to its cost model).
+
+  A few VPU operations and one exp per logit; the logits read once, and
+  dlogits written once by the backward (passes=2).
+  """
   return pl.CostEstimate(
       flops=4 * logits.size, transcendentals=logits.size,
       bytes_accessed=passes * logits.size * logits.dtype.itemsize)
