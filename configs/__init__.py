@@ -1,9 +1,9 @@
 """The packaged flagfiles (installed as dro_fast.configs): one per model size,
-as t5x keeps one gin file per size, and the kernel benchmarks' own.
+as t5x keeps one gin file per size.
 
 `python -m dro_fast.train --flagfile=xl.flags` (or `dro-fast-train`) takes
 a bare name, or configs/NAME, from the package when no such file exists
-where it runs, so the design card's command works from any directory and
+where it runs, so `--flagfile=xl.flags` works from any directory and
 from a wheel install; a path that exists is always read as given.
 """
 

@@ -2,7 +2,7 @@
 
 A form lives here only if it speeds up the T5-small DRO-V CPU step by at
 least 5%, measured paired against its removal
-(benchmarks/RESULTS.md#cpu-forms). Today that is the Dense layer's matmul
+(benchmarks/RESULTS.md#cpu-forms): the Dense layer's matmul
 with its own VJP. The layers reach it only through
 dro_fast.models.layers.matmul, when T5Config.platform is "cpu"; every other
 platform traces plain jnp.dot.
