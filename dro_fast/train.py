@@ -21,8 +21,11 @@ training.loop.train: no library function reads a flag.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import errno
 import json
+import logging as std_logging
 import os
 import sys
 
@@ -39,6 +42,7 @@ from dro_fast.data.config import DataConfig
 from dro_fast.models import value
 from dro_fast.training import loop
 from dro_fast.training import optim
+from dro_fast.training import preemption
 from dro_fast.training import select
 from dro_fast.training import sharding
 from dro_fast.training import steps
@@ -293,7 +297,79 @@ def init_distributed() -> None:
 def _user_error(message: str, code: int = 2) -> None:
   """Prints `message` as the CLI's one error line(s) and exits with `code`."""
   print(f"error: {message}", file=sys.stderr)
+  # Orbax's and TensorStore's event loops may hold reads that never finish
+  # once an error stops the run; their garbage at exit (abandoned
+  # coroutines, tasks' errors never retrieved) says nothing more.
+  sys.unraisablehook = _quiet_unraisable
+  std_logging.getLogger("asyncio").disabled = True
   sys.exit(code)
+
+
+def _quiet_unraisable(unraisable) -> None:
+  """sys.unraisablehook without abandoned coroutines and closed loops."""
+  error = unraisable.exc_value
+  if asyncio.iscoroutine(unraisable.object) or (
+      isinstance(error, RuntimeError) and "Event loop is closed" in str(error)):
+    return
+  sys.__unraisablehook__(unraisable)
+
+
+# What a file-system refusal means for a run, and what to do about it.
+_REFUSALS = {
+    errno.EACCES: "this user may not write or read there: choose a path you "
+                  "own, or change its permissions",
+    errno.EPERM: "the operation is not permitted there: choose another path",
+    errno.EROFS: "the file system is read-only: choose a workdir on a "
+                 "writable one, or remount it read-write",
+    errno.ENOENT: "it does not exist: check the path",
+    errno.ENOTDIR: "a file stands where a folder is needed: name a folder, "
+                   "or move the file away",
+    errno.EEXIST: "a file stands where a folder is needed: name a folder, "
+                  "or move the file away",
+    errno.EISDIR: "a folder stands where a file is needed: name the file",
+}
+
+
+def _refusal(error: OSError) -> str | None:
+  """One line for a file-system refusal (path, cause, remedy), else None."""
+  remedy = _REFUSALS.get(error.errno)
+  if remedy is None or not error.filename:
+    return None
+  return (f"cannot use {os.fsdecode(error.filename)}: {error.strerror}; "
+          f"{remedy}. Nothing was trained.")
+
+
+def _train(run: RunConfig) -> dict:
+  """loop.train with its errors, refusals and start-up stops as one line.
+
+  A second Ctrl-C (or one during the start-up) stops at once: the newest
+  complete checkpoint stays the restore point, and a save it cut short is
+  removed at the next start (training.checkpointing.remove_unfinished).
+  """
+  try:
+    return loop.train(run)
+  except (loop.TrainingError, data.DataError, select.SelectionError) as e:
+    _user_error(str(e))
+  except fileio.WriteError as e:  # a full disk: nothing was half-written
+    _user_error(str(e), e.exit_code)
+  except OSError as e:
+    line = _refusal(e)
+    if line is None:
+      raise
+    _user_error(line)
+  except preemption.StartupStopped:
+    print("SIGTERM during start-up, before the first step: stopped with "
+          "nothing trained yet, so nothing to save. Rerun the same command "
+          "to start; what the start-up finished is reused.", flush=True)
+    sys.exit(0)
+  except KeyboardInterrupt:
+    print(f"Interrupted: stopped at once. The checkpoints in {run.workdir} "
+          "hold the newest complete step; a save cut short is removed at "
+          "the next start. Rerun the same command to resume.",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # At once: background checkpoint writes are abandoned, not awaited.
+    os._exit(130)  # pylint: disable=protected-access
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -328,12 +404,7 @@ def main(argv):
     run = run_config()
   except ValueError as e:
     _user_error(str(e))
-  try:
-    summary = loop.train(run)
-  except (loop.TrainingError, data.DataError, select.SelectionError) as e:
-    _user_error(str(e))
-  except fileio.WriteError as e:  # a full disk: nothing was half-written
-    _user_error(str(e), e.exit_code)
+  summary = _train(run)
   if "stopped" in summary:       # preempted: loop.train said where and how
     return
   print(json.dumps({k: summary[k] for k in (

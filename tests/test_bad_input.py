@@ -363,8 +363,8 @@ def _data_not_parquet(inputs):
 @case
 def _data_missing_file(inputs):
   path = inputs.tmp / "absent" / "train.jsonl"
-  return [f"--train_data={path}"], [f"{path} does not exist",
-                                    "Check the path"]
+  return [f"--train_data={path}"], [f"the data file {path} (in '{path}') "
+                                    "does not exist", "Check the path"]
 
 
 # ---------------------------------------------------------------------------

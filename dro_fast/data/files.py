@@ -23,6 +23,7 @@ import os
 from dro_fast.data.records import DataError
 from dro_fast.data.records import JSONL_EXTENSIONS
 from dro_fast.data.records import PARQUET_EXTENSIONS
+from dro_fast.fileio import url_scheme
 
 DATA_EXTENSIONS = JSONL_EXTENSIONS + PARQUET_EXTENSIONS
 _GLOB_CHARACTERS = frozenset("*?[")
@@ -65,11 +66,12 @@ def data_files(data: str | os.PathLike) -> list[str]:
       (the trainer's --train_data).
 
   Returns:
-    One or more file paths, sorted, each named once. A plain path is
-    returned as given, unchecked: the readers check that it exists.
+    One or more file paths, sorted, each named once; a URL (gs://...) is
+    returned as given, its readers check that it exists.
 
   Raises:
-    DataError: an empty entry, a glob that matches no file, a directory
+    DataError: an empty entry, a local file that does not exist (reported
+      before its format is guessed), a glob that matches no file, a directory
       without data files (or one that datasets.save_to_disk wrote), or a
       file named twice.
   """
@@ -94,6 +96,11 @@ def data_files(data: str | os.PathLike) -> list[str]:
             "pattern (relative paths start from the working directory, "
             f"{os.getcwd()}).")
       paths.extend(matches)
+    elif url_scheme(entry) is None and not os.path.lexists(entry):
+      raise DataError(
+          f"the data file {entry} (in {data!r}) does not exist. Check the "
+          "path (relative paths start from the working directory, "
+          f"{os.getcwd()}).")
     else:
       paths.append(entry)
   paths.sort()

@@ -8,7 +8,10 @@ written by `save_inputs` once every input has been checked, so that a run
 stopped by a bad input leaves nothing a later run would silently reuse.
 What a later run (a resumption) does reuse is checked first: the tokenizer
 against the SHA-256 saved beside it (spiece.model.sha256), the reward
-statistics against the rewards they were fitted on.
+statistics against the rewards they were fitted on, and the tokenised rows,
+the tokenizer and the settings that shape them against the fingerprints the
+first run recorded (data_fingerprint.json): a workdir never resumes on data
+other than its own.
 
 Problems with the inputs raise DataError with a message that names the
 file, row or flag and what to do.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 
 from absl import logging
@@ -36,6 +40,14 @@ from dro_fast.tokenizer import train_sentencepiece
 # The tokenizer a run trains is saved in its workdir under this name.
 TOKENIZER = "spiece.model"
 
+# What the first run on a workdir records of its data (see fingerprints).
+FINGERPRINT = "data_fingerprint.json"
+
+# DataConfig fields that do not shape the tokenised rows by themselves: where
+# the data and the tokenizer are read from (their contents are fingerprinted)
+# and the size of a tokenizer trained here (idem).
+_UNSHAPING_FIELDS = ("train_data", "tokenizer", "tokenizer_vocab_size")
+
 # Algorithms trained on (prompt, chosen, rejected) pairs.
 PAIRWISE_ALGORITHMS = ("dpo", "ipo", "slic")
 
@@ -49,11 +61,20 @@ class Dataset:
     tokenizer: the tokenizer; `path` None while one trained here is unsaved.
     tokenizer_fingerprint: a digest of the SentencePiece model.
     reward_stats: reward statistics not yet saved in the workdir, or None.
+    fingerprints: what shaped `arrays` (see `fingerprints`); recorded in the
+      workdir by save_inputs when it holds no record yet.
   """
   arrays: dict[str, np.ndarray]
   tokenizer: Tokenizer
   tokenizer_fingerprint: str
   reward_stats: RewardStats | None = None
+  fingerprints: dict | None = None
+
+  @property
+  def key(self) -> str:
+    """One digest of `fingerprints`, to key caches of this data."""
+    return hashlib.sha256(json.dumps(self.fingerprints, sort_keys=True)
+                          .encode()).hexdigest()
 
 
 def demo_data(workdir: str, config: DataConfig, pairwise: bool,
@@ -230,6 +251,72 @@ def reward_stats(workdir: str, rewards: list[float],
   return stats, None
 
 
+def fingerprints(arrays: dict[str, np.ndarray], tokenizer_fingerprint: str,
+                 config: DataConfig, algo: str) -> dict:
+  """What shapes a run's training: its data, tokenizer and data settings.
+
+  Returns:
+    {"data": a digest of the tokenised rows in order (prompts, completions,
+    normalised rewards, KTO's mismatched pairs: pipeline.fingerprint),
+    "rows": their number, "tokenizer": a digest of the SentencePiece
+    model, "settings": the DataConfig fields that shape the rows (lengths,
+    format, fields, truncation) and the algorithm's data layout}.
+  """
+  settings = {field.name: getattr(config, field.name)
+              for field in dataclasses.fields(config)
+              if field.name not in _UNSHAPING_FIELDS}
+  settings["layout"] = ("pairwise" if algo in PAIRWISE_ALGORITHMS else
+                        "kto" if algo == "kto" else "single")
+  return {"data": pipeline.fingerprint(arrays),
+          "rows": int(len(arrays["inputs"])),
+          "tokenizer": tokenizer_fingerprint, "settings": settings}
+
+
+def check_fingerprints(workdir: str, found: dict) -> None:
+  """Checks `found` against the workdir's recorded fingerprints, if any.
+
+  Raises:
+    DataError: the record is unreadable, or the data, the tokenizer or the
+      settings differ from it; the message names what changed and the two
+      ways forward.
+  """
+  path = os.path.join(workdir, FINGERPRINT)
+  try:
+    with open(path, encoding="utf-8") as f:
+      recorded = json.load(f)
+    changed = [part for part in ("settings", "tokenizer", "data")
+               if recorded[part] != found[part]]
+  except FileNotFoundError:
+    return
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise DataError(
+        f"{path} cannot be read ({e}): it records the data this workdir "
+        "was trained on. Restore it from a copy, or train in a new workdir."
+    ) from None
+  if not changed:
+    return
+  details = []
+  if "settings" in changed:
+    names = sorted(name for name in recorded["settings"].keys()
+                   | found["settings"].keys()
+                   if recorded["settings"].get(name)
+                   != found["settings"].get(name))
+    details.append("settings " + ", ".join(
+        f"{name} {recorded['settings'].get(name)!r} -> "
+        f"{found['settings'].get(name)!r}" for name in names))
+  if "tokenizer" in changed:
+    details.append("the tokenizer (another SentencePiece model)")
+  if changed == ["data"]:
+    details.append(f"the tokenised rows ({recorded.get('rows')} rows "
+                   f"recorded, {found['rows']} now; a prompt, completion, "
+                   "reward or their order differs)")
+  raise DataError(
+      f"{workdir} was trained on other data: {'; '.join(details)} "
+      f"(recorded in {path}). Resuming would mix two datasets in one run. "
+      "Restore the original data and settings and rerun, or train in a new "
+      "workdir.")
+
+
 def load_dataset(workdir: str, config: DataConfig, algo: str,
                  seed: int) -> Dataset:
   """Reads, checks, normalises and tokenises the training data.
@@ -246,8 +333,19 @@ def load_dataset(workdir: str, config: DataConfig, algo: str,
     unsaved (see save_inputs).
 
   Raises:
-    DataError: a bad input; the message says where and what to do.
+    DataError: a bad input, or data other than the workdir was trained on;
+      the message says where and what to do.
   """
+  dataset = _tokenised(workdir, config, algo, seed)
+  dataset.fingerprints = fingerprints(
+      dataset.arrays, dataset.tokenizer_fingerprint, config, algo)
+  check_fingerprints(workdir, dataset.fingerprints)
+  return dataset
+
+
+def _tokenised(workdir: str, config: DataConfig, algo: str,
+               seed: int) -> Dataset:
+  """load_dataset's data, before its fingerprints."""
   pairwise = algo in PAIRWISE_ALGORITHMS
   if config.train_data and pairwise != (config.data_format == "pairwise"):
     needs = ("--data_format=pairwise" if pairwise else "single-trajectory "
@@ -285,8 +383,11 @@ def load_dataset(workdir: str, config: DataConfig, algo: str,
 
 
 def save_inputs(workdir: str, dataset: Dataset) -> None:
-  """Saves a tokenizer trained here (spiece.model, with its SHA-256 in
-  spiece.model.sha256) and the reward statistics in `workdir`.
+  """Saves a tokenizer trained here, the reward statistics and the data's
+  fingerprints in `workdir` (those it does not hold yet).
+
+  The tokenizer goes to spiece.model with its SHA-256 in
+  spiece.model.sha256, the fingerprints to data_fingerprint.json.
 
   Call it once every input has been checked (and in one process of a
   multi-process run).
@@ -302,3 +403,6 @@ def save_inputs(workdir: str, dataset: Dataset) -> None:
   if dataset.reward_stats is not None:
     dataset.reward_stats.save(os.path.join(workdir, "reward_stats.json"))
     dataset.reward_stats = None
+  record = os.path.join(workdir, FINGERPRINT)
+  if dataset.fingerprints is not None and not os.path.isfile(record):
+    fileio.atomic_write_json(record, dataset.fingerprints)

@@ -18,11 +18,12 @@ Atomicity is Orbax's. A save is written into a temporary directory named
 every item is complete (on object stores, where there is no rename, a
 `commit_success.txt` file marks the finished step instead). Orbax lists only
 finalised steps, so a save killed half-way leaves a temporary directory that
-`all_steps`, `latest_step` and `restore` never see. Leftover temporary
-directories are not deleted here: another process (an evaluator, say) may be
-reading or writing the same directory. The exception is a save that hits a
-write fault (a full disk): it removes its own unfinished step, to give the
-space back, and raises fileio.WriteError.
+`all_steps`, `latest_step` and `restore` never see. A Checkpointer does not
+delete leftover temporary directories by itself: another process (an
+evaluator, say) may be reading or writing the same directory. The trainer,
+once it holds its workdir's lock, removes them (`remove_unfinished`); and a
+save that hits a write fault (a full disk) removes its own unfinished step,
+to give the space back, and raises fileio.WriteError.
 
 PRNG keys. Typed key arrays (`jax.random.key`) are saved as their raw uint32
 key data (`jax.random.key_data`) and rebuilt on restore with
@@ -38,7 +39,11 @@ import contextlib
 import json
 import logging as std_logging
 import os
+import re
 import shutil
+import sys
+import tempfile
+import time
 from typing import Any, Iterator, Mapping, Sequence
 
 from absl import logging
@@ -70,7 +75,72 @@ class _WriteFaultRecords(std_logging.Filter):
         record.getMessage())) is None
 
 
-_WRITE_FAULT_RECORDS = _WriteFaultRecords()
+# What Orbax names a step's folder while it is being written.
+_UNFINISHED = re.compile(r"(\d+)\.orbax-checkpoint-tmp.*")
+
+# When an Orbax read fails, TensorStore's threads still complete the reads
+# in flight: each prints a traceback ("Event loop is closed": their callbacks
+# reach an asyncio loop Orbax has closed), and asyncio logs each task's
+# error; hundreds of lines that say nothing the read's own error does not.
+# A failed read waits until that output settles (up to the limit).
+_SETTLE_S, _SETTLE_LIMIT_S = 0.1, 3.0
+
+
+def remove_unfinished(directory: str) -> list[str]:
+  """Deletes the unfinished step folders in `directory`; returns their names.
+
+  A save cut short (a kill, a second Ctrl-C, a crash) leaves
+  `<step>.orbax-checkpoint-tmp-*`, which no restore reads. Call it only
+  where no other process can be saving into `directory` (the trainer holds
+  its workdir's lock).
+  """
+  try:
+    names = sorted(os.listdir(directory))
+  except FileNotFoundError:
+    return []
+  removed = [name for name in names if _UNFINISHED.fullmatch(name)]
+  for name in removed:
+    logging.warning("removing %s: a checkpoint save that never finished",
+                    os.path.join(directory, name))
+    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+  return removed
+
+
+@contextlib.contextmanager
+def _stderr_dropped_on_failure() -> Iterator[None]:
+  """Holds back the process's stderr (file descriptor 2) meanwhile: written
+  out when the body succeeds, dropped once it has settled when it raises."""
+  sys.stderr.flush()
+  try:
+    saved = os.dup(2)
+  except OSError:                 # no file descriptor 2: nothing to hold
+    yield
+    return
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    failed = False
+    try:
+      yield
+    except BaseException:
+      failed = True
+      raise
+    finally:
+      if failed:
+        size, waited = -1, 0.0
+        while size != os.fstat(held.fileno()).st_size and (
+            waited < _SETTLE_LIMIT_S):
+          size = os.fstat(held.fileno()).st_size
+          time.sleep(_SETTLE_S)
+          waited += _SETTLE_S
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      if not failed:
+        held.seek(0)
+        text = held.read().decode("utf-8", errors="replace")
+        if text:
+          sys.stderr.write(text)
+          sys.stderr.flush()
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -181,8 +251,11 @@ class Checkpointer:
     if not items or _EXTRA in items:
       raise ValueError(f"items must be names other than {_EXTRA!r}, got "
                        f"{items!r}")
-    # Orbax logs through absl's logger.
-    std_logging.getLogger("absl").addFilter(_WRITE_FAULT_RECORDS)
+    # Until close(), Orbax's ERROR records of a write fault are dropped from
+    # absl's logger (Orbax logs through it): one traceback per background
+    # thread, where the caller gets one WriteError.
+    self._fault_records = _WriteFaultRecords()
+    std_logging.getLogger("absl").addFilter(self._fault_records)
     self._directory = os.path.abspath(os.fspath(directory))
     self._items = tuple(items)
     self._async = async_save
@@ -329,7 +402,9 @@ class Checkpointer:
     failures = []
     for candidate in candidates:
       try:
-        result = self._read(candidate, templates)
+        # The reason is logged below, without the reads' noise.
+        with _stderr_dropped_on_failure():
+          result = self._read(candidate, templates)
       except TemplateMismatchError:
         raise  # The caller's error, the same for every checkpoint.
       # A damaged checkpoint fails in many ways: FileNotFoundError, JSON
@@ -428,7 +503,10 @@ class Checkpointer:
   def close(self) -> None:
     """Waits for a background save, then releases Orbax's resources; the
     object is unusable afterwards."""
-    self._manager.close()
+    try:
+      self._manager.close()
+    finally:
+      std_logging.getLogger("absl").removeFilter(self._fault_records)
 
   def __enter__(self) -> Checkpointer:
     return self

@@ -17,11 +17,13 @@ DataError), with a message that says where and what to do.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import os
 import sys
 import time
+from typing import Iterator
 
 from absl import logging
 import jax
@@ -54,28 +56,61 @@ class TrainingError(Exception):
   """A problem with a run's inputs or state: printed without a traceback."""
 
 
-_LOCK = None   # the open lock file, held for the life of the process
-
-
-def lock_workdir(workdir: str) -> None:
-  """An exclusive flock on <workdir>/.lock: one trainer per workdir.
+@contextlib.contextmanager
+def claim_workdir(workdir: str) -> Iterator[None]:
+  """Creates `workdir` if needed and holds an exclusive flock on its lock
+  file while the body runs: one trainer per workdir.
 
   In a multi-process run process 0 holds .lock and process i .lock.i, so a
   second run is refused by every process and a run's own processes (sharing
-  the workdir) do not refuse each other.
+  the workdir) do not refuse each other. When the body fails, the lock file
+  and the workdir are removed again if this call created them and nothing
+  else was written there: a refused run leaves nothing new behind.
+
+  Raises:
+    TrainingError: `workdir` names something other than a folder, or
+      another trainer holds its lock.
+    OSError: the file system refuses to create the folder or the lock file
+      (read-only, permissions); its filename names the path.
   """
-  global _LOCK
+  if os.path.lexists(workdir) and not os.path.isdir(workdir):
+    raise TrainingError(
+        f"the workdir {workdir} exists and is not a folder: name a folder "
+        "(new or of an earlier run), or move the file away.")
+  created = not os.path.lexists(workdir)
+  os.makedirs(workdir, exist_ok=True)
   index = jax.process_index()
   path = os.path.join(workdir, f".lock.{index}" if index else ".lock")
-  handle = open(path, "a+")  # pylint: disable=consider-using-with
+  created_lock = not os.path.lexists(path)
   try:
-    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    handle.close()
-    raise TrainingError(f"--workdir={workdir} is in use by another trainer "
-                        f"(it holds {path}); wait for it to finish or choose "
-                        f"another --workdir.") from None
-  _LOCK = handle
+    handle = open(path, "a+")  # pylint: disable=consider-using-with
+  except OSError:
+    if created:
+      _remove_if_empty(workdir)
+    raise
+  with handle:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise TrainingError(
+          f"the workdir {workdir} is in use by another trainer (it holds "
+          f"{path}); wait for it to finish or choose another workdir."
+      ) from None
+    try:
+      yield
+    except BaseException:
+      if created_lock:
+        os.unlink(path)
+      if created:
+        _remove_if_empty(workdir)
+      raise
+
+
+def _remove_if_empty(folder: str) -> None:
+  try:
+    os.rmdir(folder)
+  except OSError:           # not empty (or already gone): keep what is there
+    pass
 
 
 def policy_config(run: RunConfig, tokenizer):
@@ -120,9 +155,11 @@ def _restore(checkpointer: checkpointing.Checkpointer, state):
         "algorithm, value network...): rerun with that run's flags (see "
         "run_config.json beside them), or use a new --workdir.") from None
   except checkpointing.CorruptCheckpointError as e:
+    folder = checkpointer.directory
     raise TrainingError(
-        f"{e}. Restore the checkpoints from a copy, or move "
-        f"{checkpointer.directory} away to start training again.") from None
+        f"{e}. No checkpoint here can be resumed: restore {folder} from a "
+        f"copy, or start training afresh by moving it away (`mv {folder} "
+        f"{folder}.damaged`) and rerunning the same command.") from None
   return steps.TrainState(policy_params=items[runs.POLICY],
                           **items[runs.TRAIN_STATE]), extra, step
 
@@ -140,15 +177,20 @@ def _reference(run: RunConfig, dataset, model_config, params):
             for name in outputs}, ref_fn, outputs
   if run.ref_logprobs == "online":
     return None, ref_fn, outputs
+  # Keyed by the data's fingerprints (those the workdir records) and
+  # everything else that shapes the values.
   key = reference.cache_key(
-      pipeline.fingerprint(arrays), dataset.tokenizer_fingerprint,
-      metrics_lib.params_digest(params), repr(model_config),
+      dataset.key, metrics_lib.params_digest(params), repr(model_config),
       repr(sorted(outputs.items())))
+  own_cache = os.path.join(run.workdir, "ref_cache")
   with sharding.primary_first("reference_cache"):
     ref = reference.load_or_compute(
-        run.ref_cache_dir or os.path.join(run.workdir, "ref_cache"), key,
+        run.ref_cache_dir or own_cache, key,
         lambda: reference.compute(ref_fn, params, arrays, outputs,
-                                  run.batch_size))
+                                  run.batch_size),
+        # Only the workdir's own cache: a shared folder holds other runs'.
+        remove_stale=jax.process_index() == 0 and run.ref_cache_dir in (
+            None, own_cache))
   return ref, ref_fn, outputs
 
 
@@ -169,91 +211,107 @@ def make_trainer(run: RunConfig, model_config: models.T5Config,
 
 
 def train(run: RunConfig) -> dict:
-  """Trains; returns the summary written to <workdir>/summary.json."""
-  workdir = run.workdir
-  os.makedirs(workdir, exist_ok=True)
-  lock_workdir(workdir)
+  """Trains; returns the summary written to <workdir>/summary.json.
+
+  Raises:
+    TrainingError, data.DataError, select.SelectionError: a problem with
+      the run's inputs or state; nothing half-written is left behind.
+    fileio.WriteError: a write fault (a full disk).
+    OSError: the file system refuses the workdir or an input (its filename
+      names the path).
+    preemption.StartupStopped: SIGTERM before the first step (one process).
+  """
   try:
     mesh = sharding.make_mesh(sharding.parse_mesh(run.mesh))
     sharding.check_batch_size(run.batch_size, mesh)
   except ValueError as e:
     raise TrainingError(str(e)) from None
+  with claim_workdir(run.workdir):
+    return _train(run, mesh)
+
+
+def _train(run: RunConfig, mesh) -> dict:
+  """train() in its claimed workdir."""
+  workdir = run.workdir
+  checkpoints = os.path.join(workdir, "checkpoints")
   # On several processes, a preemption notice during the start-up below is
   # then answered at the first step (training.preemption).
-  preemption.register_start(checkpointing.newest_step_name(
-      os.path.join(workdir, "checkpoints")))
-
+  preemption.register_start(checkpointing.newest_step_name(checkpoints))
   primary = jax.process_index() == 0
-  # Process 0 writes the demo data into the (shared) workdir; the other
-  # processes then read it. On a fresh run every process trains the same
-  # tokenizer; process 0 saves its own (and the reward statistics).
-  with sharding.primary_first("dataset"):
-    dataset = prepare.load_dataset(workdir, run.data, run.algorithm.algo,
-                                   run.seed)
-  arrays = dataset.arrays
-  try:
-    sharding.check_same_on_every_process(
-        pipeline.fingerprint(arrays) + dataset.tokenizer_fingerprint,
-        "the tokenised training data")
-  except ValueError as e:
-    raise TrainingError(str(e)) from None
-  if run.batch_size > len(arrays["inputs"]):
-    raise TrainingError(f"--batch_size={run.batch_size} exceeds the "
-                        f"{len(arrays['inputs'])} training examples.")
-  rng = jax.random.PRNGKey(run.seed)
-  model_config, policy_params = policy_config(run, dataset.tokenizer)
-  if primary:
-    prepare.save_inputs(workdir, dataset)   # every input is checked
-  if run.sft_warm_start:
-    if policy_params is None:
-      policy_params, _ = init.init_params(model_config, None, rng)
-    policy_params = sft.warm_start(
-        run, model_config, policy_params, arrays,
-        jax.random.fold_in(init.split(rng).policy, 1), mesh)
-  policy_params, value_params = init.init_params(
-      model_config, run.algorithm, rng, policy_params=policy_params)
-  initial_params = jax.tree.map(jnp.copy, policy_params)
-  run = run.replace(model=model_config)
-  if primary:
-    run.save(os.path.join(workdir, "run_config.json"))
+  with preemption.stop_during_startup():
+    # Process 0 writes the demo data into the (shared) workdir; the other
+    # processes then read it. On a fresh run every process trains the same
+    # tokenizer; process 0 saves its own (and the reward statistics).
+    with sharding.primary_first("dataset"):
+      dataset = prepare.load_dataset(workdir, run.data, run.algorithm.algo,
+                                     run.seed)
+    arrays = dataset.arrays
+    try:
+      sharding.check_same_on_every_process(dataset.key,
+                                            "the tokenised training data")
+    except ValueError as e:
+      raise TrainingError(str(e)) from None
+    if run.batch_size > len(arrays["inputs"]):
+      raise TrainingError(f"--batch_size={run.batch_size} exceeds the "
+                          f"{len(arrays['inputs'])} training examples.")
+    rng = jax.random.PRNGKey(run.seed)
+    model_config, policy_params = policy_config(run, dataset.tokenizer)
+    if primary:
+      prepare.save_inputs(workdir, dataset)   # every input is checked
+      # A save cut short by a kill or a second Ctrl-C: never read, and
+      # nobody else writes here while this trainer holds the workdir.
+      for folder in (checkpoints, os.path.join(workdir, "sft_init")):
+        checkpointing.remove_unfinished(folder)
+    if run.sft_warm_start:
+      if policy_params is None:
+        policy_params, _ = init.init_params(model_config, None, rng)
+      policy_params = sft.warm_start(
+          run, model_config, policy_params, arrays,
+          jax.random.fold_in(init.split(rng).policy, 1), mesh)
+    policy_params, value_params = init.init_params(
+        model_config, run.algorithm, rng, policy_params=policy_params)
+    initial_params = jax.tree.map(jnp.copy, policy_params)
+    run = run.replace(model=model_config)
+    if primary:
+      run.save(os.path.join(workdir, "run_config.json"))
 
-  ref, ref_fn, outputs = _reference(run, dataset, model_config,
-                                    policy_params)
-  if ref is not None:
-    arrays = dict(arrays, **ref)
-  trainer = make_trainer(run, model_config, mesh)
-  state = trainer.init(policy_params, value_params, init.split(rng).train)
-  state_shardings = sharding.tree_shardings(state, mesh)
-  state = jax.device_put(state, state_shardings)
+    ref, ref_fn, outputs = _reference(run, dataset, model_config,
+                                      policy_params)
+    if ref is not None:
+      arrays = dict(arrays, **ref)
+    trainer = make_trainer(run, model_config, mesh)
+    state = trainer.init(policy_params, value_params, init.split(rng).train)
+    state_shardings = sharding.tree_shardings(state, mesh)
+    state = jax.device_put(state, state_shardings)
 
-  iterator = pipeline.BatchIterator(arrays, run.batch_size, run.seed)
-  async_save = run.async_checkpoints
-  if async_save is None:
-    async_save = jax.default_backend() != "cpu"
-  checkpointer = checkpointing.Checkpointer(
-      os.path.join(workdir, "checkpoints"), runs.ITEMS,
-      keep=run.keep_checkpoints, async_save=async_save)
+    iterator = pipeline.BatchIterator(arrays, run.batch_size, run.seed)
+    async_save = run.async_checkpoints
+    if async_save is None:
+      async_save = jax.default_backend() != "cpu"
+    checkpointer = checkpointing.Checkpointer(
+        checkpoints, runs.ITEMS, keep=run.keep_checkpoints,
+        async_save=async_save)
+    start = 0
+    if checkpointer.latest_step() is not None:
+      state, extra, start = _restore(checkpointer, state)
+      state = jax.device_put(state, state_shardings)
+      try:
+        iterator.set_state(extra["data"])
+      except ValueError as e:
+        raise TrainingError(
+            f"cannot resume from {checkpointer.directory}/{start}: {e} Here: "
+            "rerun with the --train_data and --seed of the run that wrote "
+            "it, or use a new --workdir.") from None
+      tqdm.write(f"Resumed from step {start} of {workdir}")
+    update = jax.jit(trainer.update, donate_argnums=0)
+
   # Every process saves and restores its shards of the checkpoints (Orbax);
   # only process 0 writes the metrics and the summary.
   writer = metrics_lib.MetricsWriter(workdir) if primary else None
-  start = 0
-  if checkpointer.latest_step() is not None:
-    state, extra, start = _restore(checkpointer, state)
-    state = jax.device_put(state, state_shardings)
-    try:
-      iterator.set_state(extra["data"])
-    except ValueError as e:
-      raise TrainingError(
-          f"cannot resume from {checkpointer.directory}/{start}: {e} Here: "
-          "rerun with the --train_data and --seed of the run that wrote it, "
-          "or use a new --workdir.") from None
-    tqdm.write(f"Resumed from step {start} of {workdir}")
   if writer is not None:
     # Forget what a killed run logged after its last checkpoint (all of it
     # when it had none): those steps are trained again.
     writer.truncate_after(start)
-
-  update = jax.jit(trainer.update, donate_argnums=0)
   # The update donates the state's buffers: the online reference keeps a copy.
   online_ref = None if ref is not None else (ref_fn, initial_params, outputs)
   try:
@@ -263,6 +321,7 @@ def train(run: RunConfig) -> dict:
   finally:
     if writer is not None:
       writer.close()
+  checkpointer.close()
   if "stopped" in summary:
     # Asked to stop (preemption, Ctrl-C): the step's checkpoint is saved;
     # no summary.json, which marks a finished run.

@@ -8,6 +8,12 @@ request raises KeyboardInterrupt at once; Orbax commits a checkpoint by renaming
 temporary folder, so the newest complete checkpoint stays the restore point
 (training.checkpointing).
 
+Before the step loop (data, reference cache, SFT warm start: the start-up),
+`stop_during_startup` turns SIGTERM into StartupStopped, so that a run
+preempted before its first step ends with one line and exit 0 (the CLI's),
+with nothing trained to save; every file written meanwhile is written
+atomically, and the reference cache into a folder renamed into place.
+
 On several processes every process must stop, and save, at the same step.
 jax.distributed.initialize starts jax's preemption service: a SIGTERM to any
 process is propagated to all, and multihost_utils.reached_preemption_sync_
@@ -19,13 +25,46 @@ to one process of a multi-process run is not a coordinated stop.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
+from typing import Iterator
 
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+
+
+class StartupStopped(BaseException):
+  """SIGTERM arrived before the first step; nothing was trained to save.
+
+  A BaseException, as KeyboardInterrupt is: the start-up's handlers of
+  ordinary errors must not catch it.
+  """
+
+
+def _raise_startup_stopped(signum: int, frame) -> None:
+  del signum, frame
+  raise StartupStopped
+
+
+@contextlib.contextmanager
+def stop_during_startup() -> Iterator[None]:
+  """SIGTERM raises StartupStopped meanwhile (one process, main thread).
+
+  On several processes jax's preemption service handles SIGTERM, and a
+  notice during the start-up is answered at the first step (register_start).
+  """
+  if (jax.process_count() > 1
+      or threading.current_thread() is not threading.main_thread()):
+    yield
+    return
+  previous = signal.signal(signal.SIGTERM, _raise_startup_stopped)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 class StopRequests:

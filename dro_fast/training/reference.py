@@ -2,8 +2,9 @@
 
 log π_ref(y|x) of every training example under the initial (SFT) parameters
 is fixed for the whole run, so it is computed in one pass before training
-and stored with TensorStore (zarr), keyed by a fingerprint of the data
-arrays, the tokenizer, the parameters and the model config. A later run with
+and stored with TensorStore (zarr), keyed by the data's fingerprints (those
+the workdir records: data.prepare.fingerprints), the parameters and the
+model config. Caches of other keys in a run's own folder are removed. A later run with
 the same key reads it back instead of recomputing, after checking every
 array against the SHA-256 recorded beside it (a damaged cache is computed
 again, never trusted). Writes go to a temporary directory that is renamed
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Callable, Mapping
@@ -35,6 +37,10 @@ PAIRWISE = {"chosen_ref_logprobs": ("chosen", "chosen_mask"),
 # Written last into a cache directory: its key and, per array, the shape,
 # dtype and SHA-256 of the values, checked on every read.
 MANIFEST = "manifest.json"
+
+
+# A cache's folder name: cache_key's digest.
+_KEY = re.compile(r"[0-9a-f]{32}")
 
 
 def cache_key(*fingerprints: str) -> str:
@@ -168,8 +174,8 @@ def _write(cache_dir: str, key: str, results: Mapping[str, np.ndarray]
 
 
 def load_or_compute(cache_dir: str, key: str,
-                    compute_fn: Callable[[], dict[str, np.ndarray]]
-                    ) -> dict[str, np.ndarray]:
+                    compute_fn: Callable[[], dict[str, np.ndarray]],
+                    remove_stale: bool = False) -> dict[str, np.ndarray]:
   """Reads cache_dir/key if present and intact, else computes and stores.
 
   A cache whose arrays disagree with its MANIFEST file (a truncated,
@@ -182,11 +188,14 @@ def load_or_compute(cache_dir: str, key: str,
     key: the cache's fingerprint (cache_key of its inputs).
     compute_fn: returns the float32 arrays by name, called only when the
       cache is absent or damaged.
+    remove_stale: delete the caches of other keys in `cache_dir` (a run's
+      own folder); otherwise they are listed in one log line.
 
   Returns:
     The arrays by name, float32.
   """
   directory = os.path.join(cache_dir, key)
+  results = None
   if os.path.lexists(directory):
     try:
       results = _read_checked(directory, key)
@@ -196,9 +205,27 @@ def load_or_compute(cache_dir: str, key: str,
                       str(e).replace("\n", " "))
     else:
       logging.info("Reference log-probs: reusing cache %s", directory)
-      return results
-  results = {name: np.asarray(values, np.float32)
-             for name, values in compute_fn().items()}
-  _write(cache_dir, key, results)
-  logging.info("Reference log-probs: cached in %s", directory)
+  if results is None:
+    results = {name: np.asarray(values, np.float32)
+               for name, values in compute_fn().items()}
+    _write(cache_dir, key, results)
+    logging.info("Reference log-probs: cached in %s", directory)
+  _stale_caches(cache_dir, key, remove_stale)
   return results
+
+
+def _stale_caches(cache_dir: str, key: str, remove: bool) -> None:
+  """Removes (or lists) the caches in `cache_dir` other than `key`'s."""
+  stale = sorted(name for name in os.listdir(cache_dir)
+                 if name != key and _KEY.fullmatch(name)
+                 and os.path.isdir(os.path.join(cache_dir, name)))
+  if not stale:
+    return
+  if not remove:
+    logging.info("Reference log-probs: %s also holds the caches %s of "
+                 "other data, parameters or models.", cache_dir, stale)
+    return
+  for name in stale:
+    shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
+  logging.warning("Reference log-probs: removed %d stale caches from %s "
+                  "(keys %s).", len(stale), cache_dir, stale)

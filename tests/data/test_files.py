@@ -140,10 +140,12 @@ def test_data_file_errors(tmp_path, shards):
   with pytest.raises(data.DataError, match="looks like a datasets."
                      "save_to_disk folder.*to_parquet"):
     data.data_files(saved)
-  # A plain path is the reader's to check, which names it.
-  with pytest.raises(data.DataError, match=re.escape(
-      f"{tmp_path}/missing.jsonl does not exist")):
-    data.read_dataset(f"{paths[0]},{tmp_path}/missing.jsonl", "triplets")
+  # A missing file is named as missing before its format is guessed.
+  for missing in (f"{tmp_path}/missing.jsonl", f"{tmp_path}/missing"):
+    with pytest.raises(data.DataError, match=re.escape(
+        f"the data file {missing} (in '{paths[0]},{missing}') does not "
+        "exist")):
+      data.read_dataset(f"{paths[0]},{missing}", "triplets")
 
 
 @pytest.fixture(scope="module")

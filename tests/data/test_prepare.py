@@ -243,3 +243,34 @@ def test_a_resumed_run_reuses_what_the_first_one_saved(tmp_path):
   assert again.tokenizer.path == str(_model(tmp_path))
   assert again.tokenizer_fingerprint == first.tokenizer_fingerprint
   assert data.fingerprint(again.arrays) == data.fingerprint(first.arrays)
+
+
+# ---------------------------------------------------------------------------
+# data_fingerprint.json
+
+
+def test_the_first_run_records_the_data_and_a_resume_checks_it(tmp_path):
+  config = DataConfig(demo_examples=48, tokenizer_vocab_size=64)
+  first = prepare.load_dataset(str(tmp_path), config, "dro_v", seed=0)
+  prepare.save_inputs(str(tmp_path), first)
+  record = json.loads((tmp_path / prepare.FINGERPRINT).read_text())
+  assert record == first.fingerprints and record["rows"] == 48
+  assert record["settings"]["max_target_length"] == config.max_target_length
+  # The same data resumes, with the same key for its caches.
+  again = prepare.load_dataset(str(tmp_path), config, "dro_v", seed=0)
+  assert again.key == first.key
+
+  def refused(found: dict, *fragments: str) -> None:
+    with pytest.raises(data.DataError) as error:
+      prepare.check_fingerprints(str(tmp_path), found)
+    for fragment in fragments:
+      assert fragment in str(error.value)
+    assert "new workdir" in str(error.value)
+
+  refused(dict(record, data="0" * 64), "the tokenised rows (48 rows "
+          "recorded, 48 now")
+  refused(dict(record, tokenizer="1" * 64), "the tokenizer")
+  refused(dict(record, settings=dict(record["settings"], long_rows="skip")),
+          "settings long_rows 'truncate' -> 'skip'")
+  (tmp_path / prepare.FINGERPRINT).write_text("{")
+  refused(record, f"{tmp_path / prepare.FINGERPRINT} cannot be read")

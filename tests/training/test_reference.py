@@ -174,3 +174,18 @@ def test_a_cache_of_another_key_is_not_read(tmp_path):
   np.testing.assert_array_equal(other["ref_logprobs"], np.zeros(3))
   assert sorted(os.listdir(tmp_path)) == sorted(
       [_KEY, reference.cache_key("other data")])
+
+
+def test_stale_caches_are_removed_only_from_a_runs_own_folder(tmp_path,
+                                                              caplog):
+  compute = _Counting()
+  _load(tmp_path, compute)
+  other = reference.cache_key("other data")
+  new = lambda: {"ref_logprobs": np.zeros(3, np.float32)}
+  (tmp_path / "notes").mkdir()            # not a cache: never touched
+  with caplog.at_level(logging.INFO):
+    reference.load_or_compute(str(tmp_path), other, new)
+  assert sorted(os.listdir(tmp_path)) == sorted([_KEY, other, "notes"])
+  assert any(_KEY in r.getMessage() for r in caplog.records)   # listed
+  reference.load_or_compute(str(tmp_path), other, new, remove_stale=True)
+  assert sorted(os.listdir(tmp_path)) == sorted([other, "notes"])
