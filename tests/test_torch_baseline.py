@@ -56,7 +56,7 @@ def _jax_params(step: torch_step.DroVStep):
   tokens = np.ones((1, 2), np.int32)
   value_params = value.init_from_policy(
       jax.eval_shape(value.value_network(CONFIG).init, jax.random.key(0),
-                     tokens), policy_params)
+                     tokens, None), policy_params)
   value_params["value_head"] = {
       "w": step.value.head.weight.detach().numpy().T,              # [D, 1]
       "b": step.value.head.bias.detach().numpy()}                  # [1]

@@ -135,15 +135,15 @@ def logprob_kernel(implementation: str | None,
   return per_device.over_batch(fn, (True, False, True, True))
 
 
-def sequence_logprobs(model: Any, params: Any, rng: jax.Array | None,
-                      inputs: jax.Array, targets: jax.Array, mask: jax.Array,
-                      *, is_training: bool,
+def sequence_logprobs(policy: models.T5Apply, params: Any,
+                      rng: jax.Array | None, inputs: jax.Array,
+                      targets: jax.Array, mask: jax.Array, *,
+                      is_training: bool,
                       kernel: Callable[..., jax.Array]) -> jax.Array:
-  """log π(targets | inputs) [B] through the fused linear kernel (a
-  logprob_kernel)."""
-  hidden, weight = model.apply(params, rng, inputs, targets,
-                               is_training=is_training, output="hidden")
-  return kernel(hidden, weight, targets, mask)
+  """log π(targets | inputs) [B] through the fused linear kernel."""
+  states = policy.decode(params, rng, inputs, targets,
+                         is_training=is_training)
+  return kernel(states.hidden, states.weight, targets, mask)
 
 
 def sum_of_squares(tree) -> jax.Array:
@@ -180,7 +180,7 @@ def make_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
   Returns:
     Trainer(init(policy_params, value_params, rng), update(state, batch)).
   """
-  policy = models.t5(model_config)
+  policy = models.t5(model_config).apply
   value_net = (value.value_network(model_config, algorithm.value_net)
                if algorithm.has_value else None)
   kernel = logprob_kernel(algorithm.implementation, model_config, mesh)
@@ -192,18 +192,12 @@ def make_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
   def dro_v_loss(policy_params, value_params, batch, rng):
     policy_rng, value_rng = jax.random.split(rng)
     inputs, targets = batch["inputs"], batch["targets"]
-    if algorithm.value_net == "shared":
-      hidden, weight, encoded = policy.apply(
-          policy_params, policy_rng, inputs, targets, is_training=True,
-          output="hidden_and_encoded")
-      values = value_net.apply(value_params, None, encoded, inputs)
-    else:
-      hidden, weight = policy.apply(policy_params, policy_rng, inputs,
-                                    targets, is_training=True,
-                                    output="hidden")
-      values = value_net.apply(value_params, value_rng, inputs,
-                               is_training=True)
-    logp = kernel(hidden, weight, targets, batch["target_mask"])
+    states = policy.decode(policy_params, policy_rng, inputs, targets,
+                           is_training=True)
+    values = value_net.apply(value_params, value_rng, inputs, states.encoded,
+                             is_training=True)
+    logp = kernel(states.hidden, states.weight, targets,
+                  batch["target_mask"])
     if algorithm.value_granularity == "per_batch":
       values = jnp.broadcast_to(jnp.mean(values), values.shape)
     return losses.dro_v_loss(logp, batch["ref_logprobs"], values,
@@ -324,7 +318,7 @@ def _under_mesh(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
 def reference_logprob_fn(model_config: models.T5Config,
                          implementation: str | None):
   """A jitted (params, inputs, targets, mask) -> [B] log π (no dropout)."""
-  policy = models.t5(model_config)
+  policy = models.t5(model_config).apply
   kernel = logprob_kernel(implementation, model_config)
 
   @jax.jit

@@ -187,7 +187,7 @@ def test_remat_keeps_the_flash_residuals(remat):
   params = jax.eval_shape(model.init, jax.random.key(0), encoder, targets)
   params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params)
   residuals = saved_residuals(
-      lambda p: model.apply(p, None, encoder, targets).sum(), params)
+      lambda p: model.apply.logits(p, None, encoder, targets).sum(), params)
   attentions = config.num_encoder_layers + 2 * config.num_decoder_layers
   tagged = sum("fused_attention_" in description
                for _, description in residuals)

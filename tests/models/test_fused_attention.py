@@ -60,7 +60,7 @@ def test_fused_decoder_is_causal(params, dot_product_xla):
   # right by one), so changing targets from 10 on leaves logits 0..10 alone.
   encoder, targets = attention_cases.tokens()
   model = models.t5(CONFIG.replace(attention=dot_product_xla))
-  apply = jax.jit(lambda t: model.apply(params, None, encoder, t))
+  apply = jax.jit(lambda t: model.apply.logits(params, None, encoder, t))
   base = apply(targets)
   later = targets.copy()
   later[:, 10:] = (later[:, 10:] + 5) % CONFIG.vocab_size
@@ -75,8 +75,8 @@ def test_fused_model_ignores_keys_past_the_length(params, dot_product_xla):
   # equal those of the 15 tokens run alone.
   encoder, targets = attention_cases.tokens()
   model = models.t5(CONFIG.replace(attention=dot_product_xla))
-  full = model.apply(params, None, encoder, targets)
-  alone = model.apply(params, None, encoder[1:2, :15], targets[1:2])
+  full = model.apply.logits(params, None, encoder, targets)
+  alone = model.apply.logits(params, None, encoder[1:2, :15], targets[1:2])
   np.testing.assert_allclose(np.asarray(full[1], np.float32),
                              np.asarray(alone[0], np.float32), atol=0.05,
                              rtol=0.05)
@@ -111,7 +111,7 @@ def _lowered_gradient(config, encoder, targets) -> str:
   params = jax.eval_shape(model.init, jax.random.key(0), encoder, targets)
 
   def loss(params):
-    return jnp.sum(model.apply(params, None, encoder, targets).astype(
+    return jnp.sum(model.apply.logits(params, None, encoder, targets).astype(
         jnp.float32))
 
   return jax.jit(jax.grad(loss)).trace(params).lower(
@@ -171,7 +171,7 @@ def test_dro_v_step_lowers_with_cudnn_attention_for_cuda(monkeypatch):
     policy_key, value_key, state_key = jax.random.split(key, 3)
     policy = models.t5(config).init(policy_key, tokens, tokens)
     net = value.value_network(config, "separate")
-    values = value.init_from_policy(net.init(value_key, tokens), policy)
+    values = value.init_from_policy(net.init(value_key, tokens, None), policy)
     return trainer.init(policy, values, state_key)
 
   b, s, t = 4, 16, 8

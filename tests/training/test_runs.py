@@ -51,9 +51,9 @@ def test_init_params_is_the_trainers_split(value_net):
   net = value.value_network(CONFIG, value_net)
   if value_net == "separate":
     expected = value.init_from_policy(
-        net.init(value_rng, jnp.ones((1, 9), jnp.int32)), policy)
+        net.init(value_rng, jnp.ones((1, 9), jnp.int32), None), policy)
   else:
-    expected = net.init(value_rng, jnp.zeros((1, 2, CONFIG.d_model)), tokens)
+    expected = net.init(value_rng, tokens, jnp.zeros((1, 2, CONFIG.d_model)))
   _equal(values, expected)
   # Without a value network, or from a given policy.
   assert init.init_params(CONFIG, steps.AlgorithmConfig(algo="sft"),

@@ -44,9 +44,9 @@ def _value_params(policy_params, kind):
   net = value.value_network(CONFIG, kind)
   if kind == "separate":
     return value.init_from_policy(
-        net.init(jax.random.key(1), _batch()["inputs"]), policy_params)
-  return net.init(jax.random.key(1), jnp.zeros((1, 2, CONFIG.d_model)),
-                  jnp.ones((1, 2), jnp.int32))
+        net.init(jax.random.key(1), _batch()["inputs"], None), policy_params)
+  return net.init(jax.random.key(1), jnp.ones((1, 2), jnp.int32),
+                  jnp.zeros((1, 2, CONFIG.d_model)))
 
 
 @pytest.mark.parametrize("algo, value_net, granularity", [
@@ -98,9 +98,9 @@ def test_dro_v_gradients_are_eq7_and_eq8(policy_params):
   policy = models.t5(CONFIG)
   net = value.value_network(CONFIG, "separate")
   logp_fn = lambda p: kernels.sequence_logprobs(
-      policy.apply(p, None, batch["inputs"], batch["targets"]),
+      policy.apply.logits(p, None, batch["inputs"], batch["targets"]),
       batch["targets"], batch["target_mask"], implementation="xla")
-  v_fn = lambda p: net.apply(p, None, batch["inputs"])
+  v_fn = lambda p: net.apply(p, None, batch["inputs"], None)
   logp, v = logp_fn(policy_params), v_fn(value_params)
   delta = batch["rewards"] - v - tau * (logp - batch["ref_logprobs"])
   # Eq. 8 with DRO-V's 1/τ: ∇θ = −mean δ ∇log π; Eq. 7: ∇φ = −mean δ ∇V.
