@@ -78,7 +78,7 @@ def test_torch_step_matches_the_jax_step():
   # Only the loss and the gradients are compared (the two Adafactors differ
   # in details such as which matrices they factor); a no-op optimizer keeps
   # the compile short.
-  trainer = steps.make_trainer(
+  trainer = steps.build_trainer(
       steps.AlgorithmConfig(tau=TAU, implementation="xla"), CONFIG,
       optax.sgd(0.0), optax.sgd(0.0))
   state = trainer.init(policy_params, value_params, jax.random.PRNGKey(0))

@@ -163,8 +163,8 @@ def test_dro_v_step_lowers_with_cudnn_attention_for_cuda(monkeypatch):
   config = GPU_CONFIG.replace(scan_layers=True,
                               remat="dots_except_mlp_hidden")
   algorithm = steps.AlgorithmConfig(algo="dro_v", value_net="separate")
-  trainer = steps.make_trainer(algorithm, config, optim.make_optimizer(1e-4),
-                               optim.make_optimizer(1e-4))
+  trainer = steps.build_trainer(algorithm, config, optim.make_optimizer(1e-4),
+                                optim.make_optimizer(1e-4))
 
   def init_state(key):
     tokens = jnp.ones((1, 2), jnp.int32)

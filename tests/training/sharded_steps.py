@@ -42,7 +42,7 @@ def run(mesh):
   net = value.value_network(CONFIG, "separate")
   value_params = value.init_from_policy(
       net.init(jax.random.key(1), tokens, None), policy_params)
-  trainer = steps.make_trainer(
+  trainer = steps.build_trainer(
       steps.AlgorithmConfig(implementation="chunked_xla"), CONFIG,
       optim.make_optimizer(1e-3, 2), optim.make_optimizer(1e-3, 2),
       mesh=mesh)
