@@ -7,7 +7,7 @@ r"""The DRO-V train step compiled for a TPU slice, on a host without one.
 
 Needs libtpu (the `tpu` extra). For each run SIZE@TOPOLOGY and each
 variant (batch x remat x fsdp x attention) it builds the trainer's own
-update (benchmarks/lib/step.py's JaxStep: training.loop.make_trainer,
+update (benchmarks/lib/step.py's JaxStep: training.loop.trainer_for_run,
 the trainer's mesh and shardings laid over the topology's devices) from
 shapes alone, and compiles it with XLA:TPU and Mosaic
 (benchmarks/lib/tpu.py). Per variant it prints a table row and a JSON line:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 
@@ -51,24 +50,6 @@ class SamplingConfig:
 
 
 GREEDY = SamplingConfig()
-
-
-def _transforms(config: models.T5Config):
-  """(encode and init the cache, one cached step) as Haiku transforms."""
-
-  def start(encoder_tokens, max_length):
-    model = models.T5(config)
-    encoded = model.encode(encoder_tokens, model.embedder())
-    return model.init_cache(encoded, max_length)
-
-  def step(token, position, cache, encoder_tokens):
-    model = models.T5(config)
-    out = model.decode_step(token, position, cache, encoder_tokens,
-                            model.embedder())
-    return out.logits(platform=config.platform), out.cache
-
-  return (hk.without_apply_rng(hk.transform(start)),
-          hk.without_apply_rng(hk.transform(step)))
 
 
 def filter_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
@@ -119,9 +100,10 @@ def generate(params: Params, encoder_tokens: jax.Array, *,
                                              "sampling"))
 def _generate(params, encoder_tokens, *, config, max_length, sampling, rng):
   """generate() for a resolved config."""
-  start, step = _transforms(config)
+  model = models.t5(config).apply
   batch = encoder_tokens.shape[0]
-  cache = start.apply(params, encoder_tokens, max_length)
+  encoded = model.encode(params, None, encoder_tokens)
+  cache = model.init_cache(params, None, encoded, max_length)
   tokens = jnp.full((batch, max_length), config.pad_id, jnp.int32)
   previous = jnp.full((batch,), config.decoder_start_id, jnp.int32)
   done = jnp.zeros((batch,), bool)
@@ -132,7 +114,8 @@ def _generate(params, encoder_tokens, *, config, max_length, sampling, rng):
 
   def body(state):
     i, tokens, previous, cache, done = state
-    logits, cache = step.apply(params, previous, i, cache, encoder_tokens)
+    logits, cache = model.decode_step(params, None, previous, i, cache,
+                                      encoder_tokens)
     if sampling.greedy:
       chosen = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:

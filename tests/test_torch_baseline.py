@@ -59,7 +59,7 @@ def _jax_params(step: torch_step.DroVStep):
   tokens = np.ones((1, 2), np.int32)
   value_params = value.init_from_policy(
       jax.eval_shape(value.value_network(CONFIG).init, jax.random.key(0),
-                     tokens), policy_params)
+                     tokens, None), policy_params)
   value_params["value_head"] = {
       "w": step.value.head.weight.detach().numpy().T,              # [D, 1]
       "b": step.value.head.bias.detach().numpy()}                  # [1]
@@ -81,7 +81,7 @@ def test_torch_step_matches_the_jax_step():
   # Only the loss and the gradients are compared (the two Adafactors differ
   # in details such as which matrices they factor); a no-op optimizer keeps
   # the compile short.
-  trainer = steps.make_trainer(
+  trainer = steps.build_trainer(
       steps.AlgorithmConfig(tau=TAU, implementation="xla"), CONFIG,
       optax.sgd(0.0), optax.sgd(0.0))
   state = trainer.init(policy_params, value_params, jax.random.PRNGKey(0))

@@ -60,7 +60,7 @@ def random_batch(config: models.T5Config, batch: int, s: int, t: int,
 class JaxStep:
   """The compiled dro_fast update and its state.
 
-  The update is the trainer's own (training.loop.make_trainer over a
+  The update is the trainer's own (training.loop.trainer_for_run over a
   RunConfig of the paper's optimizer settings), jitted as train() jits it:
   donating the state, the state sharded by sharding.tree_shardings and the
   batch by sharding.batch_sharding over `mesh`.
@@ -100,7 +100,7 @@ class JaxStep:
                     batch_size=len(batches[0]["inputs"]))
     if mesh is None:
       mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
-    trainer = loop.make_trainer(run, config, mesh)
+    trainer = loop.trainer_for_run(run, config, mesh)
 
     def init_state(key):             # as the trainer splits a run's key
       policy_params, value_params = init.init_params(config, algorithm, key)

@@ -141,12 +141,12 @@ def run_layers(layer_fn: Callable, x: jax.Array, per_layer: Any,
 
 
 class T5:
-  """The encoder-decoder. Methods run inside an hk.transform.
+  """The encoder-decoder. Methods run inside a Haiku transform (t5()).
 
   Not itself an hk.Module, so that parameters sit at the T5X root paths
   (token_embedder, encoder, decoder). Haiku uniquifies a name scope entered
   twice ("decoder_1"), so one transformed function calls at most one of
-  decode / init_cache / decode_step.
+  decode / init_cache / decode_step; t5()'s functions call one each.
   """
 
   def __init__(self, config: T5Config):
@@ -294,47 +294,93 @@ def shift_right(targets: jax.Array, start_id: int) -> jax.Array:
   return jnp.concatenate([start, targets[:, :-1]], axis=1)
 
 
-OUTPUTS = ("logits", "hidden", "encoded", "hidden_and_encoded")
+class DecoderStates(NamedTuple):
+  """A teacher-forced forward up to, not through, the output projection.
+
+  hidden: [B, T, D] final decoder states, already multiplied by the output
+    scale, so that kernels.linear_sequence_logprobs(hidden, weight, ...)
+    never materialises the logits.
+  weight: [D, V] output projection (DecoderOutput.weight).
+  encoded: [B, S, D] the encoder output the decoder attended to, for a value
+    head sharing the policy's encoder (value.value_network "shared").
+  """
+  hidden: jax.Array
+  weight: jax.Array
+  encoded: jax.Array
 
 
-def t5(config: T5Config) -> hk.Transformed:
-  """The teacher-forced encoder-decoder as an hk.Transformed.
+class DecodeStep(NamedTuple):
+  """One cached decoder step: logits [B, V] (float32) and the cache after."""
+  logits: jax.Array
+  cache: LayerCache
 
-  The config is resolved once here (T5Config.resolved): platform "auto"
-  becomes this process's backend, and cuDNN's host constraints are checked.
 
-  apply(params, rng, encoder_tokens [B, S], decoder_targets [B, T], *,
-        is_training=False, output="logits")
-    output="logits": float32 logits [B, T, V];
-    output="hidden": (hidden [B, T, D], weight [D, V]) with hidden already
-      scaled for the output projection, so that
-      kernels.linear_sequence_logprobs(hidden, weight, ...) never
-      materialises the logits;
-    output="encoded": the encoder output [B, S, D] (decoder_targets unused);
-    output="hidden_and_encoded": (hidden, weight, encoded), for a value head
-      sharing the policy's encoder.
-  rng may be None unless is_training (dropout).
+class T5Apply(NamedTuple):
+  """The T5's pure functions over one parameter set (hk.multi_transform).
+
+  Each takes (params, rng, ...); rng may be None unless is_training
+  (dropout). Shapes as in the module docstring.
+
+  encode(params, rng, encoder_tokens [B, S], *, is_training=False)
+    -> the encoder output [B, S, D] (compute dtype).
+  decode(params, rng, encoder_tokens [B, S], decoder_targets [B, T], *,
+         is_training=False) -> DecoderStates: encoder and decoder under
+    teacher forcing, up to the output projection.
+  logits(params, rng, encoder_tokens, decoder_targets, *, is_training=False)
+    -> float32 logits [B, T, V] of the same forward.
+  init_cache(params, rng, encoded [B, S, D], max_length) -> LayerCache: an
+    empty self-attention cache and the cross-attention keys/values.
+  decode_step(params, rng, token [B], position (scalar), cache,
+              encoder_tokens [B, S]) -> DecodeStep.
+  """
+  encode: Callable[..., jax.Array]
+  decode: Callable[..., DecoderStates]
+  logits: Callable[..., jax.Array]
+  init_cache: Callable[..., LayerCache]
+  decode_step: Callable[..., DecodeStep]
+
+
+def t5(config: T5Config) -> hk.MultiTransformed:
+  """The encoder-decoder as an hk.MultiTransformed whose apply is a T5Apply.
+
+  init(rng, encoder_tokens [B, S], decoder_targets [B, T]) runs the
+  teacher-forced forward once and returns every parameter. The config is
+  resolved once here (T5Config.resolved): platform "auto" becomes this
+  process's backend, and cuDNN's host constraints are checked.
   """
   config = config.resolved()
 
-  def forward(encoder_tokens, decoder_targets=None, *, is_training=False,
-              output="logits"):
-    if output not in OUTPUTS:
-      raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}.")
+  def functions():
     model = T5(config)
-    embedder = model.embedder()
-    encoded = model.encode(encoder_tokens, embedder, is_training)
-    if output == "encoded":
-      return encoded
-    if decoder_targets is None:
-      raise ValueError(f"output={output!r} needs decoder_targets.")
-    out = model.decode(encoded, encoder_tokens,
-                       shift_right(decoder_targets, config.decoder_start_id),
-                       embedder, is_training)
-    if output == "hidden":
-      return out.hidden, out.weight
-    if output == "hidden_and_encoded":
-      return out.hidden, out.weight, encoded
-    return out.logits(platform=config.platform)
 
-  return hk.transform(forward)
+    def teacher_forced(encoder_tokens, decoder_targets, is_training):
+      embedder = model.embedder()
+      encoded = model.encode(encoder_tokens, embedder, is_training)
+      out = model.decode(encoded, encoder_tokens,
+                         shift_right(decoder_targets, config.decoder_start_id),
+                         embedder, is_training)
+      return out, encoded
+
+    def encode(encoder_tokens, *, is_training=False):
+      return model.encode(encoder_tokens, model.embedder(), is_training)
+
+    def decode(encoder_tokens, decoder_targets, *, is_training=False):
+      out, encoded = teacher_forced(encoder_tokens, decoder_targets,
+                                    is_training)
+      return DecoderStates(out.hidden, out.weight, encoded)
+
+    def logits(encoder_tokens, decoder_targets, *, is_training=False):
+      out, _ = teacher_forced(encoder_tokens, decoder_targets, is_training)
+      return out.logits(platform=config.platform)
+
+    def init_cache(encoded, max_length):
+      return model.init_cache(encoded, max_length)
+
+    def decode_step(token, position, cache, encoder_tokens):
+      out = model.decode_step(token, position, cache, encoder_tokens,
+                              model.embedder())
+      return DecodeStep(out.logits(platform=config.platform), out.cache)
+
+    return logits, T5Apply(encode, decode, logits, init_cache, decode_step)
+
+  return hk.multi_transform(functions)

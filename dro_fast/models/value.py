@@ -36,30 +36,30 @@ def _head(pooled: jax.Array) -> jax.Array:
 
 
 def value_network(config: T5Config, kind: str = "separate") -> hk.Transformed:
-  """The value network as an hk.Transformed.
+  """The value network of either kind as an hk.Transformed.
 
-  kind="separate": apply(params, rng, encoder_tokens [B, S], *,
-    is_training=False) -> [B] float32.
-  kind="shared": apply(params, rng, encoded [B, S, D], encoder_tokens
-    [B, S]) -> [B] float32, where encoded is the policy's encoder output
-    (t5(config).apply(..., output="encoded")).
-  The config is resolved once here (T5Config.resolved).
+  apply(params, rng, encoder_tokens [B, S], policy_encoded [B, S, D], *,
+        is_training=False) -> [B] float32, where policy_encoded is the
+  policy's encoder output for encoder_tokens (t5(config)'s encode, or
+  DecoderStates.encoded). "shared" pools policy_encoded; "separate" ignores
+  it (None will do) and encodes encoder_tokens with its own encoder, with
+  dropout when is_training. init takes the same arguments. The config is
+  resolved once here (T5Config.resolved).
   """
   config = config.resolved()
   if kind not in KINDS:
     raise ValueError(f"value network kind must be one of {KINDS}, got "
                      f"{kind!r}.")
-  if kind == "shared":
-    def shared(encoded, encoder_tokens):
-      return _head(masked_mean(encoded, encoder_tokens != config.pad_id))
-    return hk.transform(shared)
 
-  def separate(encoder_tokens, *, is_training=False):
-    model = T5(config)
-    encoded = model.encode(encoder_tokens, model.embedder(), is_training)
+  def values(encoder_tokens, policy_encoded, *, is_training=False):
+    if kind == "shared":
+      encoded = policy_encoded
+    else:
+      model = T5(config)
+      encoded = model.encode(encoder_tokens, model.embedder(), is_training)
     return _head(masked_mean(encoded, encoder_tokens != config.pad_id))
 
-  return hk.transform(separate)
+  return hk.transform(values)
 
 
 def init_from_policy(value_params: dict, policy_params: dict) -> dict:

@@ -64,9 +64,9 @@ def init_params(model_config: models.T5Config,
     policy_params = models.t5(model_config).init(keys.policy, tokens, tokens)
   if algorithm is None or not algorithm.has_value:
     return policy_params, {}
-  net = value.value_network(model_config, algorithm.value_net)
-  if algorithm.value_net == "separate":
-    return policy_params, value.init_from_policy(
-        net.init(keys.value, tokens), policy_params)
   encoded = jnp.zeros(tokens.shape + (model_config.d_model,))
-  return policy_params, net.init(keys.value, encoded, tokens)
+  value_params = value.value_network(model_config, algorithm.value_net).init(
+      keys.value, tokens, encoded)
+  if algorithm.value_net == "separate":
+    value_params = value.init_from_policy(value_params, policy_params)
+  return policy_params, value_params

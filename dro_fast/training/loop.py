@@ -194,15 +194,17 @@ def _reference(run: RunConfig, dataset, model_config, params):
   return ref, ref_fn, outputs
 
 
-def make_trainer(run: RunConfig, model_config: models.T5Config,
-                 mesh: jax.sharding.Mesh | None = None) -> steps.Trainer:
-  """The run's trainer: its algorithm, its optimizers and their schedules
-  over the policy's config. train() jits its update with donate_argnums=0
-  over the state's `sharding.tree_shardings` and the batch's
-  `sharding.batch_sharding`; benchmarks/tpu_compile.py compiles the same."""
+def trainer_for_run(run: RunConfig, model_config: models.T5Config,
+                    mesh: jax.sharding.Mesh | None = None) -> steps.Trainer:
+  """The run's Trainer: its algorithm, optimizers and their schedules.
+
+  train() jits its update with donate_argnums=0 over the state's
+  `sharding.tree_shardings` and the batch's `sharding.batch_sharding`;
+  benchmarks/tpu_compile.py compiles the same.
+  """
   policy_schedule = run.policy_optimizer.schedule()
   value_schedule = run.value_optimizer.schedule()
-  return steps.make_trainer(
+  return steps.build_trainer(
       run.algorithm, model_config, run.policy_optimizer.build(),
       run.value_optimizer.build(),
       learning_rates=lambda step: {"policy_lr": policy_schedule(step),
@@ -279,7 +281,7 @@ def _train(run: RunConfig, mesh) -> dict:
                                       policy_params)
     if ref is not None:
       arrays = dict(arrays, **ref)
-    trainer = make_trainer(run, model_config, mesh)
+    trainer = trainer_for_run(run, model_config, mesh)
     state = trainer.init(policy_params, value_params, init.split(rng).train)
     state_shardings = sharding.tree_shardings(state, mesh)
     state = jax.device_put(state, state_shardings)

@@ -44,7 +44,7 @@ def warm_start(run: RunConfig, model_config, params, arrays: dict,
     template = jax.device_put(params, sharding.tree_shardings(params, mesh))
     items = checkpointer.restore({runs.POLICY: template})[0]
     return sharding.to_host(items[runs.POLICY])
-  trainer = steps.make_trainer(
+  trainer = steps.build_trainer(
       steps.AlgorithmConfig(algo="sft",
                             implementation=run.algorithm.implementation),
       model_config, run.sft_optimizer.build(), None, mesh=mesh)

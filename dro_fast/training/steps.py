@@ -1,4 +1,4 @@
-"""Train state and the jitted update step of every algorithm.
+"""Train state, each algorithm's loss (LOSSES) and the guarded update.
 
 Batches are dicts of arrays. Single-trajectory algorithms (dro_v, kto, sft)
 take inputs [B, S], targets [B, T], target_mask [B, T], rewards [B] and
@@ -100,7 +100,11 @@ class TrainState(NamedTuple):
 
 
 class Trainer(NamedTuple):
-  """The jitted pieces of one training set-up."""
+  """init and update of one training set-up, pure functions for jax.jit.
+
+  Nothing here is jitted: the caller jits update with its own donation and
+  shardings (training.loop.train, benchmarks/lib/step.py).
+  """
   init: Callable[..., TrainState]
   update: Callable[[TrainState, dict], tuple[TrainState, dict]]
 
@@ -135,15 +139,15 @@ def logprob_kernel(implementation: str | None,
   return per_device.over_batch(fn, (True, False, True, True))
 
 
-def sequence_logprobs(model: Any, params: Any, rng: jax.Array | None,
-                      inputs: jax.Array, targets: jax.Array, mask: jax.Array,
-                      *, is_training: bool,
+def sequence_logprobs(policy: models.T5Apply, params: Any,
+                      rng: jax.Array | None, inputs: jax.Array,
+                      targets: jax.Array, mask: jax.Array, *,
+                      is_training: bool,
                       kernel: Callable[..., jax.Array]) -> jax.Array:
-  """log π(targets | inputs) [B] through the fused linear kernel (a
-  logprob_kernel)."""
-  hidden, weight = model.apply(params, rng, inputs, targets,
-                               is_training=is_training, output="hidden")
-  return kernel(hidden, weight, targets, mask)
+  """log π(targets | inputs) [B] through the fused linear kernel."""
+  states = policy.decode(params, rng, inputs, targets,
+                         is_training=is_training)
+  return kernel(states.hidden, states.weight, targets, mask)
 
 
 def sum_of_squares(tree) -> jax.Array:
@@ -160,18 +164,193 @@ def sum_of_squares(tree) -> jax.Array:
               for g in jax.tree.leaves(tree)), jnp.zeros((), jnp.float32))
 
 
-def make_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
-                 policy_optimizer: optax.GradientTransformation,
-                 value_optimizer: optax.GradientTransformation | None,
-                 learning_rates: Callable[[jax.Array], dict] | None = None,
-                 mesh: Mesh | None = None) -> Trainer:
-  """Builds init and update for one algorithm.
+class LossContext(NamedTuple):
+  """What an algorithm's loss reads besides parameters, batch and key.
+
+  algorithm: what is optimised.
+  policy: the policy's functions (models.t5(config).apply).
+  value_net: the value network's apply (value.value_network), or None for
+    an algorithm without one.
+  kernel: the log-probability kernel (logprob_kernel).
+  """
+  algorithm: AlgorithmConfig
+  policy: models.T5Apply
+  value_net: Callable[..., jax.Array] | None
+  kernel: Callable[..., jax.Array]
+
+  def logprobs(self, params, rng, inputs, targets, mask) -> jax.Array:
+    """log π(targets | inputs) [B] with dropout (training)."""
+    return sequence_logprobs(self.policy, params, rng, inputs, targets, mask,
+                             is_training=True, kernel=self.kernel)
+
+
+# A batch's loss: (context, policy_params, value_params, batch, rng) ->
+# (loss, metrics), differentiated in both parameter sets.
+LossFn = Callable[[LossContext, Any, Any, dict, jax.Array],
+                  tuple[jax.Array, dict]]
+
+
+def dro_v_batch_loss(context: LossContext, policy_params: Any,
+                     value_params: Any, batch: dict, rng: jax.Array
+                     ) -> tuple[jax.Array, dict]:
+  """DRO-V (losses.dro_v_loss) with V(x) from the value network."""
+  algorithm = context.algorithm
+  policy_rng, value_rng = jax.random.split(rng)
+  inputs, targets = batch["inputs"], batch["targets"]
+  states = context.policy.decode(policy_params, policy_rng, inputs, targets,
+                                 is_training=True)
+  values = context.value_net(value_params, value_rng, inputs, states.encoded,
+                             is_training=True)
+  logp = context.kernel(states.hidden, states.weight, targets,
+                        batch["target_mask"])
+  if algorithm.value_granularity == "per_batch":
+    values = jnp.broadcast_to(jnp.mean(values), values.shape)
+  return losses.dro_v_loss(logp, batch["ref_logprobs"], values,
+                           batch["rewards"], tau=algorithm.tau,
+                           rescale_policy_grad=algorithm.rescale_policy_grad)
+
+
+def kto_batch_loss(context: LossContext, policy_params: Any,
+                   value_params: Any, batch: dict, rng: jax.Array
+                   ) -> tuple[jax.Array, dict]:
+  """KTO (losses.kto_loss) against the batch's mismatched completions."""
+  del value_params
+  algorithm = context.algorithm
+  batch_size = batch["inputs"].shape[0]
+  # One forward for the examples and their mismatched completions.
+  logp = context.logprobs(
+      policy_params, rng, jnp.concatenate([batch["inputs"]] * 2),
+      jnp.concatenate([batch["targets"], batch["mismatched_targets"]]),
+      jnp.concatenate([batch["target_mask"], batch["mismatched_mask"]]))
+  return losses.kto_loss(
+      logp[:batch_size], batch["ref_logprobs"], batch["rewards"],
+      logp[batch_size:], batch["mismatched_ref_logprobs"],
+      beta=algorithm.beta,
+      desirable_weight=algorithm.kto_desirable_weight,
+      undesirable_weight=algorithm.kto_undesirable_weight)
+
+
+def sft_batch_loss(context: LossContext, policy_params: Any,
+                   value_params: Any, batch: dict, rng: jax.Array
+                   ) -> tuple[jax.Array, dict]:
+  """Supervised fine-tuning: the negative log-likelihood per target token."""
+  del value_params
+  mask = batch["target_mask"]
+  logp = context.logprobs(policy_params, rng, batch["inputs"],
+                          batch["targets"], mask)
+  loss = -jnp.sum(logp) / jnp.maximum(jnp.sum(mask), 1)
+  return loss, {"loss": loss, "logprob_mean": jnp.mean(logp)}
+
+
+def pairwise_batch_loss(context: LossContext, policy_params: Any,
+                        value_params: Any, batch: dict, rng: jax.Array
+                        ) -> tuple[jax.Array, dict]:
+  """DPO, IPO or SLiC (losses.pairwise_loss, kind = the algorithm)."""
+  del value_params
+  algorithm = context.algorithm
+  batch_size = batch["inputs"].shape[0]
+  logp = context.logprobs(
+      policy_params, rng, jnp.concatenate([batch["inputs"]] * 2),
+      jnp.concatenate([batch["chosen"], batch["rejected"]]),
+      jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]]))
+  return losses.pairwise_loss(
+      logp[:batch_size], logp[batch_size:], batch["chosen_ref_logprobs"],
+      batch["rejected_ref_logprobs"], beta=algorithm.beta,
+      kind=algorithm.algo)
+
+
+LOSSES: dict[str, LossFn] = {
+    "dro_v": dro_v_batch_loss, "kto": kto_batch_loss, "sft": sft_batch_loss,
+    "dpo": pairwise_batch_loss, "ipo": pairwise_batch_loss,
+    "slic": pairwise_batch_loss}
+
+
+def _init(policy_params, value_params, rng, *,
+          policy_optimizer: optax.GradientTransformation,
+          value_optimizer: optax.GradientTransformation | None) -> TrainState:
+  """The first TrainState; value_optimizer None: no value network."""
+  has_value = value_optimizer is not None
+  value_params = value_params if has_value else {}
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), policy_params=policy_params,
+      value_params=value_params,
+      policy_opt_state=policy_optimizer.init(policy_params),
+      value_opt_state=value_optimizer.init(value_params) if has_value else {},
+      rng=rng, bad_steps=jnp.zeros((), jnp.int32))
+
+
+def _update(state: TrainState, batch: dict, *,
+            loss_fn: Callable[..., tuple[jax.Array, dict]],
+            policy_optimizer: optax.GradientTransformation,
+            value_optimizer: optax.GradientTransformation | None,
+            learning_rates: Callable[[jax.Array], dict] | None
+            ) -> tuple[TrainState, dict]:
+  """One guarded step of loss_fn(policy_params, value_params, batch, rng).
+
+  value_optimizer None: no value network (its parameters stay {}).
+  """
+  rng, step_rng = jax.random.split(state.rng)
+  (loss, metrics), (policy_grads, value_grads) = jax.value_and_grad(
+      loss_fn, argnums=(0, 1), has_aux=True)(
+          state.policy_params, state.value_params, batch, step_rng)
+  # Non-finite guard: a NaN/inf loss or gradient skips the whole update
+  # (parameters and optimizer states stay as they were) and is counted,
+  # and so does an update that would make a parameter non-finite (a
+  # finite gradient times an absurd learning rate), or the parameters'
+  # sum of squares overflow float32 (a norm above 1.8e19: diverged; see
+  # sum_of_squares). lax.cond runs only the taken branch, so a good step
+  # pays no select over every parameter and optimizer-state array; the
+  # parameter check is one reduction.
+  policy_sq, value_sq = sum_of_squares(policy_grads), sum_of_squares(
+      value_grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(policy_sq + value_sq)
+  operands = (state.policy_params, state.value_params,
+              state.policy_opt_state, state.value_opt_state)
+
+  def apply(operands):
+    policy_params, value_params, policy_opt_state, value_opt_state = operands
+    updates, policy_opt_state = policy_optimizer.update(
+        policy_grads, policy_opt_state, policy_params)
+    policy_params = optax.apply_updates(policy_params, updates)
+    if value_optimizer is not None:
+      updates, value_opt_state = value_optimizer.update(
+          value_grads, value_opt_state, value_params)
+      value_params = optax.apply_updates(value_params, updates)
+    updated = (policy_params, value_params, policy_opt_state,
+               value_opt_state)
+    kept = jnp.isfinite(sum_of_squares(policy_params) +
+                        sum_of_squares(value_params))
+    return jax.lax.cond(kept, lambda: updated, lambda: operands), kept
+
+  (policy_params, value_params, policy_opt_state,
+   value_opt_state), applied = jax.lax.cond(
+       finite, apply, lambda operands: (operands, jnp.array(False)),
+       operands)
+  bad_steps = jnp.where(applied, 0, state.bad_steps + 1)
+  metrics = dict(metrics, policy_grad_norm=jnp.sqrt(policy_sq),
+                 value_grad_norm=jnp.sqrt(value_sq),
+                 skipped_update=1.0 - applied.astype(jnp.float32),
+                 consecutive_bad_steps=bad_steps)
+  if learning_rates is not None:
+    metrics.update(learning_rates(state.step))
+  new_state = TrainState(state.step + 1, policy_params, value_params,
+                         policy_opt_state, value_opt_state, rng, bad_steps)
+  return new_state, metrics
+
+
+def build_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
+                  policy_optimizer: optax.GradientTransformation,
+                  value_optimizer: optax.GradientTransformation | None,
+                  learning_rates: Callable[[jax.Array], dict] | None = None,
+                  mesh: Mesh | None = None) -> Trainer:
+  """The Trainer of one algorithm: its loss (LOSSES) and optimizers.
 
   Args:
     algorithm: what to optimise.
     model_config: the policy's (and value encoder's) T5Config.
     policy_optimizer: optax transformation for the policy.
-    value_optimizer: optax transformation for the value network (dro_v).
+    value_optimizer: optax transformation for the value network (used only
+      when algorithm.has_value; may be None otherwise).
     learning_rates: step -> {"policy_lr": ..., "value_lr": ...} for metrics.
     mesh: the devices the update is sharded over; init and update are
       traced under it (jax.sharding.use_abstract_mesh), so that custom
@@ -180,133 +359,21 @@ def make_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
   Returns:
     Trainer(init(policy_params, value_params, rng), update(state, batch)).
   """
-  policy = models.t5(model_config)
-  value_net = (value.value_network(model_config, algorithm.value_net)
-               if algorithm.has_value else None)
-  kernel = logprob_kernel(algorithm.implementation, model_config, mesh)
-
-  def logprobs(params, rng, inputs, targets, mask):
-    return sequence_logprobs(policy, params, rng, inputs, targets, mask,
-                             is_training=True, kernel=kernel)
-
-  def dro_v_loss(policy_params, value_params, batch, rng):
-    policy_rng, value_rng = jax.random.split(rng)
-    inputs, targets = batch["inputs"], batch["targets"]
-    if algorithm.value_net == "shared":
-      hidden, weight, encoded = policy.apply(
-          policy_params, policy_rng, inputs, targets, is_training=True,
-          output="hidden_and_encoded")
-      values = value_net.apply(value_params, None, encoded, inputs)
-    else:
-      hidden, weight = policy.apply(policy_params, policy_rng, inputs,
-                                    targets, is_training=True,
-                                    output="hidden")
-      values = value_net.apply(value_params, value_rng, inputs,
-                               is_training=True)
-    logp = kernel(hidden, weight, targets, batch["target_mask"])
-    if algorithm.value_granularity == "per_batch":
-      values = jnp.broadcast_to(jnp.mean(values), values.shape)
-    return losses.dro_v_loss(logp, batch["ref_logprobs"], values,
-                             batch["rewards"], tau=algorithm.tau,
-                             rescale_policy_grad=algorithm.rescale_policy_grad)
-
-  def kto_loss(policy_params, value_params, batch, rng):
-    del value_params
-    batch_size = batch["inputs"].shape[0]
-    # One forward for the examples and their mismatched completions.
-    logp = logprobs(
-        policy_params, rng, jnp.concatenate([batch["inputs"]] * 2),
-        jnp.concatenate([batch["targets"], batch["mismatched_targets"]]),
-        jnp.concatenate([batch["target_mask"], batch["mismatched_mask"]]))
-    return losses.kto_loss(
-        logp[:batch_size], batch["ref_logprobs"], batch["rewards"],
-        logp[batch_size:], batch["mismatched_ref_logprobs"],
-        beta=algorithm.beta,
-        desirable_weight=algorithm.kto_desirable_weight,
-        undesirable_weight=algorithm.kto_undesirable_weight)
-
-  def sft_loss(policy_params, value_params, batch, rng):
-    del value_params
-    mask = batch["target_mask"]
-    logp = logprobs(policy_params, rng, batch["inputs"], batch["targets"],
-                    mask)
-    loss = -jnp.sum(logp) / jnp.maximum(jnp.sum(mask), 1)
-    return loss, {"loss": loss, "logprob_mean": jnp.mean(logp)}
-
-  def pairwise_loss(policy_params, value_params, batch, rng):
-    del value_params
-    batch_size = batch["inputs"].shape[0]
-    logp = logprobs(
-        policy_params, rng, jnp.concatenate([batch["inputs"]] * 2),
-        jnp.concatenate([batch["chosen"], batch["rejected"]]),
-        jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]]))
-    return losses.pairwise_loss(
-        logp[:batch_size], logp[batch_size:], batch["chosen_ref_logprobs"],
-        batch["rejected_ref_logprobs"], beta=algorithm.beta,
-        kind=algorithm.algo)
-
-  loss_fn = {"dro_v": dro_v_loss, "kto": kto_loss,
-             "sft": sft_loss}.get(algorithm.algo, pairwise_loss)
-
-  def init(policy_params, value_params, rng) -> TrainState:
-    value_params = value_params if algorithm.has_value else {}
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), policy_params=policy_params,
-        value_params=value_params,
-        policy_opt_state=policy_optimizer.init(policy_params),
-        value_opt_state=(value_optimizer.init(value_params)
-                         if algorithm.has_value else {}),
-        rng=rng, bad_steps=jnp.zeros((), jnp.int32))
-
-  def update(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    rng, step_rng = jax.random.split(state.rng)
-    (loss, metrics), (policy_grads, value_grads) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(
-            state.policy_params, state.value_params, batch, step_rng)
-    # Non-finite guard: a NaN/inf loss or gradient skips the whole update
-    # (parameters and optimizer states stay as they were) and is counted,
-    # and so does an update that would make a parameter non-finite (a
-    # finite gradient times an absurd learning rate), or the parameters'
-    # sum of squares overflow float32 (a norm above 1.8e19: diverged; see
-    # sum_of_squares). lax.cond runs only the taken branch, so a good step
-    # pays no select over every parameter and optimizer-state array; the
-    # parameter check is one reduction.
-    policy_sq, value_sq = sum_of_squares(policy_grads), sum_of_squares(
-        value_grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(policy_sq + value_sq)
-    operands = (state.policy_params, state.value_params,
-                state.policy_opt_state, state.value_opt_state)
-
-    def apply(operands):
-      policy_params, value_params, policy_opt_state, value_opt_state = operands
-      updates, policy_opt_state = policy_optimizer.update(
-          policy_grads, policy_opt_state, policy_params)
-      policy_params = optax.apply_updates(policy_params, updates)
-      if algorithm.has_value:
-        updates, value_opt_state = value_optimizer.update(
-            value_grads, value_opt_state, value_params)
-        value_params = optax.apply_updates(value_params, updates)
-      updated = (policy_params, value_params, policy_opt_state,
-                 value_opt_state)
-      kept = jnp.isfinite(sum_of_squares(policy_params) +
-                          sum_of_squares(value_params))
-      return jax.lax.cond(kept, lambda: updated, lambda: operands), kept
-
-    (policy_params, value_params, policy_opt_state,
-     value_opt_state), applied = jax.lax.cond(
-         finite, apply, lambda operands: (operands, jnp.array(False)),
-         operands)
-    bad_steps = jnp.where(applied, 0, state.bad_steps + 1)
-    metrics = dict(metrics, policy_grad_norm=jnp.sqrt(policy_sq),
-                   value_grad_norm=jnp.sqrt(value_sq),
-                   skipped_update=1.0 - applied.astype(jnp.float32),
-                   consecutive_bad_steps=bad_steps)
-    if learning_rates is not None:
-      metrics.update(learning_rates(state.step))
-    new_state = TrainState(state.step + 1, policy_params, value_params,
-                           policy_opt_state, value_opt_state, rng, bad_steps)
-    return new_state, metrics
-
+  if algorithm.has_value and value_optimizer is None:
+    raise ValueError(f"algo {algorithm.algo!r} trains a value network: "
+                     "value_optimizer must not be None.")
+  value_optimizer = value_optimizer if algorithm.has_value else None
+  context = LossContext(
+      algorithm, models.t5(model_config).apply,
+      value.value_network(model_config, algorithm.value_net).apply
+      if algorithm.has_value else None,
+      logprob_kernel(algorithm.implementation, model_config, mesh))
+  init = functools.partial(_init, policy_optimizer=policy_optimizer,
+                           value_optimizer=value_optimizer)
+  update = functools.partial(
+      _update, loss_fn=functools.partial(LOSSES[algorithm.algo], context),
+      policy_optimizer=policy_optimizer, value_optimizer=value_optimizer,
+      learning_rates=learning_rates)
   if mesh is None:
     return Trainer(init=init, update=update)
   return Trainer(init=_under_mesh(init, mesh), update=_under_mesh(update, mesh))
@@ -324,7 +391,7 @@ def _under_mesh(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
 def reference_logprob_fn(model_config: models.T5Config,
                          implementation: str | None):
   """A jitted (params, inputs, targets, mask) -> [B] log π (no dropout)."""
-  policy = models.t5(model_config)
+  policy = models.t5(model_config).apply
   kernel = logprob_kernel(implementation, model_config)
 
   @jax.jit

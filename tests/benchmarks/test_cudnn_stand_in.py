@@ -54,7 +54,7 @@ def test_stand_in_keeps_what_cudnn_keeps(stand_in, remat):
                                    remat=remat))
   params = model.init(jax.random.key(0), encoder, targets)
   residuals = saved_residuals(
-      lambda p: model.apply(p, None, encoder, targets).sum(), params)
+      lambda p: model.apply.logits(p, None, encoder, targets).sum(), params)
   tagged = sum("fused_attention_" in description
                for _, description in residuals)
   assert tagged == (0 if remat == "full" else 2 * attentions)

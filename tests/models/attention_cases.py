@@ -91,7 +91,8 @@ def logits_and_grads(config, params, encoder, targets):
                                 (B, T, config.vocab_size), jnp.float32)
 
   def loss(params):
-    logits = model.apply(params, None, encoder, targets).astype(jnp.float32)
+    logits = model.apply.logits(params, None, encoder, targets).astype(
+        jnp.float32)
     return jnp.sum(logits * cotangent), logits
 
   (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)

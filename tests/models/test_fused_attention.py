@@ -69,7 +69,7 @@ def test_fused_decoder_is_causal(params, dot_product_xla):
   # right by one), so changing targets from 10 on leaves logits 0..10 alone.
   encoder, targets = attention_cases.tokens()
   model = models.t5(CONFIG.replace(attention=dot_product_xla))
-  apply = jax.jit(lambda t: model.apply(params, None, encoder, t))
+  apply = jax.jit(lambda t: model.apply.logits(params, None, encoder, t))
   base = apply(targets)
   later = targets.copy()
   later[:, 10:] = (later[:, 10:] + 5) % CONFIG.vocab_size
@@ -84,8 +84,8 @@ def test_fused_model_ignores_keys_past_the_length(params, dot_product_xla):
   # equal those of the 15 tokens run alone.
   encoder, targets = attention_cases.tokens()
   model = models.t5(CONFIG.replace(attention=dot_product_xla))
-  full = model.apply(params, None, encoder, targets)
-  alone = model.apply(params, None, encoder[1:2, :15], targets[1:2])
+  full = model.apply.logits(params, None, encoder, targets)
+  alone = model.apply.logits(params, None, encoder[1:2, :15], targets[1:2])
   np.testing.assert_allclose(np.asarray(full[1], np.float32),
                              np.asarray(alone[0], np.float32), atol=0.05,
                              rtol=0.05)
@@ -120,7 +120,7 @@ def _lowered_gradient(config, encoder, targets) -> str:
   params = jax.eval_shape(model.init, jax.random.key(0), encoder, targets)
 
   def loss(params):
-    return jnp.sum(model.apply(params, None, encoder, targets).astype(
+    return jnp.sum(model.apply.logits(params, None, encoder, targets).astype(
         jnp.float32))
 
   return jax.jit(jax.grad(loss)).trace(params).lower(
@@ -172,15 +172,15 @@ def test_dro_v_step_lowers_with_cudnn_attention_for_cuda(monkeypatch):
   config = GPU_CONFIG.replace(scan_layers=True,
                               remat="dots_except_mlp_hidden")
   algorithm = steps.AlgorithmConfig(algo="dro_v", value_net="separate")
-  trainer = steps.make_trainer(algorithm, config, optim.make_optimizer(1e-4),
-                               optim.make_optimizer(1e-4))
+  trainer = steps.build_trainer(algorithm, config, optim.make_optimizer(1e-4),
+                                optim.make_optimizer(1e-4))
 
   def init_state(key):
     tokens = jnp.ones((1, 2), jnp.int32)
     policy_key, value_key, state_key = jax.random.split(key, 3)
     policy = models.t5(config).init(policy_key, tokens, tokens)
     net = value.value_network(config, "separate")
-    values = value.init_from_policy(net.init(value_key, tokens), policy)
+    values = value.init_from_policy(net.init(value_key, tokens, None), policy)
     return trainer.init(policy, values, state_key)
 
   b, s, t = 4, 16, 8
@@ -288,7 +288,7 @@ def test_remat_keeps_the_flash_residuals(remat):
   params = jax.eval_shape(model.init, jax.random.key(0), encoder, targets)
   params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params)
   residuals = saved_residuals(
-      lambda p: model.apply(p, None, encoder, targets).sum(), params)
+      lambda p: model.apply.logits(p, None, encoder, targets).sum(), params)
   attentions = config.num_encoder_layers + 2 * config.num_decoder_layers
   tagged = sum("fused_attention_" in description
                for _, description in residuals)
@@ -339,7 +339,7 @@ def test_flash_model_refuses_a_pad_inside_the_input():
   params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params)
   encoder[0, 3] = CONFIG.pad_id
   with pytest.raises(ValueError, match="row 0 is not a leading run"):
-    model.apply(params, None, encoder, targets)
+    model.apply.logits(params, None, encoder, targets)
 
 
 def test_a_query_that_sees_no_key_gets_zero_from_xla_and_flash():

@@ -61,9 +61,9 @@ def test_encoder_logits_and_logprobs_match(converted):
   model = models.t5(config)
   enc, tgt = jnp.asarray(encoder_tokens, jnp.int32), jnp.asarray(targets,
                                                                  jnp.int32)
-  encoded = model.apply(params, None, enc, output="encoded")
-  logits = model.apply(params, None, enc, tgt)
-  hidden, weight = model.apply(params, None, enc, tgt, output="hidden")
+  encoded = model.apply.encode(params, None, enc)
+  logits = model.apply.logits(params, None, enc, tgt)
+  hidden, weight, _ = model.apply.decode(params, None, enc, tgt)
   mask = jnp.ones_like(tgt, bool)
   logprobs = kernels.sequence_logprobs(logits, tgt, mask)
   fused = kernels.linear_sequence_logprobs(hidden, weight, tgt, mask)

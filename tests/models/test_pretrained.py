@@ -217,9 +217,9 @@ def test_hf_sharded_safetensors_match_the_model(sharded_dir, hf_dir):
   with torch.no_grad():
     expected = hf_model(input_ids=torch.tensor(encoder_tokens),
                         labels=torch.tensor(targets)).logits.numpy()
-  logits = models.t5(config).apply(params, None,
-                                   jnp.asarray(encoder_tokens, jnp.int32),
-                                   jnp.asarray(targets, jnp.int32))
+  logits = models.t5(config).apply.logits(
+      params, None, jnp.asarray(encoder_tokens, jnp.int32),
+      jnp.asarray(targets, jnp.int32))
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 

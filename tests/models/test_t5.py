@@ -129,7 +129,7 @@ def _model_jaxpr(config) -> str:
   encoder, targets = _tokens()
   params = jax.eval_shape(model.init, jax.random.key(0), encoder, targets)
   return str(jax.make_jaxpr(
-      lambda p: model.apply(p, None, encoder, targets).sum())(params))
+      lambda p: model.apply.logits(p, None, encoder, targets).sum())(params))
 
 
 def test_platform_chooses_the_cpu_forms():
@@ -234,7 +234,7 @@ def test_bfloat16_attention_logits_backward_in_bfloat16():
   params = jax.eval_shape(model.init, jax.random.key(0), encoder, targets)
 
   def loss(params):
-    return model.apply(params, None, encoder, targets).sum()
+    return model.apply.logits(params, None, encoder, targets).sum()
 
   text = jax.jit(jax.grad(loss)).trace(params).lower(
       lowering_platforms=("cuda",)).as_text()
@@ -257,7 +257,7 @@ def test_scan_and_remat_compute_the_same_function(params, changes):
   scanned = pretrained.stack_layers(params, config)
 
   def loss(model_config, p):
-    logits = models.t5(model_config).apply(p, None, encoder, targets)
+    logits = models.t5(model_config).apply.logits(p, None, encoder, targets)
     return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
 
   (value, logits), grads = jax.value_and_grad(
@@ -282,8 +282,8 @@ def test_remat_policies_keep_less_in_the_documented_order():
     model = models.t5(CONFIG.replace(remat=remat))
     params = model.init(jax.random.key(0), encoder, targets)
     residuals = saved_residuals(
-        lambda p, model=model: model.apply(p, None, encoder, targets).sum(),
-        params)
+        lambda p, model=model: model.apply.logits(
+            p, None, encoder, targets).sum(), params)
     kept[remat] = (sum(a.size * a.dtype.itemsize for a, _ in residuals),
                    sum(f"'{name}'" in description for _, description
                        in residuals for name
@@ -300,8 +300,8 @@ def test_bfloat16_forward_stays_close_to_float32(params):
   # Stated tolerance: bfloat16 compute (float32 params, norms, softmax and
   # logits) keeps logits within 3% relative (Frobenius) of float32.
   encoder, targets = _tokens(2)
-  logits32 = models.t5(CONFIG).apply(params, None, encoder, targets)
-  logits16 = models.t5(CONFIG.replace(dtype="bfloat16")).apply(
+  logits32 = models.t5(CONFIG).apply.logits(params, None, encoder, targets)
+  logits16 = models.t5(CONFIG.replace(dtype="bfloat16")).apply.logits(
       params, None, encoder, targets)
   assert logits16.dtype == jnp.float32
   error = np.linalg.norm(logits16 - logits32) / np.linalg.norm(logits32)
@@ -311,15 +311,38 @@ def test_bfloat16_forward_stays_close_to_float32(params):
 def test_dropout_only_when_training(params):
   encoder, targets = _tokens(3)
   model = models.t5(CONFIG.replace(dropout_rate=0.3))
-  eval1 = model.apply(params, None, encoder, targets)
-  eval2 = model.apply(params, jax.random.key(1), encoder, targets)
-  train1 = model.apply(params, jax.random.key(1), encoder, targets,
-                       is_training=True)
-  train2 = model.apply(params, jax.random.key(2), encoder, targets,
-                       is_training=True)
+  eval1 = model.apply.logits(params, None, encoder, targets)
+  eval2 = model.apply.logits(params, jax.random.key(1), encoder, targets)
+  train1 = model.apply.logits(params, jax.random.key(1), encoder, targets,
+                              is_training=True)
+  train2 = model.apply.logits(params, jax.random.key(2), encoder, targets,
+                              is_training=True)
   np.testing.assert_array_equal(eval1, eval2)
   assert not np.allclose(train1, eval1)
   assert not np.allclose(train1, train2)
+
+
+def test_functions_are_views_of_one_forward(params):
+  """encode, decode, logits and a first decode_step agree."""
+  encoder, targets = _tokens(5)
+  model = models.t5(CONFIG).apply
+  encoded = model.encode(params, None, encoder)
+  states = model.decode(params, None, encoder, targets)
+  logits = model.logits(params, None, encoder, targets)
+  np.testing.assert_array_equal(states.encoded, encoded)
+  assert states.hidden.shape == (B, T, CONFIG.d_model)
+  np.testing.assert_allclose(
+      logits, np.asarray(states.hidden, np.float64) @ np.asarray(
+          states.weight, np.float64), rtol=1e-5, atol=1e-5)
+  # The first cached step sees the start token alone, as position 0 of the
+  # teacher-forced decoder does.
+  cache = model.init_cache(params, None, encoded, T)
+  step = model.decode_step(
+      params, None, jnp.full((B,), CONFIG.decoder_start_id, jnp.int32),
+      jnp.asarray(0, jnp.int32), cache, encoder)
+  np.testing.assert_allclose(step.logits, logits[:, 0], rtol=1e-5, atol=1e-5)
+  assert step.cache.self_key.shape == (CONFIG.num_decoder_layers, B, T,
+                                       CONFIG.num_heads, CONFIG.d_kv)
 
 
 def _eos_heavy(params):
@@ -338,7 +361,7 @@ def _uncached_greedy(params, encoder, max_length):
   tokens = np.zeros((B, max_length), np.int32)
   done = np.zeros(B, bool)
   for i in range(max_length):
-    logits = model.apply(params, None, encoder, jnp.asarray(tokens))
+    logits = model.apply.logits(params, None, encoder, jnp.asarray(tokens))
     chosen = np.where(done, CONFIG.pad_id, np.argmax(logits[:, i], axis=-1))
     tokens[:, i] = chosen
     done |= chosen == CONFIG.eos_id

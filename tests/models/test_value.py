@@ -31,22 +31,22 @@ def test_separate_value_starts_from_the_policy_encoder():
   policy = models.t5(CONFIG)
   policy_params = policy.init(jax.random.key(0), tokens, tokens)
   net = value.value_network(CONFIG, "separate")
-  params = net.init(jax.random.key(1), tokens)
+  params = net.init(jax.random.key(1), tokens, None)
   assert set(params) - set(policy_params) == {"value_head"}
   params = value.init_from_policy(params, policy_params)
   # Give the head weights so the value depends on the encoder.
   params["value_head"]["w"] = jnp.ones_like(params["value_head"]["w"])
-  values = net.apply(params, None, tokens)
+  values = net.apply(params, None, tokens, None)
   assert values.shape == (3,) and values.dtype == jnp.float32
 
-  encoded = policy.apply(policy_params, None, tokens, output="encoded")
+  encoded = policy.apply.encode(policy_params, None, tokens)
   shared = value.value_network(CONFIG, "shared")
   head = {"value_head": params["value_head"]}
-  np.testing.assert_allclose(shared.apply(head, None, encoded, tokens),
+  np.testing.assert_allclose(shared.apply(head, None, tokens, encoded),
                              values, rtol=1e-5)
   # Padding beyond a row's tokens does not change its value.
   longer = jnp.pad(tokens, ((0, 0), (0, 3)))
-  np.testing.assert_allclose(net.apply(params, None, longer), values,
+  np.testing.assert_allclose(net.apply(params, None, longer, None), values,
                              rtol=1e-5, atol=1e-6)
 
 
@@ -54,7 +54,7 @@ def test_shared_value_has_only_a_head():
   tokens = _tokens()
   encoded = jnp.ones((3, 9, CONFIG.d_model))
   params = value.value_network(CONFIG, "shared").init(
-      jax.random.key(0), encoded, tokens)
+      jax.random.key(0), tokens, encoded)
   assert set(params) == {"value_head"}
 
 

@@ -40,9 +40,9 @@ def run(mesh):
   tokens = jnp.ones((1, 3), jnp.int32)
   policy_params = models.t5(CONFIG).init(jax.random.key(0), tokens, tokens)
   net = value.value_network(CONFIG, "separate")
-  value_params = value.init_from_policy(net.init(jax.random.key(1), tokens),
-                                        policy_params)
-  trainer = steps.make_trainer(
+  value_params = value.init_from_policy(
+      net.init(jax.random.key(1), tokens, None), policy_params)
+  trainer = steps.build_trainer(
       steps.AlgorithmConfig(implementation="chunked_xla"), CONFIG,
       optim.make_optimizer(1e-3, 2), optim.make_optimizer(1e-3, 2),
       mesh=mesh)

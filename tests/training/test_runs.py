@@ -51,9 +51,9 @@ def test_init_params_is_the_trainers_split(value_net):
   net = value.value_network(CONFIG, value_net)
   if value_net == "separate":
     expected = value.init_from_policy(
-        net.init(value_rng, jnp.ones((1, 9), jnp.int32)), policy)
+        net.init(value_rng, jnp.ones((1, 9), jnp.int32), None), policy)
   else:
-    expected = net.init(value_rng, jnp.zeros((1, 2, CONFIG.d_model)), tokens)
+    expected = net.init(value_rng, tokens, jnp.zeros((1, 2, CONFIG.d_model)))
   _equal(values, expected)
   # Without a value network, or from a given policy.
   assert init.init_params(CONFIG, steps.AlgorithmConfig(algo="sft"),
@@ -75,9 +75,9 @@ def _workdir(tmp_path, algo="dro_v"):
   run.save(os.path.join(tmp_path, "run_config.json"))
   policy, values = init.init_params(CONFIG, run.algorithm,
                                     jax.random.PRNGKey(run.seed))
-  trainer = steps.make_trainer(run.algorithm, CONFIG,
-                               optim.make_optimizer(1e-3),
-                               optim.make_optimizer(1e-3))
+  trainer = steps.build_trainer(run.algorithm, CONFIG,
+                                optim.make_optimizer(1e-3),
+                                optim.make_optimizer(1e-3))
   state = trainer.init(jax.tree.map(lambda x: x * 2, policy), values,
                        jax.random.PRNGKey(0))
   checkpointing.Checkpointer(os.path.join(tmp_path, "checkpoints"),
@@ -89,7 +89,7 @@ def test_policy_restores_without_optimizer_state(tmp_path, monkeypatch):
   _, _, state = _workdir(tmp_path)
   # The evaluator builds no trainer and reads no optimizer state: the
   # checkpoint's train_state item may as well be gone.
-  monkeypatch.setattr(steps, "make_trainer", None)
+  monkeypatch.setattr(steps, "build_trainer", None)
   import shutil  # pylint: disable=g-import-not-at-top
   shutil.rmtree(tmp_path / "checkpoints" / "5" / runs.TRAIN_STATE)
   params, step = runs.load_policy(str(tmp_path))

@@ -44,9 +44,9 @@ def _value_params(policy_params, kind):
   net = value.value_network(CONFIG, kind)
   if kind == "separate":
     return value.init_from_policy(
-        net.init(jax.random.key(1), _batch()["inputs"]), policy_params)
-  return net.init(jax.random.key(1), jnp.zeros((1, 2, CONFIG.d_model)),
-                  jnp.ones((1, 2), jnp.int32))
+        net.init(jax.random.key(1), _batch()["inputs"], None), policy_params)
+  return net.init(jax.random.key(1), jnp.ones((1, 2), jnp.int32),
+                  jnp.zeros((1, 2, CONFIG.d_model)))
 
 
 @pytest.mark.parametrize("algo, value_net, granularity", [
@@ -58,9 +58,9 @@ def test_two_updates_change_what_they_should(policy_params, algo, value_net,
                                              granularity):
   algorithm = steps.AlgorithmConfig(algo=algo, value_net=value_net,
                                     value_granularity=granularity, beta=0.5)
-  trainer = steps.make_trainer(algorithm, CONFIG,
-                               optim.make_optimizer(1e-2, warmup_steps=0),
-                               optim.make_optimizer(1e-2, warmup_steps=0))
+  trainer = steps.build_trainer(algorithm, CONFIG,
+                                optim.make_optimizer(1e-2, warmup_steps=0),
+                                optim.make_optimizer(1e-2, warmup_steps=0))
   state = trainer.init(policy_params, _value_params(policy_params, value_net),
                        jax.random.PRNGKey(0))
   update = jax.jit(trainer.update)
@@ -80,14 +80,21 @@ def test_two_updates_change_what_they_should(policy_params, algo, value_net,
     assert state2.value_params == {} and float(metrics1["value_grad_norm"]) == 0
 
 
+def test_every_algorithm_has_a_loss_and_dro_v_a_value_optimizer():
+  assert set(steps.LOSSES) == set(steps.ALGORITHMS)
+  with pytest.raises(ValueError, match="value_optimizer must not be None"):
+    steps.build_trainer(steps.AlgorithmConfig(algo="dro_v"), CONFIG,
+                        optax.sgd(0.1), None)
+
+
 def test_dro_v_gradients_are_eq7_and_eq8(policy_params):
   """With SGD (no adaptive scaling) one step moves the parameters by exactly
   lr · mean δ ∇log π (policy, rescaled by 1/τ) and lr · mean δ ∇V (value)."""
   tau, lr = 0.5, 0.1
   algorithm = steps.AlgorithmConfig(algo="dro_v", tau=tau,
                                     implementation="xla")
-  trainer = steps.make_trainer(algorithm, CONFIG, optax.sgd(lr),
-                               optax.sgd(lr))
+  trainer = steps.build_trainer(algorithm, CONFIG, optax.sgd(lr),
+                                optax.sgd(lr))
   value_params = _value_params(policy_params, "separate")
   value_params["value_head"]["w"] = jnp.full_like(
       value_params["value_head"]["w"], 0.05)
@@ -98,9 +105,9 @@ def test_dro_v_gradients_are_eq7_and_eq8(policy_params):
   policy = models.t5(CONFIG)
   net = value.value_network(CONFIG, "separate")
   logp_fn = lambda p: kernels.sequence_logprobs(
-      policy.apply(p, None, batch["inputs"], batch["targets"]),
+      policy.apply.logits(p, None, batch["inputs"], batch["targets"]),
       batch["targets"], batch["target_mask"], implementation="xla")
-  v_fn = lambda p: net.apply(p, None, batch["inputs"])
+  v_fn = lambda p: net.apply(p, None, batch["inputs"], None)
   logp, v = logp_fn(policy_params), v_fn(value_params)
   delta = batch["rewards"] - v - tau * (logp - batch["ref_logprobs"])
   # Eq. 8 with DRO-V's 1/τ: ∇θ = −mean δ ∇log π; Eq. 7: ∇φ = −mean δ ∇V.
@@ -175,9 +182,9 @@ def test_gradients_the_guard_passes_keep_parameters_finite(spread):
 
 def test_non_finite_updates_are_skipped_and_counted(policy_params):
   algorithm = steps.AlgorithmConfig(algo="dro_v")
-  trainer = steps.make_trainer(algorithm, CONFIG,
-                               optim.make_optimizer(1e-2, warmup_steps=0),
-                               optim.make_optimizer(1e-2, warmup_steps=0))
+  trainer = steps.build_trainer(algorithm, CONFIG,
+                                optim.make_optimizer(1e-2, warmup_steps=0),
+                                optim.make_optimizer(1e-2, warmup_steps=0))
   state = trainer.init(policy_params, _value_params(policy_params,
                                                     "separate"),
                        jax.random.PRNGKey(0))
@@ -208,8 +215,8 @@ def test_an_update_that_would_make_a_parameter_non_finite_is_skipped(
   float32: the update is skipped like a non-finite one."""
   algorithm = steps.AlgorithmConfig(algo="dro_v")
   absurd = optim.make_optimizer(1e30, warmup_steps=0)
-  trainer = steps.make_trainer(algorithm, CONFIG, absurd,
-                               optim.make_optimizer(1e-2, warmup_steps=0))
+  trainer = steps.build_trainer(algorithm, CONFIG, absurd,
+                                optim.make_optimizer(1e-2, warmup_steps=0))
   state = trainer.init(policy_params, _value_params(policy_params,
                                                     "separate"),
                        jax.random.PRNGKey(0))
