@@ -46,7 +46,7 @@ class WriteError(OSError):
 
   def __init__(self, path: str | os.PathLike, code: int):
     fixable = code in _USER_FIXABLE
-    advice = ("Free space there (or use another --workdir), then rerun "
+    advice = ("Free space there (or use another `workdir`), then rerun "
               "the same command: the run resumes from its newest "
               "checkpoint." if fixable else "Check the storage device.")
     super().__init__(code, f"cannot write {os.fspath(path)}: "

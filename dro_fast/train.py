@@ -21,11 +21,8 @@ training.loop.train: no library function reads a flag.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import errno
 import json
-import logging as std_logging
 import os
 import sys
 
@@ -33,76 +30,80 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from dro_fast import cli
 from dro_fast import configs
 from dro_fast import data
 from dro_fast import fileio
 from dro_fast import models
 from dro_fast import runtime
+from dro_fast import kernels
 from dro_fast.data.config import DataConfig
-from dro_fast.models import value
+from dro_fast.models.config import VALUE_NETS
 from dro_fast.training import loop
 from dro_fast.training import optim
 from dro_fast.training import preemption
 from dro_fast.training import select
 from dro_fast.training import sharding
-from dro_fast.training import steps
+from dro_fast.training.config import AlgorithmConfig
+from dro_fast.training.config import ALGORITHMS
+from dro_fast.training.config import OptimizerConfig
 from dro_fast.training.run_config import RunConfig
 
 # Data.
 _TRAIN_DATA = flags.DEFINE_string(
     "train_data", None, "Training data: JSONL/Parquet file, folder, glob or "
     "comma list (docs/DATA.md). Unset: the demo's synthetic task.")
-_DATA_FORMAT = flags.DEFINE_enum(
+flags.DEFINE_enum(
     "data_format", "triplets", list(data.DATA_FORMATS), "Layout of "
     "--train_data (docs/DATA.md): (prompt, completion, reward), TRL unpaired "
     "(boolean label), UltraFeedback, or pairwise (prompt, chosen, rejected).")
-_PROMPT_FIELD = flags.DEFINE_string("prompt_field", "prompt",
-                                    "Prompt field (not ultrafeedback).")
-_COMPLETION_FIELD = flags.DEFINE_string("completion_field", "completion",
-                                        "Completion field (triplets/unpaired).")
-_REWARD_FIELD = flags.DEFINE_string("reward_field", "reward",
-                                    "Reward field (triplets).")
-_LABEL_FIELD = flags.DEFINE_string("label_field", "label",
-                                   "Boolean thumbs-up field (unpaired).")
-_SEPARATOR = flags.DEFINE_string("message_separator", "\n", "Joins the "
-                                 "messages of a chat prompt (docs/DATA.md).")
-_CHOSEN_FIELD = flags.DEFINE_string("chosen_field", "chosen",
-                                    "Preferred completion field (pairwise).")
-_REJECTED_FIELD = flags.DEFINE_string("rejected_field", "rejected",
-                                      "Dispreferred completion field.")
-_UF_REWARD = flags.DEFINE_enum(
+flags.DEFINE_string("prompt_field", "prompt",
+                    "Prompt field (not ultrafeedback).")
+flags.DEFINE_string("completion_field", "completion",
+                    "Completion field (triplets/unpaired).")
+flags.DEFINE_string("reward_field", "reward",
+                    "Reward field (triplets).")
+flags.DEFINE_string("label_field", "label",
+                    "Boolean thumbs-up field (unpaired).")
+flags.DEFINE_string("message_separator", "\n", "Joins the "
+                    "messages of a chat prompt (docs/DATA.md).")
+flags.DEFINE_string("chosen_field", "chosen",
+                    "Preferred completion field (pairwise).")
+flags.DEFINE_string("rejected_field", "rejected",
+                    "Dispreferred completion field.")
+flags.DEFINE_enum(
     "ultrafeedback_reward", "mean_rating", list(data.ULTRAFEEDBACK_REWARDS),
     "UltraFeedback reward: "
     "mean_rating (mean of the aspect ratings, N/A ignored), overall_score, "
     "an aspect name (helpfulness, honesty, ...), or binary (thumbs-up when "
     "the mean rating >= --binary_threshold).")
-_BINARY_THRESHOLD = flags.DEFINE_float(
+flags.DEFINE_float(
     "binary_threshold", None, "Mean rating at or above which a completion is "
     "a thumbs-up, for --ultrafeedback_reward=binary.")
-_SKIP_BAD_ROWS = flags.DEFINE_bool(
+flags.DEFINE_bool(
     "skip_bad_rows", False, "Drop malformed rows (logging a count per reason) "
     "instead of stopping at the first one.")
-_MAX_INPUT_LENGTH = flags.DEFINE_integer("max_input_length", 64,
-                                         "Prompt tokens kept (truncation).")
-_MAX_TARGET_LENGTH = flags.DEFINE_integer("max_target_length", 32,
-                                          "Completion tokens kept.")
-_LONG_ROWS = flags.DEFINE_enum(
+flags.DEFINE_integer("max_input_length", 64,
+                     "Prompt tokens kept (truncation).")
+flags.DEFINE_integer("max_target_length", 32,
+                     "Completion tokens kept.")
+flags.DEFINE_enum(
     "long_rows", "truncate", ["truncate", "skip", "error"], "Rows longer "
     "than --max_input_length / --max_target_length (EOS included): truncate "
     "them (EOS kept last), skip them (both with a warning), or stop.")
-_SFT_STEPS = flags.DEFINE_integer(
+flags.DEFINE_integer(
     "sft_steps", 0, "Steps of supervised fine-tuning on the training "
     "completions before the main algorithm, when there is no SFT checkpoint; "
     "the result is both the initial policy and π_ref (the demo uses 400).")
-_SFT_LR = flags.DEFINE_float(
+flags.DEFINE_float(
     "sft_lr", None, "Learning rate of the --sft_steps warm start (unset: "
     "--policy_lr; set it to sweep --policy_lr from one SFT policy).")
-_DEMO_EXAMPLES = flags.DEFINE_integer(
+flags.DEFINE_integer(
     "demo_examples", 2048, "Examples of the synthetic demo task (used when "
     "--train_data is unset).")
 
 # Algorithm.
-_ALGO = flags.DEFINE_enum("algo", "dro_v", list(steps.ALGORITHMS),
+_ALGO = flags.DEFINE_enum("algo", "dro_v", list(ALGORITHMS),
                           "dro_v (paper), or the kto / sft / dpo / ipo / slic "
                           "baselines.")
 _TAU = flags.DEFINE_float("tau", 1.0, "DRO's KL regularisation τ.")
@@ -112,7 +113,7 @@ _RESCALE = flags.DEFINE_bool(
     "rescale_policy_grad", True, "Scale the policy gradient by 1/τ (DRO-V's "
     "policy learning-rate rescaling, paper §3.3).")
 _VALUE_NET = flags.DEFINE_enum(
-    "value_net", "separate", list(value.KINDS), "DRO-V value network: its own "
+    "value_net", "separate", list(VALUE_NETS), "DRO-V value network: its own "
     "encoder (paper default) or a head on the policy's encoder.")
 _VALUE_GRANULARITY = flags.DEFINE_enum(
     "value_granularity", "per_example", ["per_example", "per_batch"],
@@ -131,7 +132,7 @@ _INIT_CHECKPOINT = flags.DEFINE_string(
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer", None, "SentencePiece model (T5's spiece.model). Unset: one "
     "is trained on the training data and saved in the workdir.")
-_TOKENIZER_VOCAB = flags.DEFINE_integer(
+flags.DEFINE_integer(
     "tokenizer_vocab_size", 256, "Vocabulary of a tokenizer trained here.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype (parameters stay float32).")
@@ -153,14 +154,14 @@ _WARMUP = flags.DEFINE_integer("warmup_steps", 150, "Linear warm-up steps.")
 _DECAY_RATE = flags.DEFINE_float("adafactor_decay_rate", 0.8,
                                  "Adafactor decay rate.")
 _CLIP = flags.DEFINE_float("clip_grad_norm", 0.0, "Gradient clipping (0: off).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Global batch size.")
-_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 40000,
-                                    "Steps to train (paper, T5-L: 40,000).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of init, shuffling, dropout.")
+flags.DEFINE_integer("batch_size", 32, "Global batch size.")
+flags.DEFINE_integer("train_steps", 40000,
+                     "Steps to train (paper, T5-L: 40,000).")
+flags.DEFINE_integer("seed", 0, "Seed of init, shuffling, dropout.")
 _KERNEL = flags.DEFINE_string(
     "kernel_implementation", None, "dro_fast.kernels implementation (xla, "
     "chunked_xla, pallas_tpu, pallas_gpu); unset: by backend.")
-_REF_LOGPROBS = flags.DEFINE_enum(
+flags.DEFINE_enum(
     "ref_logprobs", "cached", ["cached", "online"], "Reference log-probs: "
     "computed once and cached on disk, or recomputed every step.")
 _REF_CACHE_DIR = flags.DEFINE_string(
@@ -169,16 +170,16 @@ _REF_CACHE_DIR = flags.DEFINE_string(
 
 # Run.
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "The run's folder.")
-_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 2000,
-                                         "Steps between checkpoints.")
-_KEEP_CHECKPOINTS = flags.DEFINE_integer("keep_checkpoints", 3, "Newest kept.")
-_ASYNC_CHECKPOINTS = flags.DEFINE_bool(
+flags.DEFINE_integer("checkpoint_every", 2000,
+                     "Steps between checkpoints.")
+flags.DEFINE_integer("keep_checkpoints", 3, "Newest kept.")
+flags.DEFINE_bool(
     "async_checkpoints", None, "Save in the background (unset: not on a CPU).")
-_LOG_EVERY = flags.DEFINE_integer("log_every", 100, "Steps between metrics.")
-_MAX_BAD_STEPS = flags.DEFINE_integer(
+flags.DEFINE_integer("log_every", 100, "Steps between metrics.")
+flags.DEFINE_integer(
     "max_bad_steps", 10, "Stop after this many consecutive updates skipped "
     "for a non-finite loss or gradient (checked when logging).")
-_SELECT_BEST = flags.DEFINE_bool(
+flags.DEFINE_bool(
     "select_best", False, "After training, judge every kept checkpoint "
     "against the SFT policy (dro_fast.evaluation --best_checkpoint) into "
     "<workdir>/best_checkpoint.json (the paper's selection, §4).")
@@ -187,7 +188,7 @@ _EVAL_FLAGS = flags.DEFINE_multi_string(
     "e.g. --eval_flag=--judge=http:URL --eval_flag=--judge_model=M "
     "(default for the demo task: 1 fold of 200 held-out prompts, its "
     "reward as the judge).")
-_MESH = flags.DEFINE_string(
+flags.DEFINE_string(
     "mesh", "", "Device mesh, e.g. data:4,fsdp:2 (batch over both axes, "
     "parameters and optimizer states over fsdp). Unset: all on data.")
 _COORDINATOR = flags.DEFINE_string(
@@ -228,17 +229,16 @@ def _from_flags(cls, **fields):
 
 
 def _optimizer(learning_rate: flags.FlagHolder,
-               platform: str) -> optim.OptimizerConfig:
+               platform: str) -> OptimizerConfig:
   """An OptimizerConfig from the flags; its errors name the flags."""
   try:
-    return optim.OptimizerConfig(
+    return OptimizerConfig(
         learning_rate=learning_rate.value, warmup_steps=_WARMUP.value,
         decay_rate=_DECAY_RATE.value, clip_norm=_CLIP.value or None,
         reduce_with_dots=optim.statistics_as_gemvs(platform))
   except ValueError as e:
-    field, rest = str(e).split(" ", 1)
-    flag = {"learning_rate": learning_rate.name, "clip_norm": _CLIP.name}
-    raise ValueError(f"--{flag.get(field, field)} {rest}") from None
+    raise ValueError(cli.flag_terms(str(e), flags.FLAGS, dict(
+        FIELD_FLAGS, learning_rate=learning_rate.name))) from None
 
 
 def run_config() -> RunConfig:
@@ -263,12 +263,18 @@ def run_config() -> RunConfig:
                         scan_layers=_SCAN_LAYERS.value).resolved()
   model = model.replace(dtype=runtime.compute_dtype(model.dtype,
                                                     model.platform))
-  algorithm = steps.AlgorithmConfig(
+  algorithm = AlgorithmConfig(
       algo=_ALGO.value, tau=_TAU.value,
       beta=_BETA.value if _BETA.value is not None else _TAU.value,
       rescale_policy_grad=_RESCALE.value, value_net=_VALUE_NET.value,
       value_granularity=_VALUE_GRANULARITY.value,
       implementation=_KERNEL.value)
+  if _KERNEL.value is not None and _KERNEL.value not in (
+      kernels.IMPLEMENTATIONS):
+    raise ValueError(
+        f"--kernel_implementation={_KERNEL.value} is not available here; "
+        f"choose one of {', '.join(sorted(kernels.IMPLEMENTATIONS))}, or "
+        "leave it unset to pick by backend.")
   return _from_flags(
       RunConfig, data=data_config, model=model, algorithm=algorithm,
       policy_optimizer=_optimizer(_POLICY_LR, model.platform),
@@ -294,49 +300,22 @@ def init_distributed() -> None:
                                   _PROCESS_ID.value)
 
 
-def _user_error(message: str, code: int = 2) -> None:
-  """Prints `message` as the CLI's one error line(s) and exits with `code`."""
-  print(f"error: {message}", file=sys.stderr)
-  # Orbax's and TensorStore's event loops may hold reads that never finish
-  # once an error stops the run; their garbage at exit (abandoned
-  # coroutines, tasks' errors never retrieved) says nothing more.
-  sys.unraisablehook = _quiet_unraisable
-  std_logging.getLogger("asyncio").disabled = True
-  sys.exit(code)
-
-
-def _quiet_unraisable(unraisable) -> None:
-  """sys.unraisablehook without abandoned coroutines and closed loops."""
-  error = unraisable.exc_value
-  if asyncio.iscoroutine(unraisable.object) or (
-      isinstance(error, RuntimeError) and "Event loop is closed" in str(error)):
-    return
-  sys.__unraisablehook__(unraisable)
-
-
-# What a file-system refusal means for a run, and what to do about it.
-_REFUSALS = {
-    errno.EACCES: "this user may not write or read there: choose a path you "
-                  "own, or change its permissions",
-    errno.EPERM: "the operation is not permitted there: choose another path",
-    errno.EROFS: "the file system is read-only: choose a workdir on a "
-                 "writable one, or remount it read-write",
-    errno.ENOENT: "it does not exist: check the path",
-    errno.ENOTDIR: "a file stands where a folder is needed: name a folder, "
-                   "or move the file away",
-    errno.EEXIST: "a file stands where a folder is needed: name a folder, "
-                  "or move the file away",
-    errno.EISDIR: "a folder stands where a file is needed: name the file",
+# Config fields whose flag has another name (dro_fast.cli.flag_terms); every
+# other field is the flag of the same name.
+FIELD_FLAGS = {
+    "policy_optimizer.learning_rate": "policy_lr",
+    "value_optimizer.learning_rate": "value_lr",
+    "clip_norm": "clip_grad_norm",
+    "decay_rate": "adafactor_decay_rate",
+    "implementation": "kernel_implementation",
 }
 
 
-def _refusal(error: OSError) -> str | None:
-  """One line for a file-system refusal (path, cause, remedy), else None."""
-  remedy = _REFUSALS.get(error.errno)
-  if remedy is None or not error.filename:
-    return None
-  return (f"cannot use {os.fsdecode(error.filename)}: {error.strerror}; "
-          f"{remedy}. Nothing was trained.")
+def _user_error(message: str, code: int = 2,
+                renames: dict[str, str] | None = None) -> None:
+  """A library error as the CLI's one line, its fields as flags; exits."""
+  cli.user_error(cli.flag_terms(message, flags.FLAGS,
+                                dict(FIELD_FLAGS, **(renames or {}))), code)
 
 
 def _train(run: RunConfig) -> dict:
@@ -353,7 +332,7 @@ def _train(run: RunConfig) -> dict:
   except fileio.WriteError as e:  # a full disk: nothing was half-written
     _user_error(str(e), e.exit_code)
   except OSError as e:
-    line = _refusal(e)
+    line = cli.refusal(e, "Nothing was trained.")
     if line is None:
       raise
     _user_error(line)

@@ -36,6 +36,7 @@ LAYERS = {
     "dro_fast.training": 4,
     "dro_fast.train": 5,        # the CLIs
     "dro_fast.evaluation": 5,
+    "dro_fast.cli": 5,          # what the CLIs share
 }
 
 # What a kernel module may import besides dro_fast.kernels.
@@ -132,13 +133,28 @@ def test_kernels_import_only_jax_numpy_stdlib_and_themselves(name):
   assert not foreign, f"{name} imports {foreign}"
 
 
-def test_model_config_imports_no_implementation():
-  # T5Config is a leaf: it validates names against tuples of its own module,
-  # so whether a config is valid never depends on what was imported first.
-  imported = _imports("dro_fast.models.config",
-                      MODULES["dro_fast.models.config"])
-  assert not [m for m in imported if m.startswith("dro_fast.")], imported
-  assert {m.split(".")[0] for m in imported} <= {"jax", *sys.stdlib_module_names}
+# The configs are leaves: each imports only the standard library, jax (its
+# types) and the configs listed beside it, and validates names against tuples
+# of its own, so whether a config is valid never depends on what was
+# imported first.
+CONFIGS = {
+    "dro_fast.models.config": (),
+    "dro_fast.data.config": (),
+    "dro_fast.training.config": ("dro_fast.models.config",),
+    "dro_fast.training.run_config": ("dro_fast.data.config",
+                                     "dro_fast.models.config",
+                                     "dro_fast.training.config"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_configs_import_no_implementation(name):
+  imported = _imports(name, MODULES[name])
+  own = [m for m in imported if m.startswith("dro_fast.")]
+  assert [m for m in own if m.rsplit(".", 1)[0] not in CONFIGS[name]] == [], (
+      name, own)
+  assert {m.split(".")[0] for m in imported} - {"dro_fast"} <= {
+      "jax", *sys.stdlib_module_names}, imported
 
 
 def _bound_names(path: pathlib.Path) -> set[str]:

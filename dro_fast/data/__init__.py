@@ -16,8 +16,10 @@ from dro_fast.data.pipeline import fingerprint
 from dro_fast.data.pipeline import long_texts
 from dro_fast.data.pipeline import tokenize_pairs
 from dro_fast.data.pipeline import tokenize_triplets
+from dro_fast.data.config import DATA_FORMATS
+from dro_fast.data.config import ULTRAFEEDBACK_ASPECTS
+from dro_fast.data.config import ULTRAFEEDBACK_REWARDS
 from dro_fast.data.files import data_files
-from dro_fast.data.formats import DATA_FORMATS
 from dro_fast.data.formats import read_dataset
 from dro_fast.data.records import DataError
 from dro_fast.data.records import Pair
@@ -27,8 +29,6 @@ from dro_fast.data.records import read_unpaired
 from dro_fast.data.records import Triplet
 from dro_fast.data.rewards import RewardStats
 from dro_fast.data.ultrafeedback import read_ultrafeedback
-from dro_fast.data.ultrafeedback import ULTRAFEEDBACK_ASPECTS
-from dro_fast.data.ultrafeedback import ULTRAFEEDBACK_REWARDS
 
 __all__ = ["BatchIterator", "DATA_FORMATS", "data_files", "DataError",
            "fingerprint", "long_texts", "Pair", "read_dataset",

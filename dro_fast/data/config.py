@@ -10,9 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from dro_fast.data.formats import DATA_FORMATS
-from dro_fast.data.ultrafeedback import ULTRAFEEDBACK_REWARDS
-
+# The layouts of training data (data.formats reads each).
+DATA_FORMATS = ("triplets", "unpaired", "ultrafeedback", "pairwise")
+ULTRAFEEDBACK_ASPECTS = ("instruction_following", "honesty", "truthfulness",
+                         "helpfulness")
+# UltraFeedback's rewards (data.ultrafeedback computes each).
+ULTRAFEEDBACK_REWARDS = (("mean_rating", "overall_score", "binary")
+                         + ULTRAFEEDBACK_ASPECTS)
 LONG_ROWS = ("truncate", "skip", "error")
 
 
@@ -75,30 +79,30 @@ class DataConfig:
                           ("ultrafeedback_reward", ULTRAFEEDBACK_REWARDS),
                           ("long_rows", LONG_ROWS)):
       if getattr(self, name) not in choices:
-        raise ValueError(f"--{name}={getattr(self, name)} is not one of "
+        raise ValueError(f"`{name}`={getattr(self, name)} is not one of "
                          f"{', '.join(choices)}.")
     for name, least in (("max_input_length", 2), ("max_target_length", 2),
                         ("demo_examples", 1)):
       if getattr(self, name) < least:
-        raise ValueError(f"--{name} must be >= {least}, got "
+        raise ValueError(f"`{name}` must be >= {least}, got "
                          f"{getattr(self, name)}.")
     if not self.tokenizer and self.tokenizer_vocab_size < 4:
-      raise ValueError("--tokenizer_vocab_size must be >= 4 (pad, eos, unk "
+      raise ValueError("`tokenizer_vocab_size` must be >= 4 (pad, eos, unk "
                        f"and one character), got {self.tokenizer_vocab_size}.")
     binary = self.ultrafeedback_reward == "binary"
     if self.binary_threshold is not None and not binary:
       raise ValueError(
-          "--binary_threshold applies only to --ultrafeedback_reward=binary, "
-          f"not --ultrafeedback_reward={self.ultrafeedback_reward}: drop "
-          "--binary_threshold or set --ultrafeedback_reward=binary.")
+          "`binary_threshold` applies only to `ultrafeedback_reward`=binary, "
+          f"not `ultrafeedback_reward`={self.ultrafeedback_reward}: drop "
+          "`binary_threshold` or set `ultrafeedback_reward`=binary.")
     if binary and self.data_format == "ultrafeedback":
       if self.binary_threshold is None:
         raise ValueError(
-            "--ultrafeedback_reward=binary needs --binary_threshold=<mean "
+            "`ultrafeedback_reward`=binary needs `binary_threshold`=<mean "
             "rating>: completions whose mean aspect rating is at or above it "
             "get reward 1, the others 0 (ratings run from 1 to 5).")
       if not math.isfinite(self.binary_threshold):
-        raise ValueError("--binary_threshold must be a finite number, got "
+        raise ValueError("`binary_threshold` must be a finite number, got "
                          f"{self.binary_threshold}.")
 
   @property

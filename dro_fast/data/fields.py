@@ -46,7 +46,7 @@ def _present(row: dict[str, Any], key: str, field: str,
               f"{', '.join(map(repr, row)) or 'none'})")
     if argument is not None:
       detail += (f"; if the field has another name, pass {argument}=<name>"
-                 f" (the trainer's --{argument})")
+                 f" (the trainer's `{argument}`)")
     if hint is not None:
       detail += f"; {hint}"
     raise BadValue(field, f"missing {key}", detail)

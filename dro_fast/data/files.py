@@ -82,7 +82,7 @@ def data_files(data: str | os.PathLike) -> list[str]:
   for entry in entries:
     if not entry:
       raise DataError(
-          f"the data files {data!r} (the trainer's --train_data) have an "
+          f"the data files {data!r} (the trainer's `train_data`) have an "
           "empty entry. Separate files, folders and globs with single "
           "commas.")
     if os.path.isdir(entry):

@@ -20,6 +20,7 @@ from typing import Any
 
 from absl import logging
 
+from dro_fast.data.config import DATA_FORMATS
 from dro_fast.data.files import data_files
 from dro_fast.data.records import Pair
 from dro_fast.data.records import read_pairwise
@@ -30,13 +31,9 @@ from dro_fast.data.rows import DataError
 from dro_fast.data.rows import NoRowsError
 from dro_fast.data.ultrafeedback import read_ultrafeedback
 
-_READERS = {
-    "triplets": read_triplets,
-    "unpaired": read_unpaired,
-    "ultrafeedback": read_ultrafeedback,
-    "pairwise": read_pairwise,
-}
-DATA_FORMATS = tuple(_READERS)
+# One reader per format, in DATA_FORMATS' order.
+_READERS = dict(zip(DATA_FORMATS, (read_triplets, read_unpaired,
+                                   read_ultrafeedback, read_pairwise)))
 
 
 def read_dataset(data: str | os.PathLike, data_format: str,

@@ -107,7 +107,7 @@ def choose_tokenizer(workdir: str, config: DataConfig,
     try:
       tok = Tokenizer.load(config.tokenizer)
     except (OSError, ValueError) as e:
-      raise DataError(f"--tokenizer: {e}") from None
+      raise DataError(f"`tokenizer`: {e}") from None
   else:
     path = os.path.join(workdir, TOKENIZER)
     if os.path.isfile(path):
@@ -115,16 +115,16 @@ def choose_tokenizer(workdir: str, config: DataConfig,
       try:
         tok = Tokenizer.load(path)
       except ValueError as e:
-        raise DataError(f"{e} It was trained by an earlier run in --workdir="
+        raise DataError(f"{e} It was trained by an earlier run in `workdir`="
                         f"{workdir}: delete it to train a new one, or pass "
-                        "--tokenizer.") from None
+                        "`tokenizer`.") from None
     else:
       try:
         tok = train_sentencepiece(texts, config.tokenizer_vocab_size, None)
       except ValueError as e:
         raise DataError(
-            "cannot train a tokenizer with --tokenizer_vocab_size="
-            f"{config.tokenizer_vocab_size}: {e} Pass --tokenizer="
+            "cannot train a tokenizer with `tokenizer_vocab_size`="
+            f"{config.tokenizer_vocab_size}: {e} Pass `tokenizer`="
             "<spiece.model> instead.") from None
   return tok, pipeline.fingerprint(
       {"model": np.frombuffer(tok.serialized_model(), np.uint8)})
@@ -149,7 +149,7 @@ def check_tokenizer_digest(workdir: str) -> None:
         f"{path} has no recorded SHA-256 ({digest_path} is missing: an older "
         "version saved it, or it was copied in), so it cannot be checked. If "
         "it is the tokenizer this workdir was trained with, record it with "
-        f"{record}; otherwise pass --tokenizer or use a new --workdir."
+        f"{record}; otherwise pass `tokenizer` or use a new `workdir`."
     ) from None
   except (OSError, ValueError):      # unreadable, or not ASCII
     line = ""
@@ -167,7 +167,7 @@ def check_tokenizer_digest(workdir: str) -> None:
         f"saved it: its SHA-256 is {actual[:16]}..., {digest_path} records "
         f"{recorded[:16]}.... Restore the original file (the checkpoints "
         "and caches in this workdir were made with it), or use a new "
-        "--workdir.")
+        "`workdir`.")
 
 
 def check_lengths(rows: list, tokenizer: Tokenizer,
@@ -178,29 +178,29 @@ def check_lengths(rows: list, tokenizer: Tokenizer,
   if not long:
     return rows
   index, field, length, limit = long[0]
-  flag = "--max_input_length" if field == "prompt" else "--max_target_length"
+  flag = "`max_input_length`" if field == "prompt" else "`max_target_length`"
   first = (f"{rows[index].source}: the {field} has {length} tokens (EOS "
            f"included), more than {flag}={limit}")
   bad = {i for i, *_ in long}
   if config.long_rows == "error":
     raise DataError(
         f"{first} ({len(bad)} of {len(rows)} rows are too long; "
-        "--long_rows=error). Raise the length flags, shorten or remove those "
-        "rows, or pass --long_rows=truncate (cut the texts, EOS kept last) "
-        "or --long_rows=skip (drop the rows).")
+        "`long_rows`=error). Raise the length flags, shorten or remove those "
+        "rows, or pass `long_rows`=truncate (cut the texts, EOS kept last) "
+        "or `long_rows`=skip (drop the rows).")
   if config.long_rows == "truncate":
-    logging.warning("truncating %d of %d rows longer than --max_input_length "
-                    "or --max_target_length (first: %s); --long_rows=skip "
-                    "drops them, --long_rows=error stops.", len(bad),
+    logging.warning("truncating %d of %d rows longer than `max_input_length` "
+                    "or `max_target_length` (first: %s); `long_rows`=skip "
+                    "drops them, `long_rows`=error stops.", len(bad),
                     len(rows), first)
     return rows
   kept = [row for i, row in enumerate(rows) if i not in bad]
   if not kept:
-    raise DataError(f"--long_rows=skip dropped all {len(rows)} rows (first: "
-                    f"{first}). Raise --max_input_length and "
-                    "--max_target_length, or pass --long_rows=truncate.")
-  logging.warning("skipping %d of %d rows longer than --max_input_length or "
-                  "--max_target_length (--long_rows=skip; first: %s).",
+    raise DataError(f"`long_rows`=skip dropped all {len(rows)} rows (first: "
+                    f"{first}). Raise `max_input_length` and "
+                    "`max_target_length`, or pass `long_rows`=truncate.")
+  logging.warning("skipping %d of %d rows longer than `max_input_length` or "
+                  "`max_target_length` (`long_rows`=skip; first: %s).",
                   len(bad), len(rows), first)
   return kept
 
@@ -224,9 +224,9 @@ def reward_stats(workdir: str, rewards: list[float],
   fitted = RewardStats.fit(rewards, path)
   if not os.path.isfile(stats_path):
     return fitted, fitted
-  delete = (f"It was written by an earlier run in --workdir={workdir}: "
+  delete = (f"It was written by an earlier run in `workdir`={workdir}: "
             f"delete it to fit the statistics again on {path}, or use a new "
-            "--workdir.")
+            "`workdir`.")
   stats = RewardStats.load(stats_path, remedy=delete)
   match = stats.fitted_on(rewards)
   if match is None:
@@ -238,8 +238,8 @@ def reward_stats(workdir: str, rewards: list[float],
         f"{stats_path} holds the reward statistics of other data "
         f"({stats.count} rewards; {path} now gives {len(rewards)}), so this "
         "workdir was trained on different rewards. Rerun with the "
-        "--train_data and reward flags of the run that wrote it, or use a "
-        "new --workdir.")
+        "`train_data` and reward flags of the run that wrote it, or use a "
+        "new `workdir`.")
   if stats.count != fitted.count or not np.allclose(
       [stats.mean, stats.std], [fitted.mean, fitted.std], rtol=1e-9,
       atol=0.0):
@@ -324,7 +324,7 @@ def load_dataset(workdir: str, config: DataConfig, algo: str,
   Args:
     workdir: the run's folder (demo data, tokenizer, reward statistics).
     config: the data configuration.
-    algo: the algorithm (steps.ALGORITHMS): pairwise ones read pairs, KTO
+    algo: the algorithm (training.config.ALGORITHMS): pairwise ones read pairs, KTO
       also gets each prompt's mismatched completion.
     seed: the run's seed (demo data, KTO's mismatched pairing).
 
@@ -348,9 +348,9 @@ def _tokenised(workdir: str, config: DataConfig, algo: str,
   """load_dataset's data, before its fingerprints."""
   pairwise = algo in PAIRWISE_ALGORITHMS
   if config.train_data and pairwise != (config.data_format == "pairwise"):
-    needs = ("--data_format=pairwise" if pairwise else "single-trajectory "
-             "data (--data_format=triplets, unpaired or ultrafeedback)")
-    raise DataError(f"--algo={algo} needs {needs}, got --data_format="
+    needs = ("`data_format`=pairwise" if pairwise else "single-trajectory "
+             "data (`data_format`=triplets, unpaired or ultrafeedback)")
+    raise DataError(f"`algo`={algo} needs {needs}, got `data_format`="
                     f"{config.data_format}.")
   path = config.train_data or demo_data(workdir, config, pairwise, seed)
   data_format = config.data_format if config.train_data else (

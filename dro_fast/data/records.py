@@ -100,7 +100,7 @@ def read_triplets(path: str | os.PathLike, *, prompt_field: str = "prompt",
       lambda row: (
           number_field(row, reward_field, argument="reward_field",
                        boolean_hint="for thumbs-up/down labels use "
-                       "read_unpaired (the trainer's --data_format=unpaired)")),
+                       "read_unpaired (the trainer's `data_format`=unpaired)")),
       message_separator, skip_bad_rows)
 
 
@@ -125,8 +125,8 @@ def _read_scored(path: str | os.PathLike, prompt_field: str,
   reader = RowReader(
       path, (prompt_field, completion_field, field), skip_bad_rows,
       "Name the right columns with prompt_field=, completion_field= and "
-      f"{argument}= (the trainer's --prompt_field, --completion_field and "
-      f"--{argument}).")
+      f"{argument}= (the trainer's `prompt_field`, `completion_field` and "
+      f"`{argument}`).")
   return reader.read(lambda row, location: (Triplet(
       _prompt(row, prompt_field, message_separator),
       _completion(row, completion_field, "completion_field"),
@@ -178,7 +178,7 @@ def read_unpaired(path: str | os.PathLike, *, prompt_field: str = "prompt",
       lambda row: float(boolean_field(
           row, label_field, argument="label_field",
           number_hint="for numeric rewards use read_triplets (the trainer's "
-          "--data_format=triplets)")),
+          "`data_format`=triplets)")),
       message_separator, skip_bad_rows)
 
 
@@ -209,8 +209,8 @@ def read_pairwise(path: str | os.PathLike, *, prompt_field: str = "prompt",
   reader = RowReader(
       path, (prompt_field, chosen_field, rejected_field), skip_bad_rows,
       "Name the right columns with prompt_field=, chosen_field= and "
-      "rejected_field= (the trainer's --prompt_field, --chosen_field and "
-      "--rejected_field).")
+      "rejected_field= (the trainer's `prompt_field`, `chosen_field` and "
+      "`rejected_field`).")
   return reader.read(lambda row, location: (Pair(
       _prompt(row, prompt_field, message_separator),
       _completion(row, chosen_field, "chosen_field"),

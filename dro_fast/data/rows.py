@@ -253,7 +253,7 @@ class RowReader:
               else f"the {location.unit}")
       raise DataError(
           f"{location}{field}: {bad.detail}. Fix or remove {what}, or pass "
-          "skip_bad_rows=True (the trainer's --skip_bad_rows) to drop bad "
+          "skip_bad_rows=True (the trainer's `skip_bad_rows`) to drop bad "
           "rows with a warning.")
     self._reasons[bad.reason] += 1
     if location.completion is None:

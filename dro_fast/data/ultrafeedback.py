@@ -15,6 +15,8 @@ import numbers
 import os
 from typing import Any, Callable
 
+from dro_fast.data.config import ULTRAFEEDBACK_ASPECTS
+from dro_fast.data.config import ULTRAFEEDBACK_REWARDS
 from dro_fast.data.fields import number_field
 from dro_fast.data.fields import text_field
 from dro_fast.data.records import Triplet
@@ -23,14 +25,10 @@ from dro_fast.data.rows import BadValue
 from dro_fast.data.rows import Location
 from dro_fast.data.rows import RowReader
 
-ULTRAFEEDBACK_ASPECTS = ("instruction_following", "honesty", "truthfulness",
-                         "helpfulness")
-ULTRAFEEDBACK_REWARDS = (("mean_rating", "overall_score", "binary")
-                         + ULTRAFEEDBACK_ASPECTS)
 _NOT_APPLICABLE = "N/A"
 _NOT_ULTRAFEEDBACK = ("is this an UltraFeedback file? Read other triplet data "
                       "with read_triplets (the trainer's "
-                      "--data_format=triplets)")
+                      "`data_format`=triplets)")
 
 
 def _aspect_rating(annotations: dict[str, Any], aspect: str,

@@ -46,12 +46,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from dro_fast import cli
 from dro_fast import data
 from dro_fast import runtime
 from dro_fast.evaluation import evaluate
@@ -146,8 +146,13 @@ def main(argv):
     print(evaluate.table(result))
   except (evaluate.EvalError, runs.RunError, judges.JudgeError,
           data.DataError, checkpointing.CorruptCheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    # EvalConfig's fields are the flags of the same names.
+    cli.user_error(cli.flag_terms(str(e), flags.FLAGS))
+  except OSError as e:
+    line = cli.refusal(e, "Nothing was judged.")
+    if line is None:
+      raise
+    cli.user_error(line)
 
 
 def run() -> None:

@@ -52,11 +52,11 @@ class EvalConfig:
 
   def __post_init__(self):
     if self.folds < 1 or self.prompts_per_fold < 1:
-      raise EvalError("--folds and --prompts_per_fold must be >= 1.")
+      raise EvalError("`folds` and `prompts_per_fold` must be >= 1.")
     if self.judge_concurrency is not None and self.judge_concurrency < 1:
-      raise EvalError("--judge_concurrency must be >= 1.")
+      raise EvalError("`judge_concurrency` must be >= 1.")
     if self.batch_size < 1:
-      raise EvalError("--batch_size must be >= 1.")
+      raise EvalError("`batch_size` must be >= 1.")
 
 
 class EvalError(Exception):
@@ -94,11 +94,11 @@ def prompts_for(run: runs.RunConfig, cfg: EvalConfig) -> list[str]:
   elif run.data.synthetic_task:
     rows = [t.prompt for t in synthetic.make_triplets(needed, seed=10**6)]
   else:
-    raise EvalError("--prompts is required for runs not trained on the "
+    raise EvalError("`prompts` is required for runs not trained on the "
                     "synthetic demo task.")
   if len(rows) < needed:
     raise EvalError(f"{cfg.prompts or 'the prompt set'} has {len(rows)} "
-                    f"prompts; --folds={cfg.folds} x --prompts_per_fold="
+                    f"prompts; `folds`={cfg.folds} x `prompts_per_fold`="
                     f"{cfg.prompts_per_fold} needs {needed}.")
   order = np.random.default_rng(cfg.seed).permutation(len(rows))[:needed]
   return [rows[i] for i in order]
@@ -118,7 +118,7 @@ def _read_prompts(path: str, field: str) -> list[str]:
                           f"{field!r}.") from None
         prompts.append(str(value))
   except OSError as e:
-    raise EvalError(f"--prompts: {e}") from None
+    raise EvalError(f"`prompts`: {e}") from None
   return prompts
 
 

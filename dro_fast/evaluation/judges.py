@@ -499,7 +499,7 @@ def make_judge(spec: str, *, model: str | None = None,
   if kind == "http" and target:
     if not model:
       raise ValueError(f"judge spec {spec!r} needs the name of the model "
-                       "the server serves (--judge_model=NAME, e.g. the "
+                       "the server serves (`judge_model`=NAME, e.g. the "
                        "name its /v1/models route lists).")
     return HttpJudge(target, model=model, **http_options)
   raise ValueError(f"unknown judge spec {spec!r}; use {_SPEC_FORMS}.")

@@ -24,6 +24,8 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_except_mlp_hidden")
 PLATFORMS = ("auto", "cpu", "gpu", "tpu")
 # The built-in attention implementations (dro_fast.models.attention's table).
 ATTENTIONS = ("xla", "cudnn", "flash")
+# Value networks of DRO-V: its own encoder, or a head on the policy's.
+VALUE_NETS = ("separate", "shared")
 
 
 @dataclasses.dataclass(frozen=True)

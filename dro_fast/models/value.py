@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from dro_fast.models.config import T5Config
+from dro_fast.models.config import VALUE_NETS
 from dro_fast.models.network import T5
 
-KINDS = ("separate", "shared")
+KINDS = VALUE_NETS
 
 
 def masked_mean(encoded: jax.Array, mask: jax.Array) -> jax.Array:

@@ -41,6 +41,7 @@ from dro_fast.training import demo
 from dro_fast.training import flops
 from dro_fast.training import init
 from dro_fast.training import metrics as metrics_lib
+from dro_fast.training import optim
 from dro_fast.training import preemption
 from dro_fast.training import reference
 from dro_fast.training import runs
@@ -125,15 +126,15 @@ def policy_config(run: RunConfig, tokenizer):
   try:
     config, params = pretrained.load(path)
   except pretrained.CheckpointError as e:
-    raise TrainingError(f"--init_checkpoint: {e}") from None
+    raise TrainingError(f"`init_checkpoint`: {e}") from None
   if tokenizer.vocab_size > config.vocab_size:
-    which = (f"--tokenizer={run.data.tokenizer}" if run.data.tokenizer else
-             "the tokenizer trained on the data (--tokenizer_vocab_size="
+    which = (f"`tokenizer`={run.data.tokenizer}" if run.data.tokenizer else
+             "the tokenizer trained on the data (`tokenizer_vocab_size`="
              f"{run.data.tokenizer_vocab_size})")
     raise TrainingError(
         f"{which} has {tokenizer.vocab_size} pieces but the checkpoint "
         f"{path} embeds only {config.vocab_size}: pass the checkpoint's "
-        "own spiece.model as --tokenizer.")
+        "own spiece.model as `tokenizer`.")
   config = config.replace(**{name: getattr(run.model, name)
                              for name in MODEL_OVERRIDES})
   return config, pretrained.stack_layers(params, config)
@@ -153,7 +154,7 @@ def _restore(checkpointer: checkpointing.Checkpointer, state):
     raise TrainingError(
         f"{e}. The checkpoints were written by a run with other flags (model, "
         "algorithm, value network...): rerun with that run's flags (see "
-        "run_config.json beside them), or use a new --workdir.") from None
+        "run_config.json beside them), or use a new `workdir`.") from None
   except checkpointing.CorruptCheckpointError as e:
     folder = checkpointer.directory
     raise TrainingError(
@@ -202,11 +203,11 @@ def trainer_for_run(run: RunConfig, model_config: models.T5Config,
   `sharding.tree_shardings` and the batch's `sharding.batch_sharding`;
   benchmarks/tpu_compile.py compiles the same.
   """
-  policy_schedule = run.policy_optimizer.schedule()
-  value_schedule = run.value_optimizer.schedule()
+  policy_schedule = optim.schedule(run.policy_optimizer)
+  value_schedule = optim.schedule(run.value_optimizer)
   return steps.build_trainer(
-      run.algorithm, model_config, run.policy_optimizer.build(),
-      run.value_optimizer.build(),
+      run.algorithm, model_config, optim.optimizer(run.policy_optimizer),
+      optim.optimizer(run.value_optimizer),
       learning_rates=lambda step: {"policy_lr": policy_schedule(step),
                                    "value_lr": value_schedule(step)},
       mesh=mesh)
@@ -254,7 +255,7 @@ def _train(run: RunConfig, mesh) -> dict:
     except ValueError as e:
       raise TrainingError(str(e)) from None
     if run.batch_size > len(arrays["inputs"]):
-      raise TrainingError(f"--batch_size={run.batch_size} exceeds the "
+      raise TrainingError(f"`batch_size`={run.batch_size} exceeds the "
                           f"{len(arrays['inputs'])} training examples.")
     rng = jax.random.PRNGKey(run.seed)
     model_config, policy_params = policy_config(run, dataset.tokenizer)
@@ -275,7 +276,8 @@ def _train(run: RunConfig, mesh) -> dict:
     initial_params = jax.tree.map(jnp.copy, policy_params)
     run = run.replace(model=model_config)
     if primary:
-      run.save(os.path.join(workdir, "run_config.json"))
+      fileio.atomic_write_bytes(os.path.join(workdir, "run_config.json"),
+                                (run.to_json() + "\n").encode())
 
     ref, ref_fn, outputs = _reference(run, dataset, model_config,
                                       policy_params)
@@ -302,8 +304,8 @@ def _train(run: RunConfig, mesh) -> dict:
       except ValueError as e:
         raise TrainingError(
             f"cannot resume from {checkpointer.directory}/{start}: {e} Here: "
-            "rerun with the --train_data and --seed of the run that wrote "
-            "it, or use a new --workdir.") from None
+            "rerun with the `train_data` and `seed` of the run that wrote "
+            "it, or use a new `workdir`.") from None
       tqdm.write(f"Resumed from step {start} of {workdir}")
     update = jax.jit(trainer.update, donate_argnums=0)
 
@@ -472,10 +474,10 @@ def _warn_dropout_bias(run: RunConfig, step_metrics: dict) -> None:
   if "log_ratio_mean" in step_metrics:
     log_ratio_mean = float(step_metrics["log_ratio_mean"])
     logging.warning(
-        "--dropout_rate=%g with reference log-probs computed without "
+        "`dropout_rate`=%g with reference log-probs computed without "
         "dropout: on the first batch, mean log π − log π_ref = %.4g (0 "
         "without dropout). DRO-V's residual and KTO's reference point absorb "
-        "it as a length-dependent bias; --dropout_rate=0 (the default) "
+        "it as a length-dependent bias; `dropout_rate`=0 (the default) "
         "avoids it.", run.model.dropout_rate, log_ratio_mean)
 
 
@@ -488,9 +490,10 @@ def _stop_diverged(run: RunConfig, done: int, bad: int, checkpointer) -> None:
            "have diverged")
   raise TrainingError(
       f"stopping at step {done}: the last {bad} updates had a "
-      f"non-finite loss or gradient and were skipped (--max_bad_steps="
+      f"non-finite loss or gradient and were skipped (`max_bad_steps`="
       f"{run.max_bad_steps}). Skipped updates change nothing, and "
-      f"{saved}. Lower --policy_lr / --value_lr, set --clip_grad_norm, "
+      f"{saved}. Lower `policy_optimizer.learning_rate` / "
+      "`value_optimizer.learning_rate`, set `policy_optimizer.clip_norm`, "
       "or check the data for extreme rewards, then start again in a "
-      "new --workdir (or delete the newer checkpoints to resume from "
+      "new `workdir` (or delete the newer checkpoints to resume from "
       "an older one).")

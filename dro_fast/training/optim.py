@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dro_fast.training.config import OptimizerConfig
+
 # One name per axis of a parameter, for einsum.
 _AXES = string.ascii_lowercase
 
@@ -210,40 +212,14 @@ def statistics_as_gemvs(platform: str) -> bool:
   return platform == "cpu"
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-  """One optimizer of a run (frozen; see make_optimizer).
+def optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+  """The optax transformation an OptimizerConfig describes."""
+  return make_optimizer(**dataclasses.asdict(config))
 
-  Attributes:
-    learning_rate: the peak learning rate (paper: 1e-4); > 0.
-    warmup_steps: linear warm-up steps (paper: 150); >= 0.
-    decay_rate: Adafactor's second-moment decay exponent (paper: 0.8).
-    clip_norm: clip gradients to this global norm first; None: no clipping.
-    reduce_with_dots: Adafactor's statistics as GEMVs (see `adafactor`).
-  """
 
-  learning_rate: float = 1e-4
-  warmup_steps: int = 150
-  decay_rate: float = 0.8
-  clip_norm: float | None = None
-  reduce_with_dots: bool = False
-
-  def __post_init__(self):
-    if not self.learning_rate > 0:
-      raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
-    if self.warmup_steps < 0:
-      raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
-    if self.clip_norm is not None and not self.clip_norm > 0:
-      raise ValueError(f"clip_norm must be > 0 (or unset: no clipping), got "
-                       f"{self.clip_norm}.")
-
-  def build(self) -> optax.GradientTransformation:
-    """The optax transformation (make_optimizer with these fields)."""
-    return make_optimizer(**dataclasses.asdict(self))
-
-  def schedule(self) -> optax.Schedule:
-    """The learning rate by step, for metrics."""
-    return learning_rate_schedule(self.learning_rate, self.warmup_steps)
+def schedule(config: OptimizerConfig) -> optax.Schedule:
+  """The learning rate by step, for metrics."""
+  return learning_rate_schedule(config.learning_rate, config.warmup_steps)
 
 
 def make_optimizer(learning_rate: float, warmup_steps: int = 150,

@@ -5,9 +5,9 @@ to the library (training.loop.train); the trainer writes it to
 <workdir>/run_config.json (`to_json`), and training.runs reads it back
 (`load` / `from_json`) to restore a run's policies without its flags.
 
-Field names are the trainer's flag names where there is one, and validation
-errors name a field as that flag (`--batch_size`), the way users meet them.
-Before the data is read, `model` is the preset (or the overrides for an
+A leaf: it imports only the other configs. Field names are the trainer's
+flag names where there is one; validation errors name fields in backquotes
+(`batch_size`), which the CLI rewrites as its flags. Before the data is read, `model` is the preset (or the overrides for an
 --init_checkpoint) built from the flags; the trainer replaces it with the
 policy's final config (vocabulary, checkpoint architecture) before it writes
 run_config.json.
@@ -22,12 +22,11 @@ import types
 import typing
 from typing import Any
 
-from dro_fast import fileio
-from dro_fast import kernels
-from dro_fast import models
 from dro_fast.data.config import DataConfig
-from dro_fast.training.optim import OptimizerConfig
-from dro_fast.training.steps import AlgorithmConfig
+from dro_fast.models.config import preset
+from dro_fast.models.config import T5Config
+from dro_fast.training.config import AlgorithmConfig
+from dro_fast.training.config import OptimizerConfig
 
 REF_LOGPROBS = ("cached", "online")
 # Fields of the policy's T5Config that the run sets on an --init_checkpoint's
@@ -49,7 +48,8 @@ class RunConfig:
     data: what is trained on (DataConfig).
     model: the policy's T5Config (see the module docstring).
     algorithm: what is optimised (AlgorithmConfig; its `implementation` is
-      the dro_fast.kernels implementation, None: by backend).
+      the dro_fast.kernels implementation, None: by backend; whether it
+      imports on this host is the trainer's check).
     policy_optimizer: the policy's OptimizerConfig.
     value_optimizer: the value network's OptimizerConfig (DRO-V).
     init_checkpoint: the SFT policy, a T5X or Hugging Face checkpoint
@@ -78,7 +78,7 @@ class RunConfig:
 
   workdir: str
   data: DataConfig = DataConfig()
-  model: models.T5Config = models.preset("tiny")
+  model: T5Config = preset("tiny")
   algorithm: AlgorithmConfig = AlgorithmConfig()
   policy_optimizer: OptimizerConfig = OptimizerConfig()
   value_optimizer: OptimizerConfig = OptimizerConfig()
@@ -106,35 +106,28 @@ class RunConfig:
                         ("keep_checkpoints", 1), ("max_bad_steps", 1),
                         ("seed", 0), ("sft_steps", 0)):
       if getattr(self, name) < least:
-        raise ValueError(f"--{name} must be >= {least}, got "
+        raise ValueError(f"`{name}` must be >= {least}, got "
                          f"{getattr(self, name)}.")
     if self.sft_lr is not None and not self.sft_lr > 0:
-      raise ValueError(f"--sft_lr must be > 0, got {self.sft_lr}.")
+      raise ValueError(f"`sft_lr` must be > 0, got {self.sft_lr}.")
     if not 0 <= self.model.dropout_rate < 1:
-      raise ValueError("--dropout_rate must be in [0, 1), got "
+      raise ValueError("`dropout_rate` must be in [0, 1), got "
                        f"{self.model.dropout_rate}.")
     if self.ref_logprobs not in REF_LOGPROBS:
-      raise ValueError(f"--ref_logprobs={self.ref_logprobs} is not one of "
+      raise ValueError(f"`ref_logprobs`={self.ref_logprobs} is not one of "
                        f"{', '.join(REF_LOGPROBS)}.")
-    odd = [f"--{name}={getattr(self.data, name)}" for name in
+    odd = [f"`{name}`={getattr(self.data, name)}" for name in
            ("max_input_length", "max_target_length")
            if getattr(self.data, name) % 2]
     if self.model.attention == "cudnn" and odd:
-      raise ValueError("--attention=cudnn needs even sequence lengths, not "
-                       f"{' and '.join(odd)}. Or use --attention=xla.")
-    implementation = self.algorithm.implementation
-    if implementation is not None and implementation not in (
-        kernels.IMPLEMENTATIONS):
-      raise ValueError(
-          f"--kernel_implementation={implementation} is not available here; "
-          f"choose one of {', '.join(sorted(kernels.IMPLEMENTATIONS))}, or "
-          "leave it unset to pick by backend.")
+      raise ValueError("`attention`=cudnn needs even sequence lengths, not "
+                       f"{' and '.join(odd)}. Or use `attention`=xla.")
     if (self.sft_steps and self.init_checkpoint
         and self.algorithm.algo in ("dro_v", "kto")):
       raise ValueError(
-          f"--sft_steps={self.sft_steps} fine-tunes a policy from scratch, "
-          "but --init_checkpoint is already the SFT policy: leave --sft_steps "
-          "at 0, or drop --init_checkpoint.")
+          f"`sft_steps`={self.sft_steps} fine-tunes a policy from scratch, "
+          "but `init_checkpoint` is already the SFT policy: leave `sft_steps` "
+          "at 0, or drop `init_checkpoint`.")
 
   @property
   def sft_warm_start(self) -> bool:
@@ -180,10 +173,6 @@ class RunConfig:
     except json.JSONDecodeError as e:
       raise RunConfigError(f"{source}: invalid JSON ({e}).") from None
     return _build(cls, value, source, "")
-
-  def save(self, path: str) -> None:
-    """Writes to_json() to `path` atomically."""
-    fileio.atomic_write_bytes(path, (self.to_json() + "\n").encode())
 
   @classmethod
   def load(cls, path: str) -> RunConfig:

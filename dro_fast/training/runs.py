@@ -38,7 +38,7 @@ def read_run_config(workdir: str) -> RunConfig:
   try:
     return RunConfig.load(path)
   except FileNotFoundError:
-    raise RunError(f"{workdir}: no run_config.json; is this the --workdir of "
+    raise RunError(f"{workdir}: no run_config.json; is this the `workdir` of "
                    f"a dro_fast.train run?") from None
   except RunConfigError as e:
     raise RunError(str(e)) from None

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from dro_fast.data import pipeline
 from dro_fast.training import checkpointing
+from dro_fast.training import optim
 from dro_fast.training import runs
 from dro_fast.training import sharding
 from dro_fast.training import steps
@@ -47,7 +48,7 @@ def warm_start(run: RunConfig, model_config, params, arrays: dict,
   trainer = steps.build_trainer(
       steps.AlgorithmConfig(algo="sft",
                             implementation=run.algorithm.implementation),
-      model_config, run.sft_optimizer.build(), None, mesh=mesh)
+      model_config, optim.optimizer(run.sft_optimizer), None, mesh=mesh)
   state = trainer.init(params, {}, rng)
   state = jax.device_put(state, sharding.tree_shardings(state, mesh))
   update = jax.jit(trainer.update)

@@ -47,15 +47,15 @@ def parse_mesh(spec: str, num_devices: int | None = None) -> dict[str, int]:
     name, _, size = part.partition(":")
     name = name.strip()
     if name not in AXES or not size.strip().isdigit() or int(size) < 1:
-      raise ValueError(f"--mesh: {part!r} is not AXIS:SIZE with AXIS in "
+      raise ValueError(f"`mesh`: {part!r} is not AXIS:SIZE with AXIS in "
                        f"{AXES} and SIZE a positive integer (e.g. "
-                       f"--mesh=data:4,fsdp:2).")
+                       f"`mesh`=data:4,fsdp:2).")
     if name in sizes:
-      raise ValueError(f"--mesh names {name!r} twice.")
+      raise ValueError(f"`mesh` names {name!r} twice.")
     sizes[name] = int(size)
   sizes = {axis: sizes.get(axis, 1) for axis in AXES}
   if int(np.prod(list(sizes.values()))) != num_devices:
-    raise ValueError(f"--mesh={spec} has {int(np.prod(list(sizes.values())))}"
+    raise ValueError(f"`mesh`={spec} has {int(np.prod(list(sizes.values())))}"
                      f" devices but {num_devices} are available.")
   return sizes
 
@@ -91,7 +91,7 @@ def tree_shardings(tree, mesh: Mesh):
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   if batch_size % mesh.size:
-    raise ValueError(f"--batch_size={batch_size} must be divisible by the "
+    raise ValueError(f"`batch_size`={batch_size} must be divisible by the "
                      f"number of devices in the mesh ({mesh.size}).")
 
 
@@ -118,7 +118,7 @@ def initialize_distributed(coordinator_address: str | None,
         "%d CPU devices in this process: XLA's CPU collectives can deadlock "
         "across processes when a process has more than one device and "
         "several computations are in flight (seen with jax 0.10.2 in the "
-        "checkpoint's finiteness check under --mesh=data:2,fsdp:2). Use one CPU "
+        "checkpoint's finiteness check under `mesh`=data:2,fsdp:2). Use one CPU "
         "device per process (see docs/SCALING.md).", jax.local_device_count())
 
 
@@ -159,8 +159,8 @@ def check_same_on_every_process(text: str, what: str) -> None:
   if differ:
     raise ValueError(
         f"{what} on process(es) {differ} differs from process 0's. Every "
-        "process must read the same files: give them one shared --workdir "
-        "(or the same --train_data and --tokenizer).")
+        "process must read the same files: give them one shared `workdir` "
+        "(or the same `train_data` and `tokenizer`).")
 
 
 def global_batch(batch: Mapping[str, np.ndarray],

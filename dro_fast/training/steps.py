@@ -29,57 +29,9 @@ from dro_fast import losses
 from dro_fast import models
 from dro_fast.models import per_device
 from dro_fast.models import value
-
-ALGORITHMS = ("dro_v", "kto", "sft", "dpo", "ipo", "slic")
-PAIRWISE = ("dpo", "ipo", "slic")
-
-
-@dataclasses.dataclass(frozen=True)
-class AlgorithmConfig:
-  """What is optimised (static, hashable).
-
-  Attributes:
-    algo: one of ALGORITHMS.
-    tau: DRO's KL regularisation strength τ.
-    beta: KTO's / the pairwise losses' β.
-    rescale_policy_grad: DRO-V's 1/τ policy-gradient rescale (paper §3.3).
-    value_net: "separate" (own encoder) or "shared" (head on the policy's).
-    value_granularity: "per_example" V(x_i), or "per_batch": one value for
-      the whole batch (the batch mean of V(x_i)), the paper's single-value
-      ablation (Figure 5).
-    kto_desirable_weight: λ_D.
-    kto_undesirable_weight: λ_U.
-    implementation: kernel implementation (None: by the model's platform,
-      logprob_kernel).
-  """
-
-  algo: str = "dro_v"
-  tau: float = 1.0
-  beta: float = 1.0
-  rescale_policy_grad: bool = True
-  value_net: str = "separate"
-  value_granularity: str = "per_example"
-  kto_desirable_weight: float = 1.0
-  kto_undesirable_weight: float = 1.0
-  implementation: str | None = None
-
-  def __post_init__(self):
-    if self.algo not in ALGORITHMS:
-      raise ValueError(f"algo must be one of {ALGORITHMS}, got {self.algo!r}.")
-    if self.value_net not in value.KINDS:
-      raise ValueError(f"value_net must be one of {value.KINDS}, got "
-                       f"{self.value_net!r}.")
-    if self.value_granularity not in ("per_example", "per_batch"):
-      raise ValueError("value_granularity must be 'per_example' or "
-                       f"'per_batch', got {self.value_granularity!r}.")
-    if self.tau <= 0 or self.beta <= 0:
-      raise ValueError(f"tau and beta must be > 0, got tau={self.tau}, "
-                       f"beta={self.beta}.")
-
-  @property
-  def has_value(self) -> bool:
-    return self.algo == "dro_v"
-
+from dro_fast.training.config import AlgorithmConfig
+from dro_fast.training.config import ALGORITHMS
+from dro_fast.training.config import PAIRWISE
 
 class TrainState(NamedTuple):
   """Everything a step changes; checkpointed whole.

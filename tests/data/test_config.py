@@ -28,7 +28,7 @@ def test_defaults_read_trl_columns():
   assert (config.prompt_field, config.completion_field,
           config.label_field) == ("prompt", "completion", "label")
   assert config.message_separator == "\n"
-  with pytest.raises(ValueError, match="--data_format=csv is not one of "
+  with pytest.raises(ValueError, match="`data_format`=csv is not one of "
                      "triplets, unpaired, ultrafeedback, pairwise"):
     DataConfig(data_format="csv")
 
@@ -36,12 +36,12 @@ def test_defaults_read_trl_columns():
 def test_unpaired_is_single_trajectory_data(tmp_path):
   config = DataConfig(train_data=str(tmp_path / "u.jsonl"),
                       data_format="unpaired")
-  with pytest.raises(data.DataError, match="--algo=dpo needs "
-                     "--data_format=pairwise, got --data_format=unpaired"):
+  with pytest.raises(data.DataError, match="`algo`=dpo needs "
+                     "`data_format`=pairwise, got `data_format`=unpaired"):
     prepare.load_dataset(str(tmp_path), config, "dpo", 0)
-  with pytest.raises(data.DataError, match=r"--algo=dro_v needs "
-                     r"single-trajectory data \(--data_format=triplets, "
-                     r"unpaired or ultrafeedback\), got --data_format="
+  with pytest.raises(data.DataError, match=r"`algo`=dro_v needs "
+                     r"single-trajectory data \(`data_format`=triplets, "
+                     r"unpaired or ultrafeedback\), got `data_format`="
                      "pairwise"):
     prepare.load_dataset(str(tmp_path),
                          config.replace(data_format="pairwise"), "dro_v", 0)

@@ -98,8 +98,8 @@ def test_a_bad_reward_statistics_file_stops_with_what_to_do(tmp_path, name):
   assert str(path) in message, message
   assert what in message, message
   assert message.endswith(
-      f"It was written by an earlier run in --workdir={tmp_path}: delete it "
-      f"to fit the statistics again on {_DATA}, or use a new --workdir."
+      f"It was written by an earlier run in `workdir`={tmp_path}: delete it "
+      f"to fit the statistics again on {_DATA}, or use a new `workdir`."
   ), message
   assert path.read_text() == before
   # Doing what it says (deleting the file) fits the statistics again.
@@ -178,7 +178,7 @@ def test_an_altered_tokenizer_stops_the_run(tmp_path, alter):
   assert f"{_digest(tmp_path)} records " in message, message
   assert message.endswith("Restore the original file (the checkpoints and "
                           "caches in this workdir were made with it), or use "
-                          "a new --workdir."), message
+                          "a new `workdir`."), message
 
 
 def test_a_tokenizer_without_a_recorded_digest_stops_the_run(tmp_path):
@@ -188,7 +188,7 @@ def test_a_tokenizer_without_a_recorded_digest_stops_the_run(tmp_path):
       f"{_model(tmp_path)} has no recorded SHA-256 ({_digest(tmp_path)} is "
       "missing") + ".*record it with `sha256sum spiece.model > "
       rf"spiece.model.sha256` in {re.escape(str(tmp_path))}; otherwise pass "
-      "--tokenizer or use a new --workdir."):
+      "`tokenizer` or use a new `workdir`."):
     prepare.choose_tokenizer(str(tmp_path), _CONFIG, _texts())
   # Doing what it says records the digest; the tokenizer is then reused.
   digest = hashlib.sha256(_model(tmp_path).read_bytes()).hexdigest()

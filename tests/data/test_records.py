@@ -89,7 +89,7 @@ _BAD_TRIPLET_LINES = {
     "bool_reward": ('{"prompt": "p", "completion": "c", "reward": true}',
                     "reward", "(a boolean), not a number; for thumbs-up/down "
                     "labels use read_unpaired (the trainer's "
-                    "--data_format=unpaired)"),
+                    "`data_format`=unpaired)"),
     "null_reward": ('{"prompt": "p", "completion": "c", "reward": null}',
                     "reward", "is null"),
     "empty_prompt": ('{"prompt": "", "completion": "c", "reward": 1}',
@@ -471,7 +471,7 @@ def test_read_unpaired_custom_fields(tmp_path):
 
 _BAD_LABELS = {
     "number": (1, "is 1 (a number), not true or false; for numeric rewards "
-               "use read_triplets (the trainer's --data_format=triplets)"),
+               "use read_triplets (the trainer's `data_format`=triplets)"),
     "string_true": ("true", "is the string 'true', not true or false; write "
                     "it as a JSON boolean (true, without quotes)"),
     "string": ("good", "is the string 'good', not true or false"),
@@ -496,7 +496,7 @@ def test_unpaired_missing_label_and_parquet_column(tmp_path, caplog):
       _UNPAIRED, {"prompt": "p", "completion": "c", "reward": 1.0}])
   with pytest.raises(data.DataError, match=r"line 2, field 'label': is "
                      r"missing .*pass label_field=<name> \(the trainer's "
-                     r"--label_field\)"):
+                     r"`label_field`\)"):
     data.read_unpaired(path)
   with caplog.at_level(logging.WARNING):
     assert len(data.read_unpaired(path, skip_bad_rows=True)) == 1
@@ -504,7 +504,7 @@ def test_unpaired_missing_label_and_parquet_column(tmp_path, caplog):
   parquet = _write_parquet(tmp_path / "u.parquet",
                            [{"prompt": "p", "completion": "c", "reward": 1}])
   with pytest.raises(data.DataError, match=r"has no column 'label'.*"
-                     "--label_field"):
+                     "`label_field`"):
     data.read_unpaired(parquet)
 
 
@@ -602,7 +602,7 @@ def test_bad_messages_name_file_line_and_field(tmp_path, key, value, field,
   assert message.startswith(f"{path} line 2, field {field!r}: {what}"), (
       message)
   assert message.endswith("Fix or remove the line, or pass "
-                          "skip_bad_rows=True (the trainer's --skip_bad_rows) "
+                          "skip_bad_rows=True (the trainer's `skip_bad_rows`) "
                           "to drop bad rows with a warning.")
 
 

@@ -346,8 +346,8 @@ def test_make_judge_http_sends_the_model_and_options(stub):
 
 
 @pytest.mark.parametrize("spec, model, message", [
-    ("http:http://127.0.0.1:1/v1/chat/completions", None, "--judge_model"),
-    ("http:http://127.0.0.1:1/v1/chat/completions", "", "--judge_model"),
+    ("http:http://127.0.0.1:1/v1/chat/completions", None, "`judge_model`"),
+    ("http:http://127.0.0.1:1/v1/chat/completions", "", "`judge_model`"),
     ("reward:dro_fast.data.synthetic:reward", "m", "http: judges only"),
 ])
 def test_make_judge_model_is_required_for_http_only(spec, model, message):

@@ -35,7 +35,7 @@ def test_json_round_trip_is_equal(tmp_path):
   run = _run()
   assert RunConfig.from_json(run.to_json()) == run
   path = tmp_path / "run_config.json"
-  run.save(str(path))
+  path.write_text(run.to_json())
   assert RunConfig.load(str(path)) == run
   assert run.eval_flags == ("--folds=1",)
 
@@ -46,9 +46,9 @@ def test_json_round_trip_is_equal(tmp_path):
      "field 'model.d_model' is 'wide', not int"),
     (lambda d: d.update(colour=1), "unknown field 'colour'"),
     (lambda d: d["data"].update(long_rows="chop"),
-     "data: --long_rows=chop is not one of"),
+     "data: `long_rows`=chop is not one of"),
     (lambda d: d["policy_optimizer"].update(learning_rate=-1.0),
-     "policy_optimizer: learning_rate must be > 0"),
+     "policy_optimizer: `learning_rate` must be > 0"),
     (lambda d: d.pop("workdir"), "field 'workdir' is missing"),
     (lambda d: d.update(model=[]), "model must be a JSON object"),
 ])
@@ -70,24 +70,29 @@ def test_invalid_json_names_the_file():
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(batch_size=0), "--batch_size must be >= 1, got 0"),
-    (dict(seed=-1), "--seed must be >= 0, got -1"),
-    (dict(sft_lr=0.0), "--sft_lr must be > 0"),
-    (dict(sft_steps=5, init_checkpoint="/c"), "leave --sft_steps at 0"),
-    (dict(algorithm=steps.AlgorithmConfig(implementation="cuda")),
-     "--kernel_implementation=cuda is not available here"),
+    (dict(batch_size=0), "`batch_size` must be >= 1, got 0"),
+    (dict(seed=-1), "`seed` must be >= 0, got -1"),
+    (dict(sft_lr=0.0), "`sft_lr` must be > 0"),
+    (dict(sft_steps=5, init_checkpoint="/c"), "leave `sft_steps` at 0"),
 ])
-def test_validation_names_the_flags(changes, message):
+def test_validation_names_the_fields(changes, message):
   with pytest.raises(ValueError, match=message):
     _run(**changes)
+
+
+def test_an_unknown_kernel_implementation_is_named():
+  with pytest.raises(ValueError, match=(
+      "`implementation` must be one of xla, chunked_xla, pallas_tpu, "
+      "pallas_gpu, got 'cuda'")):
+    steps.AlgorithmConfig(implementation="cuda")
 
 
 def test_cudnn_needs_even_lengths():
   cudnn = models.preset("tiny", dtype="bfloat16", attention="cudnn",
                         dropout_rate=0.0, platform="gpu")
   with pytest.raises(ValueError, match=(
-      "--attention=cudnn needs even sequence lengths, not "
-      "--max_input_length=13")):
+      "`attention`=cudnn needs even sequence lengths, not "
+      "`max_input_length`=13")):
     _run(model=cudnn)
   data = DataConfig(max_input_length=14)
   assert RunConfig("/w", data=data, model=cudnn).model == cudnn

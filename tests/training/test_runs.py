@@ -72,7 +72,8 @@ def _workdir(tmp_path, algo="dro_v"):
   checkpoint of policy and train state."""
   run = RunConfig(str(tmp_path), data=DataConfig(), model=CONFIG,
                   algorithm=steps.AlgorithmConfig(algo=algo), seed=3)
-  run.save(os.path.join(tmp_path, "run_config.json"))
+  with open(os.path.join(tmp_path, "run_config.json"), "w") as f:
+    f.write(run.to_json())
   policy, values = init.init_params(CONFIG, run.algorithm,
                                     jax.random.PRNGKey(run.seed))
   trainer = steps.build_trainer(run.algorithm, CONFIG,

@@ -122,12 +122,14 @@ def test_dro_v_gradients_are_eq7_and_eq8(policy_params):
 
 
 def test_algorithm_config_errors():
-  with pytest.raises(ValueError, match="algo must be one of"):
+  with pytest.raises(ValueError, match="`algo` must be one of"):
     steps.AlgorithmConfig(algo="ppo")
-  with pytest.raises(ValueError, match="value_net"):
+  with pytest.raises(ValueError, match="`value_net` must be one of"):
     steps.AlgorithmConfig(value_net="double")
-  with pytest.raises(ValueError, match="tau and beta must be > 0"):
+  with pytest.raises(ValueError, match="`tau` must be > 0"):
     steps.AlgorithmConfig(tau=0.0)
+  with pytest.raises(ValueError, match="`beta` must be > 0"):
+    steps.AlgorithmConfig(beta=-1.0)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e19, None])
