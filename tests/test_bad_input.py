@@ -456,7 +456,8 @@ def _flag_tokenizer_vocab_size_too_small(inputs):
 def _flag_unknown_kernel_implementation(inputs):
   del inputs
   return ["--kernel_implementation=cuda"], [
-      "--kernel_implementation=cuda", "chunked_xla", "leave it unset"]
+      "--kernel_implementation must be one of", "chunked_xla",
+      "or unset to pick by backend, got 'cuda'"]
 
 
 @case

@@ -64,8 +64,11 @@ class AlgorithmConfig:
     for name in ("tau", "beta"):
       if not getattr(self, name) > 0:
         raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}.")
-    if self.implementation is not None:
-      _one_of(self, "implementation", KERNEL_IMPLEMENTATIONS)
+    if self.implementation not in (None, *KERNEL_IMPLEMENTATIONS):
+      raise ValueError(
+          f"`implementation` must be one of "
+          f"{', '.join(KERNEL_IMPLEMENTATIONS)}, or unset to pick by "
+          f"backend, got {self.implementation!r}.")
 
   @property
   def has_value(self) -> bool:

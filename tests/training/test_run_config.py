@@ -83,7 +83,7 @@ def test_validation_names_the_fields(changes, message):
 def test_an_unknown_kernel_implementation_is_named():
   with pytest.raises(ValueError, match=(
       "`implementation` must be one of xla, chunked_xla, pallas_tpu, "
-      "pallas_gpu, got 'cuda'")):
+      "pallas_gpu, or unset to pick by backend, got 'cuda'")):
     steps.AlgorithmConfig(implementation="cuda")
 
 
