@@ -99,8 +99,10 @@ def as_path(location: str | os.PathLike) -> epath.Path:
 
 
 def absolute(location: str | os.PathLike | None) -> str | None:
-  """A local path made absolute (file:// URLs become local paths); other
-  URLs unchanged; None stays None. For flags that take either."""
+  """A local path made absolute; other URLs unchanged; None stays None.
+
+  file:// URLs become local paths. For flags that take either.
+  """
   if location is None or not os.fspath(location):
     return location
   location = os.fspath(location)

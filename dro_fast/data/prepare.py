@@ -383,8 +383,10 @@ def _tokenised(workdir: str, config: DataConfig, algo: str,
 
 
 def save_inputs(workdir: str, dataset: Dataset) -> None:
-  """Saves a tokenizer trained here, the reward statistics and the data's
-  fingerprints in `workdir` (those it does not hold yet).
+  """Saves in `workdir` what the run made of its inputs and it lacks.
+
+  That is a tokenizer trained here, the reward statistics and the data's
+  fingerprints.
 
   The tokenizer goes to spiece.model with its SHA-256 in
   spiece.model.sha256, the fingerprints to data_fingerprint.json.

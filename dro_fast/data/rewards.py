@@ -77,8 +77,10 @@ class RewardStats:
                fingerprint=rewards_fingerprint(values))
 
   def fitted_on(self, rewards: Sequence[float] | np.ndarray) -> bool | None:
-    """Whether these are the statistics of exactly `rewards` (same values,
-    same order); None when the fingerprint is unknown."""
+    """Whether these are the statistics of exactly `rewards`.
+
+    The same values in the same order; None when the fingerprint is unknown.
+    """
     if not self.fingerprint:
       return None
     return self.fingerprint == rewards_fingerprint(rewards)

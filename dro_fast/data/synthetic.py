@@ -82,8 +82,11 @@ def corpus() -> list[str]:
 
 
 def write_jsonl(path: str, rows: Iterable[Triplet | Pair]) -> None:
-  """Writes rows as JSONL (triplets: prompt, completion, reward; pairs:
-  prompt, chosen, rejected), atomically."""
+  """Writes rows as JSONL, atomically.
+
+  Triplets as prompt, completion, reward; pairs as prompt, chosen,
+  rejected.
+  """
   records = []
   for row in rows:
     if isinstance(row, Triplet):

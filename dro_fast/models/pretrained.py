@@ -63,8 +63,11 @@ def expected_shapes(config: models.T5Config) -> dict[str, tuple[int, ...]]:
 
 
 def stack_layers(params: Params, config: models.T5Config) -> Params:
-  """Per-layer params ("encoder/layers_3/...") to the scan_layers layout
-  ("encoder/layers/...", leading [L] axis); a no-op without scan_layers."""
+  """Per-layer params to the scan_layers layout; a no-op without it.
+
+  "encoder/layers_3/..." becomes "encoder/layers/..." with a leading [L]
+  axis.
+  """
   if not config.scan_layers:
     return params
   out: Params = {}
@@ -410,8 +413,11 @@ def _is_tensorstore_spec(value) -> bool:
 
 
 def tensorstore_kvstore(location: str) -> dict[str, str]:
-  """The TensorStore kvstore spec of a local path or a file://, gs:// or
-  s3:// URL: TensorStore reads remote arrays itself, without epath."""
+  """The TensorStore kvstore spec of a local path or a URL.
+
+  Local, file://, gs:// or s3://: TensorStore reads remote arrays itself,
+  without epath.
+  """
   scheme = fileio.url_scheme(location)
   if scheme in (None, "file"):
     return {"driver": "file",

@@ -63,9 +63,11 @@ _MAX_REASON_CHARS = 300
 
 
 class _WriteFaultRecords(std_logging.Filter):
-  """Drops Orbax's ERROR records of a write fault (a full disk): one
-  traceback per background thread, while the fault reaches the caller as
-  one fileio.WriteError."""
+  """Drops Orbax's ERROR records of a write fault (a full disk).
+
+  Orbax logs one traceback per background thread, while the fault reaches
+  the caller as one fileio.WriteError.
+  """
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     if record.levelno < std_logging.ERROR:
@@ -108,8 +110,11 @@ def remove_unfinished(directory: str) -> list[str]:
 
 @contextlib.contextmanager
 def _stderr_dropped_on_failure() -> Iterator[None]:
-  """Holds back the process's stderr (file descriptor 2) meanwhile: written
-  out when the body succeeds, dropped once it has settled when it raises."""
+  """Holds back the process's stderr (file descriptor 2) meanwhile.
+
+  What was held is written out when the body succeeds, and dropped, once it
+  has settled, when the body raises.
+  """
   sys.stderr.flush()
   try:
     saved = os.dup(2)
@@ -148,8 +153,10 @@ class CorruptCheckpointError(RuntimeError):
 
 
 class TemplateMismatchError(ValueError):
-  """A restore template whose leaves, shapes or dtypes differ from the saved
-  state's; the message lists them."""
+  """A restore template unlike the saved state; the message lists how.
+
+  Its leaves, shapes or dtypes differ from the checkpoint's.
+  """
 
 
 def _describe(error: Exception) -> str:
@@ -211,9 +218,11 @@ def _shape_and_dtype(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def newest_step_name(directory: str) -> int:
-  """The highest step folder name in `directory` (0 when none or absent),
-  read without creating anything; whether that step is readable is
-  Checkpointer.restore's question."""
+  """The highest step folder name in `directory`; 0 when none or absent.
+
+  Read without creating anything; whether that step is readable is
+  Checkpointer.restore's question.
+  """
   try:
     names = os.listdir(directory)
   except FileNotFoundError:
@@ -287,8 +296,10 @@ class Checkpointer:
 
   def save(self, step: int, items: Mapping[str, PyTree],
            extra: dict[str, Any]) -> None:
-    """Writes one checkpoint and returns once it is committed (with
-    async_save: once its arrays are on the host; see `wait`).
+    """Writes one checkpoint; returns once it is committed.
+
+    With async_save it returns once the arrays are on the host (see
+    `wait`).
 
     Nothing is written when an item holds a NaN or an inf, or when `extra`
     is not JSON-serialisable.
@@ -427,8 +438,10 @@ class Checkpointer:
 
   def _read(self, step: int, templates: Mapping[str, PyTree]
             ) -> tuple[dict[str, PyTree], dict[str, Any], int]:
-    """Checks the templates against checkpoint `step`'s metadata, then reads
-    the items they name."""
+    """Reads the items the templates name, checked against the metadata.
+
+    The templates are checked against checkpoint `step`'s metadata first.
+    """
     storable = {name: _keys_to_data(t) for name, t in templates.items()}
     metadata = self._manager.item_metadata(step)
     for name, template in storable.items():
@@ -472,8 +485,7 @@ class Checkpointer:
           f"in {self._directory}: " + "; ".join(problems))
 
   def wait(self) -> None:
-    """Returns once every save has been committed (a no-op without
-    async_save).
+    """Returns once every save has been committed (no-op without async).
 
     Raises:
       fileio.WriteError: a background save hit a write fault.
@@ -483,9 +495,11 @@ class Checkpointer:
 
   @contextlib.contextmanager
   def _write_faults(self, path: str) -> Iterator[None]:
-    """Turns a write fault of Orbax into a fileio.WriteError naming `path`,
-    after removing the unfinished steps (never read) to give back the
-    space."""
+    """Turns a write fault of Orbax into a fileio.WriteError naming `path`.
+
+    The unfinished steps (never read) are removed first, to give back the
+    space.
+    """
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except
@@ -501,8 +515,10 @@ class Checkpointer:
       raise fault from e
 
   def close(self) -> None:
-    """Waits for a background save, then releases Orbax's resources; the
-    object is unusable afterwards."""
+    """Waits for a background save, then releases Orbax's resources.
+
+    The object is unusable afterwards.
+    """
     try:
       self._manager.close()
     finally:

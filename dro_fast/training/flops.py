@@ -68,8 +68,11 @@ def step_flops(config: models.T5Config, algo: str, value_net: str,
 
 
 def xla_flops(compiled) -> float | None:
-  """XLA's cost analysis of a compiled function: 2·M·N·K per dot plus one
-  per elementwise op; a loop body is counted once, not per trip."""
+  """XLA's FLOP count of a compiled function.
+
+  2·M·N·K per dot plus one per elementwise op; a loop body is counted once,
+  not per trip.
+  """
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):     # older jax: one per device
     analysis = analysis[0] if analysis else None
@@ -78,8 +81,10 @@ def xla_flops(compiled) -> float | None:
 
 def peak_flops(override: float | None = None,
                device_kind: str | None = None) -> float | None:
-  """`override`, else the peak of `device_kind` (None: the first device's),
-  else None."""
+  """`override`, else the peak of `device_kind`, else None.
+
+  device_kind None stands for the first device's.
+  """
   if override:
     return override
   kind = device_kind or jax.devices()[0].device_kind

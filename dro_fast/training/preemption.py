@@ -126,8 +126,9 @@ class StopRequests:
 
 
 def register_start(step: int) -> None:
-  """Tells jax's preemption service (several processes) the step a run
-  starts from, before its start-up.
+  """Tells jax's preemption service the step a run starts from.
+
+  Called before the start-up, on several processes only.
 
   The service counts the steps it is told of from 0 and, on a notice,
   chooses the step after the highest one any process has reported. A

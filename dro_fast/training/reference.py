@@ -85,8 +85,10 @@ def _record(values: np.ndarray) -> dict:
 
 
 class DamagedCacheError(Exception):
-  """A cache directory whose contents disagree with its MANIFEST file; the
-  message names the file and what is wrong."""
+  """A cache directory whose contents disagree with its MANIFEST file.
+
+  The message names the file and what is wrong.
+  """
 
 
 def _read_checked(directory: str, key: str) -> dict[str, np.ndarray]:
@@ -142,8 +144,11 @@ def _read_checked(directory: str, key: str) -> dict[str, np.ndarray]:
 
 def _write(cache_dir: str, key: str, results: Mapping[str, np.ndarray]
            ) -> None:
-  """Writes the arrays and MANIFEST into a temporary directory renamed onto
-  cache_dir/key (replacing a damaged cache there)."""
+  """Writes the arrays and MANIFEST to cache_dir/key, atomically.
+
+  They go into a temporary directory renamed onto cache_dir/key (replacing
+  a damaged cache there).
+  """
   directory = os.path.join(cache_dir, key)
   os.makedirs(cache_dir, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir)

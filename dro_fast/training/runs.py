@@ -78,8 +78,11 @@ def load_policy(workdir: str, step: int | None = None):
 
 
 def load_initial_policy(workdir: str):
-  """The run's initial (SFT) policy: its --init_checkpoint, its SFT warm
-  start, or its seeded random initialisation."""
+  """The run's initial (SFT) policy.
+
+  Its init_checkpoint, its SFT warm start, or its seeded random
+  initialisation.
+  """
   run = read_run_config(workdir)
   config = model_config(run)
   if run.init_checkpoint:
