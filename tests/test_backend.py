@@ -158,8 +158,11 @@ def _backend_reads(source: str, path: str) -> list[str]:
 
 
 def _sources() -> dict[str, str]:
-  """Every module of dro_fast/ (its kernels link aside), kernels/ and
-  benchmarks/, by path relative to the repository."""
+  """Every module of dro_fast/, kernels/ and benchmarks/, by path.
+
+  Paths are relative to the repository; dro_fast/kernels (a link to
+  kernels/ in a checkout) is read once, as kernels/.
+  """
   sources = {}
   for root in ("dro_fast", "kernels", "benchmarks"):
     for path in sorted((REPO / root).rglob("*.py")):

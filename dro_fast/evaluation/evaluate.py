@@ -240,8 +240,10 @@ def table(result: dict) -> str:
 
 def best_checkpoint(workdir: str, judge, cfg: EvalConfig, *,
                     platform: str) -> dict:
-  """Every checkpoint vs the initial policy (compare() on `platform`); the
-  best is recorded."""
+  """Every checkpoint vs the initial policy; the best is recorded.
+
+  Each comparison is compare()'s, decoding on `platform`.
+  """
   run_steps = runs.checkpoint_steps(workdir)
   if not run_steps:
     raise EvalError(f"{workdir}: no checkpoints to compare.")

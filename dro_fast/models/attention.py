@@ -231,10 +231,10 @@ def flash_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
                     interpret: bool | None = None) -> jax.Array:
   """T5 attention by dro_fast.kernels.flash_attention.
 
-  Its Mosaic kernels compile unless `interpret` (T5Config.
-  attention_interpret) says to run them in the TPU simulator; None: as the
-  kernel decides. Saves its output and log-sum-exp only, tagged
-  FUSED_RESIDUALS.
+  Its Mosaic kernels compile unless `interpret`
+  (T5Config.attention_interpret) says to run them in the TPU simulator;
+  None: as the kernel decides. Saves its output and log-sum-exp only,
+  tagged FUSED_RESIDUALS.
   """
   del dropout_rng, dropout_rate        # fused: refused by T5Config.
   if interpret is not None:

@@ -68,9 +68,11 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 
 def _params_config(run: RunConfig) -> models.T5Config:
-  """The run's T5Config to build parameters with on any host: attention
-  "xla" (the parameters are the same; a fused attention may not run here),
-  the recorded matmul form (plain JAX on every platform)."""
+  """The run's T5Config to build its parameters with on any host.
+
+  Attention "xla" (the parameters are the same; a fused attention may not
+  run here) and the recorded matmul form (plain JAX on every platform).
+  """
   return run.model.replace(attention="xla")
 
 

@@ -63,9 +63,9 @@ class Trainer(NamedTuple):
 
 def logprob_kernel(implementation: str | None,
                    interpret: bool | None) -> Callable[..., jax.Array]:
-  """kernels.linear_sequence_logprobs as the trainer calls it:
-  (hidden [B, T, D], weight [D, V], targets [B, T], mask [B, T]) -> [B].
+  """kernels.linear_sequence_logprobs as the trainer calls it.
 
+  (hidden [B, T, D], weight [D, V], targets [B, T], mask [B, T]) -> [B].
   `implementation` and `interpret` are AlgorithmConfig's, which
   dro_fast.backend.resolve fills in for the platform a run compiles for
   (None: the kernels' own default). Under a mesh it runs per device
@@ -334,8 +334,10 @@ def _under_mesh(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
 def reference_logprob_fn(model_config: models.T5Config,
                          implementation: str | None,
                          interpret: bool | None = None):
-  """A jitted (params, inputs, targets, mask) -> [B] log π (no dropout);
-  implementation and interpret as for logprob_kernel."""
+  """A jitted (params, inputs, targets, mask) -> [B] log π (no dropout).
+
+  `implementation` and `interpret` are as for logprob_kernel.
+  """
   policy = models.t5(model_config).apply
   kernel = logprob_kernel(implementation, interpret)
 
