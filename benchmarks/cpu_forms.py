@@ -10,8 +10,9 @@ that step with every kept form on ("all") and, for each form, with that
 form alone off, and times them interleaved (benchmarks/lib/timing.py):
 
   dense_vjp        Dense's row-major CPU VJP (dro_fast/models/cpu.py): off
-                   is the same model built with T5Config platform "gpu",
-                   whose layers use plain jnp.dot
+                   is the same step built for platform "gpu"
+                   (dro_fast.backend.resolve: T5Config.matmul "xla", plain
+                   jnp.dot), compiled for the CPU
   adafactor_gemv   Adafactor's statistics as GEMVs
                    (optim.adafactor(reduce_with_dots=True)): off is
                    reduce_with_dots=False
@@ -33,6 +34,7 @@ import jax
 import numpy as np
 
 from benchmarks.lib import flags as shared
+from dro_fast import kernels
 from benchmarks.lib import records
 from benchmarks.lib import step as bench_step
 from benchmarks.lib import timing
@@ -62,7 +64,8 @@ def build(settings: dict[str, Any], batches) -> bench_step.JaxStep:
       algo="dro_v",
       implementation=None if implementation == "default" else implementation)
   return bench_step.JaxStep(config, algorithm, batches,
-                            reduce_with_dots=settings["reduce_with_dots"])
+                            reduce_with_dots=settings["reduce_with_dots"],
+                            platform=settings["platform"])
 
 
 def measure(forms: list[str]) -> list[dict[str, Any]]:
@@ -101,9 +104,10 @@ def main(argv):
   how = shared.apply_host_memory()
   shared.known_values("forms", _FORMS.value, FORMS)
   shared.check_sizes()
-  if jax.default_backend() != "cpu":
+  platform = kernels.target_platform()
+  if platform != "cpu":
     raise app.UsageError("cpu_forms measures CPU forms: run it with JAX on "
-                         f"the CPU (backend here: {jax.default_backend()!r}).")
+                         f"the CPU (platform here: {platform!r}).")
   out = measure(list(dict.fromkeys(_FORMS.value)))
   r = out[0]
   print(f"jax {jax.__version__}  {r['device']}  threads {r['threads']}  host "

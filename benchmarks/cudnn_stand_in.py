@@ -13,8 +13,9 @@ a workspace cuDNN does not have, so it overstates cuDNN's memory, as far as
 XLA:CPU's buffer assignment stands for the GPU's.
 
 Use (the model takes an implementation of one's own by value):
-  config = T5Config(attention=cudnn_stand_in.IMPLEMENTATION, platform="gpu",
+  config = T5Config(attention=cudnn_stand_in.IMPLEMENTATION,
                     dtype="bfloat16", dropout_rate=0.0, ...)
+  (resolved for platform "gpu": benchmarks/lib/step.py's JaxStep)
 """
 
 from __future__ import annotations

@@ -129,8 +129,8 @@ def sweep_configs(op: str):
 def main(argv):
   del argv
   timing.quiet_backend_probe()
-  backend = jax.default_backend()
-  group = _SHAPES.value or ("small" if backend == "cpu" else "paper")
+  platform = kernels.target_platform()
+  group = _SHAPES.value or ("small" if platform == "cpu" else "paper")
   names = kernel_cases.GROUPS.get(group, None) or group.split(",")
   unknown = [n for n in names + _MEMORY_ONLY.value
              if n not in kernel_cases.SHAPES]

@@ -144,11 +144,12 @@ def main(argv):
   s, t = shared.INPUT_LENGTH.value, int(shared.TARGET_LENGTH.value[0])
   config = bench_step.config_for(
       size, shared.DTYPE.value, remat=_REMAT.value, attention=_ATTENTION.value,
-      scan_layers=shared.SCAN.value, platform=shared.PLATFORM.value)
+      scan_layers=shared.SCAN.value, platform=shared.program_platform())
   record = {"check": "profile", "size": size, "remat": _REMAT.value,
             "attention": _ATTENTION.value, "batch_size": b, "input_length": s,
             "target_length": t, "dtype": shared.DTYPE.value,
-            "compute_dtype": config.dtype, "platform": config.platform,
+            "compute_dtype": config.dtype,
+            "platform": shared.program_platform(),
             "dry_run": _DRY_RUN.value, "warmup": _WARMUP.value,
             "steps_traced": shared.STEPS.value, **records.machine()}
   if _DRY_RUN.value:
@@ -160,7 +161,7 @@ def main(argv):
                                        np.random.default_rng(i))
                for i in range(2)]
     run = bench_step.JaxStep(config, steps.AlgorithmConfig(algo="dro_v"),
-                             batches)
+                             batches, platform=shared.program_platform())
     compiled = run.compiled
     record.update(compile_s=run.compile_s,
                   planned_peak_bytes=run.memory["peak_bytes"])

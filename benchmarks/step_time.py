@@ -67,7 +67,7 @@ TORCH = "torch"
 
 def _stand_in() -> bool:
   """Whether --attention=cudnn is planned with the cuDNN memory stand-in."""
-  return _MEMORY_ONLY.value and jax.default_backend() != "gpu"
+  return _MEMORY_ONLY.value and kernels.target_platform() != "gpu"
 
 
 def config_for(size: str, remat: str, attention: str):
@@ -75,7 +75,7 @@ def config_for(size: str, remat: str, attention: str):
   return bench_step.config_for(
       size, shared.DTYPE.value, remat=remat, scan_layers=shared.SCAN.value,
       attention=cudnn_stand_in.IMPLEMENTATION if stand_in else attention,
-      platform=shared.PLATFORM.value)
+      platform=shared.program_platform())
 
 
 def check_flags() -> None:
@@ -88,11 +88,11 @@ def check_flags() -> None:
   lengths = shared.positive_ints("target_length", shared.TARGET_LENGTH.value)
   shared.positive_ints("batch_size", shared.BATCH.value)
   if "cudnn" in _ATTENTION.value:
-    if jax.default_backend() != "gpu" and not _MEMORY_ONLY.value:
+    if kernels.target_platform() != "gpu" and not _MEMORY_ONLY.value:
       raise app.UsageError(
           "--attention=cudnn runs cuDNN's fused attention: it needs a CUDA "
-          f"GPU (JAX's backend here is {jax.default_backend()!r}); without "
-          "one, --memory_only --platform=gpu plans its memory.")
+          f"GPU (JAX's platform here is {kernels.target_platform()!r}); "
+          "without one, --memory_only --platform=gpu plans its memory.")
     odd = [n for n in [shared.INPUT_LENGTH.value, *lengths] if n % 2]
     if odd:
       raise app.UsageError(f"--attention=cudnn: cuDNN's attention with T5's "
@@ -130,7 +130,8 @@ def build_jax_step(config, implementation: str,
       implementation=None if implementation == "default" else implementation)
   try:
     step = bench_step.JaxStep(config, algorithm, batches,
-                              abstract=_MEMORY_ONLY.value)
+                              abstract=_MEMORY_ONLY.value,
+                              platform=shared.program_platform())
     if not _MEMORY_ONLY.value:
       step()                 # allocation fails here, not in a timed round
     return step
@@ -192,7 +193,8 @@ def measure_point(size: str, b: int, t: int, host_memory: str
             "framework": TORCH if mode != "jax" else "jax",
             "implementation": implementation, "remat": remat,
             "attention": attention, "dtype": shared.DTYPE.value,
-            "compute_dtype": config.dtype, "platform": config.platform,
+            "compute_dtype": config.dtype,
+            "platform": shared.program_platform(),
             "scan_layers": shared.SCAN.value,
             "host_memory": host_memory if mode in ("jax", "same") else mode,
             **({"attention_stand_in": True}

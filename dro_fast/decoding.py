@@ -80,7 +80,7 @@ def generate(params: Params, encoder_tokens: jax.Array, *,
     params: the T5's parameters (per-layer or scan_layers layout, matching
       config.scan_layers).
     encoder_tokens: [B, S] int32 prompts, padded with config.pad_id.
-    config: the model configuration (static; resolved here).
+    config: the model configuration (static).
     max_length: the most tokens to emit per sequence (static).
     sampling: greedy (default) or sampling settings (static).
     rng: a PRNG key; required when sampling.
@@ -91,15 +91,14 @@ def generate(params: Params, encoder_tokens: jax.Array, *,
   """
   if not sampling.greedy and rng is None:
     raise ValueError("Sampling (temperature > 0) needs an rng key.")
-  # Resolved before jit, so that the cache key holds the concrete platform.
-  return _generate(params, encoder_tokens, config=config.resolved(),
+  return _generate(params, encoder_tokens, config=config,
                    max_length=max_length, sampling=sampling, rng=rng)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_length",
                                              "sampling"))
 def _generate(params, encoder_tokens, *, config, max_length, sampling, rng):
-  """generate() for a resolved config."""
+  """generate(), jitted: the config is part of the cache key."""
   model = models.t5(config).apply
   batch = encoder_tokens.shape[0]
   encoded = model.encode(params, None, encoder_tokens)

@@ -15,8 +15,10 @@ reward_stats.json, run_config.json, summary.json (final step, metrics,
 SHA-256 of the final policy parameters) and training_curves.png; with
 --select_best also best_checkpoint.json.
 
-main() builds the run's frozen RunConfig from the flags once and calls
-training.loop.train: no library function reads a flag.
+main() builds the run's frozen RunConfig from the flags once, its backend
+fields decided for the platform it compiles for (dro_fast.backend.resolve),
+and calls training.loop.train: no library function reads a flag or asks
+which backend runs.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 
+from dro_fast import backend
 from dro_fast import cli
 from dro_fast import configs
 from dro_fast import data
@@ -40,7 +44,6 @@ from dro_fast import kernels
 from dro_fast.data.config import DataConfig
 from dro_fast.models.config import VALUE_NETS
 from dro_fast.training import loop
-from dro_fast.training import optim
 from dro_fast.training import preemption
 from dro_fast.training import select
 from dro_fast.training import sharding
@@ -228,21 +231,23 @@ def _from_flags(cls, **fields):
   return cls(**fields)
 
 
-def _optimizer(learning_rate: flags.FlagHolder,
-               platform: str) -> OptimizerConfig:
+def _optimizer(learning_rate: flags.FlagHolder) -> OptimizerConfig:
   """An OptimizerConfig from the flags; its errors name the flags."""
   try:
     return OptimizerConfig(
         learning_rate=learning_rate.value, warmup_steps=_WARMUP.value,
-        decay_rate=_DECAY_RATE.value, clip_norm=_CLIP.value or None,
-        reduce_with_dots=optim.statistics_as_gemvs(platform))
+        decay_rate=_DECAY_RATE.value, clip_norm=_CLIP.value or None)
   except ValueError as e:
     raise ValueError(cli.flag_terms(str(e), flags.FLAGS, dict(
         FIELD_FLAGS, learning_rate=learning_rate.name))) from None
 
 
 def run_config() -> RunConfig:
-  """The run's RunConfig, built once from the flags.
+  """The run's RunConfig, built once from the flags and resolved.
+
+  The platform the run compiles for (kernels.target_platform: the mesh is
+  laid over JAX's default backend's devices) decides its backend fields
+  (dro_fast.backend.resolve), which run_config.json records.
 
   Raises:
     ValueError: flag values out of range or in conflict; the message names
@@ -260,9 +265,7 @@ def run_config() -> RunConfig:
   model = models.preset(_MODEL.value, dtype=_DTYPE.value, remat=_REMAT.value,
                         attention=_ATTENTION.value,
                         dropout_rate=_DROPOUT.value,
-                        scan_layers=_SCAN_LAYERS.value).resolved()
-  model = model.replace(dtype=runtime.compute_dtype(model.dtype,
-                                                    model.platform))
+                        scan_layers=_SCAN_LAYERS.value)
   algorithm = AlgorithmConfig(
       algo=_ALGO.value, tau=_TAU.value,
       beta=_BETA.value if _BETA.value is not None else _TAU.value,
@@ -275,29 +278,41 @@ def run_config() -> RunConfig:
         f"--kernel_implementation={_KERNEL.value} is not available here; "
         f"choose one of {', '.join(sorted(kernels.IMPLEMENTATIONS))}, or "
         "leave it unset to pick by backend.")
-  return _from_flags(
+  run = _from_flags(
       RunConfig, data=data_config, model=model, algorithm=algorithm,
-      policy_optimizer=_optimizer(_POLICY_LR, model.platform),
-      value_optimizer=_optimizer(_VALUE_LR, model.platform),
+      policy_optimizer=_optimizer(_POLICY_LR),
+      value_optimizer=_optimizer(_VALUE_LR),
       init_checkpoint=fileio.absolute(_INIT_CHECKPOINT.value),
       workdir=local(_WORKDIR), ref_cache_dir=local(_REF_CACHE_DIR),
       eval_flags=tuple(_EVAL_FLAGS.value))
+  platform = kernels.target_platform()
+  run = backend.resolve(run, platform)
+  return run.replace(model=run.model.replace(
+      dtype=runtime.compute_dtype(run.model.dtype, platform)))
 
 
 def init_distributed() -> None:
   """Joins a multi-process run (before anything touches a JAX device)."""
   if _COORDINATOR.value == "auto":
     sharding.initialize_distributed(None, None, None)
-    return
-  if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
-    raise ValueError("--coordinator_address needs --num_processes and "
-                     "--process_id (or use --coordinator_address=auto on a "
-                     "cluster JAX detects).")
-  if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
-    raise ValueError(f"--process_id={_PROCESS_ID.value} must be in [0, "
-                     f"--num_processes={_NUM_PROCESSES.value}).")
-  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                  _PROCESS_ID.value)
+  else:
+    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+      raise ValueError("--coordinator_address needs --num_processes and "
+                       "--process_id (or use --coordinator_address=auto on "
+                       "a cluster JAX detects).")
+    if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+      raise ValueError(f"--process_id={_PROCESS_ID.value} must be in [0, "
+                       f"--num_processes={_NUM_PROCESSES.value}).")
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                    _PROCESS_ID.value)
+  if kernels.target_platform() == "cpu" and jax.local_device_count() > 1:
+    logging.warning(
+        "%d CPU devices in this process: XLA's CPU collectives can deadlock "
+        "across processes when a process has more than one device and "
+        "several computations are in flight (seen with jax 0.10.2 in the "
+        "checkpoint's finiteness check under --mesh=data:2,fsdp:2). Use one "
+        "CPU device per process (see docs/SCALING.md).",
+        jax.local_device_count())
 
 
 # Config fields whose flag has another name (dro_fast.cli.flag_terms); every

@@ -11,7 +11,9 @@ Usable without the rest of dro_fast (no Haiku, no T5):
                                 interpret=kernels.interpret_for("tpu", "cpu"))
 
 For the log-prob ops `implementation=` picks a key of IMPLEMENTATIONS
-("xla", "chunked_xla", "pallas_tpu", "pallas_gpu"); None picks by backend.
+("xla", "chunked_xla", "pallas_tpu", "pallas_gpu"); None picks by the
+platform the program compiles for (`target_platform`, the one function that
+asks JAX), as `interpret=None` does.
 flash_attention (T5 attention with its relative-position bias) has its own
 table, IMPLEMENTATIONS of dro_fast.kernels.flash_attention.ops ("xla",
 "pallas_tpu"). Every table is fixed at import. One folder per op:
@@ -20,9 +22,11 @@ reference.py, the backends, ops.py.
 
 from dro_fast.kernels.config import BlockSizes
 from dro_fast.kernels.config import interpret_for
+from dro_fast.kernels.config import interpret_mode
 from dro_fast.kernels.flash_attention.ops import flash_attention
 from dro_fast.kernels.linear_logprobs.ops import linear_sequence_logprobs
 from dro_fast.kernels.linear_logprobs.ops import linear_token_logprobs
+from dro_fast.kernels.platform import target_platform
 from dro_fast.kernels.registry import default_implementation
 from dro_fast.kernels.registry import implementation_for
 from dro_fast.kernels.registry import Implementation
@@ -35,6 +39,6 @@ from dro_fast.kernels.sequence_logprobs.ops import token_logprobs
 __all__ = [
     "BlockSizes", "IMPLEMENTATIONS", "Implementation", "default_implementation",
     "dro_residual", "flash_attention", "implementation_for", "interpret_for",
-    "linear_sequence_logprobs", "linear_token_logprobs", "masked_sum",
-    "sequence_logprobs", "token_logprobs",
+    "interpret_mode", "linear_sequence_logprobs", "linear_token_logprobs",
+    "masked_sum", "sequence_logprobs", "target_platform", "token_logprobs",
 ]

@@ -5,7 +5,8 @@ width.
 
 Every op (sequence_logprobs, linear_logprobs, flash_attention) takes from
 here: NEG_LARGE, the block-size check (`check_sizes`), the tile arithmetic
-(`round_up`, `fit_rows`) and the interpret-mode choice (`interpret_for`).
+(`round_up`, `fit_rows`) and the interpret-mode choice (`interpret_mode`,
+`interpret_for`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import dataclasses
 from typing import Any
 
 import jax
+
+from dro_fast.kernels import platform as platform_lib
 
 # A finite stand-in for -inf: keeps `exp(x - m)` NaN-free when a whole tile is
 # masked (−inf − (−inf) is NaN, MIN − MIN is 0).
@@ -112,21 +115,21 @@ def fit_rows(block_rows: int, n_rows: int, multiple: int) -> int:
   return max(multiple, min(block_rows, round_up(n_rows, multiple)))
 
 
-def interpret_for(native: str, platform: str) -> Any:
-  """pallas_call's `interpret` for a `native` kernel in a `platform` program.
+def interpret_mode(native: str, interpret: bool) -> Any:
+  """pallas_call's `interpret` for a `native` kernel, compiled or interpreted.
 
   Args:
     native: the platform the kernel is written for: "tpu" (Mosaic) or "gpu"
       (Triton).
-    platform: the platform the program compiles for ("cpu", "gpu", "tpu"),
-      which its caller knows (T5Config.platform, a mesh's devices).
+    interpret: whether to interpret it (the program compiles for another
+      platform than `native`).
 
   Returns:
-    False (compile the kernel) on its own platform; elsewhere the TPU
-    simulator (pltpu.InterpretParams()) for Mosaic, Pallas's generic
-    interpreter (True) for Triton.
+    False (compile the kernel); when interpreted, the TPU simulator
+    (pltpu.InterpretParams()) for Mosaic, Pallas's generic interpreter
+    (True) for Triton.
   """
-  if platform == native:
+  if not interpret:
     return False
   if native == "tpu":
     from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
@@ -134,8 +137,20 @@ def interpret_for(native: str, platform: str) -> Any:
   return True
 
 
+def interpret_for(native: str, platform: str) -> Any:
+  """interpret_mode for a `native` kernel in a program for `platform`.
+
+  Args:
+    native: as for interpret_mode.
+    platform: the platform the program compiles for ("cpu", "gpu", "tpu"),
+      which its caller knows (dro_fast.backend's fields, a mesh's devices:
+      platform.target_platform).
+  """
+  return interpret_mode(native, platform != native)
+
+
 def resolve_interpret(interpret: Any, native: str) -> Any:
-  """`interpret` as given, or for None interpret_for the default backend."""
+  """`interpret` as given, or for None interpret_for the target platform."""
   if interpret is None:
-    return interpret_for(native, jax.default_backend())
+    return interpret_for(native, platform_lib.target_platform())
   return interpret

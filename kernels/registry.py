@@ -14,8 +14,7 @@ import dataclasses
 import types
 from typing import Callable, Mapping
 
-import jax
-
+from dro_fast.kernels import platform as platform_lib
 from dro_fast.kernels.linear_logprobs import chunked_xla as linear_chunked_xla
 from dro_fast.kernels.linear_logprobs import reference as linear_reference
 from dro_fast.kernels.sequence_logprobs import chunked_xla
@@ -37,8 +36,8 @@ class Implementation:
     linear_token_logprobs_bwd: (hidden, weight, targets, lse, g, block_sizes,
       interpret) -> (dhidden [N,D], dweight [D,V]).
     autodiff: differentiate the forward with JAX instead of the backward.
-    native_backend: the jax.default_backend() it compiles for; elsewhere the
-      Pallas entries run in interpret mode.
+    native_backend: the platform it compiles for (platform.PLATFORMS);
+      elsewhere the Pallas entries run in interpret mode.
   """
 
   name: str
@@ -101,8 +100,8 @@ def implementation_for(platform: str) -> str:
 
 
 def default_implementation() -> str:
-  """The implementation `implementation=None` picks on this backend."""
-  return implementation_for(jax.default_backend())
+  """The implementation `implementation=None` picks: for the target platform."""
+  return implementation_for(platform_lib.target_platform())
 
 
 def get(name: str | None) -> Implementation:

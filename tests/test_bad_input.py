@@ -402,8 +402,8 @@ def _flag_cudnn_attention_in_float32(inputs):
 def _flag_cudnn_attention_without_a_gpu(inputs):
   del inputs
   return (["--attention=cudnn", "--dtype=bfloat16"],
-          ["T5Config.attention='cudnn' needs a CUDA GPU", "'cpu'",
-           "attention='xla'"])
+          ["--attention=cudnn runs cuDNN's fused attention, which needs a "
+           "CUDA GPU; the run compiles for 'cpu'", "use --attention=xla."])
 
 
 @case

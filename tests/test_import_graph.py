@@ -34,6 +34,7 @@ LAYERS = {
     "dro_fast.decoding": 2,     # a helper that may import models
     "dro_fast.losses": 3,
     "dro_fast.training": 4,
+    "dro_fast.backend": 4,      # the run's backend decision (its configs)
     "dro_fast.train": 5,        # the CLIs
     "dro_fast.evaluation": 5,
     "dro_fast.cli": 5,          # what the CLIs share

@@ -48,8 +48,9 @@ def test_a_variant_out_of_memory_is_recorded_and_the_others_are_timed(
             "56.21GiB with allocator GPU_0_bfc on device 0.\nmore detail")
       super().__call__()
 
-  def build(config, algorithm, batches, abstract):
-    step = OutOfMemoryOnChunked(config, algorithm, batches, abstract)
+  def build(config, algorithm, batches, abstract, platform):
+    step = OutOfMemoryOnChunked(config, algorithm, batches, abstract,
+                                platform=platform)
     step.implementation = algorithm.implementation
     return step
 
@@ -145,10 +146,10 @@ def test_a_failing_cudnn_variant(tiny_flags, monkeypatch, message):
   del tiny_flags
   real_step = bench_step.JaxStep
 
-  def build(config, algorithm, batches, abstract):
+  def build(config, algorithm, batches, abstract, platform):
     if config.attention in ("cudnn", cudnn_stand_in.IMPLEMENTATION):
       raise ValueError(message or "cuDNN is not detected.\nmore")
-    return real_step(config, algorithm, batches, abstract)
+    return real_step(config, algorithm, batches, abstract, platform=platform)
 
   monkeypatch.setattr(bench_step, "JaxStep", build)
   if message is None:

@@ -30,7 +30,7 @@ FLAGS = flags.FLAGS
     ({"target_length": ["4", "x"]}, "--target_length takes positive"),
     ({"attention": ["xla", "cudnn"]},
      "--attention=cudnn runs cuDNN's fused attention: it needs a CUDA GPU "
-     "(JAX's backend here is 'cpu'); without one, --memory_only "
+     "(JAX's platform here is 'cpu'); without one, --memory_only "
      "--platform=gpu plans its memory."),
     ({"attention": ["cudnn"], "memory_only": True},
      "--attention=cudnn plans the GPU's program: pass --platform=gpu"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from absl import app
 from absl import flags
 
+from dro_fast import kernels
 from dro_fast import runtime
 
 SIZES = ("tiny", "small", "base", "large", "xl", "xxl")
@@ -31,9 +32,10 @@ SCAN = flags.DEFINE_bool("scan_layers", True, "Scan over layers (on a CPU "
                          "against-pytorch).")
 PLATFORM = flags.DEFINE_enum(
     "platform", "auto", list(PLATFORMS),
-    "T5Config.platform: which backend's forms the model traces (auto: JAX's "
-    "backend). With --memory_only on a CPU, gpu plans the program a GPU "
-    "runs (XLA:CPU's fusion and buffer reuse still differ from XLA:GPU's).")
+    "The platform whose program is built (dro_fast.backend.resolve; auto: "
+    "the one JAX compiles for). With --memory_only on a CPU, gpu plans the "
+    "program a GPU runs (XLA:CPU's fusion and buffer reuse still differ "
+    "from XLA:GPU's).")
 IMPLEMENTATION = flags.DEFINE_list(
     "implementation", ["default"], "Log-prob kernel implementation(s) "
     "(default: by backend; xla materialises the logits, the others do not).")
@@ -47,6 +49,13 @@ HOST_MEMORY = flags.DEFINE_enum(
     "the CPU alone, as `python -m dro_fast.train` does "
     "(benchmarks/RESULTS.md#host-memory).")
 JSON_OUT = flags.DEFINE_string("json_out", None, "Append JSON lines here.")
+
+
+def program_platform() -> str:
+  """--platform, with auto as the platform JAX compiles for."""
+  if PLATFORM.value == "auto":
+    return kernels.target_platform()
+  return PLATFORM.value
 
 
 def set_defaults(**defaults) -> None:

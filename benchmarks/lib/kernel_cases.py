@@ -39,9 +39,9 @@ GROUPS["all"] = list(SHAPES)
 
 
 def native_implementations() -> list[str]:
-  backend = jax.default_backend()
+  platform = kernels.target_platform()
   return [name for name, impl in kernels.IMPLEMENTATIONS.items()
-          if impl.native_backend in (None, backend)]
+          if impl.native_backend in (None, platform)]
 
 
 def make_inputs(shape: Shape, dtype, seed: int = 0):

@@ -8,6 +8,7 @@ next of its batches and returns when the step is done, as
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -16,11 +17,12 @@ import numpy as np
 
 from dro_fast.training import flops
 from benchmarks.lib import timing
+from dro_fast import backend
+from dro_fast import kernels
 from dro_fast import models
 from dro_fast import runtime
 from dro_fast.training import init
 from dro_fast.training import loop
-from dro_fast.training import optim
 from dro_fast.training import sharding
 from dro_fast.training import steps
 from dro_fast.training.run_config import RunConfig
@@ -28,16 +30,18 @@ from dro_fast.training.run_config import RunConfig
 NO_PLAN = {"peak_bytes": -1, "temp_bytes": -1}
 
 
-def config_for(size: str, dtype: str, **fields) -> models.T5Config:
-  """The benchmarked preset of `size`, without dropout, resolved to a platform.
+def config_for(size: str, dtype: str, *, platform: str | None = None,
+               **fields) -> models.T5Config:
+  """The benchmarked preset of `size`, without dropout, for `platform`.
 
-  It computes in what `runtime.compute_dtype` gives for `dtype` there, as
-  the CLIs do.
+  It computes in what `runtime.compute_dtype` gives for `dtype` on
+  `platform` (None: kernels.target_platform()), as the CLIs do; JaxStep
+  resolves its backend fields.
   """
   name = "tiny" if size == "tiny" else f"flan-t5-{size}"
-  config = models.preset(name, dtype=dtype, dropout_rate=0.0,
-                         **fields).resolved()
-  return config.replace(dtype=runtime.compute_dtype(dtype, config.platform))
+  platform = platform or kernels.target_platform()
+  return models.preset(name, dtype=runtime.compute_dtype(dtype, platform),
+                       dropout_rate=0.0, **fields)
 
 
 def random_batch(config: models.T5Config, batch: int, s: int, t: int,
@@ -61,11 +65,13 @@ class JaxStep:
   """The compiled dro_fast update and its state.
 
   The update is the trainer's own (training.loop.trainer_for_run over a
-  RunConfig of the paper's optimizer settings), jitted as train() jits it:
+  RunConfig of the paper's optimizer settings, resolved as the trainer's
+  CLI resolves it: dro_fast.backend.resolve), jitted as train() jits it:
   donating the state, the state sharded by sharding.tree_shardings and the
   batch by sharding.batch_sharding over `mesh`.
 
   Attributes:
+    config: the model as resolved.
     compiled: the compiled update.
     compile_s: seconds to lower and compile the update.
     memory: XLA's memory plan per device (`timing.compiled_peak_bytes`).
@@ -75,31 +81,41 @@ class JaxStep:
   def __init__(self, config: models.T5Config,
                algorithm: steps.AlgorithmConfig,
                batches: list[dict[str, np.ndarray]], abstract: bool = False,
-               reduce_with_dots: bool | None = None, mesh=None):
+               reduce_with_dots: bool | None = None, mesh=None,
+               platform: str | None = None):
     """Builds and compiles the step.
 
     Args:
-      config: the model.
-      algorithm: what is trained (and the kernel implementation).
+      config: the model; its backend fields are resolved here.
+      algorithm: what is trained (and the kernel implementation; None:
+        resolved for the mesh's platform).
       batches: the batches a call cycles through.
       abstract: compile from shapes alone, allocating no parameters, states
         or batches (the memory plan of a model larger than this host's
         memory); such a step cannot be called.
       reduce_with_dots: Adafactor's statistics as GEMVs (a CPU form);
-        None: as the trainer chooses for config.platform
-        (optim.statistics_as_gemvs).
+        None: as dro_fast.backend.resolve decides.
       mesh: the device mesh (sharding.make_mesh); None: one device. An
         abstract step over a TPU topology's devices compiles for that
         slice (benchmarks/tpu_compile.py).
+      platform: the platform whose program is built (backend.resolve's
+        `platform`); None: the mesh's, which always picks the kernels
+        (a CPU's memory plan of a GPU's step: platform "gpu").
     """
-    if reduce_with_dots is None:
-      reduce_with_dots = optim.statistics_as_gemvs(config.resolved().platform)
-    optimizer = optim.OptimizerConfig(reduce_with_dots=reduce_with_dots)
-    run = RunConfig(workdir="", model=config, algorithm=algorithm,
-                    policy_optimizer=optimizer, value_optimizer=optimizer,
-                    batch_size=len(batches[0]["inputs"]))
     if mesh is None:
       mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+    target = kernels.target_platform(mesh.devices)
+    run = backend.resolve(
+        RunConfig(workdir="", model=config, algorithm=algorithm,
+                  batch_size=len(batches[0]["inputs"])),
+        platform or target, target=target)
+    if reduce_with_dots is not None:
+      run = run.replace(**{
+          name: dataclasses.replace(getattr(run, name),
+                                    reduce_with_dots=reduce_with_dots)
+          for name in ("policy_optimizer", "value_optimizer")})
+    config, algorithm = run.model, run.algorithm
+    self.config = config
     trainer = loop.trainer_for_run(run, config, mesh)
 
     def init_state(key):             # as the trainer splits a run's key

@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from dro_fast import kernels
+
 
 def quiet_backend_probe() -> None:
   """Hides jax's INFO lines about backends it could not start.
@@ -28,8 +30,9 @@ def quiet_backend_probe() -> None:
 
 
 def device_description() -> str:
+  """"<platform>:<device kind>" of the first device, for records."""
   device = jax.devices()[0]
-  return f"{device.platform}:{device.device_kind}"
+  return f"{kernels.target_platform([device])}:{device.device_kind}"
 
 
 def compiled_peak_bytes(compiled) -> dict[str, int]:

@@ -53,6 +53,7 @@ from absl import logging
 
 from dro_fast import cli
 from dro_fast import data
+from dro_fast import kernels
 from dro_fast import runtime
 from dro_fast.evaluation import evaluate
 from dro_fast.evaluation import judges
@@ -130,8 +131,10 @@ def main(argv):
     if not _JUDGE_TIMEOUT.value > 0 or _JUDGE_RETRIES.value < 0:
       raise evaluate.EvalError("--judge_timeout must be > 0 and "
                                "--judge_retries >= 0.")
+    platform = kernels.target_platform()    # what the policies decode on
     if _BEST.value:
-      record = evaluate.best_checkpoint(_BEST.value, _judge(_BEST.value), cfg)
+      record = evaluate.best_checkpoint(_BEST.value, _judge(_BEST.value), cfg,
+                                        platform=platform)
       print(json.dumps(record, indent=2))
       return
     if not _POLICY_A.value:
@@ -142,7 +145,7 @@ def main(argv):
     result = evaluate.compare(
         _POLICY_A.value, spec_b,
         _OUTPUT_DIR.value or os.path.join(workdir_a, "eval"),
-        _judge(workdir_a), cfg)
+        _judge(workdir_a), cfg, platform=platform)
     print(evaluate.table(result))
   except (evaluate.EvalError, runs.RunError, judges.JudgeError,
           data.DataError, checkpointing.CorruptCheckpointError) as e:

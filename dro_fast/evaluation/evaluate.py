@@ -154,11 +154,15 @@ def fold_win_rates(rows: list[dict], folds: int) -> list[float]:
 
 
 def compare(spec_a: str, spec_b: str, output_dir: str, judge,
-            cfg: EvalConfig) -> dict:
-  """Judges policy A against B; writes pairs, table and chart; returns stats."""
+            cfg: EvalConfig, *, platform: str) -> dict:
+  """Judges policy A against B; writes pairs, table and chart; returns stats.
+
+  The policies decode on `platform` (kernels.target_platform(), which the
+  CLI reads): runs.model_config resolves the run's model for it.
+  """
   workdir_a, _ = parse_policy(spec_a)
   run = runs.read_run_config(workdir_a)
-  config = runs.model_config(run)
+  config = runs.model_config(run, platform)
   tokenizer = runs.tokenizer(run, workdir_a)
   prompts = prompts_for(run, cfg)
   rng = jax.random.PRNGKey(cfg.seed)
@@ -234,8 +238,12 @@ def table(result: dict) -> str:
   return "\n".join(lines)
 
 
-def best_checkpoint(workdir: str, judge, cfg: EvalConfig) -> dict:
-  """Every checkpoint vs the initial policy; the best is recorded."""
+def best_checkpoint(workdir: str, judge, cfg: EvalConfig, *,
+                    platform: str) -> dict:
+  """Every checkpoint vs the initial policy; the best is recorded.
+
+  Each comparison is compare()'s, decoding on `platform`.
+  """
   run_steps = runs.checkpoint_steps(workdir)
   if not run_steps:
     raise EvalError(f"{workdir}: no checkpoints to compare.")
@@ -243,7 +251,7 @@ def best_checkpoint(workdir: str, judge, cfg: EvalConfig) -> dict:
   for step in run_steps:
     result = compare(f"{workdir}:{step}", f"{workdir}:init",
                      os.path.join(workdir, "eval", f"step_{step}_vs_init"),
-                     judge, cfg)
+                     judge, cfg, platform=platform)
     results[step] = result["win_rate_mean"]
     print(table(result))
   best = max(results, key=results.get)

@@ -17,7 +17,7 @@ signature:
 
 except that one with `relative_bias` gets the bias as a RelativeBias (the
 [H, buckets] table and its bucket rule, for positions 0, 1, ...) and a
-keyword `platform` (T5Config.platform); the network then never
+keyword `interpret` (T5Config.attention_interpret); the network then never
 materialises the bias.
 
   "xla": the [B, H, q, k] logits and softmax as arrays (attention_logits'
@@ -28,7 +28,7 @@ materialises the bias.
   "flash": dro_fast.kernels.flash_attention, a Pallas TPU (Mosaic) flash
     attention that builds the relative position bias tile by tile from its
     table; no [B, H, q, k] array in forward or backward. Runs natively on
-    platform "tpu", in the TPU simulator on "cpu" (tests).
+    a TPU, in the TPU simulator on a CPU (tests).
 
 A query that sees no key gets 0 from every built-in. A fused implementation
 (any but "xla") gets no dropout (T5Config refuses dropout_rate > 0 with it)
@@ -228,14 +228,17 @@ def flash_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
                     *, bias: RelativeBias | None, mask: AttentionMask,
                     dropout_rng: jax.Array | None = None,
                     dropout_rate: float = 0.0,
-                    platform: str = "tpu") -> jax.Array:
+                    interpret: bool | None = None) -> jax.Array:
   """T5 attention by dro_fast.kernels.flash_attention.
 
-  Its Mosaic kernels run on platform "tpu", the TPU simulator on any other.
-  Saves its output and log-sum-exp only, tagged FUSED_RESIDUALS.
+  Its Mosaic kernels compile unless `interpret`
+  (T5Config.attention_interpret) says to run them in the TPU simulator;
+  None: as the kernel decides. Saves its output and log-sum-exp only,
+  tagged FUSED_RESIDUALS.
   """
   del dropout_rng, dropout_rate        # fused: refused by T5Config.
-  interpret = kernels.interpret_for("tpu", platform)
+  if interpret is not None:
+    interpret = kernels.interpret_mode("tpu", interpret)
 
   def attend(queries, keys, values, bias, lengths):
     return kernels.flash_attention(
@@ -268,7 +271,7 @@ def implementation(attention: str | AttentionImplementation
 def takes_relative_bias(attention: str | AttentionImplementation) -> bool:
   """Whether T5Config.attention builds the relative-position bias itself.
 
-  Such an implementation gets a RelativeBias and `platform=`, not a
+  Such an implementation gets a RelativeBias and `interpret=`, not a
   [1, H, q, k] array.
   """
   return implementation(attention).relative_bias
@@ -335,7 +338,7 @@ class Attention(hk.Module):
     """
     config = self.config
     dense = functools.partial(Dense, config.num_heads * config.d_kv,
-                              config.compute_dtype, platform=config.platform)
+                              config.compute_dtype, form=config.matmul)
     if kv_inputs is not None:
       keys = self._split_heads(checkpoint_name(dense(name="key")(kv_inputs),
                                                "attention_key"))
@@ -358,7 +361,7 @@ class Attention(hk.Module):
                           config.attention)
     extra = {}
     if impl.relative_bias:
-      extra["platform"] = config.platform
+      extra["interpret"] = config.attention_interpret
     elif isinstance(bias, RelativeBias):
       bias = bias.dense(queries.shape[1], keys.shape[1])          # [1,H,q,k]
     out = impl.fn(queries, keys, values, bias=bias, mask=mask,
@@ -366,5 +369,5 @@ class Attention(hk.Module):
                   **extra)                                        # [B,q,H,K]
     out = out.reshape(*out.shape[:2], -1)                         # [B,q,H·K]
     out = Dense(config.d_model, config.compute_dtype,
-                platform=config.platform, name="out")(out)        # [B, q, D]
+                form=config.matmul, name="out")(out)              # [B, q, D]
     return checkpoint_name(out, "attention_out"), (keys, values)

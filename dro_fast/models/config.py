@@ -4,11 +4,11 @@ Sizes follow t5x's t5_1_1 gin files. FLAN-T5 uses the v1.1
 architecture. The v1.0 variant differs in its MLP (ReLU, one `wi`), its tied
 input/output embedding and its logits scale d_model^-½.
 
-Backend choices (`attention`, `platform`) are fields, so they are part of
-jax.jit's cache key wherever the config is a static argument. Every
-constraint of a backend is checked here: in __post_init__, or, for what
-depends on the host, in `resolved()`, which models.t5 and
-value.value_network call once when they build the model.
+Backend choices (`attention`, `matmul`, `attention_interpret`) are fields,
+so they are part of jax.jit's cache key wherever the config is a static
+argument. The fields that follow from the platform a run compiles for are
+filled in once per run by dro_fast.backend.resolve; what a field's value
+constrains on its own is checked here, in __post_init__.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 VARIANTS = ("v1_1", "v1_0")
 REMAT_POLICIES = ("none", "full", "dots", "dots_except_mlp_hidden")
-PLATFORMS = ("auto", "cpu", "gpu", "tpu")
+# The forms of the Dense layers' matmul (dro_fast.models.layers.matmul).
+MATMULS = ("xla", "cpu_row_major")
 # The built-in attention implementations (dro_fast.models.attention's table).
 ATTENTIONS = ("xla", "cudnn", "flash")
 # Value networks of DRO-V: its own encoder, or a head on the policy's.
@@ -42,7 +43,7 @@ class AttentionImplementation:
       bias, mask: attention.AttentionMask, dropout_rng, dropout_rate) ->
       [B, q, H, K]; bias is [1, H, q, k] float32 or None, or, with
       relative_bias, a RelativeBias (the table and its bucket rule) or None,
-      and fn then also takes `platform` (T5Config.platform).
+      and fn then also takes `interpret` (T5Config.attention_interpret).
     relative_bias: fn builds the relative-position bias from its table, so
       the model never materialises it.
   """
@@ -88,17 +89,21 @@ class T5Config:
       encoder inputs: the padding mask becomes per-example key lengths, and
       a concrete mask that is not a leading run of valid keys is refused
       when the model runs (a traced one is taken as such a run). "cudnn"
-      also needs bfloat16 compute and platform "gpu" on a CUDA (not ROCm)
-      backend, and even sequence lengths when trained with a bias (checked
-      by the trainer's RunConfig). "flash" is a Pallas TPU kernel that
-      builds the relative-position bias per tile from its table (any
-      lengths): platform "tpu" runs it, "cpu" simulates it (slow: tests);
-      "gpu" is refused. Cached decoding always takes the "xla" path.
-    platform: the backend the model is traced for: "cpu", "gpu", "tpu", or
-      "auto" (jax.default_backend(), filled in by `resolved()`). "cpu" runs
-      the CPU backend's forms (dro_fast/models/cpu.py); any other value the
-      accelerator forms, whatever backend XLA compiles for (so that a CPU
-      host can lower or memory-plan the program a GPU runs).
+      also needs bfloat16 compute and a CUDA GPU, and even sequence
+      lengths when trained with a bias (checked by the trainer's
+      RunConfig). "flash" is a Pallas TPU kernel that builds the
+      relative-position bias per tile from its table (any lengths): a TPU
+      runs it, a CPU simulates it (slow: tests); a GPU is refused
+      (dro_fast.backend.resolve). Cached decoding always takes the "xla"
+      path.
+    matmul: the form of every Dense layer's matmul, one of MATMULS: "xla"
+      (jnp.dot and autodiff) or "cpu_row_major" (the CPU backend's form
+      with its own VJP, dro_fast/models/cpu.py). dro_fast.backend.resolve
+      picks "cpu_row_major" for a CPU program, "xla" for any other.
+    attention_interpret: whether a kernel attention ("flash") runs in its
+      interpreter (the TPU simulator) rather than compiled: True for a
+      program that does not compile for the kernel's platform; None: as
+      dro_fast.kernels decides for the platform it compiles for.
     pad_id: padding id (masked in attention); also the decoder start id.
     eos_id: end-of-sequence id.
     name: preset name, informational.
@@ -120,7 +125,8 @@ class T5Config:
   scan_layers: bool = False
   remat: str = "none"
   attention: str | AttentionImplementation = "xla"
-  platform: str = "auto"
+  matmul: str = "xla"
+  attention_interpret: bool | None = None
   pad_id: int = 0
   eos_id: int = 1
   name: str = "custom"
@@ -135,9 +141,9 @@ class T5Config:
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"T5Config.remat must be one of {REMAT_POLICIES}, got "
                        f"{self.remat!r}.")
-    if self.platform not in PLATFORMS:
-      raise ValueError(f"T5Config.platform must be one of {PLATFORMS}, got "
-                       f"{self.platform!r}.")
+    if self.matmul not in MATMULS:
+      raise ValueError(f"T5Config.matmul must be one of {MATMULS}, got "
+                       f"{self.matmul!r}.")
     if not (self.attention in ATTENTIONS
             or isinstance(self.attention, AttentionImplementation)):
       raise ValueError(f"T5Config.attention must be one of {ATTENTIONS} "
@@ -178,50 +184,6 @@ class T5Config:
 
   def replace(self, **changes) -> "T5Config":
     return dataclasses.replace(self, **changes)
-
-  def resolved(self) -> "T5Config":
-    """This config with platform "auto" as jax.default_backend(), checked.
-
-    Idempotent; a concrete platform is kept as given.
-
-    Raises:
-      ValueError: attention "flash" on platform "gpu"; attention "cudnn"
-        without platform "gpu", or resolved
-        from "auto" on a GPU backend that is not CUDA (ROCm has no cuDNN);
-        or a default backend that is none of PLATFORMS.
-    """
-    config = self
-    if self.platform == "auto":
-      backend = jax.default_backend()
-      if backend not in PLATFORMS:
-        raise ValueError(f"T5Config.platform='auto': JAX's default backend "
-                         f"{backend!r} is none of {PLATFORMS[1:]}; set "
-                         f"platform explicitly.")
-      config = self.replace(platform=backend)
-    if config.attention == "flash" and config.platform == "gpu":
-      raise ValueError("T5Config.attention='flash' is a Pallas TPU (Mosaic) "
-                       "kernel; platform is 'gpu': use attention='cudnn' or "
-                       "'xla' (or platform='tpu' to lower the TPU's "
-                       "program).")
-    if config.attention == "cudnn":
-      if config.platform != "gpu":
-        raise ValueError(f"T5Config.attention='cudnn' needs a CUDA GPU; "
-                         f"platform is {config.platform!r}: use "
-                         f"attention='xla' (or platform='gpu' to lower the "
-                         f"GPU's program on this host).")
-      if self.platform == "auto" and not _cuda_backend():
-        raise ValueError("T5Config.attention='cudnn' needs a CUDA GPU; "
-                         "JAX's GPU backend here is not CUDA (ROCm has no "
-                         "cuDNN): use attention='xla'.")
-    return config
-
-
-def _cuda_backend() -> bool:
-  """Whether JAX's default backend is an NVIDIA GPU (ROCm's is "gpu" too)."""
-  if jax.default_backend() != "gpu":
-    return False
-  version = getattr(jax.devices()[0].client, "platform_version", "")
-  return "rocm" not in str(version).lower()
 
 
 _SIZES = {  # name: (d_model, d_ff, num_heads, num_layers)

@@ -4,8 +4,9 @@ A form lives here only if it speeds up the T5-small DRO-V CPU step by at
 least 5%, measured paired against its removal
 (benchmarks/RESULTS.md#cpu-forms): the Dense layer's matmul
 with its own VJP. The layers reach it only through
-dro_fast.models.layers.matmul, when T5Config.platform is "cpu"; every other
-platform traces plain jnp.dot.
+dro_fast.models.layers.matmul, when T5Config.matmul is "cpu_row_major"
+(dro_fast.backend.resolve's choice for a CPU program); "xla" traces plain
+jnp.dot.
 """
 
 from __future__ import annotations

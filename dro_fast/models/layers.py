@@ -8,7 +8,7 @@ Module and parameter names are T5X's (`wi_0/kernel`, `relpos_bias/
 rel_embedding`, `token_embedder/embedding`), so checkpoint conversion is a
 rename table. Parameters are float32; the layers compute in
 T5Config.compute_dtype. Every matmul of a parameter goes through `matmul`,
-the one point where the platform chooses a form.
+the one point where a form is chosen (T5Config.matmul).
 """
 
 from __future__ import annotations
@@ -24,16 +24,16 @@ from dro_fast.models import cpu
 from dro_fast.models.config import T5Config
 
 
-def matmul(x: jax.Array, kernel: jax.Array, *, platform: str,
+def matmul(x: jax.Array, kernel: jax.Array, *, form: str,
            out_dtype) -> jax.Array:
   """x [..., D] @ kernel [D, F] -> [..., F] in out_dtype.
 
   Both operands in x.dtype (the kernel is cast), accumulated as the backend
-  does for that dtype. platform "cpu" (T5Config.platform, resolved) takes
-  the CPU backend's form with its own VJP (cpu.matmul); every other
-  platform plain jnp.dot and autodiff.
+  does for that dtype. `form` (T5Config.matmul) "cpu_row_major" takes the
+  CPU backend's form with its own VJP (cpu.matmul); "xla" plain jnp.dot
+  and autodiff.
   """
-  if platform == "cpu":
+  if form == "cpu_row_major":
     return cpu.matmul(x, kernel, out_dtype)
   return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=out_dtype)
 
@@ -60,16 +60,16 @@ class Dense(hk.Module):
   Attributes:
     features: output width.
     dtype: the compute dtype of inputs and output.
-    platform: T5Config.platform (resolved), passed to `matmul`.
+    form: T5Config.matmul, passed to `matmul`.
     init_scale: VarianceScaling (fan-in, truncated normal) scale.
   """
 
-  def __init__(self, features: int, dtype, *, platform: str,
+  def __init__(self, features: int, dtype, *, form: str,
                init_scale: float = 1.0, name: str | None = None):
     super().__init__(name=name)
     self.features = features
     self.dtype = dtype
-    self.platform = platform
+    self.form = form
     self.init_scale = init_scale
 
   def kernel_only(self, in_features: int) -> jax.Array:
@@ -86,7 +86,7 @@ class Dense(hk.Module):
                               jnp.float32, init=init)
     if return_kernel:
       return kernel.astype(self.dtype)
-    return matmul(x.astype(self.dtype), kernel, platform=self.platform,
+    return matmul(x.astype(self.dtype), kernel, form=self.form,
                   out_dtype=self.dtype)
 
 
@@ -101,7 +101,7 @@ class Mlp(hk.Module):
   def __call__(self, x: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
     config = self.config
     dense = functools.partial(Dense, dtype=config.compute_dtype,
-                              platform=config.platform)
+                              form=config.matmul)
     if config.gated:
       hidden = (jax.nn.gelu(dense(config.d_ff, name="wi_0")(x),
                             approximate=True)

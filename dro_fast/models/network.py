@@ -67,10 +67,9 @@ class DecoderOutput(NamedTuple):
   weight: jax.Array
   cache: LayerCache | None = None
 
-  def logits(self, *, platform: str) -> jax.Array:
-    """float32 logits [..., V]; platform is T5Config.platform (resolved)."""
-    return matmul(self.hidden, self.weight, platform=platform,
-                  out_dtype=jnp.float32)
+  def logits(self, *, form: str) -> jax.Array:
+    """float32 logits [..., V]; form is T5Config.matmul."""
+    return matmul(self.hidden, self.weight, form=form, out_dtype=jnp.float32)
 
 
 # What remat "dots_except_mlp_hidden" keeps of a layer (checkpoint_name tags):
@@ -150,9 +149,6 @@ class T5:
   """
 
   def __init__(self, config: T5Config):
-    if config.platform == "auto":
-      raise ValueError("T5 takes a resolved T5Config (platform 'auto' is "
-                       "not): pass config.resolved(), as models.t5() does.")
     self.config = config
 
   def embedder(self) -> Embed:
@@ -230,7 +226,7 @@ class T5:
       x = x * jnp.asarray(config.d_model ** -0.5, x.dtype)
     else:
       weight = Dense(config.vocab_size, config.compute_dtype,
-                     platform=config.platform,
+                     form=config.matmul,
                      name="logits_dense").kernel_only(config.d_model)
     return DecoderOutput(x, weight, cache)
 
@@ -344,11 +340,10 @@ def t5(config: T5Config) -> hk.MultiTransformed:
   """The encoder-decoder as an hk.MultiTransformed whose apply is a T5Apply.
 
   init(rng, encoder_tokens [B, S], decoder_targets [B, T]) runs the
-  teacher-forced forward once and returns every parameter. The config is
-  resolved once here (T5Config.resolved): platform "auto" becomes this
-  process's backend, and cuDNN's host constraints are checked.
+  teacher-forced forward once and returns every parameter. The config's
+  backend fields are taken as they are (dro_fast.backend.resolve fills
+  them in for a run).
   """
-  config = config.resolved()
 
   def functions():
     model = T5(config)
@@ -371,7 +366,7 @@ def t5(config: T5Config) -> hk.MultiTransformed:
 
     def logits(encoder_tokens, decoder_targets, *, is_training=False):
       out, _ = teacher_forced(encoder_tokens, decoder_targets, is_training)
-      return out.logits(platform=config.platform)
+      return out.logits(form=config.matmul)
 
     def init_cache(encoded, max_length):
       return model.init_cache(encoded, max_length)
@@ -379,7 +374,7 @@ def t5(config: T5Config) -> hk.MultiTransformed:
     def decode_step(token, position, cache, encoder_tokens):
       out = model.decode_step(token, position, cache, encoder_tokens,
                               model.embedder())
-      return DecodeStep(out.logits(platform=config.platform), out.cache)
+      return DecodeStep(out.logits(form=config.matmul), out.cache)
 
     return logits, T5Apply(encode, decode, logits, init_cache, decode_step)
 

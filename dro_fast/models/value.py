@@ -44,10 +44,8 @@ def value_network(config: T5Config, kind: str = "separate") -> hk.Transformed:
   policy's encoder output for encoder_tokens (t5(config)'s encode, or
   DecoderStates.encoded). "shared" pools policy_encoded; "separate" ignores
   it (None will do) and encodes encoder_tokens with its own encoder, with
-  dropout when is_training. init takes the same arguments. The config is
-  resolved once here (T5Config.resolved).
+  dropout when is_training. init takes the same arguments.
   """
-  config = config.resolved()
   if kind not in KINDS:
     raise ValueError(f"value network kind must be one of {KINDS}, got "
                      f"{kind!r}.")

@@ -44,7 +44,12 @@ class AlgorithmConfig:
     kto_desirable_weight: λ_D.
     kto_undesirable_weight: λ_U.
     implementation: one of KERNEL_IMPLEMENTATIONS, the log-prob kernel;
-      None: by the model's platform (training.steps.logprob_kernel).
+      None: dro_fast.kernels' own default for the platform it compiles for.
+      dro_fast.backend.resolve names it for a run.
+    interpret: whether `implementation`'s Pallas kernel runs in its
+      interpreter rather than compiled (a program for another platform than
+      the kernel's); None: as dro_fast.kernels decides. Set with
+      `implementation` by dro_fast.backend.resolve.
   """
 
   algo: str = "dro_v"
@@ -56,6 +61,7 @@ class AlgorithmConfig:
   kto_desirable_weight: float = 1.0
   kto_undesirable_weight: float = 1.0
   implementation: str | None = None
+  interpret: bool | None = None
 
   def __post_init__(self):
     _one_of(self, "algo", ALGORITHMS)
@@ -88,7 +94,10 @@ class OptimizerConfig:
     warmup_steps: linear warm-up steps (paper: 150); >= 0.
     decay_rate: Adafactor's second-moment decay exponent (paper: 0.8).
     clip_norm: clip gradients to this global norm first; None: no clipping.
-    reduce_with_dots: Adafactor's statistics as GEMVs (optim.adafactor).
+    reduce_with_dots: Adafactor's statistics as GEMVs (optim.adafactor),
+      the CPU backend's form: XLA:CPU's strided reductions over leading
+      axes are slow (benchmarks/RESULTS.md#cpu-forms).
+      dro_fast.backend.resolve sets it for a CPU program.
   """
 
   learning_rate: float = 1e-4

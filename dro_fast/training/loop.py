@@ -170,7 +170,8 @@ def _reference(run: RunConfig, dataset, model_config, params):
   the outputs computed)."""
   algo, arrays = run.algorithm.algo, dataset.arrays
   ref_fn = steps.reference_logprob_fn(model_config,
-                                      run.algorithm.implementation)
+                                      run.algorithm.implementation,
+                                      run.algorithm.interpret)
   outputs = (reference.PAIRWISE if algo in steps.PAIRWISE else
              reference.KTO if algo == "kto" else reference.SINGLE)
   if algo == "sft":
@@ -216,6 +217,9 @@ def trainer_for_run(run: RunConfig, model_config: models.T5Config,
 def train(run: RunConfig) -> dict:
   """Trains; returns the summary written to <workdir>/summary.json.
 
+  `run` is taken as it is: its backend fields are decided
+  (dro_fast.backend.resolve), `async_checkpoints` among them.
+
   Raises:
     TrainingError, data.DataError, select.SelectionError: a problem with
       the run's inputs or state; nothing half-written is left behind.
@@ -224,6 +228,9 @@ def train(run: RunConfig) -> dict:
       names the path).
     preemption.StartupStopped: SIGTERM before the first step (one process).
   """
+  if run.async_checkpoints is None:
+    raise TrainingError("`async_checkpoints` is unset: build the run with "
+                        "dro_fast.backend.resolve, which decides it.")
   try:
     mesh = sharding.make_mesh(sharding.parse_mesh(run.mesh))
     sharding.check_batch_size(run.batch_size, mesh)
@@ -289,12 +296,9 @@ def _train(run: RunConfig, mesh) -> dict:
     state = jax.device_put(state, state_shardings)
 
     iterator = pipeline.BatchIterator(arrays, run.batch_size, run.seed)
-    async_save = run.async_checkpoints
-    if async_save is None:
-      async_save = jax.default_backend() != "cpu"
     checkpointer = checkpointing.Checkpointer(
         checkpoints, runs.ITEMS, keep=run.keep_checkpoints,
-        async_save=async_save)
+        async_save=run.async_checkpoints)
     start = 0
     if checkpointer.latest_step() is not None:
       state, extra, start = _restore(checkpointer, state)

@@ -203,15 +203,6 @@ def adafactor(learning_rate: float | optax.Schedule,
   return optax.GradientTransformation(init, update)
 
 
-def statistics_as_gemvs(platform: str) -> bool:
-  """Whether Adafactor takes its statistics as GEMVs on `platform` (a
-  resolved T5Config.platform): the CPU backend's form, where XLA:CPU's
-  strided reductions over leading axes are slow; it earns its place on the
-  CPU step (benchmarks/RESULTS.md#cpu-forms). The one place that chooses
-  it: the trainer's CLI and the benchmarks both ask here."""
-  return platform == "cpu"
-
-
 def optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   """The optax transformation an OptimizerConfig describes."""
   return make_optimizer(**dataclasses.asdict(config))

@@ -32,7 +32,12 @@ REF_LOGPROBS = ("cached", "online")
 # Fields of the policy's T5Config that the run sets on an --init_checkpoint's
 # own config (the rest, the architecture, comes from the checkpoint).
 MODEL_OVERRIDES = ("dtype", "remat", "attention", "dropout_rate",
-                   "scan_layers", "platform")
+                   "scan_layers", "matmul", "attention_interpret")
+# Fields that earlier versions wrote into run_config.json and that are now
+# decided where a run is loaded ({config: fields}): T5Config.platform, whose
+# choices dro_fast.backend.resolve now records as the model's `matmul` and
+# `attention_interpret`. They are read and dropped.
+LEGACY_FIELDS = {"model": ("platform",)}
 
 
 class RunConfigError(ValueError):
@@ -48,8 +53,9 @@ class RunConfig:
     data: what is trained on (DataConfig).
     model: the policy's T5Config (see the module docstring).
     algorithm: what is optimised (AlgorithmConfig; its `implementation` is
-      the dro_fast.kernels implementation, None: by backend; whether it
-      imports on this host is the trainer's check).
+      the dro_fast.kernels implementation, named by dro_fast.backend.resolve
+      unless given; whether it imports on this host is the trainer's
+      check).
     policy_optimizer: the policy's OptimizerConfig.
     value_optimizer: the value network's OptimizerConfig (DRO-V).
     init_checkpoint: the SFT policy, a T5X or Hugging Face checkpoint
@@ -65,9 +71,11 @@ class RunConfig:
     checkpoint_every: steps between checkpoints.
     keep_checkpoints: checkpoints kept.
     async_checkpoints: write checkpoints in the background while training
-      goes on (Orbax's asynchronous saving); None: where JAX's backend is
-      not the CPU (on the CPU the writing threads compete with the step:
-      benchmarks/RESULTS.md#asynchronous-checkpoints).
+      goes on (Orbax's asynchronous saving); None: undecided, which
+      dro_fast.backend.resolve turns into True unless the run compiles for
+      the CPU (there the writing threads compete with the step:
+      benchmarks/RESULTS.md#asynchronous-checkpoints); the trainer takes
+      only a decided run.
     log_every: steps between logged metrics.
     max_bad_steps: stop after this many consecutive skipped updates.
     mesh: device mesh, e.g. "data:4,fsdp:2"; "": all devices on data.
@@ -172,6 +180,11 @@ class RunConfig:
       value = json.loads(text)
     except json.JSONDecodeError as e:
       raise RunConfigError(f"{source}: invalid JSON ({e}).") from None
+    if isinstance(value, dict):
+      for name, legacy in LEGACY_FIELDS.items():
+        if isinstance(value.get(name), dict):
+          value[name] = {k: v for k, v in value[name].items()
+                         if k not in legacy}
     return _build(cls, value, source, "")
 
   @classmethod

@@ -13,6 +13,7 @@ import os
 
 import jax
 
+from dro_fast import backend
 from dro_fast import models
 from dro_fast.models import pretrained
 from dro_fast.tokenizer import Tokenizer
@@ -44,11 +45,16 @@ def read_run_config(workdir: str) -> RunConfig:
     raise RunError(str(e)) from None
 
 
-def model_config(run: RunConfig) -> models.T5Config:
-  """The run's T5Config for decoding here: attention "xla" and platform
-  "auto", whatever the run trained with (cuDNN's fused attention is a choice
-  of the training machine, and generation attends through the cache)."""
-  return run.model.replace(attention="xla", platform="auto")
+def model_config(run: RunConfig, platform: str) -> models.T5Config:
+  """The run's T5Config for decoding on `platform`: attention "xla".
+
+  Whatever the run trained with (cuDNN's fused attention is a choice of the
+  training machine, and generation attends through the cache), its backend
+  fields are decided anew for `platform` (dro_fast.backend.resolve), the
+  platform the caller decodes on (kernels.target_platform()).
+  """
+  run = run.replace(model=run.model.replace(attention="xla"))
+  return backend.resolve(run, platform).model
 
 
 def tokenizer(run: RunConfig, workdir: str) -> Tokenizer:
@@ -59,6 +65,15 @@ def tokenizer(run: RunConfig, workdir: str) -> Tokenizer:
 def checkpoint_steps(workdir: str) -> list[int]:
   return checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     ITEMS).all_steps()
+
+
+def _params_config(run: RunConfig) -> models.T5Config:
+  """The run's T5Config to build its parameters with on any host.
+
+  Attention "xla" (the parameters are the same; a fused attention may not
+  run here) and the recorded matmul form (plain JAX on every platform).
+  """
+  return run.model.replace(attention="xla")
 
 
 def _policy_template(config: models.T5Config):
@@ -73,7 +88,7 @@ def load_policy(workdir: str, step: int | None = None):
   checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), ITEMS)
   items, _, step = checkpointer.restore(
-      {POLICY: _policy_template(model_config(run))}, step)
+      {POLICY: _policy_template(_params_config(run))}, step)
   return items[POLICY], step
 
 
@@ -84,7 +99,7 @@ def load_initial_policy(workdir: str):
   initialisation.
   """
   run = read_run_config(workdir)
-  config = model_config(run)
+  config = _params_config(run)
   if run.init_checkpoint:
     _, params = pretrained.load(run.init_checkpoint)
     return pretrained.stack_layers(params, config)

@@ -47,7 +47,8 @@ def warm_start(run: RunConfig, model_config, params, arrays: dict,
     return sharding.to_host(items[runs.POLICY])
   trainer = steps.build_trainer(
       steps.AlgorithmConfig(algo="sft",
-                            implementation=run.algorithm.implementation),
+                            implementation=run.algorithm.implementation,
+                            interpret=run.algorithm.interpret),
       model_config, optim.optimizer(run.sft_optimizer), None, mesh=mesh)
   state = trainer.init(params, {}, rng)
   state = jax.device_put(state, sharding.tree_shardings(state, mesh))

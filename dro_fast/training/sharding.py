@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 from typing import Any, Iterator, Mapping
 
-from absl import logging
 import jax
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType
@@ -113,13 +112,6 @@ def initialize_distributed(coordinator_address: str | None,
   """
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  if jax.default_backend() == "cpu" and jax.local_device_count() > 1:
-    logging.warning(
-        "%d CPU devices in this process: XLA's CPU collectives can deadlock "
-        "across processes when a process has more than one device and "
-        "several computations are in flight (seen with jax 0.10.2 in the "
-        "checkpoint's finiteness check under `mesh`=data:2,fsdp:2). Use one CPU "
-        "device per process (see docs/SCALING.md).", jax.local_device_count())
 
 
 def barrier(name: str) -> None:

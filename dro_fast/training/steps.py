@@ -62,32 +62,23 @@ class Trainer(NamedTuple):
 
 
 def logprob_kernel(implementation: str | None,
-                   model_config: models.T5Config,
-                   mesh: Mesh | None = None) -> Callable[..., jax.Array]:
-  """kernels.linear_sequence_logprobs as the trainer calls it:
-  (hidden [B, T, D], weight [D, V], targets [B, T], mask [B, T]) -> [B].
+                   interpret: bool | None) -> Callable[..., jax.Array]:
+  """kernels.linear_sequence_logprobs as the trainer calls it.
 
-  Unless `implementation` names one, the platform the model is traced for
-  (T5Config.platform) picks it, where that is also the platform XLA
-  compiles for (the mesh's devices, else the default backend): a CPU host
-  then compiles the TPU program through Mosaic, not the Pallas
-  interpreter (benchmarks/tpu_compile.py), while a CPU plan of a GPU's
-  program (step_time --memory_only --platform=gpu) takes the CPU's
-  implementation, Triton having no CPU lowering. Under a mesh it runs per
-  device (models.per_device): each device takes its rows of the batch and
-  the whole output projection (gathered, as FSDP gathers every weight for
-  its matmul).
+  (hidden [B, T, D], weight [D, V], targets [B, T], mask [B, T]) -> [B].
+  `implementation` and `interpret` are AlgorithmConfig's, which
+  dro_fast.backend.resolve fills in for the platform a run compiles for
+  (None: the kernels' own default). Under a mesh it runs per device
+  (models.per_device): each device takes its rows of the batch and the
+  whole output projection (gathered, as FSDP gathers every weight for its
+  matmul).
   """
-  platform = model_config.resolved().platform
-  target = (mesh.devices.flat[0].platform if mesh is not None
-            else jax.default_backend())
-  name = implementation or kernels.implementation_for(
-      platform if platform == target else target)
-  native = kernels.IMPLEMENTATIONS[name].native_backend if (
-      name in kernels.IMPLEMENTATIONS) else None
+  native = (kernels.IMPLEMENTATIONS[implementation].native_backend
+            if implementation in kernels.IMPLEMENTATIONS else None)
+  mode = (None if native is None or interpret is None
+          else kernels.interpret_mode(native, interpret))
   fn = functools.partial(kernels.linear_sequence_logprobs,
-                         implementation=name,
-                         interpret=False if native == target else None)
+                         implementation=implementation, interpret=mode)
   return per_device.over_batch(fn, (True, False, True, True))
 
 
@@ -319,7 +310,7 @@ def build_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
       algorithm, models.t5(model_config).apply,
       value.value_network(model_config, algorithm.value_net).apply
       if algorithm.has_value else None,
-      logprob_kernel(algorithm.implementation, model_config, mesh))
+      logprob_kernel(algorithm.implementation, algorithm.interpret))
   init = functools.partial(_init, policy_optimizer=policy_optimizer,
                            value_optimizer=value_optimizer)
   update = functools.partial(
@@ -341,10 +332,14 @@ def _under_mesh(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
 
 
 def reference_logprob_fn(model_config: models.T5Config,
-                         implementation: str | None):
-  """A jitted (params, inputs, targets, mask) -> [B] log π (no dropout)."""
+                         implementation: str | None,
+                         interpret: bool | None = None):
+  """A jitted (params, inputs, targets, mask) -> [B] log π (no dropout).
+
+  `implementation` and `interpret` are as for logprob_kernel.
+  """
   policy = models.t5(model_config).apply
-  kernel = logprob_kernel(implementation, model_config)
+  kernel = logprob_kernel(implementation, interpret)
 
   @jax.jit
   def fn(params, inputs, targets, mask):

@@ -121,7 +121,7 @@ def flash_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
       the platform the program compiles for: kernels.interpret_for("tpu",
       platform) is False (Mosaic: a TPU, or a lowering for one) on "tpu",
       the TPU simulator elsewhere. None: that choice for
-      jax.default_backend().
+      kernels.target_platform().
     residual_names: checkpoint_name tags for the saved output and
       log-sum-exp, or None.
 

@@ -136,7 +136,7 @@ def test_compare_resumes_a_failed_judging_run(stub, tmp_path, monkeypatch):
       max_input_length=4, max_target_length=4))
   runs = evaluation.runs
   monkeypatch.setattr(runs, "read_run_config", lambda workdir: run)
-  monkeypatch.setattr(runs, "model_config", lambda run: None)
+  monkeypatch.setattr(runs, "model_config", lambda run, platform: None)
   monkeypatch.setattr(runs, "tokenizer", lambda run, workdir: None)
   monkeypatch.setattr(evaluation, "prompts_for", lambda run, cfg: prompts)
   monkeypatch.setattr(evaluation, "load", lambda spec: (spec, spec))
@@ -160,11 +160,13 @@ def test_compare_resumes_a_failed_judging_run(stub, tmp_path, monkeypatch):
                                 judge_concurrency=2)
   stub.respond = stub_judge.LengthJudging("m", fail_after=5, delay_s=0.01)
   with pytest.raises(judges.JudgeError, match="quota exhausted"):
-    evaluation.compare("run_a", "run_b", str(out), judge, cfg)
+    evaluation.compare("run_a", "run_b", str(out), judge, cfg,
+                       platform="cpu")
   kept = [json.loads(line) for line in (out / "pairs.jsonl").open()]
   assert 1 <= len(kept) <= 2 and not (out / "win_rate.json").exists()
   stub.respond = counter = stub_judge.LengthJudging("m", delay_s=0.01)
-  result = evaluation.compare("run_a", "run_b", str(out), judge, cfg)
+  result = evaluation.compare("run_a", "run_b", str(out), judge, cfg,
+                              platform="cpu")
   assert counter.count == 2 * (6 - len(kept))
   assert stub.max_in_flight == 2
   assert result["folds"] == pytest.approx([2 / 3, 2 / 3])

@@ -105,9 +105,9 @@ def test_token_logprobs_any_leading_shape():
   cases.close(out[0], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_default_implementation_follows_backend():
+def test_default_implementation_follows_the_target_platform():
   assert kernels.default_implementation() == {
-      "tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(jax.default_backend(),
+      "tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(kernels.target_platform(),
                                                     "chunked_xla")
 
 

@@ -3,7 +3,7 @@
 "cudnn" (jax.nn.dot_product_attention): no GPU here, so the same call runs
 with jax's "xla" implementation (an implementation passed by value,
 DOT_PRODUCT_XLA) to check its values, masks and gradients, and the model is
-lowered for "cuda" (T5Config.platform "gpu") to check that cuDNN's custom
+lowered for "cuda" (T5Config.matmul "xla", a GPU's) to check that cuDNN's custom
 calls (forward, and backward with the relative position bias's gradient)
 are what a GPU would compile.
 
@@ -16,7 +16,6 @@ with "xla": the key-mask contract and queries that see no key.
 from __future__ import annotations
 
 import functools
-import types
 
 import jax
 import jax.numpy as jnp
@@ -104,7 +103,7 @@ def _pretend_cudnn(monkeypatch):
 
 
 # The GPU's program: cuDNN attention and no CPU form.
-GPU_CONFIG = CONFIG.replace(attention="cudnn", platform="gpu")
+GPU_CONFIG = CONFIG.replace(attention="cudnn", matmul="xla")
 
 
 def _even_tokens():
@@ -215,35 +214,6 @@ def test_bad_attention_config(changes, message):
     models.preset("tiny", **changes)
 
 
-def test_cudnn_needs_platform_gpu():
-  with pytest.raises(ValueError, match="needs a CUDA GPU; platform is 'cpu'"):
-    models.t5(CONFIG.replace(attention="cudnn", platform="cpu"))
-  # Explicitly "gpu": trusted, so that a CPU host can lower the program.
-  assert GPU_CONFIG.resolved() is GPU_CONFIG
-
-
-@pytest.mark.parametrize("backend, platform_version, error", [
-    ("gpu", "cuda 12080", None),
-    ("gpu", "rocm 60342", "ROCm has no cuDNN"),
-    ("gpu", "ROCm 6.3", "ROCm has no cuDNN"),
-    ("cpu", "cpu", "platform is 'cpu'"),
-    ("tpu", "PJRT C API", "platform is 'tpu'"),
-])
-def test_auto_platform_tells_nvidia_from_rocm(monkeypatch, backend,
-                                              platform_version, error):
-  monkeypatch.setattr(jax, "default_backend", lambda: backend)
-  device = types.SimpleNamespace(
-      client=types.SimpleNamespace(platform_version=platform_version))
-  monkeypatch.setattr(jax, "devices", lambda: [device])
-  config = CONFIG.replace(attention="cudnn")
-  assert config.platform == "auto"
-  if error is None:
-    assert config.resolved() == config.replace(platform="gpu")
-  else:
-    with pytest.raises(ValueError, match=error):
-      config.resolved()
-
-
 def test_the_table_is_fixed_and_names_the_config_s_choices():
   # config.py validates against its own tuple, importing no implementation;
   # the table has exactly those entries and cannot be changed.
@@ -282,7 +252,7 @@ def test_remat_keeps_the_flash_residuals(remat):
   # [B, H, q, k] array (bias or logits) is a residual under any policy.
   from jax._src.ad_checkpoint import saved_residuals  # pylint: disable=g-import-not-at-top
   encoder, targets = attention_cases.tokens()
-  config = FLASH_CONFIG.replace(platform="tpu", remat=remat,
+  config = FLASH_CONFIG.replace(attention_interpret=False, remat=remat,
                                 scan_layers=False)
   model = models.t5(config)
   params = jax.eval_shape(model.init, jax.random.key(0), encoder, targets)
@@ -300,9 +270,6 @@ def test_remat_keeps_the_flash_residuals(remat):
 def test_flash_config_checks():
   with pytest.raises(ValueError, match="applies no dropout"):
     models.preset("tiny", attention="flash", dropout_rate=0.1)
-  with pytest.raises(ValueError, match="Pallas TPU"):
-    models.t5(FLASH_CONFIG.replace(platform="gpu"))
-  assert FLASH_CONFIG.replace(platform="tpu").resolved().platform == "tpu"
   assert attention.takes_relative_bias("flash")
   assert not attention.takes_relative_bias("xla")
   assert not attention.takes_relative_bias(DOT_PRODUCT_XLA)
@@ -319,7 +286,7 @@ def test_a_mask_that_is_not_a_leading_run_is_refused():
     mask.lengths()
   x = jnp.ones((2, 3, 1, 8), jnp.float32)
   with pytest.raises(ValueError, match=message):
-    attention.flash_attention(x, x, x, bias=None, mask=mask, platform="cpu")
+    attention.flash_attention(x, x, x, bias=None, mask=mask, interpret=True)
   # A traced mask cannot be read: it is taken as leading runs (the model's
   # masks are, over right-padded inputs).
   lengths = jax.jit(lambda valid: AttentionMask(valid).lengths())(
@@ -359,7 +326,7 @@ def test_a_query_that_sees_no_key_gets_zero_from_xla_and_flash():
     bias = RelativeBias(table, True, CONFIG.relative_attention_max_distance)
     impl = attention.IMPLEMENTATIONS[name]
     if impl.relative_bias:
-      out = impl.fn(q, k, v, bias=bias, mask=mask, platform="cpu")
+      out = impl.fn(q, k, v, bias=bias, mask=mask, interpret=True)
     else:
       out = impl.fn(q, k, v, bias=bias.dense(q_len, k_len), mask=mask)
     return jnp.sum(out * cotangent), out

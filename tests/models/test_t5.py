@@ -61,14 +61,14 @@ def test_parameter_paths_are_t5x_names(params):
   assert "decoder/layers_1/mlp/wi_1/kernel" in flat
 
 
-def _dense_loss(seed, x_shape, features, dtype, platform):
+def _dense_loss(seed, x_shape, features, dtype, form):
   """A Dense layer's params, input, cotangent and jitted value-and-grad of
   sum(Dense(x) · cotangent) w.r.t. (params, x)."""
   rng = np.random.default_rng(seed)
   x = rng.normal(size=x_shape).astype(np.float32)
   cotangent = rng.normal(size=(*x_shape[:-1], features)).astype(np.float32)
   dense = hk.without_apply_rng(hk.transform(
-      lambda x: Dense(features, dtype, platform=platform, name="d")(x)))
+      lambda x: Dense(features, dtype, form=form, name="d")(x)))
   params = dense.init(jax.random.key(0), x)
 
   def loss(params, x):
@@ -79,14 +79,14 @@ def _dense_loss(seed, x_shape, features, dtype, platform):
   return params, x, cotangent, jax.jit(jax.value_and_grad(loss, (0, 1)))
 
 
-@pytest.mark.parametrize("platform", ["cpu", "gpu"])
-def test_dense_gradients_match_a_float64_reference(platform):
-  # platform "cpu": Dense runs the CPU backend's VJP (models/cpu.py: d(x)
+@pytest.mark.parametrize("form", ["cpu_row_major", "xla"])
+def test_dense_gradients_match_a_float64_reference(form):
+  # "cpu_row_major": Dense runs the CPU backend's VJP (models/cpu.py: d(x)
   # contracting the kernel in place, d(kernel) through a row-major xᵀ);
-  # "gpu": jnp.dot and autodiff. Value and both gradients against NumPy
+  # "xla": jnp.dot and autodiff. Value and both gradients against NumPy
   # float64, on random inputs.
   params, x, cotangent, grad_fn = _dense_loss(3, (2, 5, 7), 6, jnp.float32,
-                                              platform)
+                                              form)
   kernel = np.asarray(params["d"]["kernel"], np.float64)
   value, (grad_params, grad_x) = grad_fn(params, x)
   x64, c64 = x.astype(np.float64), cotangent.astype(np.float64)
@@ -103,7 +103,7 @@ def test_bfloat16_cpu_dense_runs_bfloat16_gemms_with_float32_gradients():
   # back in float32, and every GEMM of the compiled gradient takes bfloat16
   # operands (a float32 one would mean XLA:CPU upcast it).
   params, x, cotangent, grad_fn = _dense_loss(4, (2, 24, 32), 40,
-                                              jnp.bfloat16, "cpu")
+                                              jnp.bfloat16, "cpu_row_major")
   value, (grad_params, grad_x) = grad_fn(params, x)
   assert grad_params["d"]["kernel"].dtype == jnp.float32
   # The reference rounds the inputs as the layer does.
@@ -132,34 +132,18 @@ def _model_jaxpr(config) -> str:
       lambda p: model.apply.logits(p, None, encoder, targets).sum())(params))
 
 
-def test_platform_chooses_the_cpu_forms():
-  # platform "cpu": every Dense and the logits go through the CPU form's
-  # custom VJP (models/cpu.py's `matmul`); any other platform traces none.
-  def cpu_forms(platform):
-    return _model_jaxpr(CONFIG.replace(platform=platform)).count(
-        "name=matmul")
+def test_matmul_field_chooses_the_cpu_forms():
+  # matmul "cpu_row_major": every Dense and the logits go through the CPU
+  # form's custom VJP (models/cpu.py's `matmul`); "xla" traces none.
+  def cpu_forms(matmul):
+    return _model_jaxpr(CONFIG.replace(matmul=matmul)).count("name=matmul")
 
   # Per encoder layer 4 + 3 projections, per decoder layer 8 + 3; the
   # logits once.
   want = (7 * CONFIG.num_encoder_layers + 11 * CONFIG.num_decoder_layers
           + 1)
-  assert cpu_forms("cpu") == want
-  assert cpu_forms("gpu") == cpu_forms("tpu") == 0
-
-
-def test_resolved_fills_in_the_platform_once(monkeypatch):
-  config = CONFIG
-  assert config.platform == "auto"
-  resolved = config.resolved()
-  assert resolved.platform == jax.default_backend()
-  assert resolved.resolved() is resolved                     # idempotent
-  assert config.replace(platform="tpu").resolved().platform == "tpu"
-  # T5 itself takes only a resolved config (models.t5 resolves it).
-  with pytest.raises(ValueError, match="resolved T5Config"):
-    models.T5(config)
-  monkeypatch.setattr(jax, "default_backend", lambda: "metal")
-  with pytest.raises(ValueError, match="default backend 'metal'"):
-    config.resolved()
+  assert cpu_forms("cpu_row_major") == want
+  assert cpu_forms("xla") == 0
 
 
 def _attention_loss(dtype, shape):
@@ -228,7 +212,7 @@ def test_bfloat16_attention_logits_backward_in_bfloat16():
     got = np.asarray(got, np.float64)
     assert np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want)
 
-  config = CONFIG.replace(dtype="bfloat16", platform="gpu")
+  config = CONFIG.replace(dtype="bfloat16", matmul="xla")
   encoder, targets = _tokens()
   model = models.t5(config)
   params = jax.eval_shape(model.init, jax.random.key(0), encoder, targets)
@@ -431,7 +415,7 @@ def test_sampling_needs_rng(params):
 @pytest.mark.parametrize("changes, message", [
     (dict(variant="v2"), "variant"), (dict(dtype="float16"), "dtype"),
     (dict(remat="some"), "remat"), (dict(num_heads=0), "num_heads"),
-    (dict(platform="metal"), "platform must be one of")])
+    (dict(matmul="cpu"), "matmul must be one of")])
 def test_bad_config(changes, message):
   with pytest.raises(ValueError, match=message):
     CONFIG.replace(**changes)

@@ -188,7 +188,3 @@ def test_make_optimizer_uses_the_fused_adafactor_with_optional_clip():
   assert isinstance(clipped.init(params)[0], optax.EmptyState)
   assert _max_relative(u_clip, jax.tree.map(np.asarray, u_plain)) < 1e-5
 
-
-def test_gemv_statistics_are_the_cpu_backends_form_only():
-  assert optim.statistics_as_gemvs("cpu")
-  assert not any(optim.statistics_as_gemvs(p) for p in ("gpu", "tpu"))

@@ -21,7 +21,7 @@ def _run(**changes) -> RunConfig:
       data=DataConfig(train_data="t.jsonl", max_input_length=13,
                       binary_threshold=None, tokenizer="/x/spiece.model"),
       model=models.preset("tiny", dtype="bfloat16", remat="dots",
-                          platform="cpu"),
+                          matmul="cpu_row_major", attention_interpret=True),
       algorithm=steps.AlgorithmConfig(algo="kto", beta=0.5,
                                       implementation="chunked_xla"),
       policy_optimizer=optim.OptimizerConfig(1e-3, 30, clip_norm=1.0,
@@ -89,7 +89,7 @@ def test_an_unknown_kernel_implementation_is_named():
 
 def test_cudnn_needs_even_lengths():
   cudnn = models.preset("tiny", dtype="bfloat16", attention="cudnn",
-                        dropout_rate=0.0, platform="gpu")
+                        dropout_rate=0.0)
   with pytest.raises(ValueError, match=(
       "`attention`=cudnn needs even sequence lengths, not "
       "`max_input_length`=13")):

@@ -20,7 +20,7 @@ from dro_fast.training import runs
 from dro_fast.training import steps
 from dro_fast.training.run_config import RunConfig
 
-CONFIG = models.preset("tiny", vocab_size=64, platform="cpu")
+CONFIG = models.preset("tiny", vocab_size=64, matmul="cpu_row_major")
 
 
 def _equal(a, b):
@@ -33,8 +33,11 @@ def test_evaluation_rebuilds_a_cudnn_run_with_materialised_attention():
   config = models.preset("tiny", dtype="bfloat16", remat="dots",
                          dropout_rate=0.0)
   run = RunConfig("/w", model=config.replace(attention="cudnn",
-                                             platform="gpu"))
-  assert runs.model_config(run) == config
+                                             attention_interpret=False))
+  assert runs.model_config(run, "cpu") == config.replace(
+      matmul="cpu_row_major", attention_interpret=True)
+  assert runs.model_config(run, "tpu") == config.replace(
+      attention_interpret=False)
 
 
 @pytest.mark.parametrize("value_net", ["separate", "shared"])
