@@ -55,6 +55,29 @@ def flag_terms(message: str, flag_names: Container[str],
   return _FIELD.sub(flag, message)
 
 
+class FlagTermsInLogs(logging.Filter):
+  """Rewrites the fields named in log records as flags (see flag_terms)."""
+
+  def __init__(self, flag_names: Container[str],
+               renames: Mapping[str, str] | None = None):
+    super().__init__()
+    self._flag_names, self._renames = flag_names, renames
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if isinstance(record.msg, str):
+      record.msg = flag_terms(record.msg, self._flag_names, self._renames)
+    return True
+
+
+def speak_in_flags(flag_names: Container[str],
+                   renames: Mapping[str, str] | None = None) -> None:
+  """Makes the library's warnings (absl's logger) name fields as flags.
+
+  For a CLI's main(): the filter stays on absl's logger for the process.
+  """
+  logging.getLogger("absl").addFilter(FlagTermsInLogs(flag_names, renames))
+
+
 def refusal(error: OSError, what_was_done: str) -> str | None:
   """One line for a file-system refusal (path, cause, remedy), else None."""
   remedy = _REFUSALS.get(error.errno)

@@ -386,6 +386,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs every save at INFO; progress shows on the tqdm bar instead.
     logging.set_verbosity(logging.WARNING)
+  cli.speak_in_flags(flags.FLAGS, FIELD_FLAGS)
   runtime.hide_absent_tpu()
   if _KEEP_HOST_MEMORY.value and runtime.cpu_only_jax():
     how = runtime.keep_freed_host_memory()

@@ -120,6 +120,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  cli.speak_in_flags(flags.FLAGS)
   runtime.hide_absent_tpu()
   try:
     cfg = evaluate.EvalConfig(
