@@ -367,8 +367,11 @@ def _train(run: RunConfig) -> dict:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, a bare --flagfile name taken from the packaged
-  configs (dro_fast.configs), its errors reported as user errors (exit 2)."""
+  """absl's flag parsing, its errors reported as user errors (exit 2).
+
+  A bare --flagfile name is taken from the packaged configs
+  (dro_fast.configs).
+  """
   try:
     return flags.FLAGS(configs.resolve_argv(argv))
   except configs.FlagfileError as e:

@@ -1,6 +1,8 @@
-"""T5's building blocks in Haiku: norms, dense layers, MLP, embedding,
-dropout and the relative-position bias (its maths: RelativeBias, from
-dro_fast.kernels.flash_attention, whose kernel builds it per tile).
+"""T5's building blocks in Haiku.
+
+Norms, dense layers, MLP, embedding, dropout and the relative-position bias
+(its maths: RelativeBias, from dro_fast.kernels.flash_attention, whose
+kernel builds it per tile).
 
 Shapes: B batch, n positions, D d_model, F d_ff, V vocabulary, H heads.
 
@@ -73,8 +75,10 @@ class Dense(hk.Module):
     self.init_scale = init_scale
 
   def kernel_only(self, in_features: int) -> jax.Array:
-    """The kernel [in, out] cast to `dtype`, for callers that fuse the
-    matmul into something else (the output projection into log-probs)."""
+    """The kernel [in, out] cast to `dtype`, for a caller that fuses it.
+
+    The output projection goes into the fused log-probs this way.
+    """
     return self(jnp.zeros((0, in_features), self.dtype), return_kernel=True)
 
   def __call__(self, x: jax.Array, return_kernel: bool = False) -> jax.Array:
@@ -91,8 +95,10 @@ class Dense(hk.Module):
 
 
 class Mlp(hk.Module):
-  """Gated-GELU (v1.1: wi_0, wi_1, wo; GELU's tanh form) or ReLU (v1.0:
-  wi, wo)."""
+  """T5's MLP: gated-GELU (v1.1) or ReLU (v1.0).
+
+  v1.1 has wi_0, wi_1 and wo (GELU's tanh form); v1.0 has wi and wo.
+  """
 
   def __init__(self, config: T5Config, name: str = "mlp"):
     super().__init__(name=name)
@@ -114,8 +120,10 @@ class Mlp(hk.Module):
 
 
 class Embed(hk.Module):
-  """token_embedder/embedding [V, D], shared by encoder, decoder (and v1.0's
-  output projection)."""
+  """token_embedder/embedding [V, D], shared by encoder and decoder.
+
+  v1.0 also uses it as the output projection.
+  """
 
   def __init__(self, config: T5Config, name: str = "token_embedder"):
     super().__init__(name=name)

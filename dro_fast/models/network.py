@@ -82,9 +82,11 @@ SAVED_EXCEPT_MLP_HIDDEN = ("attention_query", "attention_key",
 
 
 def _saving_fused_attention(policy: Callable) -> Callable:
-  """`policy`, also saving what a fused attention's backward needs. A policy
-  that does not save them makes the backward run the fused forward again,
-  once per attention."""
+  """`policy`, also saving what a fused attention's backward needs.
+
+  A policy that does not save them makes the backward run the fused forward
+  again, once per attention.
+  """
 
   def save(prim, *avals, **params):
     return (attention.saves_fused_residuals(prim, *avals, **params)
@@ -94,11 +96,13 @@ def _saving_fused_attention(policy: Callable) -> Callable:
 
 
 def _remat(fn: Callable, policy: str) -> Callable:
-  """fn under remat `policy` (REMAT_POLICIES). "dots" and
-  "dots_except_mlp_hidden" also keep fused attention's residuals (with
-  attention "cudnn": [B, q, H·K] in the compute dtype and [B, H, q] float32
-  per attention) so that its forward is not run twice; "full" keeps
-  nothing."""
+  """fn under remat `policy` (REMAT_POLICIES).
+
+  "dots" and "dots_except_mlp_hidden" also keep fused attention's residuals
+  (with attention "cudnn": [B, q, H·K] in the compute dtype and [B, H, q]
+  float32 per attention) so that its forward is not run twice; "full" keeps
+  nothing.
+  """
   if policy == "none":
     return fn
   if policy == "dots":
@@ -159,10 +163,12 @@ class T5:
 
   def _relative_bias(self, bidirectional: bool, positions: jax.Array
                      ) -> jax.Array | RelativeBias:
-    """A stack's self-attention bias over `positions` (0, 1, ...): the
-    [1, H, n, n] array, computed once for all the stack's layers, or, for an
-    implementation that builds it per tile (attention.takes_relative_bias),
-    the table in factored form."""
+    """A stack's self-attention bias over `positions` (0, 1, ...).
+
+    The [1, H, n, n] array, computed once for all the stack's layers, or,
+    for an implementation that builds it per tile
+    (attention.takes_relative_bias), the table in factored form.
+    """
     relpos = RelativePositionBias(self.config, bidirectional)
     if attention.takes_relative_bias(self.config.attention):
       return relpos.factored()

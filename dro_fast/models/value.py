@@ -62,8 +62,11 @@ def value_network(config: T5Config, kind: str = "separate") -> hk.Transformed:
 
 
 def init_from_policy(value_params: dict, policy_params: dict) -> dict:
-  """The separate value network's params with the policy's encoder copied in
-  (token_embedder and encoder/*); value_head is kept as initialised."""
+  """The separate value network's params with the policy's encoder in them.
+
+  token_embedder and encoder/* are copied; value_head is kept as
+  initialised.
+  """
   missing = [k for k in value_params if k != "value_head"
              and k not in policy_params]
   if missing:

@@ -59,8 +59,9 @@ class TrainingError(Exception):
 
 @contextlib.contextmanager
 def claim_workdir(workdir: str) -> Iterator[None]:
-  """Creates `workdir` if needed and holds an exclusive flock on its lock
-  file while the body runs: one trainer per workdir.
+  """Creates `workdir` if needed and holds its lock: one trainer per workdir.
+
+  An exclusive flock on its lock file is held while the body runs.
 
   In a multi-process run process 0 holds .lock and process i .lock.i, so a
   second run is refused by every process and a run's own processes (sharing
@@ -166,8 +167,10 @@ def _restore(checkpointer: checkpointing.Checkpointer, state):
 
 
 def _reference(run: RunConfig, dataset, model_config, params):
-  """(reference log-prob arrays or None when online, the online function,
-  the outputs computed)."""
+  """The reference log-probs: (arrays or None, online function, outputs).
+
+  The arrays are None when they are computed online, every step.
+  """
   algo, arrays = run.algorithm.algo, dataset.arrays
   ref_fn = steps.reference_logprob_fn(model_config,
                                       run.algorithm.implementation,
@@ -363,7 +366,7 @@ def _train(run: RunConfig, mesh) -> dict:
 def train_loop(run: RunConfig, state, update, iterator, batch_sharding,
                checkpointer, writer, online_ref
                ) -> tuple[dict, steps.TrainState]:
-  """Steps until run.train_steps; logs, checkpoints; returns (summary, state)."""
+  """Steps to run.train_steps; logs, checkpoints; returns (summary, state)."""
   train_steps = run.train_steps
   start = int(state.step)
   last_metrics: dict = {}
@@ -442,8 +445,11 @@ def train_loop(run: RunConfig, state, update, iterator, batch_sharding,
 
 
 class ProgressLines:
-  """One stdout line per logged step: step, loss, examples/s, tokens/s,
-  MFU (where the device's peak is known: training.flops), elapsed, ETA."""
+  """One stdout line per logged step.
+
+  Step, loss, examples/s, tokens/s, MFU (where the device's peak is known:
+  training.flops), elapsed, ETA.
+  """
 
   def __init__(self, run: RunConfig, start: int):
     self.run, self.start, self.began = run, start, time.perf_counter()

@@ -144,8 +144,10 @@ class RunConfig:
 
   @property
   def sft_optimizer(self) -> OptimizerConfig:
-    """The SFT warm start's optimizer: the policy's at sft_lr (if set),
-    without gradient clipping."""
+    """The SFT warm start's optimizer: the policy's, without clipping.
+
+    Its learning rate is sft_lr where that is set.
+    """
     return dataclasses.replace(
         self.policy_optimizer, clip_norm=None,
         learning_rate=self.sft_lr or self.policy_optimizer.learning_rate)

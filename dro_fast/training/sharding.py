@@ -60,8 +60,11 @@ def parse_mesh(spec: str, num_devices: int | None = None) -> dict[str, int]:
 
 
 def make_mesh(sizes: dict[str, int], devices=None) -> Mesh:
-  """The mesh of parse_mesh's sizes over `devices` (None: all of JAX's;
-  a TPU topology's devices to compile for a slice this host lacks)."""
+  """The mesh of parse_mesh's sizes over `devices`.
+
+  devices None: all of JAX's; a TPU topology's devices compile for a slice
+  this host lacks.
+  """
   return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES,
                        axis_types=(AxisType.Auto,) * len(AXES),
                        devices=devices)

@@ -153,21 +153,34 @@ def dro_v_batch_loss(context: LossContext, policy_params: Any,
                            rescale_policy_grad=algorithm.rescale_policy_grad)
 
 
+def _two_completions(context: LossContext, policy_params: Any,
+                     rng: jax.Array, batch: dict, first: tuple[str, str],
+                     second: tuple[str, str]) -> tuple[jax.Array, jax.Array]:
+  """log π of two completions per prompt, in one forward.
+
+  `first` and `second` name a completion's (targets, mask) in the batch.
+  """
+  batch_size = batch["inputs"].shape[0]
+  logp = context.logprobs(
+      policy_params, rng, jnp.concatenate([batch["inputs"]] * 2),
+      jnp.concatenate([batch[first[0]], batch[second[0]]]),
+      jnp.concatenate([batch[first[1]], batch[second[1]]]))
+  return logp[:batch_size], logp[batch_size:]
+
+
 def kto_batch_loss(context: LossContext, policy_params: Any,
                    value_params: Any, batch: dict, rng: jax.Array
                    ) -> tuple[jax.Array, dict]:
   """KTO (losses.kto_loss) against the batch's mismatched completions."""
   del value_params
   algorithm = context.algorithm
-  batch_size = batch["inputs"].shape[0]
   # One forward for the examples and their mismatched completions.
-  logp = context.logprobs(
-      policy_params, rng, jnp.concatenate([batch["inputs"]] * 2),
-      jnp.concatenate([batch["targets"], batch["mismatched_targets"]]),
-      jnp.concatenate([batch["target_mask"], batch["mismatched_mask"]]))
+  logp, mismatched = _two_completions(
+      context, policy_params, rng, batch, ("targets", "target_mask"),
+      ("mismatched_targets", "mismatched_mask"))
   return losses.kto_loss(
-      logp[:batch_size], batch["ref_logprobs"], batch["rewards"],
-      logp[batch_size:], batch["mismatched_ref_logprobs"],
+      logp, batch["ref_logprobs"], batch["rewards"],
+      mismatched, batch["mismatched_ref_logprobs"],
       beta=algorithm.beta,
       desirable_weight=algorithm.kto_desirable_weight,
       undesirable_weight=algorithm.kto_undesirable_weight)
@@ -191,13 +204,11 @@ def pairwise_batch_loss(context: LossContext, policy_params: Any,
   """DPO, IPO or SLiC (losses.pairwise_loss, kind = the algorithm)."""
   del value_params
   algorithm = context.algorithm
-  batch_size = batch["inputs"].shape[0]
-  logp = context.logprobs(
-      policy_params, rng, jnp.concatenate([batch["inputs"]] * 2),
-      jnp.concatenate([batch["chosen"], batch["rejected"]]),
-      jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]]))
+  chosen, rejected = _two_completions(
+      context, policy_params, rng, batch, ("chosen", "chosen_mask"),
+      ("rejected", "rejected_mask"))
   return losses.pairwise_loss(
-      logp[:batch_size], logp[batch_size:], batch["chosen_ref_logprobs"],
+      chosen, rejected, batch["chosen_ref_logprobs"],
       batch["rejected_ref_logprobs"], beta=algorithm.beta,
       kind=algorithm.algo)
 
