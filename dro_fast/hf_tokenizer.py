@@ -2,15 +2,15 @@
 
 `HFTokenizer.load(folder)` reads what transformers' AutoTokenizer reads:
   * tokenizer.json (the `tokenizers` library), or else tokenizer.model (a
-    SentencePiece model: BOS added to plain text unless add_bos_token is
-    false, as transformers' SentencePiece tokenizers do);
+    SentencePiece model, its added tokens matched as text);
   * tokenizer_config.json: the named special tokens (bos_token, eos_token,
     pad_token, ...; a string or an {"content": ...} object),
-    add_bos_token / add_eos_token (when given, they decide whether plain
-    text gets BOS / EOS, as transformers rebuilds the post-processor; when
-    not, tokenizer.json's post-processor decides), added_tokens_decoder
-    (tokens missing from tokenizer.json are added) and chat_template (a
-    string, or a list of {"name", "template"}: "default" is used);
+    added_tokens_decoder (tokens missing from tokenizer.json are added) and
+    chat_template (a string, or a list of {"name", "template"}: "default"
+    is used). Whether plain text gets BOS / EOS is tokenizer.json's
+    post-processor's choice (transformers 5 ignores add_bos_token /
+    add_eos_token when tokenizer.json exists); with tokenizer.model only,
+    add_bos_token (default true) and add_eos_token (default false) decide;
   * special_tokens_map.json for special tokens tokenizer_config.json lacks;
   * chat_template.jinja (transformers 5 writes the template there; it wins
     over tokenizer_config.json's, as in transformers);
@@ -139,7 +139,6 @@ class _TokenizersBackend:
   def __init__(self, path: str, config: Mapping[str, Any],
                special: Mapping[str, str]):
     import tokenizers  # pylint: disable=g-import-not-at-top
-    from tokenizers import processors  # pylint: disable=g-import-not-at-top
     try:
       self._tok = tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # pylint: disable=broad-except
@@ -165,24 +164,6 @@ class _TokenizersBackend:
                                            normalized=False))
     if added:
       self._tok.add_tokens(added)
-    # Explicit add_bos_token / add_eos_token rebuild the post-processor
-    # (transformers' update_post_processor); otherwise tokenizer.json's
-    # post-processor decides what plain text gets.
-    if ("add_bos_token" in config or "add_eos_token" in config
-        or self._tok.post_processor is None):
-      pieces, tokens = [], []
-      bos, eos = special.get("bos_token"), special.get("eos_token")
-      if config.get("add_bos_token") and bos is not None:
-        pieces.append(f"{bos}:0")
-        tokens.append((bos, self._tok.token_to_id(bos)))
-      pieces.append("$A:0")
-      if config.get("add_eos_token") and eos is not None:
-        pieces.append(f"{eos}:0")
-        tokens.append((eos, self._tok.token_to_id(eos)))
-      single = " ".join(pieces)
-      self._tok.post_processor = processors.TemplateProcessing(
-          single=single, pair=f"{single} {single.replace(':0', ':1')}"
-          .replace("$A:1", "$B:1"), special_tokens=tokens)
 
   def encode(self, text: str, add_special_tokens: bool) -> list[int]:
     return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -464,13 +445,21 @@ class HFTokenizer:
     return self._pad([self.completion_ids(p, c)[:max_length]
                       for p, c in zip(prompts, completions)], max_length)
 
-  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-    """Text of `ids` up to the first of eos_ids, without special tokens.
+  def decode(self, ids: Sequence[int] | np.ndarray, *,
+             stop_at_eos: bool = True) -> str:
+    """Text of `ids` without special tokens, negative ids (padding) dropped.
 
-    Negative ids (padding) are dropped.
+    Args:
+      ids: token ids, e.g. one row of a batch or of generated ids.
+      stop_at_eos: end at the first of eos_ids (a generated completion, as
+        T5's Tokenizer.decode); False: decode all (e.g. a multi-turn
+        prompt, whose turns end with end-of-turn tokens).
+
+    Returns:
+      The text.
     """
     kept = []
-    stops = set(self._eos_ids)
+    stops = set(self._eos_ids) if stop_at_eos else set()
     for i in ids:
       i = int(i)
       if i in stops:
