@@ -443,3 +443,64 @@ def test_tokenizer_json_decides_bos_over_the_config(tmp_path, add_bos):
     assert tok.prompt_ids(prompt) == want
     assert tok.completion_ids(prompt, completion) == hf(
         completion + hf.eos_token, add_special_tokens=False)["input_ids"]
+
+
+def test_sentencepiece_folder_without_tokenizer_json(tmp_path):
+  import io  # pylint: disable=g-import-not-at-top
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(_CORPUS * 4), model_writer=model, vocab_size=60,
+      unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+  (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+      "bos_token": "<s>", "eos_token": {"content": "</s>"},
+      "chat_template": _CHATML,
+      "added_tokens_decoder": {
+          "60": {"content": "<|im_start|>", "special": True},
+          "61": {"content": "<|im_end|>", "special": True}}}))
+  sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+  tok = hf_tokenizer.HFTokenizer.load(tmp_path)
+  assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (62, 1, 2)
+  assert tok.eos_ids == (2, 61)  # </s>, and <|im_end|> the template writes
+  assert tok.prompt_ids("The sky") == [1] + sp.encode("The sky")
+  assert tok.completion_ids("The sky", " is blue") == (
+      sp.encode(" is blue") + [2])
+  prompt = _frozen([_user("say hello")])
+  ids = tok.prompt_ids(prompt)
+  assert ids == [60, *sp.encode("system\nYou are a helpful assistant."), 61,
+                 *sp.encode("\n"), 60, *sp.encode("user\nsay hello"), 61,
+                 *sp.encode("\n"), 60, *sp.encode("assistant\n")]
+  assert tok.decode(ids, stop_at_eos=False) == sp.decode(
+      [i for i in ids if i < 60])
+
+
+def test_prepare_reads_a_hugging_face_tokenizer_folder(tmp_path):
+  from dro_fast.data import prepare  # pylint: disable=g-import-not-at-top
+  from dro_fast.data.config import DataConfig  # pylint: disable=g-import-not-at-top
+  folder = _build(tmp_path / "model", "qwen")
+  rows = [{"prompt": p, "completion": c, "reward": float(i)}
+          for i, (p, c) in enumerate(_CONVERSATIONS + _PLAIN)]
+  data_path = tmp_path / "train.jsonl"
+  data_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  config = DataConfig(train_data=str(data_path), tokenizer=folder,
+                      max_input_length=40, max_target_length=12)
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  dataset = prepare.load_dataset(str(workdir), config, "dro", 0)
+  tok = hf_tokenizer.HFTokenizer.load(folder)
+  prompts = [_frozen(r["prompt"]) for r in rows]
+  completions = [_frozen(r["completion"]) for r in rows]
+  inputs, _ = tok.encode_prompts(prompts, 40)
+  targets, mask = tok.encode_completions(prompts, completions, 12)
+  np.testing.assert_array_equal(dataset.arrays["inputs"], inputs)
+  np.testing.assert_array_equal(dataset.arrays["targets"], targets)
+  np.testing.assert_array_equal(dataset.arrays["target_mask"], mask)
+  assert (inputs == -1).any() and (targets == -1).any()
+  assert dataset.fingerprints["tokenizer"] == tok.fingerprint()
+  prepare.save_inputs(str(workdir), dataset)
+  assert not (workdir / "spiece.model").exists()
+  long = config.replace(max_input_length=8, long_rows="error")
+  with pytest.raises(prepare.DataError, match=r"the prompt has \d+ tokens, "
+                     "more than `max_input_length`=8"):
+    prepare.load_dataset(str(tmp_path / "run2"), long, "dro", 0)
