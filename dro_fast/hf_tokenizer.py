@@ -168,6 +168,12 @@ class _TokenizersBackend:
   def encode(self, text: str, add_special_tokens: bool) -> list[int]:
     return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+  def encode_batch(self, texts: list[str], add_special_tokens: bool
+                   ) -> list[list[int]]:
+    # The library encodes a batch on all cores.
+    return [e.ids for e in self._tok.encode_batch(
+        texts, add_special_tokens=add_special_tokens)]
+
   def decode(self, ids: list[int]) -> str:
     return self._tok.decode(ids, skip_special_tokens=True)
 
@@ -226,6 +232,10 @@ class _SentencePieceBackend:
       ids = ([self._bos] if self._bos is not None else []) + ids + (
           [self._eos] if self._eos is not None else [])
     return ids
+
+  def encode_batch(self, texts: list[str], add_special_tokens: bool
+                   ) -> list[list[int]]:
+    return [self.encode(text, add_special_tokens) for text in texts]
 
   def decode(self, ids: list[int]) -> str:
     return self._sp.decode([i for i in ids if i not in self._special
@@ -375,22 +385,22 @@ class HFTokenizer:
     """`text`'s ids; special-token texts in it become their ids."""
     return self._backend.encode(text, add_special_tokens)
 
-  def prompt_ids(self, prompt: chat_template.Text) -> list[int]:
-    """One prompt's ids, untruncated (TRL's rules, module docstring)."""
+  def _prompt_text(self, prompt: chat_template.Text) -> tuple[str, bool]:
+    """(text to tokenise, whether with the tokenizer's special tokens)."""
     if isinstance(prompt, str):
-      return self.encode(prompt, add_special_tokens=True)
-    return self.encode(self.render(prompt, add_generation_prompt=True))
+      return prompt, True
+    return self.render(prompt, add_generation_prompt=True), False
 
-  def completion_ids(self, prompt: chat_template.Text,
-                     completion: chat_template.Text) -> list[int]:
-    """One completion's ids after `prompt`, untruncated (TRL's rules)."""
+  def _completion_text(self, prompt: chat_template.Text,
+                       completion: chat_template.Text) -> str:
+    """The completion's text, tokenised without special tokens."""
     if isinstance(prompt, str):
       text = (completion if isinstance(completion, str) else "\n".join(
           message["content"] for message in completion))
       eos = self._special.get("eos_token")
       if eos is not None and not text.endswith(eos):
         text += eos
-      return self.encode(text)
+      return text
     if isinstance(completion, str):
       completion = (chat_template.Message("assistant", completion),)
     prompt_text = self.render(prompt, add_generation_prompt=True)
@@ -404,7 +414,28 @@ class HFTokenizer:
             "the completion is the full text after len(prompt text) "
             "characters, as TRL does. First prompt: %r", self._folder,
             prompt_text[-200:])
-    return self.encode(full[len(prompt_text):])
+    return full[len(prompt_text):]
+
+  def prompt_ids(self, prompt: chat_template.Text) -> list[int]:
+    """One prompt's ids, untruncated (TRL's rules, module docstring)."""
+    return self.encode(*self._prompt_text(prompt))
+
+  def completion_ids(self, prompt: chat_template.Text,
+                     completion: chat_template.Text) -> list[int]:
+    """One completion's ids after `prompt`, untruncated (TRL's rules)."""
+    return self.encode(self._completion_text(prompt, completion))
+
+  def _encode_texts(self, texts: list[tuple[str, bool]]) -> list[list[int]]:
+    """encode of each (text, add_special_tokens), batched per flag."""
+    ids: list[list[int]] = [[] for _ in texts]
+    for flag in (False, True):
+      rows = [i for i, (_, special) in enumerate(texts) if special == flag]
+      if rows:
+        encoded = self._backend.encode_batch([texts[i][0] for i in rows],
+                                             flag)
+        for i, row_ids in zip(rows, encoded):
+          ids[i] = row_ids
+    return ids
 
   def _pad(self, rows: list[list[int]], max_length: int
            ) -> tuple[np.ndarray, np.ndarray]:
@@ -421,8 +452,8 @@ class HFTokenizer:
       (ids int32 [N, max_length], mask bool [N, max_length] = ids >= 0).
     """
     _check(max_length)
-    return self._pad([self.prompt_ids(p)[-max_length:] for p in prompts],
-                     max_length)
+    rows = self._encode_texts([self._prompt_text(p) for p in prompts])
+    return self._pad([row[-max_length:] for row in rows], max_length)
 
   def encode_completions(self,
                          prompts: Sequence[chat_template.Text],
@@ -442,8 +473,9 @@ class HFTokenizer:
       raise ValueError(f"encode_completions got {len(prompts)} prompts and "
                        f"{len(completions)} completions; pass one prompt "
                        "per completion.")
-    return self._pad([self.completion_ids(p, c)[:max_length]
-                      for p, c in zip(prompts, completions)], max_length)
+    rows = self._encode_texts([(self._completion_text(p, c), False)
+                               for p, c in zip(prompts, completions)])
+    return self._pad([row[:max_length] for row in rows], max_length)
 
   def decode(self, ids: Sequence[int] | np.ndarray, *,
              stop_at_eos: bool = True) -> str:

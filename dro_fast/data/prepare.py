@@ -324,7 +324,8 @@ def check_fingerprints(workdir: str, found: dict) -> None:
         f"{name} {recorded['settings'].get(name)!r} -> "
         f"{found['settings'].get(name)!r}" for name in names))
   if "tokenizer" in changed:
-    details.append("the tokenizer (another SentencePiece model)")
+    details.append("the tokenizer (another SentencePiece model or "
+                   "tokenizer files)")
   if changed == ["data"]:
     details.append(f"the tokenised rows ({recorded.get('rows')} rows "
                    f"recorded, {found['rows']} now; a prompt, completion, "
