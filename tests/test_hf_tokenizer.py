@@ -9,16 +9,20 @@ apply_chat_template and TRL's tokenisation rule (computed in the test).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 
 from dro_fast import chat_template
 from dro_fast import hf_tokenizer
 from dro_fast import tokenizer as t5_tokenizer
 from dro_fast.chat_template import Message
+from dro_fast.data import prepare
+from dro_fast.data.config import DataConfig
 
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
@@ -68,14 +72,16 @@ _GEMMA3 = """{{ bos_token }}
 {%- endif -%}
 {%- for message in loop_messages -%}
     {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+        {{ raise_exception("Conversation roles must alternate user/"
+                           "assistant/user/assistant/...") }}
     {%- endif -%}
     {%- if (message['role'] == 'assistant') -%}
         {%- set role = "model" -%}
     {%- else -%}
         {%- set role = message['role'] -%}
     {%- endif -%}
-    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
+    {{ '<start_of_turn>' + role + '\\n'
+       + (first_user_prefix if loop.first else "") }}
     {{- message['content'] | trim }}
     {{- '<end_of_turn>\\n' }}
 {%- endfor -%}
@@ -320,7 +326,9 @@ _FEATURES = """{%- set ns = namespace(count=0) -%}
     {%- endif %}
     {% if loop.index > 5 %}{% break %}{% endif %}
 {% endfor -%}
-{%- if enable_thinking is defined and not enable_thinking %}<no-think>{% endif %}
+{%- if enable_thinking is defined and not enable_thinking -%}
+    <no-think>
+{%- endif %}
 {%- if add_generation_prompt %}<gen>{{ eos_token }}{% endif %}"""
 
 
@@ -446,8 +454,6 @@ def test_tokenizer_json_decides_bos_over_the_config(tmp_path, add_bos):
 
 
 def test_sentencepiece_folder_without_tokenizer_json(tmp_path):
-  import io  # pylint: disable=g-import-not-at-top
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(_CORPUS * 4), model_writer=model, vocab_size=60,
@@ -476,8 +482,6 @@ def test_sentencepiece_folder_without_tokenizer_json(tmp_path):
 
 
 def test_prepare_reads_a_hugging_face_tokenizer_folder(tmp_path):
-  from dro_fast.data import prepare  # pylint: disable=g-import-not-at-top
-  from dro_fast.data.config import DataConfig  # pylint: disable=g-import-not-at-top
   folder = _build(tmp_path / "model", "qwen")
   rows = [{"prompt": p, "completion": c, "reward": float(i)}
           for i, (p, c) in enumerate(_CONVERSATIONS + _PLAIN)]
