@@ -35,8 +35,8 @@ V = 32128; llm takes each decoder LLM's hidden width and vocabulary from
 LLM_SHAPES (--d is ignored), vocabularies that are no multiple of the
 vocabulary tile (the kernels mask the tail tile). --vmem_need also records,
 per linear-op kernel launch, the scoped VMEM Mosaic allocates for it
-(mosaic_vmem_need: each launch compiled alone under a tiny limit, the size
-read from Mosaic's refusal), beside the limit the kernels ask for
+(mosaic_vmem_need: each launch compiled alone under a limit raised to the
+size Mosaic's refusals state), beside the limit the kernels ask for
 (VMEM_LIMIT_BYTES) and the tiles' own estimate (vmem_bytes).
 """
 
@@ -214,11 +214,11 @@ def mosaic_vmem_need(case: Case, devices: tuple[Any, ...],
                                           interpret=False),
                         (hidden, weight, targets, row, row))
   need = {}
-  jax.clear_caches()
   try:
     for name, (fn, args) in launches.items():
       limit = 2**20
       for _ in range(32):
+        jax.clear_caches()
         with mock.patch.object(impl, "VMEM_LIMIT_BYTES", limit):
           try:
             jax.jit(fn).lower(*args).compile()
@@ -230,11 +230,9 @@ def mosaic_vmem_need(case: Case, devices: tuple[Any, ...],
               raise
             size = float(found.group(1)) * _UNITS[found.group(2)]
             limit = max(int(size * 1.005), limit + 2**16)
-        jax.clear_caches()
       else:
         raise RuntimeError(f"{name}: no VMEM limit found in 32 compiles.")
       need[name] = float(limit)
-      jax.clear_caches()
   finally:
     jax.clear_caches()
   return need
