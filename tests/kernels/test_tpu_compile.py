@@ -2,15 +2,20 @@
 
 libtpu's XLA:TPU and Mosaic compilers build each op's forward and backward
 for one v5e chip at a realistic shape (T5-L's D = 1024, T = 128, B = 2,
-V = 32128) with the default tiles: a VMEM overflow or a Mosaic error fails
-here, where interpret mode (test_tpu_interpret.py) and lowering
-(test_lowering.py) cannot see it. The whole matrix of generations, widths
-and lengths is benchmarks/tpu_kernels.py. Without libtpu these tests fail
-with the install line: they are not skipped.
+V = 32128), and at decoder LLMs' widths and vocabularies (T = 512, V not a
+multiple of the vocabulary tile), with the default tiles: a VMEM overflow
+or a Mosaic error fails here, where interpret mode (test_tpu_interpret.py)
+and lowering (test_lowering.py) cannot see it. The whole matrix of
+generations, widths and lengths is benchmarks/tpu_kernels.py (--shapes=llm
+for the LLMs'). Without libtpu these tests fail with the install line: they
+are not skipped.
 """
 
 from __future__ import annotations
 
+from unittest import mock
+
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -47,6 +52,51 @@ def test_forward_and_backward_compile_for_v5e(op, dtype):
   if op == "linear_sequence_logprobs":
     n, v, d = 2 * 128, tpu_kernels.VOCAB, 1024
     assert record["flops"] >= 5 * 2 * n * d * v
+
+
+@pytest.mark.parametrize("op, dtype, model", [
+    ("linear_sequence_logprobs", "bfloat16", "qwen3_8b"),
+    ("linear_sequence_logprobs", "float32", "gemma3_4b"),
+    ("sequence_logprobs", "float32", "llama3_8b")])
+def test_llm_shapes_compile_forward_and_backward_for_v5e(op, dtype, model):
+  # Qwen3-8B's V = 151936 is 593.5 vocabulary tiles of 256 and Llama 3's
+  # 128256 is 62.6 tiles of 2048: the last tile is ragged and masked.
+  # Gemma 3 4B's float32 weight and its gradient take 5 GiB of the 16.
+  tpu.require_libtpu()
+  d, v = tpu_kernels.LLM_SHAPES[model]
+  case = tpu_kernels.Case(op, "bwd", "v5e",
+                          d if op == "linear_sequence_logprobs" else None,
+                          t=512, batch=2, dtype=dtype, v=v, model=model)
+  record = _assert_compiles(case)
+  assert record["tpu_custom_calls"] == tpu_kernels.LAUNCHES[(op, "bwd")]
+  assert record["fits_hbm"]
+  assert record["vocab_tail"] == {"qwen3_8b": 128, "gemma3_4b": 0,
+                                  "llama3_8b": 128256 % 2048}[model]
+  if op == "linear_sequence_logprobs":
+    # The weight's gradient is an output, no temporary: nothing [N, V].
+    assert record["temp_bytes"] < 2 * 512 * v * 4
+    assert record["output_bytes"] >= d * v * jnp.dtype(dtype).itemsize
+
+
+def test_mosaic_vmem_need_is_the_least_limit_that_compiles():
+  # Gemma 3 4B's forward (D = 2560, bfloat16, 256 x 512 tiles): the
+  # measured need compiles (it is the limit it was found under) and 3% less
+  # does not; it is under the kernels' limit.
+  tpu.require_libtpu()
+  d, v = tpu_kernels.LLM_SHAPES["gemma3_4b"]
+  case = tpu_kernels.Case("linear_sequence_logprobs", "fwd", "v5e", d,
+                          t=512, batch=2, dtype="bfloat16", v=v)
+  devices = tpu.devices("v5e:2x2")
+  need = tpu_kernels.mosaic_vmem_need(case, devices)["fwd"]
+  assert 2**20 < need < linear_pallas_tpu.VMEM_LIMIT_BYTES
+  with mock.patch.object(linear_pallas_tpu, "VMEM_LIMIT_BYTES",
+                         int(need * 0.97)):
+    jax.clear_caches()
+    try:
+      with pytest.raises(Exception, match="vmem|VMEM"):
+        tpu_kernels.lower(case, devices).compile()
+    finally:
+      jax.clear_caches()
 
 
 def test_xxl_width_compiles_for_v4_with_its_tiles():
