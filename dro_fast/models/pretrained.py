@@ -547,8 +547,24 @@ def _load_t5x(path: str, directory, config: models.T5Config | None
   return config, check_and_build(flat, config, path)
 
 
-def load(path: str | os.PathLike) -> tuple[models.T5Config, Params]:
+def _read_config(directory) -> dict[str, Any]:
+  """config.json as a dict; {} where it is not a JSON object (load_hf then
+  reports it)."""
+  try:
+    hf_config = json.loads((directory / "config.json").read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return {}
+  return hf_config if isinstance(hf_config, dict) else {}
+
+
+def load(path: str | os.PathLike
+         ) -> tuple[models.T5Config | models.DecoderConfig, Params]:
   """A T5X directory (it holds a `checkpoint` file) or a Hugging Face one.
+
+  A Hugging Face folder whose config.json names a decoder-only family
+  (hf_decoder.SUPPORTED: llama, qwen2, qwen3, gemma3_text, gemma3) loads
+  through hf_decoder.load_hf_decoder into a DecoderConfig; any other
+  through load_hf (T5).
 
   Args:
     path: the checkpoint directory: a local path, file:// or gs:// URL.
@@ -574,6 +590,9 @@ def load(path: str | os.PathLike) -> tuple[models.T5Config, Params]:
     if (directory / "checkpoint").is_file():
       return load_t5x(path)
     if (directory / "config.json").is_file():
+      from dro_fast.models import hf_decoder  # pylint: disable=g-import-not-at-top
+      if hf_decoder.is_decoder_config(_read_config(directory)):
+        return hf_decoder.load_hf_decoder(path)
       return load_hf(path)
     entries = sorted(entry.name for entry in directory.iterdir())
   holds = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "")

@@ -7,6 +7,12 @@ as the policy's encoder (token_embedder, encoder/...) plus value_head, so
 
 "shared" ("single net"): only the pooling and head, applied to the policy's
 own encoder output, so the value shares the policy's encoder parameters.
+
+For a decoder-only policy (a DecoderConfig) the trunk is the decoder and
+the pooled state is the final-normed hidden state at the last prompt token
+(DecoderStates.encoded, [B, D]): "separate" runs a decoder of its own over
+the prompt (parameters at the policy's model/... paths, no lm_head),
+"shared" puts the head on the policy's `encoded`.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from dro_fast.models.decoder import encode_prompt
 from dro_fast.models.config import T5Config
 from dro_fast.models.config import VALUE_NETS
+from dro_fast.models.decoder_config import DecoderConfig
 from dro_fast.models.network import T5
 
 KINDS = VALUE_NETS
@@ -36,7 +44,8 @@ def _head(pooled: jax.Array) -> jax.Array:
   return hk.Linear(1, name="value_head")(pooled.astype(jnp.float32))[:, 0]
 
 
-def value_network(config: T5Config, kind: str = "separate") -> hk.Transformed:
+def value_network(config: T5Config | DecoderConfig,
+                  kind: str = "separate") -> hk.Transformed:
   """The value network of either kind as an hk.Transformed.
 
   apply(params, rng, encoder_tokens [B, S], policy_encoded [B, S, D], *,
@@ -45,10 +54,24 @@ def value_network(config: T5Config, kind: str = "separate") -> hk.Transformed:
   DecoderStates.encoded). "shared" pools policy_encoded; "separate" ignores
   it (None will do) and encodes encoder_tokens with its own encoder, with
   dropout when is_training. init takes the same arguments.
+
+  With a DecoderConfig: encoder_tokens are the prompts [B, S] (right-padded
+  with PAD) and policy_encoded is DecoderStates.encoded [B, D].
   """
   if kind not in KINDS:
     raise ValueError(f"value network kind must be one of {KINDS}, got "
                      f"{kind!r}.")
+
+  if isinstance(config, DecoderConfig):
+    def decoder_values(inputs, policy_encoded, *, is_training=False):
+      del is_training        # no dropout in these families
+      if kind == "shared":
+        pooled = policy_encoded
+      else:
+        pooled = encode_prompt(config, inputs)
+      return _head(pooled)
+
+    return hk.transform(decoder_values)
 
   def values(encoder_tokens, policy_encoded, *, is_training=False):
     if kind == "shared":
@@ -64,14 +87,14 @@ def value_network(config: T5Config, kind: str = "separate") -> hk.Transformed:
 def init_from_policy(value_params: dict, policy_params: dict) -> dict:
   """The separate value network's params with the policy's encoder in them.
 
-  token_embedder and encoder/* are copied; value_head is kept as
-  initialised.
+  token_embedder and encoder/* (a decoder-only policy: model/*) are copied;
+  value_head is kept as initialised.
   """
   missing = [k for k in value_params if k != "value_head"
              and k not in policy_params]
   if missing:
     raise ValueError(f"policy params lack {missing[:3]}...: is the value "
-                     f"network built from the same T5Config?")
+                     f"network built from the same config?")
   # Copies: the two networks train apart (and donated buffers must not alias).
   return {k: (v if k == "value_head" else jax.tree.map(jnp.array,
                                                        policy_params[k]))
