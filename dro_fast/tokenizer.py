@@ -4,11 +4,24 @@ Loads a user's `spiece.model` (T5's own vocabulary) or trains a new one on
 a text corpus with the same layout, and encodes text to fixed-length id
 arrays with a validity mask, as the models and trainer expect. T5 has no
 BOS token: sequences end with EOS and are right-padded with the pad id.
+
+The data pipeline's tokenizer protocol (shared with
+dro_fast.hf_tokenizer.HFTokenizer): `encode_prompts(prompts, max_length)` and
+`encode_completions(prompts, completions, max_length)`, where a prompt or
+completion is a string or a conversation (a tuple of {"role", "content"}
+messages, dro_fast.chat_template.Message). T5 has no chat template: a
+conversational prompt becomes the text "<role>: <content>" per message
+joined by `message_separator` (a newline by default), a conversational
+completion the contents of its messages (one assistant message, as the
+readers check), and the text is encoded as any other: EOS appended, right
+truncation with EOS kept last, pad 0. `prompt_ids` and `completion_ids` give
+one row's ids untruncated.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from collections.abc import Mapping
 from collections.abc import Sequence
 import io
 import os
@@ -29,24 +42,53 @@ _TOO_HIGH = "Vocabulary size too high"
 _TOO_HIGH_LIMIT = re.compile(r"Please set it to a value <= (\d+)")
 _TOO_FEW_CHARS = "Vocabulary size is smaller than required_chars"
 
+# A prompt or completion: text, or a conversation of {"role", "content"}
+# messages (dro_fast.chat_template.Message or any such mapping).
+Text = str | Sequence[Mapping[str, str]]
+
+
+def as_text(value: Text, separator: str = "\n", *,
+            completion: bool = False) -> str:
+  """A prompt or completion as T5 reads it: text unchanged, messages joined.
+
+  Args:
+    value: text, or a sequence of {"role", "content"} messages.
+    separator: joins a prompt's "<role>: <content>" lines.
+    completion: the value is a completion: its messages' contents, joined by
+      `separator` (a completion holds one assistant message).
+
+  Returns:
+    The text.
+  """
+  if isinstance(value, str):
+    return value
+  if completion:
+    return separator.join(message["content"] for message in value)
+  return separator.join(f"{message['role']}: {message['content']}"
+                        for message in value)
+
 
 class Tokenizer:
   """Text <-> ids with T5's special ids: pad 0, eos 1, unk 2, no bos."""
 
   def __init__(self, processor: spm.SentencePieceProcessor,
-               path: str | os.PathLike | None = None):
+               path: str | os.PathLike | None = None, *,
+               message_separator: str = "\n"):
     """Wraps a loaded SentencePiece model.
 
     Args:
       processor: a loaded SentencePiece model whose pad, eos and unk ids are
         0, 1 and 2 (T5's layout).
       path: the file the model came from, for messages; None if unknown.
+      message_separator: joins a conversational prompt's messages (see the
+        module docstring); also the `message_separator` attribute.
 
     Raises:
       ValueError: the model's special ids are not T5's.
     """
     self._sp = processor
     self._path = None if path is None else os.fspath(path)
+    self.message_separator = message_separator
     found = (processor.pad_id(), processor.eos_id(), processor.unk_id())
     if found != (PAD_ID, EOS_ID, UNK_ID):
       source = ("the SentencePiece model" if self._path is None
@@ -204,6 +246,45 @@ class Tokenizer:
       B strings.
     """
     return [self.decode(row) for row in ids]
+
+  def prompt_ids(self, prompt: Text) -> list[int]:
+    """One prompt's ids, untruncated: its text (as_text) with EOS."""
+    return self.encode(as_text(prompt, self.message_separator))
+
+  def completion_ids(self, prompt: Text, completion: Text) -> list[int]:
+    """One completion's ids, untruncated, with EOS; T5 ignores the prompt."""
+    del prompt  # The encoder reads it; the completion is encoded alone.
+    return self.encode(as_text(completion, self.message_separator,
+                               completion=True))
+
+  def encode_prompts(self, prompts: Sequence[Text], max_length: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts as encode_batch encodes their texts (see as_text).
+
+    Returns:
+      (ids int32 [N, max_length] padded with 0, mask bool [N, max_length]).
+    """
+    return self.encode_batch(
+        [as_text(p, self.message_separator) for p in prompts], max_length)
+
+  def encode_completions(self, prompts: Sequence[Text],
+                         completions: Sequence[Text], max_length: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Completions as encode_batch encodes their texts; prompts unused.
+
+    Returns:
+      (ids int32 [N, max_length] padded with 0, mask bool [N, max_length]).
+
+    Raises:
+      ValueError: prompts and completions differ in number.
+    """
+    if len(prompts) != len(completions):
+      raise ValueError(f"encode_completions got {len(prompts)} prompts and "
+                       f"{len(completions)} completions; pass one prompt "
+                       "per completion.")
+    return self.encode_batch(
+        [as_text(c, self.message_separator, completion=True)
+         for c in completions], max_length)
 
 
 def _train_model_proto(texts: list[str], vocab_size: int,

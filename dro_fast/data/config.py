@@ -36,8 +36,9 @@ class DataConfig:
     completion_field: completion field (triplets, unpaired).
     reward_field: reward field (triplets).
     label_field: boolean thumbs-up/down field (unpaired).
-    message_separator: joins the "<role>: <content>" lines of a
-      conversational prompt (triplets, unpaired, pairwise).
+    message_separator: T5 only (a decoder renders its chat template): joins
+      the "<role>: <content>" lines of a conversational prompt (triplets,
+      unpaired, pairwise).
     chosen_field: preferred completion field (pairwise).
     rejected_field: dispreferred completion field (pairwise).
     ultrafeedback_reward: one of data.ULTRAFEEDBACK_REWARDS.
@@ -53,6 +54,11 @@ class DataConfig:
       on the data and saved there.
     tokenizer_vocab_size: vocabulary of a tokenizer trained here; >= 4.
     demo_examples: examples of the synthetic task; >= 1.
+    length_buckets: 0: every batch is padded to the maximum lengths; b > 0:
+      each batch's prompt and completion axes are cut to the smallest of
+      b, 2b, 4b, ... (capped at the maximum) holding its longest row
+      (pipeline.bucket_length), so short batches cost less while few
+      distinct shapes are compiled; >= 0.
   """
 
   train_data: str | None = None
@@ -73,6 +79,7 @@ class DataConfig:
   tokenizer: str | None = None
   tokenizer_vocab_size: int = 256
   demo_examples: int = 2048
+  length_buckets: int = 0
 
   def __post_init__(self):
     for name, choices in (("data_format", DATA_FORMATS),
@@ -82,7 +89,7 @@ class DataConfig:
         raise ValueError(f"`{name}`={getattr(self, name)} is not one of "
                          f"{', '.join(choices)}.")
     for name, least in (("max_input_length", 2), ("max_target_length", 2),
-                        ("demo_examples", 1)):
+                        ("demo_examples", 1), ("length_buckets", 0)):
       if getattr(self, name) < least:
         raise ValueError(f"`{name}` must be >= {least}, got "
                          f"{getattr(self, name)}.")
@@ -117,8 +124,7 @@ class DataConfig:
       kwargs.update(reward=self.ultrafeedback_reward,
                     threshold=self.binary_threshold)
       return kwargs
-    kwargs.update(prompt_field=self.prompt_field,
-                  message_separator=self.message_separator)
+    kwargs.update(prompt_field=self.prompt_field)
     if data_format == "triplets":
       kwargs.update(completion_field=self.completion_field,
                     reward_field=self.reward_field)

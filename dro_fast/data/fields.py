@@ -4,12 +4,12 @@ Each function reads one field of a row (or of a completion inside a row) and
 returns its value, or raises rows.BadValue saying what was wrong, which the
 RowReader turns into a DataError or a skipped row.
 
-Conversational rows. text_field also takes TRL's conversational form: a
-prompt may be a list of {"role", "content"} messages, written as text as
-"<role>: <content>" per message joined by a separator (a newline by
-default); a completion may be a list of exactly one
-{"role": "assistant", "content"} message, read as its content. Other keys of
-a message (e.g. "name") are ignored.
+Conversational rows. text_or_messages also takes TRL's conversational form:
+a prompt may be a list of {"role", "content"} messages, a completion a list
+of exactly one {"role": "assistant", "content"} message; they are kept as
+messages (a tuple of dro_fast.chat_template.Message), for the model's
+tokenizer to render (a chat template, or T5's "<role>: <content>" lines).
+Other keys of a message (e.g. "name") are not kept.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import math
 import numbers
 from typing import Any
 
+from dro_fast.chat_template import Message
 from dro_fast.data.rows import a_json_type
 from dro_fast.data.rows import BadValue
 
@@ -57,9 +58,8 @@ def _present(row: dict[str, Any], key: str, field: str,
 
 
 def text_field(row: dict[str, Any], key: str, *, field: str | None = None,
-               argument: str | None = None, hint: str | None = None,
-               messages: str | None = None, separator: str = "\n") -> str:
-  """row[key] as a non-blank string: unchanged, or from TRL messages.
+               argument: str | None = None, hint: str | None = None) -> str:
+  """row[key] as a non-blank string.
 
   Args:
     row: the row or completion.
@@ -67,28 +67,49 @@ def text_field(row: dict[str, Any], key: str, *, field: str | None = None,
     field: the field as messages name it; defaults to `key`.
     argument: the reader argument that names this field, if any.
     hint: what else to say when the field is missing.
-    messages: None: the value must be a string; "prompt": a list of
-      {"role", "content"} messages is also taken, as "<role>: <content>"
-      per message joined by `separator`; "completion": a list of one
-      assistant message is also taken, as its content.
-    separator: joins a prompt's messages.
 
   Returns:
     The string.
 
   Raises:
-    BadValue: the field is missing, null, neither a string nor (when
-      `messages`) a well-formed list of messages, or blank.
+    BadValue: the field is missing, null, not a string, or blank.
   """
   field = key if field is None else field
-  value = _present(row, key, field, argument, hint)
+  return _text(_present(row, key, field, argument, hint), key, field, "")
+
+
+def text_or_messages(row: dict[str, Any], key: str, *, kind: str,
+                     argument: str | None = None
+                     ) -> str | tuple[Message, ...]:
+  """row[key] as a non-blank string, or as TRL messages.
+
+  Args:
+    row: the row.
+    key: the field to read; also names the reason a bad row is counted by
+      and the field in messages.
+    kind: "prompt": a list of {"role", "content"} messages is also taken;
+      "completion": a list of exactly one assistant message is also taken.
+    argument: the reader argument that names this field, if any.
+
+  Returns:
+    The string, or the messages as a tuple of Messages.
+
+  Raises:
+    BadValue: the field is missing, null, neither a string nor a
+      well-formed list of messages, or blank.
+  """
+  value = _present(row, key, key, argument)
   # A list without any object (e.g. of words) is no conversation: say so.
-  if (messages is not None and isinstance(value, (list, tuple))
+  if (isinstance(value, (list, tuple))
       and (not value or any(isinstance(item, dict) for item in value))):
-    return _messages_text(value, key, field, messages, separator)
+    return _messages(value, key, key, kind)
+  return _text(value, key, key,
+               " or a list of {'role', 'content'} messages")
+
+
+def _text(value: Any, key: str, field: str, also: str) -> str:
+  """`value`, which must be a non-blank string (text_field)."""
   if not isinstance(value, str):
-    also = "" if messages is None else (
-        " or a list of {'role', 'content'} messages")
     raise BadValue(field, f"{key} not a string",
                    f"is {a_json_type(value)}, not a string{also}")
   if not value.strip():
@@ -98,9 +119,9 @@ def text_field(row: dict[str, Any], key: str, *, field: str | None = None,
   return value
 
 
-def _messages_text(value: list[Any] | tuple[Any, ...], key: str, field: str,
-                   kind: str, separator: str) -> str:
-  """A prompt's or completion's list of TRL messages as text (text_field).
+def _messages(value: list[Any] | tuple[Any, ...], key: str, field: str,
+              kind: str) -> tuple[Message, ...]:
+  """A prompt's or completion's list of TRL messages, checked.
 
   Raises:
     BadValue: the list is empty, a message is not an object or lacks a
@@ -116,7 +137,7 @@ def _messages_text(value: list[Any] | tuple[Any, ...], key: str, field: str,
   if kind == "completion" and len(value) != 1:
     raise BadValue(field, f"{key} not one message",
                    f"holds {len(value)} messages; {one_assistant}")
-  lines = []
+  found = []
   for index, message in enumerate(value):
     at = f"{field}[{index}]"
     if not isinstance(message, dict):
@@ -128,8 +149,8 @@ def _messages_text(value: list[Any] | tuple[Any, ...], key: str, field: str,
     if kind == "completion" and role != "assistant":
       raise BadValue(f"{at}.role", f"{key} role not assistant",
                      f"is {role!r}; {one_assistant}")
-    lines.append(content if kind == "completion" else f"{role}: {content}")
-  return separator.join(lines)
+    found.append(Message(role, content))
+  return tuple(found)
 
 
 def number_field(row: dict[str, Any], key: str, *, field: str | None = None,

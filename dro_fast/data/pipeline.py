@@ -1,13 +1,31 @@
 """From records to batches: tokenisation, shuffled batching and cache keys.
 
-Shapes: N examples, S prompt (encoder) length, T completion (decoder)
-length. Every id array is int32, right-padded with the pad id 0 and ending
-each sequence with EOS (kept last when the text is truncated); masks are
-bool, True on tokens.
+Shapes: N examples, S prompt length, T completion length. Every id array is
+int32 and right-padded with the tokenizer's `pad_id`; masks are bool, True
+on tokens. The tokenizer implements the protocol `encode_prompts(prompts,
+max_length)`, `encode_completions(prompts, completions, max_length)`,
+`prompt_ids(prompt)` and `completion_ids(prompt, completion)`:
+  * T5 (dro_fast.tokenizer.Tokenizer): pad 0, each sequence ends with EOS
+    (kept last when truncated), conversations joined as text;
+  * decoder-only models (dro_fast.hf_tokenizer.HFTokenizer): pad -1, the
+    chat template's or TRL's ids, prompts truncated from the left and
+    completions from the right (design: "Batch layout").
 
 BatchIterator shuffles each epoch with its own seeded permutation and can
 save and restore its position, so a resumed run sees exactly the batches an
 uninterrupted one would.
+
+Length buckets (BatchIterator's `length_buckets` b > 0): each batch's prompt
+axis, and its completion axis (shared by every completion of the batch:
+targets, KTO's mismatched targets, chosen and rejected), are cut to
+bucket_length(longest row, b, maximum): the smallest of b, 2b, 4b, ...
+that holds the batch's longest row, capped at the padded maximum. Only
+padding is cut (the rows are right-padded), so the batch's contents are
+unchanged. Doubling lengths give log2(maximum / b) + 1 shapes per axis, so
+few programs are compiled, at most twice the needed length each; trimming
+is a function of the batch alone, so a resumed run trims exactly as an
+uninterrupted one. bucket_report measures the padding it saves on a
+dataset.
 """
 
 from __future__ import annotations
@@ -19,16 +37,44 @@ import concurrent.futures
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from dro_fast.data.records import Pair
 from dro_fast.data.records import Triplet
 from dro_fast.data.rewards import RewardStats
-from dro_fast.tokenizer import Tokenizer
+from dro_fast.tokenizer import Text
 
 _STATE_KEYS = ("epoch", "position", "seed", "num_examples")
+
+# The batch keys on the prompt axis, and the completion ids and masks that
+# share the completion axis (T5 and decoder-only layouts alike).
+PROMPT_KEYS = ("inputs",)
+COMPLETION_KEYS = (("targets", "target_mask"),
+                   ("mismatched_targets", "mismatched_mask"),
+                   ("chosen", "chosen_mask"), ("rejected", "rejected_mask"))
+
+
+class Tokenizer(Protocol):
+  """What the pipeline needs of a tokenizer (see the module docstring)."""
+
+  pad_id: int
+
+  def encode_prompts(self, prompts: Sequence[Text], max_length: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    ...
+
+  def encode_completions(self, prompts: Sequence[Text],
+                         completions: Sequence[Text], max_length: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    ...
+
+  def prompt_ids(self, prompt: Text) -> list[int]:
+    ...
+
+  def completion_ids(self, prompt: Text, completion: Text) -> list[int]:
+    ...
 
 
 def _check_lengths(max_input_length: int, max_target_length: int) -> None:
@@ -47,9 +93,11 @@ def tokenize_triplets(triplets: Sequence[Triplet], tokenizer: Tokenizer,
 
   Args:
     triplets: N triplets.
-    tokenizer: the model's tokenizer.
-    max_input_length: S; longer prompts are truncated, EOS kept last.
-    max_target_length: T; longer completions are truncated, EOS kept last.
+    tokenizer: the model's tokenizer (the protocol above).
+    max_input_length: S; longer prompts are truncated (T5: EOS kept last;
+      decoders: from the left).
+    max_target_length: T; longer completions are truncated (T5: EOS kept
+      last).
     reward_stats: if given, rewards are normalised with it; otherwise they
       are returned raw.
 
@@ -61,10 +109,10 @@ def tokenize_triplets(triplets: Sequence[Triplet], tokenizer: Tokenizer,
     ValueError: a maximum length is below 1.
   """
   _check_lengths(max_input_length, max_target_length)
-  inputs, _ = tokenizer.encode_batch([t.prompt for t in triplets],
-                                     max_input_length)  # [N, S]
-  targets, target_mask = tokenizer.encode_batch(
-      [t.completion for t in triplets], max_target_length)  # [N, T]
+  prompts = [t.prompt for t in triplets]
+  inputs, _ = tokenizer.encode_prompts(prompts, max_input_length)  # [N, S]
+  targets, target_mask = tokenizer.encode_completions(
+      prompts, [t.completion for t in triplets], max_target_length)  # [N, T]
   rewards = np.array([t.reward for t in triplets], dtype=np.float64)  # [N]
   if reward_stats is not None:
     rewards = reward_stats.normalise(rewards)
@@ -83,9 +131,11 @@ def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Tokenizer,
 
   Args:
     pairs: N pairs.
-    tokenizer: the model's tokenizer.
-    max_input_length: S; longer prompts are truncated, EOS kept last.
-    max_target_length: T; longer completions are truncated, EOS kept last.
+    tokenizer: the model's tokenizer (the protocol above).
+    max_input_length: S; longer prompts are truncated (T5: EOS kept last;
+      decoders: from the left).
+    max_target_length: T; longer completions are truncated (T5: EOS kept
+      last).
 
   Returns:
     {"inputs": int32 [N, S], "chosen": int32 [N, T], "chosen_mask": bool
@@ -95,12 +145,12 @@ def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Tokenizer,
     ValueError: a maximum length is below 1.
   """
   _check_lengths(max_input_length, max_target_length)
-  inputs, _ = tokenizer.encode_batch([p.prompt for p in pairs],
-                                     max_input_length)  # [N, S]
-  chosen, chosen_mask = tokenizer.encode_batch(
-      [p.chosen for p in pairs], max_target_length)  # [N, T]
-  rejected, rejected_mask = tokenizer.encode_batch(
-      [p.rejected for p in pairs], max_target_length)  # [N, T]
+  prompts = [p.prompt for p in pairs]
+  inputs, _ = tokenizer.encode_prompts(prompts, max_input_length)  # [N, S]
+  chosen, chosen_mask = tokenizer.encode_completions(
+      prompts, [p.chosen for p in pairs], max_target_length)  # [N, T]
+  rejected, rejected_mask = tokenizer.encode_completions(
+      prompts, [p.rejected for p in pairs], max_target_length)  # [N, T]
   return {
       "inputs": inputs,
       "chosen": chosen,
@@ -122,9 +172,9 @@ def long_texts(records: Sequence[Triplet] | Sequence[Pair],
     max_target_length: T, the completion tokens kept (EOS included).
 
   Returns:
-    (record index, field, tokens with EOS, limit) for every prompt longer
-    than S and every completion (triplets) or chosen / rejected completion
-    (pairs) longer than T, in record order.
+    (record index, field, tokens (T5: with EOS), limit) for every prompt
+    longer than S and every completion (triplets) or chosen / rejected
+    completion (pairs) longer than T, in record order.
   """
   found = []
   for index, record in enumerate(records):
@@ -132,10 +182,12 @@ def long_texts(records: Sequence[Triplet] | Sequence[Pair],
       targets = (("chosen", record.chosen), ("rejected", record.rejected))
     else:
       targets = (("completion", record.completion),)
-    for field, text, limit in (("prompt", record.prompt, max_input_length),
-                               *((f, t, max_target_length)
-                                 for f, t in targets)):
-      length = len(tokenizer.encode(text))
+    lengths = [("prompt", len(tokenizer.prompt_ids(record.prompt)),
+                 max_input_length)]
+    lengths.extend(
+        (field, len(tokenizer.completion_ids(record.prompt, text)),
+         max_target_length) for field, text in targets)
+    for field, length, limit in lengths:
       if length > limit:
         found.append((index, field, length, limit))
   return found
@@ -151,7 +203,7 @@ class BatchIterator:
   """
 
   def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int,
-               seed: int):
+               seed: int, *, length_buckets: int = 0, pad_id: int = 0):
     """Checks the arrays and starts at epoch 0.
 
     Args:
@@ -159,10 +211,16 @@ class BatchIterator:
         tokenize_triplets.
       batch_size: examples per batch, 1 to N.
       seed: a non-negative integer seeding every epoch's permutation.
+      length_buckets: 0: batches keep the arrays' lengths; b > 0: each
+        batch is cut by trim_batch(batch, b, pad_id) (the module
+        docstring). The state (get_state) does not depend on it.
+      pad_id: the prompts' padding id (the tokenizer's pad_id: T5 0,
+        decoders -1), for length_buckets.
 
     Raises:
       ValueError: `arrays` is empty or its leading dimensions differ,
-        `batch_size` is not in [1, N], or `seed` is negative.
+        `batch_size` is not in [1, N], `seed` is negative or
+        `length_buckets` is.
     """
     if not arrays:
       raise ValueError("BatchIterator needs at least one array; got an "
@@ -182,6 +240,11 @@ class BatchIterator:
           f"examples), got {batch_size}. Use a smaller batch or more data.")
     if seed < 0:
       raise ValueError(f"seed must be a non-negative integer, got {seed}.")
+    if length_buckets < 0:
+      raise ValueError("length_buckets must be >= 0 (0: no buckets), got "
+                       f"{length_buckets}.")
+    self._length_buckets = int(length_buckets)
+    self._pad_id = int(pad_id)
     self._batch_size = int(batch_size)
     self._seed = int(seed)  # A Python int, so that get_state is JSON.
     self._epoch = 0
@@ -217,7 +280,10 @@ class BatchIterator:
     indices = self._epoch_order()[
         self._position:self._position + self._batch_size]
     self._position += self._batch_size
-    return {key: value[indices] for key, value in self._arrays.items()}
+    batch = {key: value[indices] for key, value in self._arrays.items()}
+    if self._length_buckets:
+      batch = trim_batch(batch, self._length_buckets, self._pad_id)
+    return batch
 
   def get_state(self) -> dict[str, int]:
     """The position to resume from, JSON-serialisable.
@@ -265,6 +331,121 @@ class BatchIterator:
           f"[0, {self._num_examples}]. Pass a get_state() result.")
     self._epoch = state["epoch"]
     self._position = state["position"]
+
+
+def bucket_length(longest: int, bucket: int, maximum: int) -> int:
+  """The smallest of bucket, 2 bucket, 4 bucket, ... >= longest, <= maximum.
+
+  Args:
+    longest: the longest row of a batch, in tokens.
+    bucket: the smallest length, >= 1.
+    maximum: the padded length, the cap.
+
+  Returns:
+    The length to cut the batch's axis to.
+  """
+  length = bucket
+  while length < longest:
+    length *= 2
+  return min(length, maximum)
+
+
+def _prompt_length(inputs: np.ndarray, pad_id: int) -> int:
+  """The longest right-padded row of `inputs` [B, S], in tokens."""
+  valid = inputs != pad_id  # [B, S]
+  if not valid.any():
+    return 0
+  return int(inputs.shape[1] - np.argmax(valid[:, ::-1].any(axis=0)))
+
+
+def trim_batch(batch: Mapping[str, np.ndarray], bucket: int,
+               pad_id: int) -> dict[str, np.ndarray]:
+  """Cuts a batch's prompt and completion axes to their length buckets.
+
+  The prompt axis of PROMPT_KEYS is cut to bucket_length(the longest
+  prompt, where a prompt's tokens are the ids before its trailing `pad_id`s);
+  the completion axis of every id array and mask of COMPLETION_KEYS present
+  to bucket_length(the longest completion of any of them, by its mask).
+  Only padding is cut; other arrays are unchanged.
+
+  Args:
+    batch: a batch of tokenize_triplets / tokenize_pairs arrays (and KTO's
+      mismatched ones).
+    bucket: the smallest bucket length, >= 1.
+    pad_id: the prompts' padding id.
+
+  Returns:
+    The batch with cut (views of the) arrays.
+  """
+  out = dict(batch)
+  for key in PROMPT_KEYS:
+    if key in out:
+      length = bucket_length(_prompt_length(out[key], pad_id), bucket,
+                             out[key].shape[1])
+      out[key] = out[key][:, :length]
+  present = [(ids, mask) for ids, mask in COMPLETION_KEYS if mask in out]
+  if present:
+    longest = 0
+    for _, mask in present:
+      rows = out[mask].any(axis=0)  # [T]: a position any row uses.
+      if rows.any():
+        longest = max(longest, int(len(rows) - np.argmax(rows[::-1])))
+    maximum = out[present[0][1]].shape[1]
+    length = bucket_length(longest, bucket, maximum)
+    for ids, mask in present:
+      out[mask] = out[mask][:, :length]
+      if ids in out:
+        out[ids] = out[ids][:, :length]
+  return out
+
+
+def bucket_report(arrays: Mapping[str, np.ndarray], batch_size: int,
+                  seed: int, length_buckets: int, pad_id: int,
+                  epochs: int = 1) -> dict[str, Any]:
+  """What length buckets save on a dataset: id slots with and without.
+
+  Runs BatchIterator over `epochs` epochs of `arrays` and counts the id
+  slots of the prompt and completion id arrays (PROMPT_KEYS and the id
+  arrays of COMPLETION_KEYS) the model would process.
+
+  Args:
+    arrays, batch_size, seed: as BatchIterator.
+    length_buckets: the smallest bucket length, >= 1.
+    pad_id: as BatchIterator.
+    epochs: epochs to count, >= 1.
+
+  Returns:
+    {"batches", "tokens": real tokens, "padded_slots": slots without
+    buckets, "bucketed_slots": slots with them, "saved": the fraction of
+    padded_slots saved, "shapes": [[S, T, batches], ...] the distinct
+    (prompt, completion) lengths by count, most frequent first}.
+  """
+  if length_buckets < 1 or epochs < 1:
+    raise ValueError("bucket_report needs length_buckets >= 1 and epochs "
+                     f">= 1, got {length_buckets} and {epochs}.")
+  iterator = BatchIterator(arrays, batch_size, seed)
+  id_keys = [k for k in PROMPT_KEYS + tuple(ids for ids, _ in COMPLETION_KEYS)
+             if k in arrays]
+  padded = bucketed = tokens = 0
+  shapes: dict[tuple[int, int], int] = {}
+  batches = iterator.batches_per_epoch * epochs
+  for _ in range(batches):
+    batch = next(iterator)
+    trimmed = trim_batch(batch, length_buckets, pad_id)
+    padded += sum(batch[k].size for k in id_keys)
+    bucketed += sum(trimmed[k].size for k in id_keys)
+    for key in id_keys:
+      valid = (batch[key] != pad_id if key in PROMPT_KEYS
+               else batch[dict(COMPLETION_KEYS)[key]])
+      tokens += int(valid.sum())
+    shape = tuple(int(trimmed[k].shape[1]) for k in id_keys[:2])
+    shape = shape + (0,) * (2 - len(shape))
+    shapes[shape] = shapes.get(shape, 0) + 1
+  return {"batches": batches, "tokens": tokens, "padded_slots": padded,
+          "bucketed_slots": bucketed,
+          "saved": 1.0 - bucketed / padded if padded else 0.0,
+          "shapes": [[s, t, n] for (s, t), n in
+                     sorted(shapes.items(), key=lambda x: (-x[1], x[0]))]}
 
 
 # Bytes per piece hashed on its own thread: hashlib releases the GIL, so

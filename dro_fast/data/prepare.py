@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from typing import Any
 
 from absl import logging
 import numpy as np
@@ -34,6 +35,7 @@ from dro_fast.data import synthetic
 from dro_fast.data.config import DataConfig
 from dro_fast.data.records import DataError
 from dro_fast.data.rewards import RewardStats
+from dro_fast.tokenizer import as_text
 from dro_fast.tokenizer import Tokenizer
 from dro_fast.tokenizer import train_sentencepiece
 
@@ -44,9 +46,11 @@ TOKENIZER = "spiece.model"
 FINGERPRINT = "data_fingerprint.json"
 
 # DataConfig fields that do not shape the tokenised rows by themselves: where
-# the data and the tokenizer are read from (their contents are fingerprinted)
-# and the size of a tokenizer trained here (idem).
-_UNSHAPING_FIELDS = ("train_data", "tokenizer", "tokenizer_vocab_size")
+# the data and the tokenizer are read from (their contents are fingerprinted),
+# the size of a tokenizer trained here (idem) and the length buckets (they
+# cut padding from batches, not tokens from rows).
+_UNSHAPING_FIELDS = ("train_data", "tokenizer", "tokenizer_vocab_size",
+                     "length_buckets")
 
 # Algorithms trained on (prompt, chosen, rejected) pairs.
 PAIRWISE_ALGORITHMS = ("dpo", "ipo", "slic")
@@ -58,14 +62,16 @@ class Dataset:
 
   Attributes:
     arrays: the model's input arrays (see data.tokenize_triplets / pairs).
-    tokenizer: the tokenizer; `path` None while one trained here is unsaved.
-    tokenizer_fingerprint: a digest of the SentencePiece model.
+    tokenizer: the tokenizer (T5's Tokenizer, or an HFTokenizer for a
+      Hugging Face folder); `path` None while one trained here is unsaved.
+    tokenizer_fingerprint: a digest of the SentencePiece model, or of the
+      folder's tokenizer files.
     reward_stats: reward statistics not yet saved in the workdir, or None.
     fingerprints: what shaped `arrays` (see `fingerprints`); recorded in the
       workdir by save_inputs when it holds no record yet.
   """
   arrays: dict[str, np.ndarray]
-  tokenizer: Tokenizer
+  tokenizer: Any
   tokenizer_fingerprint: str
   reward_stats: RewardStats | None = None
   fingerprints: dict | None = None
@@ -90,19 +96,30 @@ def demo_data(workdir: str, config: DataConfig, pairwise: bool,
 
 
 def choose_tokenizer(workdir: str, config: DataConfig,
-                     texts: list[str]) -> tuple[Tokenizer, str]:
+                     texts: list[str]) -> tuple[Any, str]:
   """config.tokenizer, the workdir's, or one trained on `texts` (unsaved).
 
-  The workdir's spiece.model is used only when its SHA-256 still equals the
-  one recorded in spiece.model.sha256 when it was saved.
+  A `tokenizer` that is a folder is a Hugging Face model's (HFTokenizer:
+  tokenizer.json / tokenizer.model, its chat template); a file is a
+  SentencePiece model for T5, whose conversational prompts are joined with
+  config.message_separator. The workdir's spiece.model is used only when its
+  SHA-256 still equals the one recorded in spiece.model.sha256 when it was
+  saved.
 
   Returns:
-    (tokenizer, fingerprint of its SentencePiece model).
+    (tokenizer, fingerprint of its SentencePiece model or tokenizer files).
 
   Raises:
     DataError: an unreadable --tokenizer, or a workdir tokenizer that is
       invalid, altered or has no (valid) recorded SHA-256.
   """
+  if config.tokenizer and os.path.isdir(config.tokenizer):
+    from dro_fast import hf_tokenizer  # pylint: disable=g-import-not-at-top
+    try:
+      tok = hf_tokenizer.HFTokenizer.load(config.tokenizer)
+    except (OSError, ValueError) as e:
+      raise DataError(f"`tokenizer`: {e}") from None
+    return tok, tok.fingerprint()
   if config.tokenizer:
     try:
       tok = Tokenizer.load(config.tokenizer)
@@ -126,6 +143,7 @@ def choose_tokenizer(workdir: str, config: DataConfig,
             "cannot train a tokenizer with `tokenizer_vocab_size`="
             f"{config.tokenizer_vocab_size}: {e} Pass `tokenizer`="
             "<spiece.model> instead.") from None
+  tok.message_separator = config.message_separator
   return tok, pipeline.fingerprint(
       {"model": np.frombuffer(tok.serialized_model(), np.uint8)})
 
@@ -170,7 +188,7 @@ def check_tokenizer_digest(workdir: str) -> None:
         "`workdir`.")
 
 
-def check_lengths(rows: list, tokenizer: Tokenizer,
+def check_lengths(rows: list, tokenizer: pipeline.Tokenizer,
                   config: DataConfig) -> list:
   """Applies config.long_rows to the rows with texts over the limits."""
   long = pipeline.long_texts(rows, tokenizer, config.max_input_length,
@@ -179,8 +197,9 @@ def check_lengths(rows: list, tokenizer: Tokenizer,
     return rows
   index, field, length, limit = long[0]
   flag = "`max_input_length`" if field == "prompt" else "`max_target_length`"
-  first = (f"{rows[index].source}: the {field} has {length} tokens (EOS "
-           f"included), more than {flag}={limit}")
+  eos = " (EOS included)" if isinstance(tokenizer, Tokenizer) else ""
+  first = (f"{rows[index].source}: the {field} has {length} tokens{eos}, "
+           f"more than {flag}={limit}")
   bad = {i for i, *_ in long}
   if config.long_rows == "error":
     raise DataError(
@@ -357,10 +376,17 @@ def _tokenised(workdir: str, config: DataConfig, algo: str,
       "pairwise" if pairwise else "triplets")
   rows = formats.read_dataset(path, data_format,
                               **config.reader_kwargs(data_format))
+  # The texts a tokenizer trained here learns from: T5's text of each.
+  separator = config.message_separator
   if pairwise:
-    texts = [t for r in rows for t in (r.prompt, r.chosen, r.rejected)]
+    texts = [t for r in rows for t in (
+        as_text(r.prompt, separator),
+        as_text(r.chosen, separator, completion=True),
+        as_text(r.rejected, separator, completion=True))]
   else:
-    texts = [t for r in rows for t in (r.prompt, r.completion)]
+    texts = [t for r in rows for t in (
+        as_text(r.prompt, separator),
+        as_text(r.completion, separator, completion=True))]
   tok, tok_fingerprint = choose_tokenizer(workdir, config, texts)
   rows = check_lengths(rows, tok, config)
   if pairwise:
@@ -394,7 +420,8 @@ def save_inputs(workdir: str, dataset: Dataset) -> None:
   Call it once every input has been checked (and in one process of a
   multi-process run).
   """
-  if dataset.tokenizer.path is None:
+  if (isinstance(dataset.tokenizer, Tokenizer)
+      and dataset.tokenizer.path is None):
     # The digest first: a run stopped between the two writes leaves a digest
     # without a model, and the next run trains and saves both again.
     model = dataset.tokenizer.serialized_model()

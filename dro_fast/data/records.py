@@ -8,13 +8,16 @@
   read_pairwise  one {"prompt", "chosen", "rejected"} object per row, for
                  the pairwise baselines.
 Each also takes TRL's conversational rows: a prompt as a list of
-{"role", "content"} messages, joined by `message_separator` (a newline by
-default), a completion (chosen, rejected) as a list of one assistant
-message (dro_fast.data.fields). Files, bad rows and DataError messages are
-dro_fast.data.rows's; DataError, NoRowsError and the file extensions are
-named here too, as what these readers raise and read. The UltraFeedback
-reader is dro_fast.data.ultrafeedback; choosing a reader by format name,
-and reading several files, is dro_fast.data.formats.
+{"role", "content"} messages, a completion (chosen, rejected) as a list of
+one assistant message (dro_fast.data.fields). They stay messages (a tuple of
+dro_fast.chat_template.Message) in the records: the model's tokenizer
+renders them (a decoder's chat template; T5's Tokenizer joins
+"<role>: <content>" lines with the run's `message_separator`). Files, bad
+rows and DataError messages are dro_fast.data.rows's; DataError,
+NoRowsError and the file extensions are named here too, as what these
+readers raise and read. The UltraFeedback reader is
+dro_fast.data.ultrafeedback; choosing a reader by format name, and reading
+several files, is dro_fast.data.formats.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import dataclasses
 import os
 from typing import Any, Callable
 
+from dro_fast.chat_template import Message
 from dro_fast.data.fields import boolean_field
 from dro_fast.data.fields import number_field
-from dro_fast.data.fields import text_field
+from dro_fast.data.fields import text_or_messages
 from dro_fast.data.rows import DataError
 from dro_fast.data.rows import JSONL_EXTENSIONS
 from dro_fast.data.rows import NoRowsError
@@ -34,7 +38,10 @@ from dro_fast.data.rows import RowReader
 
 __all__ = ["DataError", "JSONL_EXTENSIONS", "NoRowsError",
            "PARQUET_EXTENSIONS", "Pair", "read_pairwise", "read_triplets",
-           "read_unpaired", "Triplet"]
+           "read_unpaired", "Text", "Triplet"]
+
+# A prompt or completion: text, or TRL messages (a conversation).
+Text = str | tuple[Message, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +49,13 @@ class Triplet:
   """One single-trajectory example (x, y, r).
 
   Attributes:
-    prompt: x, the prompt text.
-    completion: y, the completion text.
+    prompt: x, the prompt: text or messages.
+    completion: y, the completion: text or (one assistant) message.
     reward: r, a finite number, not normalised.
     source: where it was read, "path:number" or "path:number#completion".
   """
-  prompt: str
-  completion: str
+  prompt: Text
+  completion: Text
   reward: float
   source: str
 
@@ -58,21 +65,20 @@ class Pair:
   """One preference pair: `chosen` is preferred to `rejected` for `prompt`.
 
   Attributes:
-    prompt: the prompt text.
-    chosen: the preferred completion.
-    rejected: the other completion.
+    prompt: the prompt: text or messages.
+    chosen: the preferred completion: text or (one assistant) message.
+    rejected: the other completion, likewise.
     source: where it was read, "path:number".
   """
-  prompt: str
-  chosen: str
-  rejected: str
+  prompt: Text
+  chosen: Text
+  rejected: Text
   source: str
 
 
 def read_triplets(path: str | os.PathLike, *, prompt_field: str = "prompt",
                   completion_field: str = "completion",
                   reward_field: str = "reward",
-                  message_separator: str = "\n",
                   skip_bad_rows: bool = False) -> list[Triplet]:
   """Reads (prompt, completion, reward) rows from JSON Lines or Parquet.
 
@@ -83,7 +89,6 @@ def read_triplets(path: str | os.PathLike, *, prompt_field: str = "prompt",
     completion_field: the field holding the completion: text, or a list of
       one assistant message.
     reward_field: the field holding the reward, a finite number.
-    message_separator: joins the messages of a conversational prompt.
     skip_bad_rows: drop bad rows, logging one warning with counts per
       reason, instead of raising on the first.
 
@@ -101,18 +106,17 @@ def read_triplets(path: str | os.PathLike, *, prompt_field: str = "prompt",
           number_field(row, reward_field, argument="reward_field",
                        boolean_hint="for thumbs-up/down labels use "
                        "read_unpaired (the trainer's `data_format`=unpaired)")),
-      message_separator, skip_bad_rows)
+      skip_bad_rows)
 
 
 def _read_scored(path: str | os.PathLike, prompt_field: str,
                  completion_field: str, score_field: tuple[str, str],
                  score: Callable[[dict[str, Any]], float],
-                 message_separator: str,
                  skip_bad_rows: bool) -> list[Triplet]:
   """Triplets of each row's prompt, completion and score(row).
 
   Args:
-    path, prompt_field, completion_field, message_separator, skip_bad_rows:
+    path, prompt_field, completion_field, skip_bad_rows:
       as read_triplets.
     score_field: (the reader argument that names the score's field, the
       field), for the hint when a Parquet file lacks the column.
@@ -128,26 +132,24 @@ def _read_scored(path: str | os.PathLike, prompt_field: str,
       f"{argument}= (the trainer's `prompt_field`, `completion_field` and "
       f"`{argument}`).")
   return reader.read(lambda row, location: (Triplet(
-      _prompt(row, prompt_field, message_separator),
+      _prompt(row, prompt_field),
       _completion(row, completion_field, "completion_field"),
       score(row), location.source),))
 
 
-def _prompt(row: dict[str, Any], field: str, separator: str) -> str:
-  """The row's prompt: text, or messages joined by `separator`."""
-  return text_field(row, field, argument="prompt_field", messages="prompt",
-                    separator=separator)
+def _prompt(row: dict[str, Any], field: str) -> Text:
+  """The row's prompt: text, or messages."""
+  return text_or_messages(row, field, kind="prompt", argument="prompt_field")
 
 
-def _completion(row: dict[str, Any], field: str, argument: str) -> str:
+def _completion(row: dict[str, Any], field: str, argument: str) -> Text:
   """A completion of the row: text, or one assistant message."""
-  return text_field(row, field, argument=argument, messages="completion")
+  return text_or_messages(row, field, kind="completion", argument=argument)
 
 
 def read_unpaired(path: str | os.PathLike, *, prompt_field: str = "prompt",
                   completion_field: str = "completion",
                   label_field: str = "label",
-                  message_separator: str = "\n",
                   skip_bad_rows: bool = False) -> list[Triplet]:
   """Reads TRL's unpaired preference rows (prompt, completion, label).
 
@@ -163,7 +165,6 @@ def read_unpaired(path: str | os.PathLike, *, prompt_field: str = "prompt",
       one assistant message.
     label_field: the field holding the label, JSON true or false (a Parquet
       bool).
-    message_separator: joins the messages of a conversational prompt.
     skip_bad_rows: drop bad rows, logging one warning with counts per
       reason, instead of raising on the first.
 
@@ -179,13 +180,12 @@ def read_unpaired(path: str | os.PathLike, *, prompt_field: str = "prompt",
           row, label_field, argument="label_field",
           number_hint="for numeric rewards use read_triplets (the trainer's "
           "`data_format`=triplets)")),
-      message_separator, skip_bad_rows)
+      skip_bad_rows)
 
 
 def read_pairwise(path: str | os.PathLike, *, prompt_field: str = "prompt",
                   chosen_field: str = "chosen",
                   rejected_field: str = "rejected",
-                  message_separator: str = "\n",
                   skip_bad_rows: bool = False) -> list[Pair]:
   """Reads (prompt, chosen, rejected) rows from JSON Lines or Parquet.
 
@@ -196,7 +196,6 @@ def read_pairwise(path: str | os.PathLike, *, prompt_field: str = "prompt",
     chosen_field: the field holding the preferred completion: text, or a
       list of one assistant message.
     rejected_field: the field holding the other completion, likewise.
-    message_separator: joins the messages of a conversational prompt.
     skip_bad_rows: drop bad rows, logging one warning with counts per
       reason, instead of raising on the first.
 
@@ -212,7 +211,7 @@ def read_pairwise(path: str | os.PathLike, *, prompt_field: str = "prompt",
       "rejected_field= (the trainer's `prompt_field`, `chosen_field` and "
       "`rejected_field`).")
   return reader.read(lambda row, location: (Pair(
-      _prompt(row, prompt_field, message_separator),
+      _prompt(row, prompt_field),
       _completion(row, chosen_field, "chosen_field"),
       _completion(row, rejected_field, "rejected_field"),
       location.source),))

@@ -11,8 +11,8 @@ def test_reader_kwargs_per_format():
   config = DataConfig(prompt_field="x", completion_field="y",
                       reward_field="r", label_field="ok", chosen_field="a",
                       rejected_field="b", message_separator=" | ")
-  common = {"skip_bad_rows": False, "prompt_field": "x",
-            "message_separator": " | "}
+  # The separator goes to T5's tokenizer (prepare), not to the readers.
+  common = {"skip_bad_rows": False, "prompt_field": "x"}
   assert config.reader_kwargs("triplets") == dict(
       common, completion_field="y", reward_field="r")
   assert config.reader_kwargs("unpaired") == dict(

@@ -48,9 +48,13 @@ def test_unpaired_conversational_shards(tmp_path):
   triplets = data.read_dataset(tmp_path, "unpaired",
                                **DataConfig().reader_kwargs("unpaired"))
   assert [(t.prompt, t.completion, t.reward) for t in triplets] == [
-      (f"system: answer in words\nuser: what is {i} plus one",
-       f"{i + 1} is my guess", 0.0 if i % 3 == 0 else 1.0)
-      for i in range(10)]
+      (tuple(rows[i]["prompt"]), tuple(rows[i]["completion"]),
+       0.0 if i % 3 == 0 else 1.0) for i in range(10)]
+  assert [(tokenizer_lib.as_text(t.prompt),
+           tokenizer_lib.as_text(t.completion, completion=True))
+          for t in triplets] == [
+              (f"system: answer in words\nuser: what is {i} plus one",
+               f"{i + 1} is my guess") for i in range(10)]
   # Contiguous shards of 4, 3 and 3 rows: each row names its shard.
   assert [t.source for t in triplets][3:5] == [f"{paths[0]}:4",
                                                f"{paths[1]}:1"]
@@ -59,7 +63,9 @@ def test_unpaired_conversational_shards(tmp_path):
   # normalised over all shards.
   spm = tmp_path / "spiece.model"
   tokenizer_lib.train_sentencepiece(
-      [t for x in triplets for t in (x.prompt, x.completion)], 40, spm)
+      [t for x in triplets for t in (
+          tokenizer_lib.as_text(x.prompt),
+          tokenizer_lib.as_text(x.completion, completion=True))], 40, spm)
   config = DataConfig(train_data=str(tmp_path), data_format="unpaired",
                       tokenizer=str(spm), max_input_length=24,
                       max_target_length=12)
@@ -76,7 +82,6 @@ def test_preference_conversational_shards(tmp_path):
            "chosen": [_message("assistant", f"yes {i}")],
            "rejected": [_message("assistant", f"no {i}")]} for i in range(5)]
   _export(datasets.Dataset.from_list(rows), tmp_path, 2)
-  pairs = data.read_dataset(f"{tmp_path}/*.parquet", "pairwise",
-                            message_separator="\n\n")
+  pairs = data.read_dataset(f"{tmp_path}/*.parquet", "pairwise")
   assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
-      (f"user: pick {i}", f"yes {i}", f"no {i}") for i in range(5)]
+      tuple(tuple(v) for v in rows[i].values()) for i in range(5)]

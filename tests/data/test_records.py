@@ -10,6 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from dro_fast import data
+from dro_fast.chat_template import Message
+from dro_fast.tokenizer import as_text
 
 _GOOD = {"prompt": "say hi", "completion": "hi", "reward": 1.5}
 
@@ -525,35 +527,47 @@ _CONVERSATION = [{"role": "system", "content": "be brief"}, _user("say hi"),
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
-def test_conversational_rows_become_text(tmp_path, suffix):
+def test_conversational_rows_stay_messages(tmp_path, suffix):
   write = _write_jsonl if suffix == ".jsonl" else _write_parquet
   unpaired = write(tmp_path / f"u{suffix}", [
       {"prompt": _CONVERSATION, "completion": [_assistant("hi")],
        "label": True},
       {"prompt": [_user("say hi")], "completion": [_assistant("no")],
        "label": False}])
-  assert data.read_unpaired(unpaired) == [
-      data.Triplet("system: be brief\nuser: say hi\nassistant: hello\n"
-                   "user: again", "hi", 1.0, f"{unpaired}:1"),
-      data.Triplet("user: say hi", "no", 0.0, f"{unpaired}:2")]
+  read = data.read_unpaired(unpaired)
+  assert read == [
+      data.Triplet(tuple(_CONVERSATION), (_assistant("hi"),), 1.0,
+                   f"{unpaired}:1"),
+      data.Triplet((_user("say hi"),), (_assistant("no"),), 0.0,
+                   f"{unpaired}:2")]
+  assert all(isinstance(m, Message) for t in read
+             for m in t.prompt + t.completion)
+  hash(read[0])  # Records stay hashable.
+  # T5 reads them as today's text: "<role>: <content>" lines.
+  assert [(as_text(t.prompt), as_text(t.completion, completion=True))
+          for t in read] == [
+              ("system: be brief\nuser: say hi\nassistant: hello\n"
+               "user: again", "hi"), ("user: say hi", "no")]
   triplets = write(tmp_path / f"t{suffix}", [
       {"prompt": [_user("a"), _assistant("b"), _user("c")],
        "completion": [_assistant("d")], "reward": 2.5}])
-  assert data.read_triplets(triplets, message_separator="\n\n") == [
-      data.Triplet("user: a\n\nassistant: b\n\nuser: c", "d", 2.5,
-                   f"{triplets}:1")]
+  [triplet] = data.read_triplets(triplets)
+  assert (as_text(triplet.prompt, "\n\n"),
+          as_text(triplet.completion, "\n\n", completion=True),
+          triplet.reward) == ("user: a\n\nassistant: b\n\nuser: c", "d", 2.5)
   pairs = write(tmp_path / f"p{suffix}", [
       {"prompt": [_user("q")], "chosen": [_assistant("good")],
        "rejected": [_assistant("bad")]}])
-  assert data.read_pairwise(pairs, message_separator=" | ") == [
-      data.Pair("user: q", "good", "bad", f"{pairs}:1")]
+  assert data.read_pairwise(pairs) == [
+      data.Pair((_user("q"),), (_assistant("good"),), (_assistant("bad"),),
+                f"{pairs}:1")]
 
 
 def test_conversational_and_plain_rows_mix(tmp_path):
   path = _write_jsonl(tmp_path / "t.jsonl", [
       _GOOD, {"prompt": [_user("say hi")], "completion": "hi", "reward": 1}])
   assert [(t.prompt, t.completion) for t in data.read_triplets(path)] == [
-      ("say hi", "hi"), ("user: say hi", "hi")]
+      ("say hi", "hi"), ((_user("say hi"),), "hi")]
 
 
 _BAD_MESSAGES = {
