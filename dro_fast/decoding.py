@@ -32,8 +32,6 @@ import jax.numpy as jnp
 from dro_fast import models
 
 Params = dict
-# The decoder layout's padding (models.decoder_config.PAD).
-_PAD = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,12 +212,12 @@ def sample(prefill: Callable[[jax.Array, int], Any],
   def pick(logits, i, done):
     key = None if sampling.greedy else jax.random.fold_in(rng, i)
     chosen = choose(logits, sampling, key)
-    chosen = jnp.where(done, _PAD, chosen)
+    chosen = jnp.where(done, models.PAD, chosen)
     return chosen, done | jnp.any(chosen[:, None] == stop[None, :], axis=-1)
 
   first = prefill(inputs, max_new_tokens)
   chosen, done = pick(first.logits, 0, jnp.zeros((batch,), bool))
-  tokens = jnp.full((batch, max_new_tokens), _PAD, jnp.int32)
+  tokens = jnp.full((batch, max_new_tokens), models.PAD, jnp.int32)
   tokens = tokens.at[:, 0].set(chosen)
 
   def cond(state):

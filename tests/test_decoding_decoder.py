@@ -5,7 +5,9 @@ with the prefill / decode_step signatures of models.decoder, whose cache is
 a running state (the last token and the sum of the embeddings seen), and
 whose full forward recomputes the same logits from the whole sequence. The
 reference decodes step by step: argmax (or the filtered support) of the
-full forward over prompt + tokens so far.
+full forward over prompt + tokens so far. Then generate with a tiny
+models.decoder: its greedy tokens are the argmax of its teacher-forced
+logits.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 
 from dro_fast import decoding
+from dro_fast import models
 
 V = 11
 D = 4
@@ -188,3 +191,47 @@ def test_sampling_is_deterministic_per_key():
   c, _ = run(prefill, decode_step, 6, sampling=sampling,
              rng=jax.random.PRNGKey(4))
   assert (a == b).all() and (a != c).any()
+
+
+TINY = models.DecoderConfig(
+    family="qwen3", vocab_size=V, hidden_size=16, num_layers=2, num_heads=2,
+    num_kv_heads=1, head_dim=8, intermediate_size=24, qk_norm=True,
+    rope_theta=10000.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+  inputs = padded(PROMPTS)
+  params = models.decoder(TINY).init(jax.random.PRNGKey(0), inputs,
+                                     jnp.zeros((3, 2), jnp.int32))
+  # Larger weights than the init's, so that the greedy paths differ by row.
+  return jax.tree.map(lambda p: p * 4.0 if p.ndim == 2 else p, params)
+
+
+def test_generate_with_a_decoder_equals_argmax_of_its_full_forward(
+    tiny_params):
+  """generate's cached greedy tokens: each the argmax of the teacher-forced
+  logits of models.decoder over prompt + the tokens before it."""
+  inputs = padded(PROMPTS)
+  tokens = np.asarray(decoding.generate(tiny_params, inputs, config=TINY,
+                                        max_length=6))
+  assert (tokens >= 0).all() and len({tuple(r) for r in tokens}) > 1
+  logits = models.decoder(TINY).apply.logits(tiny_params, None, inputs,
+                                             jnp.asarray(tokens))
+  np.testing.assert_array_equal(np.argmax(np.asarray(logits), -1), tokens)
+  # Stopping at a token that row 0 emits third pads the rest of that row.
+  stop = int(tokens[0, 2])
+  stopped = np.asarray(decoding.generate(
+      tiny_params, inputs, config=TINY, max_length=6, stop_ids=[stop]))
+  for row, free in zip(stopped, tokens):
+    end = next((i for i, t in enumerate(free) if t == stop), 5) + 1
+    assert row.tolist() == free[:end].tolist() + [-1] * (6 - end)
+
+
+def test_t5_takes_no_stop_ids():
+  config = models.T5Config(vocab_size=8, d_model=8, d_kv=4, d_ff=8,
+                           num_heads=2, num_encoder_layers=1,
+                           num_decoder_layers=1)
+  with pytest.raises(ValueError, match="stop_ids is for decoder-only"):
+    decoding.generate({}, jnp.zeros((1, 2), jnp.int32), config=config,
+                      max_length=2, stop_ids=[1])
