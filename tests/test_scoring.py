@@ -49,11 +49,11 @@ def write_tokenizer(folder):
   return len(vocab)
 
 
-@pytest.fixture(scope="module")
-def qwen3_folder(tmp_path_factory):
+def save_tiny_qwen3(folder):
+  """A tiny random Qwen3ForCausalLM and write_tokenizer's files in folder."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  folder = tmp_path_factory.mktemp("qwen3")
+  folder.mkdir(parents=True, exist_ok=True)
   vocab = write_tokenizer(folder)
   torch.manual_seed(0)
   config = transformers.Qwen3Config(
@@ -67,6 +67,11 @@ def qwen3_folder(tmp_path_factory):
       p.mul_(8.0 if p.ndim == 2 else 1.0)
   model.save_pretrained(folder)
   return folder
+
+
+@pytest.fixture(scope="module")
+def qwen3_folder(tmp_path_factory):
+  return save_tiny_qwen3(tmp_path_factory.mktemp("qwen3"))
 
 
 def trl_ids(folder, prompt, completion):
