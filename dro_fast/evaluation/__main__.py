@@ -7,8 +7,12 @@ r"""The evaluation CLI: two policies side by side, as the paper reports them.
       --prompts=test_prompts.jsonl --judge_model=MODEL \
       --judge=http:http://127.0.0.1:8000/v1/chat/completions
 
-A policy is WORKDIR (its newest checkpoint), WORKDIR:STEP, or WORKDIR:init
-(the run's initial, SFT policy). Both policies answer the same prompts
+A policy is WORKDIR (its newest checkpoint), WORKDIR:STEP, WORKDIR:init
+(the run's initial, SFT policy), or hf:DIR (a Hugging Face folder: T5 or a
+decoder-only model with its tokenizer; give --max_input_length and
+--max_target_length, and --judge, --prompts and --output_dir when no policy
+is a run). A decoder-only policy reads each prompt through its chat
+template when its tokenizer has one, as a one-user-message conversation. Both policies answer the same prompts
 (sampled with --temperature, or greedy at 0); the judge compares each pair
 twice with the positions swapped (position bias cancels; a disagreement is a
 tie). The win rate of A (ties count half) is reported as mean ± std over
@@ -60,8 +64,8 @@ from dro_fast.evaluation import judges
 from dro_fast.training import checkpointing
 from dro_fast.training import runs
 
-_POLICY_A = flags.DEFINE_string("policy_a", None, "WORKDIR, WORKDIR:STEP or "
-                                "WORKDIR:init.")
+_POLICY_A = flags.DEFINE_string("policy_a", None, "WORKDIR, WORKDIR:STEP, "
+                                "WORKDIR:init or hf:DIR.")
 _POLICY_B = flags.DEFINE_string("policy_b", None, "Default: policy_a's run's "
                                 "initial (SFT) policy, WORKDIR:init.")
 _BEST = flags.DEFINE_string("best_checkpoint", None, "Compare every "
@@ -94,15 +98,22 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0,
                                   "Sampling temperature (0: greedy).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling threshold.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Prompts decoded at once.")
+_MAX_INPUT = flags.DEFINE_integer(
+    "max_input_length", None, "Prompt tokens kept (decoder-only: the last "
+    "ones). Default: the policy's run's; required for hf: policies.")
+_MAX_TARGET = flags.DEFINE_integer(
+    "max_target_length", None, "Most response tokens decoded. Default: the "
+    "policy's run's; required for hf: policies.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling and prompt-order seed.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results go "
                                   "(default: <policy_a workdir>/eval).")
 
 
-def _judge(workdir: str):
+def _judge(policy: str):
   spec = _JUDGE.value
   if spec is None:
-    if not runs.read_run_config(workdir).data.synthetic_task:
+    run = evaluate.run_of(policy)
+    if run is None or not run.data.synthetic_task:
       raise evaluate.EvalError("--judge is required (reward:PATH/TO/FILE.py:"
                                "FUNCTION, reward:MODULE:FUNCTION or "
                                "http:URL).")
@@ -128,7 +139,9 @@ def main(argv):
         folds=_FOLDS.value, prompts_per_fold=_PER_FOLD.value,
         temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
         batch_size=_BATCH.value, seed=_SEED.value,
-        judge_concurrency=_JUDGE_CONCURRENCY.value)
+        judge_concurrency=_JUDGE_CONCURRENCY.value,
+        max_input_length=_MAX_INPUT.value,
+        max_target_length=_MAX_TARGET.value)
     if not _JUDGE_TIMEOUT.value > 0 or _JUDGE_RETRIES.value < 0:
       raise evaluate.EvalError("--judge_timeout must be > 0 and "
                                "--judge_retries >= 0.")
@@ -142,11 +155,15 @@ def main(argv):
       raise evaluate.EvalError("give --policy_a (and optionally --policy_b), "
                                "or --best_checkpoint.")
     workdir_a, _ = evaluate.parse_policy(_POLICY_A.value)
+    is_run = evaluate.run_of(_POLICY_A.value) is not None
+    if not is_run and not (_POLICY_B.value and _OUTPUT_DIR.value):
+      raise evaluate.EvalError("--policy_a is a Hugging Face folder: give "
+                               "--policy_b and --output_dir too.")
     spec_b = _POLICY_B.value or f"{workdir_a}:init"
     result = evaluate.compare(
         _POLICY_A.value, spec_b,
         _OUTPUT_DIR.value or os.path.join(workdir_a, "eval"),
-        _judge(workdir_a), cfg, platform=platform)
+        _judge(_POLICY_A.value), cfg, platform=platform)
     print(evaluate.table(result))
   except (evaluate.EvalError, runs.RunError, judges.JudgeError,
           data.DataError, checkpointing.CorruptCheckpointError) as e:

@@ -9,6 +9,13 @@ best_checkpoint compares every checkpoint of a run with its initial policy
 (the paper's checkpoint selection, §4). A run is read back through its
 run_config.json (training.runs): only the policy parameters are restored.
 
+A policy is a training run's (T5 or decoder-only) or a Hugging Face folder
+(`hf:DIR`), read by dro_fast.scoring.resolve. A decoder-only policy's
+prompts go through its tokenizer's chat template when it has one (a prompt
+string becomes a one-user-message conversation, with the generation
+prompt); it stops at its EOS or end-of-turn ids, and its responses are
+decoded without special tokens.
+
 The CLI (`python -m dro_fast.evaluation`, evaluation/__main__.py) reads the
 flags and passes an EvalConfig; other code calls compare() directly.
 """
@@ -27,9 +34,12 @@ from tqdm import tqdm
 
 from dro_fast import decoding
 from dro_fast import fileio
+from dro_fast import models
+from dro_fast import scoring
 from dro_fast.evaluation import judges
 from dro_fast.evaluation import pairs
 from dro_fast.data import synthetic
+from dro_fast.models import pretrained
 from dro_fast.training import runs
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +49,8 @@ class EvalConfig:
   prompts: a JSONL file of prompts (field prompt_field); None: held-out
   prompts of the synthetic demo task. judge_concurrency: pairs judged at
   once; None: 8 for http: judges, 1 for reward: judges.
+  max_input_length, max_target_length: prompt tokens kept and response
+  tokens decoded; None: the policy's run's (required for hf: policies).
   """
   prompts: str | None = None
   prompt_field: str = "prompt"
@@ -49,6 +61,8 @@ class EvalConfig:
   batch_size: int = 64
   seed: int = 0
   judge_concurrency: int | None = None
+  max_input_length: int | None = None
+  max_target_length: int | None = None
 
   def __post_init__(self):
     if self.folds < 1 or self.prompts_per_fold < 1:
@@ -57,6 +71,9 @@ class EvalConfig:
       raise EvalError("`judge_concurrency` must be >= 1.")
     if self.batch_size < 1:
       raise EvalError("`batch_size` must be >= 1.")
+    for name in ("max_input_length", "max_target_length"):
+      if getattr(self, name) is not None and getattr(self, name) < 1:
+        raise EvalError(f"`{name}` must be >= 1.")
 
 
 class EvalError(Exception):
@@ -64,34 +81,57 @@ class EvalError(Exception):
 
 
 def parse_policy(spec: str) -> tuple[str, str | int | None]:
-  """"dir" -> (dir, None); "dir:120" -> (dir, 120); "dir:init"."""
-  workdir, sep, which = spec.rpartition(":")
-  if not sep or (which != "init" and not which.isdigit()):
-    return spec, None
-  return workdir, which if which == "init" else int(which)
+  """"dir" -> (dir, None); "dir:120" -> (dir, 120); "dir:init"; "hf:DIR"."""
+  _, path, which = scoring.parse_spec(spec)
+  return path, which
 
 
-def load(spec: str):
-  """(params, description) of a policy spec: its policy parameters alone.
-
-  runs.load_policy reads no optimizer state.
-  """
-  workdir, which = parse_policy(spec)
+def run_of(spec: str) -> runs.RunConfig | None:
+  """The training run a spec names; None for a Hugging Face folder."""
+  kind, path, _ = scoring.parse_spec(spec)
+  if kind == "hf":
+    return None
   try:
-    if which == "init":
-      return runs.load_initial_policy(workdir), f"{workdir}:init"
-    params, step = runs.load_policy(workdir, which)
-    return params, f"{workdir}:{step}"
-  except (runs.RunError, FileNotFoundError, ValueError) as e:
+    return runs.read_run_config(path)
+  except runs.RunError as e:
     raise EvalError(f"policy {spec!r}: {e}") from None
 
 
-def prompts_for(run: runs.RunConfig, cfg: EvalConfig) -> list[str]:
-  """The evaluation's prompts, folds × per-fold of them, in a seeded order."""
+def load(spec: str, platform: str) -> scoring.Policy:
+  """A policy spec's model, parameters and tokenizer, for `platform`.
+
+  A run's checkpoint is read without its optimizer states
+  (runs.load_policy).
+  """
+  try:
+    return scoring.resolve(spec, platform)
+  except (runs.RunError, pretrained.CheckpointError, FileNotFoundError,
+          ValueError) as e:
+    raise EvalError(f"policy {spec!r}: {e}") from None
+
+
+def lengths(policy: scoring.Policy, cfg: EvalConfig) -> tuple[int, int]:
+  """(prompt tokens kept, response tokens decoded) for a policy."""
+  max_input, max_target = cfg.max_input_length, cfg.max_target_length
+  if policy.run is not None:
+    max_input = max_input or policy.run.data.max_input_length
+    max_target = max_target or policy.run.data.max_target_length
+  if max_input is None or max_target is None:
+    raise EvalError(f"policy {policy.name!r} is no training run: give "
+                    "`max_input_length` and `max_target_length`.")
+  return max_input, max_target
+
+
+def prompts_for(run: runs.RunConfig | None, cfg: EvalConfig) -> list[str]:
+  """The evaluation's prompts, folds × per-fold of them, in a seeded order.
+
+  `run`: the run whose synthetic task gives prompts when cfg.prompts is
+  unset; None (two Hugging Face policies): cfg.prompts is required.
+  """
   needed = cfg.folds * cfg.prompts_per_fold
   if cfg.prompts:
     rows = _read_prompts(cfg.prompts, cfg.prompt_field)
-  elif run.data.synthetic_task:
+  elif run is not None and run.data.synthetic_task:
     rows = [t.prompt for t in synthetic.make_triplets(needed, seed=10**6)]
   else:
     raise EvalError("`prompts` is required for runs not trained on the "
@@ -122,23 +162,42 @@ def _read_prompts(path: str, field: str) -> list[str]:
   return prompts
 
 
-def generate(params, config, tokenizer, prompts, max_input, max_target,
-             rng, cfg: EvalConfig) -> list[str]:
+def generate(policy: scoring.Policy, prompts: list[str], max_input: int,
+             max_target: int, rng, cfg: EvalConfig) -> list[str]:
   """Responses of one policy to every prompt, in batches."""
   sampling = decoding.SamplingConfig(temperature=cfg.temperature,
                                      top_p=cfg.top_p)
+  t5 = isinstance(policy.config, models.T5Config)
+  tokenizer = policy.tokenizer
   responses = []
   for start in tqdm(range(0, len(prompts), cfg.batch_size), desc="decode",
                     disable=None, leave=False):
     chunk = prompts[start:start + cfg.batch_size]
     padded = chunk + [chunk[0]] * (cfg.batch_size - len(chunk))
-    inputs, _ = tokenizer.encode_batch(padded, max_input)
+    if t5:
+      inputs, _ = tokenizer.encode_batch(padded, max_input)
+    else:
+      inputs, _ = tokenizer.encode_prompts(
+          [chat_prompt(tokenizer, p) for p in padded], max_input)
     tokens = decoding.generate(
-        params, jnp.asarray(inputs), config=config, max_length=max_target,
-        sampling=sampling,
-        rng=None if sampling.greedy else jax.random.fold_in(rng, start))
-    responses += tokenizer.decode_batch(np.asarray(tokens))[:len(chunk)]
+        policy.params, jnp.asarray(inputs), config=policy.config,
+        max_length=max_target, sampling=sampling,
+        rng=None if sampling.greedy else jax.random.fold_in(rng, start),
+        stop_ids=() if t5 else tokenizer.eos_ids)
+    # Each row up to its EOS / end-of-turn id, without special tokens.
+    responses += tokenizer.decode_batch(np.asarray(tokens)[:len(chunk)])
   return responses
+
+
+def chat_prompt(tokenizer, prompt: str):
+  """A prompt as a decoder-only policy reads it.
+
+  With a chat template: a one-user-message conversation (the tokenizer
+  renders it with the generation prompt); without: the string itself.
+  """
+  if tokenizer.chat_template is None:
+    return prompt
+  return ({"role": "user", "content": prompt},)
 
 
 def judge_concurrency(judge, cfg: EvalConfig) -> int:
@@ -158,22 +217,20 @@ def compare(spec_a: str, spec_b: str, output_dir: str, judge,
   """Judges policy A against B; writes pairs, table and chart; returns stats.
 
   The policies decode on `platform` (kernels.target_platform(), which the
-  CLI reads): runs.model_config resolves the run's model for it.
+  CLI reads): runs.model_config resolves each policy's model for it. The
+  prompts are cfg.prompts, else held-out prompts of A's (else B's) run's
+  synthetic task.
   """
-  workdir_a, _ = parse_policy(spec_a)
-  run = runs.read_run_config(workdir_a)
-  config = runs.model_config(run, platform)
-  tokenizer = runs.tokenizer(run, workdir_a)
-  prompts = prompts_for(run, cfg)
+  run_a, run_b = run_of(spec_a), run_of(spec_b)
+  prompts = prompts_for(run_a or run_b, cfg)
   rng = jax.random.PRNGKey(cfg.seed)
   responses = []
   for i, spec in enumerate((spec_a, spec_b)):
-    params, name = load(spec)
-    logging.info("decoding with %s", name)
-    responses.append(generate(params, config, tokenizer, prompts,
-                              run.data.max_input_length,
-                              run.data.max_target_length,
+    policy = load(spec, platform)
+    logging.info("decoding with %s", policy.name)
+    responses.append(generate(policy, prompts, *lengths(policy, cfg),
                               jax.random.fold_in(rng, i), cfg))
+    del policy
   os.makedirs(output_dir, exist_ok=True)
   # Appends each verdict to pairs.jsonl as it arrives and resumes from it.
   rows = pairs.side_by_side(

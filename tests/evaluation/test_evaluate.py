@@ -14,6 +14,7 @@ import types
 
 import pytest
 
+from dro_fast import scoring
 from dro_fast.evaluation import evaluate as evaluation
 from dro_fast.evaluation import judges
 from tests import test_train
@@ -136,18 +137,17 @@ def test_compare_resumes_a_failed_judging_run(stub, tmp_path, monkeypatch):
       max_input_length=4, max_target_length=4))
   runs = evaluation.runs
   monkeypatch.setattr(runs, "read_run_config", lambda workdir: run)
-  monkeypatch.setattr(runs, "model_config", lambda run, platform: None)
-  monkeypatch.setattr(runs, "tokenizer", lambda run, workdir: None)
   monkeypatch.setattr(evaluation, "prompts_for", lambda run, cfg: prompts)
-  monkeypatch.setattr(evaluation, "load", lambda spec: (spec, spec))
+  monkeypatch.setattr(evaluation, "load", lambda spec, platform: (
+      scoring.Policy(spec, None, spec, None, run)))
   monkeypatch.setattr(evaluation, "jax", types.SimpleNamespace(
       random=types.SimpleNamespace(PRNGKey=lambda seed: seed,
                                    fold_in=lambda rng, i: (rng, i))))
 
-  def generate(params, *args):
+  def generate(policy, *args):
     """Policy A answers longer than B on every third prompt; else a tie."""
     del args
-    return ["aa" if params == "run_a" and i % 3 == 0 else "a"
+    return ["aa" if policy.params == "run_a" and i % 3 == 0 else "a"
             for i in range(len(prompts))]
 
   monkeypatch.setattr(evaluation, "generate", generate)
