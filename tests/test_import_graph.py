@@ -38,6 +38,7 @@ LAYERS = {
     "dro_fast.train": 5,        # the CLIs
     "dro_fast.evaluation": 5,
     "dro_fast.cli": 5,          # what the CLIs share
+    "dro_fast.export": 5,
 }
 
 # What a kernel module may import besides dro_fast.kernels.
