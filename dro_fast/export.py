@@ -178,8 +178,8 @@ def export(spec: str, out_dir: str, *, dtype: str | None = None,
 
 def main(argv):
   if len(argv) != 3:
-    cli.user_error(f"expected WORKDIR[:STEP] and OUT_DIR, got "
-                   f"{len(argv) - 1} arguments {argv[1:]}. {USAGE}")
+    cli.user_error(f"expected two arguments, WORKDIR[:STEP] and OUT_DIR; "
+                   f"got {argv[1:]}. {USAGE}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   cli.speak_in_flags(flags.FLAGS)
@@ -207,9 +207,17 @@ def main(argv):
         f"{len(result['files'])} files.")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, its errors as user errors (exit status 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    cli.user_error(f"{e}. {USAGE}")
+
+
 def run() -> None:
   """The `dro-fast-export` console script."""
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

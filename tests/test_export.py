@@ -266,3 +266,16 @@ def test_cli_exports_and_refuses_in_one_line(run_dir, tmp_path):
                        "has steps [2, 4].")
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "hf2").exists()
+  result = _cli(str(run_dir), str(tmp_path / "hf2"), "--dtype=int8")
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.startswith("error: flag --dtype=int8: value should be "
+                                  "one of <float32|bfloat16|float16>.")
+  assert not (tmp_path / "hf2").exists()
+
+
+def test_init_exports_the_runs_initial_policy(run_dir, tmp_path):
+  result = export.export(f"{run_dir}:init", str(tmp_path / "hf"))
+  assert result["source"] == f"{run_dir}:init"
+  _, params = pretrained.load_hf(tmp_path / "hf")
+  jax.tree.map(np.testing.assert_array_equal, params,
+               runs.load_initial_policy(str(run_dir)))
