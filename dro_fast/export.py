@@ -64,8 +64,8 @@ _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json",
                        "vocab.json", "merges.txt")
 
 
-class ExportError(ValueError):
-  """A user error: printed as one line, exit status 2."""
+# A user error: printed as one line, exit status 2.
+ExportError = hf_files.ExportError
 
 
 def parse_source(spec: str) -> tuple[str, int | str | None]:
@@ -154,8 +154,7 @@ def export(spec: str, out_dir: str, *, dtype: str | None = None,
     "weight_bytes": the safetensors files' size}.
 
   Raises:
-    ExportError, hf_files.ExportError, runs.RunError: bad input; nothing
-      is written.
+    ExportError, runs.RunError: bad input; nothing is written.
   """
   workdir = parse_source(spec)[0]
   target = os.path.abspath(out_dir)
@@ -189,7 +188,7 @@ def main(argv):
     result = export(spec, out_dir, dtype=_DTYPE.value,
                     max_shard_bytes=_MAX_SHARD_BYTES.value,
                     overwrite=_OVERWRITE.value)
-  except (ExportError, hf_files.ExportError, runs.RunError,
+  except (ExportError, runs.RunError,
           pretrained.CheckpointError, checkpointing.CorruptCheckpointError,
           checkpointing.TemplateMismatchError) as e:
     cli.user_error(cli.flag_terms(str(e), flags.FLAGS))

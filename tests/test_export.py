@@ -207,7 +207,7 @@ def test_staged_directory_leaves_nothing_when_writing_fails(tmp_path):
   # --overwrite replaces a folder's whole contents.
   out.mkdir()
   (out / "old.txt").write_text("old")
-  with pytest.raises(hf_files.ExportError, match="not empty.*--overwrite"):
+  with pytest.raises(hf_files.ExportError, match="not empty.*`overwrite`"):
     with hf_files.staged_directory(out):
       pass
   with hf_files.staged_directory(out, overwrite=True) as staging:
@@ -227,7 +227,7 @@ def run_dir(tmp_path_factory):
     ("{tmp}/nowhere", "{tmp}/hf", "no run_config.json"),
     ("{run}:5", "{tmp}/hf", "no checkpoint for step 5; it has steps [2, 4]"),
     ("{run}", "{tmp}/full", "exists and is not empty; name a new folder, or "
-     "pass --overwrite"),
+     "set `overwrite`"),
     ("{run}", "{run}", "holds the run"),
     ("{empty_run}", "{tmp}/hf", "has no checkpoints"),
 ])
@@ -240,8 +240,7 @@ def test_bad_input_is_refused_before_anything_is_written(
       (run_dir / "run_config.json").read_text())
   before = sorted(str(p) for p in tmp_path.rglob("*"))
   names = {"tmp": tmp_path, "run": run_dir, "empty_run": tmp_path / "empty_run"}
-  with pytest.raises((export.ExportError, hf_files.ExportError,
-                      runs.RunError)) as raised:
+  with pytest.raises((export.ExportError, runs.RunError)) as raised:
     export.export(source.format(**names), out.format(**names))
   assert message in str(raised.value)
   assert sorted(str(p) for p in tmp_path.rglob("*")) == before
@@ -266,6 +265,9 @@ def test_cli_exports_and_refuses_in_one_line(run_dir, tmp_path):
                        "has steps [2, 4].")
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "hf2").exists()
+  result = _cli(str(run_dir), str(tmp_path / "hf"))
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.strip().endswith("or set --overwrite to replace it.")
   result = _cli(str(run_dir), str(tmp_path / "hf2"), "--dtype=int8")
   assert result.returncode == 2, result.stderr[-3000:]
   assert result.stderr.startswith("error: flag --dtype=int8: value should be "

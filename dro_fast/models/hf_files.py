@@ -79,7 +79,8 @@ def write_safetensors_shards(tensors: Mapping[str, np.ndarray],
   """
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   if max_shard_bytes < 1:
-    raise ExportError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}.")
+    raise ExportError(f"`max_shard_bytes` must be >= 1, got "
+                      f"{max_shard_bytes}.")
   if not tensors:
     raise ExportError("no tensors to write.")
   out_dir = os.fspath(out_dir)
@@ -113,8 +114,8 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> None:
   if os.path.isdir(out_dir):
     if os.listdir(out_dir) and not overwrite:
       raise ExportError(
-          f"{out_dir} exists and is not empty; name a new folder, or pass "
-          "--overwrite to replace it.")
+          f"{out_dir} exists and is not empty; name a new folder, or set "
+          "`overwrite` to replace it.")
   elif os.path.lexists(out_dir):
     raise ExportError(f"{out_dir} is a file, not a folder; name a new "
                       "folder.")

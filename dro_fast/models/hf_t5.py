@@ -58,7 +58,7 @@ def unstack_layers(params: pretrained.Params,
 
 def _numpy_dtype(dtype: str):
   if dtype not in DTYPES:
-    raise hf_files.ExportError(f"dtype must be one of {DTYPES}, got "
+    raise hf_files.ExportError(f"`dtype` must be one of {DTYPES}, got "
                                f"{dtype!r}.")
   if dtype == "bfloat16":
     import ml_dtypes  # pylint: disable=g-import-not-at-top
