@@ -39,6 +39,7 @@ LAYERS = {
     "dro_fast.evaluation": 5,
     "dro_fast.scoring": 5,      # dro_fast.score: reads runs and HF folders
     "dro_fast.cli": 5,          # what the CLIs share
+    "dro_fast.export": 5,
 }
 
 # What a kernel module may import besides dro_fast.kernels.
