@@ -11,7 +11,8 @@ Frozen and hashable (every field a scalar, a string or a tuple), so it is a
 static jit argument, like T5Config. The backend fields (`attention`,
 `attention_interpret`, `matmul`) are filled in once per run by
 dro_fast.backend.resolve. This module imports no implementation: only the
-standard library, jax.numpy (its dtypes) and the T5 config leaf (its REMAT_POLICIES and MATMULS).
+standard library, jax.numpy (its dtypes) and the T5 config leaf (its
+REMAT_POLICIES and MATMULS).
 """
 
 from __future__ import annotations

@@ -287,7 +287,8 @@ def load_hf_decoder(path: str | os.PathLike,
       raise CheckpointError(f"{config_file}: not a JSON object.")
     if config is None:
       config = config_from_hf(hf, str(config_file))
-    tensors = pretrained._read_hf_tensors(directory)  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    tensors = pretrained._read_hf_tensors(directory)
   return config, _build(tensors, config, path)
 
 

@@ -590,7 +590,9 @@ def load(path: str | os.PathLike
     if (directory / "checkpoint").is_file():
       return load_t5x(path)
     if (directory / "config.json").is_file():
-      from dro_fast.models import hf_decoder  # pylint: disable=g-import-not-at-top
+      # Imported here: hf_decoder imports this module.
+      # pylint: disable-next=g-import-not-at-top
+      from dro_fast.models import hf_decoder
       if hf_decoder.is_decoder_config(_read_config(directory)):
         return hf_decoder.load_hf_decoder(path)
       return load_hf(path)

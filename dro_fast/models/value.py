@@ -94,7 +94,8 @@ def init_from_policy(value_params: dict, policy_params: dict) -> dict:
              and k not in policy_params]
   if missing:
     raise ValueError(f"policy params lack {missing[:3]}...: is the value "
-                     f"network built from the same config?")
+                     f"network built from the same T5Config (or "
+                     f"DecoderConfig)?")
   # Copies: the two networks train apart (and donated buffers must not alias).
   return {k: (v if k == "value_head" else jax.tree.map(jnp.array,
                                                        policy_params[k]))

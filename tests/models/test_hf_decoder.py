@@ -97,10 +97,12 @@ def _hf_row_logits(model, b):
 
 def _logprob_sums(logits, targets):
   """Sum over the valid targets of log_softmax(logits) [B, T, V]."""
-  logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float64), axis=-1)
-  picked = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None],
-                               axis=-1)[..., 0]
-  return np.asarray(jnp.sum(jnp.where(targets >= 0, picked, 0.0), axis=1))
+  logits = np.asarray(logits, np.float64)
+  top = logits.max(axis=-1, keepdims=True)
+  logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+  picked = np.take_along_axis(logp, np.maximum(targets, 0)[..., None],
+                              axis=-1)[..., 0]
+  return np.sum(np.where(targets >= 0, picked, 0.0), axis=1)
 
 
 def test_config_from_hf_reads_the_family(family):
@@ -122,7 +124,8 @@ def test_config_from_hf_reads_the_family(family):
 def test_logits_and_logprobs_match_transformers(family):
   _, model, _, config, params = family
   net = models.decoder(config)
-  logits = np.asarray(net.apply.logits(params, None, INPUTS, TARGETS))
+  logits = np.asarray(jax.jit(net.apply.logits)(params, None, INPUTS,
+                                                 TARGETS))
   assert logits.shape == (3, TARGETS.shape[1], VOCAB)
   ours, theirs = [], []
   for b in range(3):
@@ -140,7 +143,7 @@ def test_logits_and_logprobs_match_transformers(family):
 def test_decode_states_give_the_same_logits(family):
   _, _, _, config, params = family
   net = models.decoder(config)
-  states = net.apply.decode(params, None, INPUTS, TARGETS)
+  states = jax.jit(net.apply.decode)(params, None, INPUTS, TARGETS)
   assert states.hidden.shape == (3, TARGETS.shape[1], config.hidden_size)
   assert states.encoded.shape == (3, config.hidden_size)
   np.testing.assert_array_equal(states.encoded, states.hidden[:, 0])
@@ -149,7 +152,8 @@ def test_decode_states_give_the_same_logits(family):
   if cap:
     logits = jnp.tanh(logits / cap) * cap
   np.testing.assert_allclose(
-      logits, net.apply.logits(params, None, INPUTS, TARGETS), atol=1e-5)
+      logits, jax.jit(net.apply.logits)(params, None, INPUTS, TARGETS),
+      atol=1e-5)
 
 
 def test_scan_layers_equals_unscanned(family):
@@ -160,9 +164,10 @@ def test_scan_layers_equals_unscanned(family):
   assert scanned["model/layers/self_attn/q_proj"]["kernel"].shape[0] == (
       config.num_layers)
   np.testing.assert_allclose(
-      models.decoder(scanned_config).apply.logits(scanned, None, INPUTS,
-                                                  TARGETS),
-      models.decoder(config).apply.logits(params, None, INPUTS, TARGETS),
+      jax.jit(models.decoder(scanned_config).apply.logits)(
+          scanned, None, INPUTS, TARGETS),
+      jax.jit(models.decoder(config).apply.logits)(params, None, INPUTS,
+                                                   TARGETS),
       rtol=1e-5, atol=1e-5)
 
 
@@ -170,7 +175,8 @@ def test_cached_greedy_decoding_matches_the_full_forward(family):
   _, model, _, config, params = family
   net = models.decoder(config)
   steps = 6
-  step = net.apply.prefill(params, None, INPUTS, steps)
+  step = jax.jit(net.apply.prefill, static_argnums=3)(params, None, INPUTS,
+                                                     steps)
   decode_step = jax.jit(net.apply.decode_step)
   tokens, step_logits = [], []
   for _ in range(steps):
@@ -180,7 +186,7 @@ def test_cached_greedy_decoding_matches_the_full_forward(family):
     step = decode_step(params, None, token, step.cache)
   tokens = np.stack(tokens, axis=1)                               # [B, steps]
   step_logits = np.stack(step_logits, axis=1)                     # [B,steps,V]
-  full = net.apply.logits(params, None, INPUTS, tokens)
+  full = jax.jit(net.apply.logits)(params, None, INPUTS, tokens)
   np.testing.assert_allclose(step_logits, full, atol=2e-5, rtol=1e-5)
   # And transformers agrees on the greedy tokens' logits (past the window).
   for b in range(3):
