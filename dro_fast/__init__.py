@@ -1,7 +1,7 @@
 """dro_fast: DRO / DRO-V alignment from single-trajectory feedback, in JAX.
 
 Layers, each importing only the ones before it:
-data -> models -> kernels (dro_fast.kernels) -> losses -> training -> CLI.
+kernels (dro_fast.kernels) -> data, models -> losses -> training -> CLIs.
 
 `dro_fast.score(policy, prompts, completions)` (dro_fast.scoring.score):
 log π(y | x) of a Hugging Face folder or a training run's policy. It is

@@ -5,11 +5,14 @@ dro_fast.kernels.target_platform() reads it (the mesh's devices, else JAX's
 default backend), and nothing else asks JAX. `resolve` turns it, once, into
 plain config fields, which the library then takes as they are:
 
-  T5Config.matmul                "cpu_row_major" for a CPU program (the
+  model.matmul                   "cpu_row_major" for a CPU program (the
                                  Dense layers' row-major VJP,
                                  models/cpu.py), else "xla"
-  T5Config.attention_interpret   attention "flash" (a TPU kernel) in the
-                                 TPU simulator unless the program is a TPU's
+  model.attention_interpret      attention "flash" or "splash" (TPU
+                                 kernels) in the TPU simulator unless the
+                                 program is a TPU's
+  (model is the policy's T5Config or DecoderConfig, and the separate value
+  network's own RunConfig.value_model where it has one.)
   AlgorithmConfig.implementation the log-prob kernel: the platform's Pallas
                                  kernel where it imports, else "chunked_xla"
                                  (kernels.implementation_for), unless named
@@ -53,27 +56,18 @@ def resolve(run: RunConfig, platform: str, *,
     OptimizerConfig.reduce_with_dots and async_checkpoints set.
 
   Raises:
-    ValueError: a platform that is none of PLATFORMS; attention "flash" for
-      a GPU program, or "cudnn" for a program that is not a GPU's (the
-      message names `attention`).
+    ValueError: a platform that is none of PLATFORMS; attention "flash" or
+      "splash" for a GPU program, or "cudnn" for a program that is not a
+      GPU's (the message names `attention`).
   """
   target = platform if target is None else target
   for value in (platform, target):
     if value not in PLATFORMS:
       raise ValueError(f"platform {value!r} is none of "
                        f"{', '.join(PLATFORMS)}.")
-  model = run.model
-  if model.attention == "flash" and platform == "gpu":
-    raise ValueError("`attention`=flash is a Pallas TPU (Mosaic) kernel and "
-                     "the run compiles for a GPU: use `attention`=cudnn or "
-                     "xla.")
-  if model.attention == "cudnn" and platform != "gpu":
-    raise ValueError(f"`attention`=cudnn runs cuDNN's fused attention, which "
-                     f"needs a CUDA GPU; the run compiles for {platform!r}: "
-                     f"use `attention`=xla.")
-  model = model.replace(
-      matmul="cpu_row_major" if platform == "cpu" else "xla",
-      attention_interpret=target != "tpu")
+  model = _resolve_model(run.model, platform, target)
+  value_model = (None if run.value_model is None else
+                 _resolve_model(run.value_model, platform, target))
   implementation = (run.algorithm.implementation
                     or kernels.implementation_for(target))
   native = (kernels.IMPLEMENTATIONS[implementation].native_backend
@@ -83,10 +77,25 @@ def resolve(run: RunConfig, platform: str, *,
       interpret=native is not None and native != target)
   gemvs = platform == "cpu"
   return run.replace(
-      model=model, algorithm=algorithm,
+      model=model, value_model=value_model, algorithm=algorithm,
       policy_optimizer=dataclasses.replace(run.policy_optimizer,
                                            reduce_with_dots=gemvs),
       value_optimizer=dataclasses.replace(run.value_optimizer,
                                           reduce_with_dots=gemvs),
       async_checkpoints=(platform != "cpu" if run.async_checkpoints is None
                          else run.async_checkpoints))
+
+
+def _resolve_model(model, platform: str, target: str):
+  """A T5Config or DecoderConfig with its backend fields decided."""
+  if model.attention in ("flash", "splash") and platform == "gpu":
+    raise ValueError(f"`attention`={model.attention} is a Pallas TPU "
+                     "(Mosaic) kernel and the run compiles for a GPU: use "
+                     "`attention`=cudnn or xla.")
+  if model.attention == "cudnn" and platform != "gpu":
+    raise ValueError(f"`attention`=cudnn runs cuDNN's fused attention, which "
+                     f"needs a CUDA GPU; the run compiles for {platform!r}: "
+                     f"use `attention`=xla.")
+  return model.replace(
+      matmul="cpu_row_major" if platform == "cpu" else "xla",
+      attention_interpret=target != "tpu")

@@ -374,3 +374,76 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
   path = os.fspath(path)
   fileio.atomic_write_bytes(path, proto)
   return Tokenizer(processor, path)
+
+
+class DecoderOnlyTokenizer:
+  """A SentencePiece Tokenizer in the decoder-only batch layout.
+
+  For a decoder-only model trained with a SentencePiece model of its own
+  (the `tiny_decoder` demo) rather than a Hugging Face folder's tokenizer
+  (dro_fast.hf_tokenizer.HFTokenizer, whose layout this is): a prompt is
+  its text's ids without EOS (the completion follows it in one sequence),
+  the last max_length kept; a completion is its text's ids with EOS, the
+  first max_length kept; rows are right-padded with -1 (`pad_id`), so that
+  the mask (ids >= 0) never depends on a vocabulary id. Conversations are
+  joined as T5 joins them (as_text). Everything else is the wrapped
+  Tokenizer's.
+  """
+
+  pad_id = -1
+
+  def __init__(self, tokenizer: Tokenizer):
+    self._tokenizer = tokenizer
+
+  def __getattr__(self, name: str):
+    return getattr(self._tokenizer, name)
+
+  @property
+  def tokenizer(self) -> Tokenizer:
+    """The wrapped T5-layout Tokenizer (its file is what is saved)."""
+    return self._tokenizer
+
+  def prompt_ids(self, prompt: Text) -> list[int]:
+    """One prompt's ids, untruncated, without EOS."""
+    return self._tokenizer.encode(
+        as_text(prompt, self._tokenizer.message_separator), add_eos=False)
+
+  def completion_ids(self, prompt: Text, completion: Text) -> list[int]:
+    """One completion's ids, untruncated, with EOS."""
+    del prompt
+    return self._tokenizer.encode(as_text(
+        completion, self._tokenizer.message_separator, completion=True))
+
+  @staticmethod
+  def _pad(rows: list[list[int]], max_length: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    if max_length < 1:
+      raise ValueError(f"max_length must be >= 1, got {max_length}.")
+    ids = np.full((len(rows), max_length), -1, dtype=np.int32)
+    for row, values in enumerate(rows):
+      ids[row, :len(values)] = values
+    return ids, ids >= 0
+
+  def encode_prompts(self, prompts: Sequence[Text], max_length: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [N, max_length], mask): each prompt's last ids, -1 after."""
+    return self._pad([self.prompt_ids(p)[-max_length:] for p in prompts],
+                     max_length)
+
+  def encode_completions(self, prompts: Sequence[Text],
+                         completions: Sequence[Text], max_length: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [N, max_length], mask): each completion's first ids."""
+    if len(prompts) != len(completions):
+      raise ValueError(f"encode_completions got {len(prompts)} prompts and "
+                       f"{len(completions)} completions; pass one prompt "
+                       "per completion.")
+    return self._pad([self.completion_ids(p, c)[:max_length]
+                      for p, c in zip(prompts, completions)], max_length)
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """Decodes up to the first EOS, skipping padding (-1)."""
+    return self._tokenizer.decode([i for i in ids if i >= 0])
+
+  def decode_batch(self, ids) -> list[str]:
+    return [self.decode(row) for row in ids]

@@ -42,7 +42,10 @@ from dro_fast import models
 from dro_fast import runtime
 from dro_fast import kernels
 from dro_fast.data.config import DataConfig
+from dro_fast.models import pretrained
+from dro_fast.models.config import ATTENTIONS
 from dro_fast.models.config import VALUE_NETS
+from dro_fast.models.decoder_config import DECODER_ATTENTIONS
 from dro_fast.training import loop
 from dro_fast.training import preemption
 from dro_fast.training import select
@@ -90,6 +93,11 @@ flags.DEFINE_integer("max_input_length", 64,
                      "Prompt tokens kept (truncation).")
 flags.DEFINE_integer("max_target_length", 32,
                      "Completion tokens kept.")
+flags.DEFINE_integer(
+    "length_buckets", 0, "Pad each batch only to the smallest multiple of "
+    "this many tokens that holds its longest prompt (and completion), up to "
+    "--max_input_length / --max_target_length: fewer padding tokens, one "
+    "compilation per bucket (docs/DATA.md). 0: always pad to the maximum.")
 flags.DEFINE_enum(
     "long_rows", "truncate", ["truncate", "skip", "error"], "Rows longer "
     "than --max_input_length / --max_target_length (EOS included): truncate "
@@ -123,18 +131,28 @@ _VALUE_GRANULARITY = flags.DEFINE_enum(
     "One value per prompt (paper default) or one per batch (Figure 5).")
 
 # Model and optimisation.
-_MODEL = flags.DEFINE_enum("model", "tiny", sorted(models.PRESETS),
-                           "T5 preset when no --init_checkpoint is given.")
+_MODEL = flags.DEFINE_enum(
+    "model", "tiny", sorted(models.PRESETS) + sorted(models.DECODER_PRESETS),
+    "Architecture when no --init_checkpoint is given: a T5 preset, or a "
+    "decoder-only one (tiny_decoder; the LLM names are the shapes of the "
+    "packaged flagfiles, which need --init_checkpoint).")
 _RANDOM_INIT = flags.DEFINE_bool(
     "random_init", False, "Allow a large/xl/xxl --model without "
     "--init_checkpoint (random weights, on purpose).")
 _INIT_CHECKPOINT = flags.DEFINE_string(
     "init_checkpoint", None, "The SFT policy: a T5X checkpoint directory "
-    "(with a `checkpoint` file) or a Hugging Face directory (config.json). "
-    "Unset: random weights.")
+    "(with a `checkpoint` file) or a Hugging Face directory (config.json: "
+    "T5, or a Llama 3, Qwen 2.5 / 3 or Gemma 3 causal LM). Unset: random "
+    "weights.")
+_VALUE_INIT_CHECKPOINT = flags.DEFINE_string(
+    "value_init_checkpoint", None, "A Hugging Face decoder-only folder whose "
+    "trunk starts DRO-V's separate value network (e.g. a 1B model of the "
+    "policy's tokenizer valuing an 8B policy). Unset: a copy of the policy.")
 _TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "SentencePiece model (T5's spiece.model). Unset: one "
-    "is trained on the training data and saved in the workdir.")
+    "tokenizer", None, "SentencePiece model (T5's spiece.model) or a Hugging "
+    "Face folder (tokenizer.json, chat template). Unset: a decoder-only "
+    "--init_checkpoint's own; else one is trained on the training data and "
+    "saved in the workdir.")
 flags.DEFINE_integer(
     "tokenizer_vocab_size", 256, "Vocabulary of a tokenizer trained here.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
@@ -144,9 +162,10 @@ _SCAN_LAYERS = flags.DEFINE_bool("scan_layers", False,
 _REMAT = flags.DEFINE_enum("remat", "none", list(models.REMAT_POLICIES),
                            "Rematerialisation policy per layer.")
 _ATTENTION = flags.DEFINE_enum(
-    "attention", "xla", ["xla", "cudnn", "flash"], "Attention in training "
-    "and scoring (T5Config.attention): xla materialises the [B, H, q, k] "
-    "logits; cudnn (CUDA GPU) and flash (TPU) are fused kernels that do not.")
+    "attention", "xla", ["xla", "cudnn", "flash", "splash"], "Attention in "
+    "training and scoring: xla materialises the [B, H, q, k] logits; cudnn "
+    "(CUDA GPU), flash (T5 on TPU) and splash (decoder-only on TPU: JAX's "
+    "splash attention) are fused kernels that do not.")
 _KEEP_HOST_MEMORY = flags.DEFINE_bool(
     "keep_freed_host_memory", True, "When JAX runs on the CPU alone, keep "
     "freed host memory for the next step (dro_fast/runtime.py).")
@@ -253,19 +272,43 @@ def run_config() -> RunConfig:
     ValueError: flag values out of range or in conflict; the message names
       the flags.
   """
-  if (_MODEL.value.rsplit("-", 1)[-1] in ("large", "xl", "xxl")
-      and not _INIT_CHECKPOINT.value and not _RANDOM_INIT.value):
+  large = (_MODEL.value.rsplit("-", 1)[-1] in ("large", "xl", "xxl") or (
+      _MODEL.value in models.DECODER_PRESETS
+      and _MODEL.value != "tiny_decoder"))
+  if large and not _INIT_CHECKPOINT.value and not _RANDOM_INIT.value:
     raise ValueError(f"--model={_MODEL.value} is meant to start from its SFT "
                      "checkpoint: give --init_checkpoint=DIR (T5X or Hugging "
                      "Face), or --random_init to train from random weights.")
-  data_config = _from_flags(DataConfig,
-                             tokenizer=fileio.absolute(_TOKENIZER.value))
+  # A decoder-only LLM: a decoder preset, or a checkpoint of such a family,
+  # whose config.json then decides the architecture and whose folder holds
+  # the tokenizer and chat template.
+  family = pretrained.decoder_family(_INIT_CHECKPOINT.value)
+  decoder_only = _MODEL.value in models.DECODER_PRESETS or family is not None
+  tokenizer = _TOKENIZER.value or (_INIT_CHECKPOINT.value if family else None)
+  data_config = _from_flags(DataConfig, tokenizer=fileio.absolute(tokenizer),
+                            decoder_only=decoder_only)
   local = lambda flag: flag.value and os.path.abspath(
       fileio.require_local(flag.value, f"--{flag.name}"))
-  model = models.preset(_MODEL.value, dtype=_DTYPE.value, remat=_REMAT.value,
-                        attention=_ATTENTION.value,
-                        dropout_rate=_DROPOUT.value,
-                        scan_layers=_SCAN_LAYERS.value)
+  model_fields = dict(dtype=_DTYPE.value, remat=_REMAT.value,
+                      attention=_ATTENTION.value,
+                      scan_layers=_SCAN_LAYERS.value)
+  allowed = DECODER_ATTENTIONS if decoder_only else ATTENTIONS
+  if _ATTENTION.value not in allowed:
+    raise ValueError(
+        f"--attention={_ATTENTION.value} is not for a "
+        f"{'decoder-only model' if decoder_only else 'T5'}: choose one of "
+        f"{', '.join(allowed)}.")
+  if decoder_only:
+    if _DROPOUT.value:
+      raise ValueError("--dropout_rate: decoder-only models train without "
+                       "dropout (none of these families has any); leave it "
+                       "at 0.")
+    model = models.decoder_preset(
+        _MODEL.value if _MODEL.value in models.DECODER_PRESETS
+        else "tiny_decoder", **model_fields)
+  else:
+    model = models.preset(_MODEL.value, dropout_rate=_DROPOUT.value,
+                          **model_fields)
   algorithm = AlgorithmConfig(
       algo=_ALGO.value, tau=_TAU.value,
       beta=_BETA.value if _BETA.value is not None else _TAU.value,
@@ -283,6 +326,8 @@ def run_config() -> RunConfig:
       policy_optimizer=_optimizer(_POLICY_LR),
       value_optimizer=_optimizer(_VALUE_LR),
       init_checkpoint=fileio.absolute(_INIT_CHECKPOINT.value),
+      value_model=None,
+      value_init_checkpoint=fileio.absolute(_VALUE_INIT_CHECKPOINT.value),
       workdir=local(_WORKDIR), ref_cache_dir=local(_REF_CACHE_DIR),
       eval_flags=tuple(_EVAL_FLAGS.value))
   platform = kernels.target_platform()

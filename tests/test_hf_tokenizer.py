@@ -23,120 +23,13 @@ from dro_fast import tokenizer as t5_tokenizer
 from dro_fast.chat_template import Message
 from dro_fast.data import prepare
 from dro_fast.data.config import DataConfig
+from tests.hf_folders import CHATML
+from tests.hf_folders import CORPUS
+from tests.hf_folders import TOKENIZER_FAMILIES
+from tests.hf_folders import build_tokenizer as _build
 
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
-
-_CORPUS = [
-    "The sky is blue today and the sun is warm.",
-    "Count: one two three four five six seven.",
-    "You are a helpful assistant. Be brief.",
-    "What is the capital of France? Paris is the capital.",
-    "say hello again, hello there, again and again",
-    "Ünïcödé text – and “quotes” too",
-]
-
-# Chat templates written from each family's documented format, with the
-# indentation and {%- -%} of the published ones (trim_blocks and
-# lstrip_blocks matter).
-_LLAMA3 = """{{- bos_token }}
-{%- for message in messages %}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}
-    {{- message['content'] | trim }}
-    {{- '<|eot_id|>' }}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
-{%- endif %}
-"""
-
-_CHATML = """{%- for message in messages %}
-    {%- if loop.first and message['role'] != 'system' %}
-        {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}
-    {%- endif %}
-    {{- '<|im_start|>' + message.role + '\\n' + message.content }}
-    {{- '<|im_end|>\\n' }}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\\n' }}
-{%- endif %}
-"""
-
-_GEMMA3 = """{{ bos_token }}
-{%- if messages[0]['role'] == 'system' -%}
-    {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set first_user_prefix = "" -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-        {{ raise_exception("Conversation roles must alternate user/"
-                           "assistant/user/assistant/...") }}
-    {%- endif -%}
-    {%- if (message['role'] == 'assistant') -%}
-        {%- set role = "model" -%}
-    {%- else -%}
-        {%- set role = message['role'] -%}
-    {%- endif -%}
-    {{ '<start_of_turn>' + role + '\\n'
-       + (first_user_prefix if loop.first else "") }}
-    {{- message['content'] | trim }}
-    {{- '<end_of_turn>\\n' }}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{'<start_of_turn>model\\n'}}
-{%- endif -%}
-"""
-
-# family: (special tokens, named tokens, template, BOS added to plain text
-# by tokenizer.json's post-processor, tokenizer_config extras,
-# generation_config eos ids as token names).
-_FAMILIES = {
-    "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                "<|end_header_id|>", "<|eot_id|>"],
-               {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
-               _LLAMA3, "<|begin_of_text|>", {},
-               ["<|end_of_text|>", "<|eot_id|>"]),
-    "qwen": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-             {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
-             _CHATML, None, {}, ["<|im_end|>", "<|endoftext|>"]),
-    "gemma3": (["<pad>", "<eos>", "<bos>", "<start_of_turn>",
-                "<end_of_turn>"],
-               {"bos_token": "<bos>", "eos_token": "<eos>",
-                "pad_token": "<pad>"},
-               _GEMMA3, None, {"add_bos_token": True, "add_eos_token": False},
-               ["<eos>", "<end_of_turn>"]),
-}
-
-
-def _build(folder, family, template=None):
-  """A tiny tokenizer of `family` saved as a transformers folder."""
-  specials, named, default_template, bos, extra, gen_eos = _FAMILIES[family]
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
-      add_prefix_space=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=300, show_progress=False,
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(_CORPUS, trainer)
-  tok.add_special_tokens([tokenizers.AddedToken(s, special=True,
-                                                normalized=False)
-                          for s in specials])
-  if bos is not None:
-    tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-        special_tokens=[(bos, tok.token_to_id(bos))])
-  fast = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, chat_template=template or default_template,
-      **named, **extra)
-  fast.save_pretrained(folder)
-  with open(os.path.join(folder, "generation_config.json"), "w") as f:
-    json.dump({"eos_token_id": [tok.token_to_id(t) for t in gen_eos]}, f)
-  return str(folder)
-
 
 def _user(text):
   return {"role": "user", "content": text}
@@ -192,7 +85,7 @@ def _frozen(value):
   return value if isinstance(value, str) else chat_template.messages(value)
 
 
-@pytest.mark.parametrize("family", sorted(_FAMILIES))
+@pytest.mark.parametrize("family", sorted(TOKENIZER_FAMILIES))
 def test_ids_equal_transformers_and_trl(tmp_path, family):
   folder = _build(tmp_path, family)
   hf = transformers.AutoTokenizer.from_pretrained(folder)
@@ -231,7 +124,7 @@ def test_ids_equal_transformers_and_trl(tmp_path, family):
       expected[0][1])
 
 
-@pytest.mark.parametrize("family", sorted(_FAMILIES))
+@pytest.mark.parametrize("family", sorted(TOKENIZER_FAMILIES))
 def test_special_ids(tmp_path, family):
   folder = _build(tmp_path, family)
   hf = transformers.AutoTokenizer.from_pretrained(folder)
@@ -242,7 +135,7 @@ def test_special_ids(tmp_path, family):
   assert tok.bos_id == hf.bos_token_id
   assert tok.eos_id == hf.eos_token_id
   generation_eos = [hf.convert_tokens_to_ids(t)
-                    for t in _FAMILIES[family][5]]
+                    for t in TOKENIZER_FAMILIES[family][5]]
   assert tok.eos_ids[0] == hf.eos_token_id
   assert set(tok.eos_ids) == {hf.eos_token_id, *generation_eos}
   assert tok.special_tokens == hf.special_tokens_map
@@ -262,7 +155,7 @@ def test_end_of_turn_ids_from_the_template(tmp_path):
       ["<|end_of_text|>", "<|eot_id|>"]))
 
 
-@pytest.mark.parametrize("family", sorted(_FAMILIES))
+@pytest.mark.parametrize("family", sorted(TOKENIZER_FAMILIES))
 def test_decode_skips_special_tokens(tmp_path, family):
   folder = _build(tmp_path, family)
   hf = transformers.AutoTokenizer.from_pretrained(folder)
@@ -355,11 +248,11 @@ def test_template_from_tokenizer_config_list_and_errors(tmp_path):
   with open(path) as f:
     config = json.load(f)
   config["chat_template"] = [{"name": "tool_use", "template": "x"},
-                             {"name": "default", "template": _CHATML}]
+                             {"name": "default", "template": CHATML}]
   with open(path, "w") as f:
     json.dump(config, f)
   tok = hf_tokenizer.HFTokenizer.load(folder)
-  assert tok.chat_template == _CHATML
+  assert tok.chat_template == CHATML
   config["chat_template"] = [{"name": "tool_use", "template": "x"}]
   with open(path, "w") as f:
     json.dump(config, f)
@@ -415,7 +308,7 @@ def test_messages_are_frozen_mappings():
 
 
 def test_t5_protocol_keeps_its_ids(tmp_path):
-  tok = t5_tokenizer.train_sentencepiece(_CORPUS * 4, 60, None)
+  tok = t5_tokenizer.train_sentencepiece(CORPUS * 4, 60, None)
   tok.message_separator = " | "
   prompts = ["The sky is blue", _frozen(_CONVERSATIONS[1][0])]
   completions = ["one two", _frozen(_CONVERSATIONS[1][1])]
@@ -456,12 +349,12 @@ def test_tokenizer_json_decides_bos_over_the_config(tmp_path, add_bos):
 def test_sentencepiece_folder_without_tokenizer_json(tmp_path):
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(_CORPUS * 4), model_writer=model, vocab_size=60,
+      sentence_iterator=iter(CORPUS * 4), model_writer=model, vocab_size=60,
       unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
   (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
   (tmp_path / "tokenizer_config.json").write_text(json.dumps({
       "bos_token": "<s>", "eos_token": {"content": "</s>"},
-      "chat_template": _CHATML,
+      "chat_template": CHATML,
       "added_tokens_decoder": {
           "60": {"content": "<|im_start|>", "special": True},
           "61": {"content": "<|im_end|>", "special": True}}}))
@@ -488,6 +381,7 @@ def test_prepare_reads_a_hugging_face_tokenizer_folder(tmp_path):
   data_path = tmp_path / "train.jsonl"
   data_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   config = DataConfig(train_data=str(data_path), tokenizer=folder,
+                      decoder_only=True,
                       max_input_length=40, max_target_length=12)
   workdir = tmp_path / "run"
   workdir.mkdir()

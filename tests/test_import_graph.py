@@ -26,6 +26,8 @@ LAYERS = {
     "dro_fast": 1,              # the package itself: no imports
     "dro_fast.fileio": 1,       # helpers with no upward imports
     "dro_fast.tokenizer": 1,
+    "dro_fast.chat_template": 1,
+    "dro_fast.hf_tokenizer": 1,
     "dro_fast.runtime": 1,
     "dro_fast.jax_private": 1,
     "dro_fast.configs": 1,      # the packaged flagfiles (configs/)
@@ -148,10 +150,12 @@ def test_kernels_import_only_jax_numpy_stdlib_and_themselves(name):
 # imported first.
 CONFIGS = {
     "dro_fast.models.config": (),
+    "dro_fast.models.decoder_config": ("dro_fast.models.config",),
     "dro_fast.data.config": (),
     "dro_fast.training.config": ("dro_fast.models.config",),
     "dro_fast.training.run_config": ("dro_fast.data.config",
                                      "dro_fast.models.config",
+                                     "dro_fast.models.decoder_config",
                                      "dro_fast.training.config"),
 }
 

@@ -119,7 +119,8 @@ class JaxStep:
     trainer = loop.trainer_for_run(run, config, mesh)
 
     def init_state(key):             # as the trainer splits a run's key
-      policy_params, value_params = init.init_params(config, algorithm, key)
+      policy_params, value_params = init.init_params(
+          config, algorithm, key, value_config=run.value_model)
       return trainer.init(policy_params, value_params, init.split(key).train)
 
     key = jax.random.key(0)

@@ -59,6 +59,11 @@ class DataConfig:
       b, 2b, 4b, ... (capped at the maximum) holding its longest row
       (pipeline.bucket_length), so short batches cost less while few
       distinct shapes are compiled; >= 0.
+    decoder_only: the rows are for a decoder-only model, which reads prompt
+      and completion as one sequence: prompts without EOS, the last tokens
+      kept; completions with EOS; padding -1 (dro_fast.hf_tokenizer's
+      layout). Set by the trainer from the model; a Hugging Face tokenizer
+      folder is always read so.
   """
 
   train_data: str | None = None
@@ -80,6 +85,7 @@ class DataConfig:
   tokenizer_vocab_size: int = 256
   demo_examples: int = 2048
   length_buckets: int = 0
+  decoder_only: bool = False
 
   def __post_init__(self):
     for name, choices in (("data_format", DATA_FORMATS),

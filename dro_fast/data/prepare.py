@@ -36,6 +36,7 @@ from dro_fast.data.config import DataConfig
 from dro_fast.data.records import DataError
 from dro_fast.data.rewards import RewardStats
 from dro_fast.tokenizer import as_text
+from dro_fast.tokenizer import DecoderOnlyTokenizer
 from dro_fast.tokenizer import Tokenizer
 from dro_fast.tokenizer import train_sentencepiece
 
@@ -115,6 +116,11 @@ def choose_tokenizer(workdir: str, config: DataConfig,
   """
   if config.tokenizer and os.path.isdir(config.tokenizer):
     from dro_fast import hf_tokenizer  # pylint: disable=g-import-not-at-top
+    if not config.decoder_only:
+      raise DataError(
+          f"`tokenizer`={config.tokenizer} is a folder, a Hugging Face "
+          "decoder-only model's tokenizer, but the model is a T5: pass its "
+          "spiece.model file as `tokenizer`.")
     try:
       tok = hf_tokenizer.HFTokenizer.load(config.tokenizer)
     except (OSError, ValueError) as e:
@@ -144,8 +150,10 @@ def choose_tokenizer(workdir: str, config: DataConfig,
             f"{config.tokenizer_vocab_size}: {e} Pass `tokenizer`="
             "<spiece.model> instead.") from None
   tok.message_separator = config.message_separator
-  return tok, pipeline.fingerprint(
+  fingerprint = pipeline.fingerprint(
       {"model": np.frombuffer(tok.serialized_model(), np.uint8)})
+  return (DecoderOnlyTokenizer(tok) if config.decoder_only else tok,
+          fingerprint)
 
 
 def check_tokenizer_digest(workdir: str) -> None:
@@ -284,6 +292,8 @@ def fingerprints(arrays: dict[str, np.ndarray], tokenizer_fingerprint: str,
   settings = {field.name: getattr(config, field.name)
               for field in dataclasses.fields(config)
               if field.name not in _UNSHAPING_FIELDS}
+  if not config.decoder_only:       # as recorded before the field existed
+    del settings["decoder_only"]
   settings["layout"] = ("pairwise" if algo in PAIRWISE_ALGORITHMS else
                         "kto" if algo == "kto" else "single")
   return {"data": pipeline.fingerprint(arrays),
@@ -421,7 +431,7 @@ def save_inputs(workdir: str, dataset: Dataset) -> None:
   Call it once every input has been checked (and in one process of a
   multi-process run).
   """
-  if (isinstance(dataset.tokenizer, Tokenizer)
+  if (isinstance(dataset.tokenizer, (Tokenizer, DecoderOnlyTokenizer))
       and dataset.tokenizer.path is None):
     # The digest first: a run stopped between the two writes leaves a digest
     # without a model, and the next run trains and saves both again.

@@ -11,6 +11,8 @@ from dro_fast.models.decoder import Decoder
 from dro_fast.models.decoder import decoder
 from dro_fast.models.decoder import DecoderApply
 from dro_fast.models.decoder import DecoderCache
+from dro_fast.models.decoder_config import DECODER_PRESETS
+from dro_fast.models.decoder_config import decoder_preset
 from dro_fast.models.decoder_config import DecoderConfig
 from dro_fast.models.decoder_config import PAD
 from dro_fast.models.network import DecodeStep
@@ -21,7 +23,8 @@ from dro_fast.models.network import T5
 from dro_fast.models.network import T5Apply
 from dro_fast.models.network import t5
 
-__all__ = ["ATTENTION_IMPLEMENTATIONS", "DecodeStep", "Decoder",
+__all__ = ["ATTENTION_IMPLEMENTATIONS", "DECODER_PRESETS", "DecodeStep",
+           "Decoder", "decoder_preset",
            "DecoderApply", "DecoderCache", "DecoderConfig", "DecoderStates",
            "LayerCache", "PAD", "PRESETS", "REMAT_POLICIES", "T5", "T5Apply",
            "T5Config", "decoder", "parameter_count", "preset", "shift_right",

@@ -213,11 +213,11 @@ def xla_attention(queries, keys, values, visible, *, scale: float,
 
 def cudnn_attention(queries, keys, values, lengths, *, scale: float,
                     window: int | None) -> jax.Array:
-  """cuDNN's fused attention: causal, right-padded keys, optional window."""
-  backend = jax.default_backend()
-  if backend != "gpu":
-    raise ValueError(f"DecoderConfig.attention='cudnn' needs a CUDA GPU, but "
-                     f"this program runs on {backend}: set attention='xla'.")
+  """cuDNN's fused attention: causal, right-padded keys, optional window.
+
+  A CUDA GPU's program only: dro_fast.backend.resolve refuses it for any
+  other platform.
+  """
   return jax.nn.dot_product_attention(
       queries, keys, values, scale=scale, is_causal=True,
       key_value_seq_lengths=lengths,

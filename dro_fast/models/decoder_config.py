@@ -221,3 +221,64 @@ class DecoderConfig:
 
   def replace(self, **changes) -> "DecoderConfig":
     return dataclasses.replace(self, **changes)
+
+
+def _gemma3_layer_types(num_layers: int, pattern: int = 6) -> tuple:
+  """Gemma 3's layers: every `pattern`-th is global, the rest sliding."""
+  return tuple("full_attention" if (i + 1) % pattern == 0
+               else "sliding_attention" for i in range(num_layers))
+
+
+_LLAMA3_ROPE = (("factor", 8.0), ("high_freq_factor", 4.0),
+                ("low_freq_factor", 1.0),
+                ("original_max_position_embeddings", 8192),
+                ("rope_type", "llama3"))
+
+# Shapes of the released models (their config.json) and the CPU demo's tiny
+# model. A run of an LLM shape loads its weights from --init_checkpoint,
+# whose config.json then decides; the shapes alone serve the deviceless
+# compiles (benchmarks/tpu_compile.py) and the packaged flagfiles.
+DECODER_PRESETS = {
+    "tiny_decoder": DecoderConfig(
+        family="qwen3", vocab_size=256, hidden_size=64, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=192,
+        rms_norm_eps=1e-6, rope_theta=10000.0, qk_norm=True,
+        max_position_embeddings=512, name="tiny_decoder"),
+    "llama-3.1-8b": DecoderConfig(
+        family="llama", vocab_size=128256, hidden_size=4096, num_layers=32,
+        num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=14336,
+        rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
+        bos_token_id=128000, eos_token_id=128001, name="llama-3.1-8b"),
+    "llama-3.2-1b": DecoderConfig(
+        family="llama", vocab_size=128256, hidden_size=2048, num_layers=16,
+        num_heads=32, num_kv_heads=8, head_dim=64, intermediate_size=8192,
+        rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling=tuple(sorted(dict(_LLAMA3_ROPE, factor=32.0).items())),
+        tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
+        name="llama-3.2-1b"),
+    "qwen3-8b": DecoderConfig(
+        family="qwen3", vocab_size=151936, hidden_size=4096, num_layers=36,
+        num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=12288,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True,
+        max_position_embeddings=40960, bos_token_id=151643,
+        eos_token_id=151645, name="qwen3-8b"),
+    "gemma-3-4b": DecoderConfig(
+        family="gemma3", vocab_size=262208, hidden_size=2560, num_layers=34,
+        num_heads=8, num_kv_heads=4, head_dim=256, intermediate_size=10240,
+        rms_norm_eps=1e-6, rope_theta=1000000.0,
+        rope_scaling=(("factor", 8.0), ("rope_type", "linear")),
+        rope_local_theta=10000.0, sliding_window=1024,
+        layer_types=_gemma3_layer_types(34), qk_norm=True,
+        norm_plus_one=True, post_norms=True, embed_scale=True,
+        query_pre_attn_scalar=256.0, hidden_act="gelu_tanh",
+        tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
+        pad_token_id=0, name="gemma-3-4b"),
+}
+
+
+def decoder_preset(name: str, **changes) -> DecoderConfig:
+  """The DECODER_PRESETS entry `name` with `changes` applied."""
+  if name not in DECODER_PRESETS:
+    raise ValueError(f"unknown decoder preset {name!r}; choose one of "
+                     f"{', '.join(sorted(DECODER_PRESETS))}.")
+  return DECODER_PRESETS[name].replace(**changes)

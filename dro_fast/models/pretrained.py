@@ -603,3 +603,24 @@ def load(path: str | os.PathLike
       "nor Hugging Face's config.json (it holds "
       f"{holds or 'nothing'}). Pass a T5X checkpoint_<step> directory or a "
       "directory written by save_pretrained.")
+
+
+def decoder_family(path: str | os.PathLike | None) -> str | None:
+  """The model_type of a decoder-only Hugging Face folder at `path`.
+
+  None for no path, a T5X or T5 checkpoint, or a folder without a readable
+  config.json (loading it then says what is wrong): the CLI asks this to
+  decide the batch layout and the tokenizer before anything is loaded.
+  """
+  if not path:
+    return None
+  from dro_fast.models import hf_decoder  # pylint: disable=g-import-not-at-top
+  try:
+    directory = fileio.as_path(os.fspath(path))
+    if not (directory / "config.json").is_file():
+      return None
+    config = _read_config(directory)
+  except OSError:
+    return None
+  return config.get("model_type") if hf_decoder.is_decoder_config(
+      config) else None

@@ -10,6 +10,13 @@ work are not.
     (2 · D·H·K per layer), which see the S encoder outputs; attention adds
     4 · S² · H·K per encoder layer, 4 · T² · H·K (self) + 4 · T · S · H·K
     (cross) per decoder layer.
+  a decoder-only LLM (DecoderConfig) reads prompt and completion as one
+    sequence of S + T tokens: its layers' projections (q, k, v, o with
+    grouped key/value heads, the gated MLP's three) see all of them, the
+    output projection D·V only the T completion positions, and attention
+    adds 4 · (S + T)² · H·K per layer (the full square, as the "xla"
+    attention computes it; a causal or sliding mask skips none of it);
+    its separate value network reads the S prompt tokens, no projection.
   a trained network costs 3x its forward, a forward-only one 1x.
   dro_v: policy trained + separate value encoder trained (a shared value
     head adds no matmul work); kto: policy trained on 2B sequences (examples
@@ -54,16 +61,37 @@ def forward_flops(config: models.T5Config, batch: int, s: int, t: int,
   return batch * (2 * n * t + 2 * cross_kv * s + attention)
 
 
-def step_flops(config: models.T5Config, algo: str, value_net: str,
-               batch: int, s: int, t: int) -> float:
-  """FLOPs of one train step of `algo` at batch `batch`, lengths s and t."""
-  policy = (forward_flops(config, batch, s, t, "encoder")
-            + forward_flops(config, batch, s, t, "decoder"))
+def decoder_forward_flops(config: models.DecoderConfig, batch: int,
+                          tokens: int, output_tokens: int) -> float:
+  """Forward FLOPs of a decoder-only LLM over `tokens` positions per row,
+  `output_tokens` of them through the output projection."""
+  d, k = config.hidden_size, config.head_dim
+  per_layer = (2 * d * config.num_heads * k + 2 * d * config.num_kv_heads * k
+               + 3 * d * config.intermediate_size)
+  attention = config.num_layers * 4 * tokens * tokens * config.num_heads * k
+  return batch * (2 * config.num_layers * per_layer * tokens + attention
+                  + 2 * d * config.vocab_size * output_tokens)
+
+
+def step_flops(config: models.T5Config | models.DecoderConfig, algo: str,
+               value_net: str, batch: int, s: int, t: int,
+               value_config: models.DecoderConfig | None = None) -> float:
+  """FLOPs of one train step of `algo` at batch `batch`, lengths s and t.
+
+  value_config: a separate value network's own config (None: the policy's).
+  """
+  if isinstance(config, models.DecoderConfig):
+    policy = decoder_forward_flops(config, batch, s + t, t)
+    value = decoder_forward_flops(value_config or config, batch, s, 0)
+  else:
+    policy = (forward_flops(config, batch, s, t, "encoder")
+              + forward_flops(config, batch, s, t, "decoder"))
+    value = forward_flops(config, batch, s, t, "encoder")
   if algo == "kto":
     return 3 * 2 * policy
   flops = 3 * policy
   if algo == "dro_v" and value_net == "separate":
-    flops += 3 * forward_flops(config, batch, s, t, "encoder")
+    flops += 3 * value
   return flops
 
 

@@ -20,8 +20,23 @@ import jax
 import jax.numpy as jnp
 
 from dro_fast import models
+from dro_fast.models import hf_decoder
+from dro_fast.models import pretrained
 from dro_fast.models import value
+from dro_fast.training import steps
 from dro_fast.training.steps import AlgorithmConfig
+
+
+def pretrained_params(params: Any,
+                      config: models.T5Config | models.DecoderConfig) -> Any:
+  """A loaded checkpoint's per-layer parameters in `config`'s layout.
+
+  models.pretrained.load returns layers one by one; a config with
+  scan_layers takes them stacked [L, ...].
+  """
+  if isinstance(config, models.DecoderConfig):
+    return hf_decoder.stack_layers(params) if config.scan_layers else params
+  return pretrained.stack_layers(params, config)
 
 
 class Keys(NamedTuple):
@@ -36,14 +51,17 @@ def split(rng: jax.Array) -> Keys:
   return Keys(*jax.random.split(rng, 3))
 
 
-def init_params(model_config: models.T5Config,
+def init_params(model_config: models.T5Config | models.DecoderConfig,
                 algorithm: AlgorithmConfig | None, rng: jax.Array,
                 tokens: jax.Array | None = None,
-                policy_params: Any = None) -> tuple[Any, Any]:
+                policy_params: Any = None, *,
+                value_config: models.DecoderConfig | None = None,
+                value_trunk: Any = None) -> tuple[Any, Any]:
   """The initial (policy_params, value_params) of a run.
 
   Args:
-    model_config: the policy's (and the separate value encoder's) config.
+    model_config: the policy's config, T5Config or DecoderConfig (and the
+      separate value network's unless value_config is given).
     algorithm: decides the value network (none unless algorithm.has_value);
       None: the policy alone.
     rng: the run's key, jax.random.PRNGKey(seed); split as `split` does.
@@ -51,22 +69,35 @@ def init_params(model_config: models.T5Config,
       (parameter shapes do not depend on them); default [1, 2] ones.
     policy_params: a policy to start from (a pretrained checkpoint, an SFT
       warm start); None: random, from the policy key.
+    value_config: a separate value network's own DecoderConfig
+      (RunConfig.value_model); None: the policy's.
+    value_trunk: that value network's pretrained parameters
+      (--value_init_checkpoint), its head still drawn from the value key.
 
   Returns:
     (policy_params, value_params). value_params is {} without a value
-    network; the "separate" value network's encoder is a copy of the
-    policy's (value.init_from_policy), its head drawn from the value key.
+    network; the "separate" value network's encoder (T5) or trunk
+    (decoder-only) is a copy of the policy's (value.init_from_policy), or
+    value_trunk where given; its head is drawn from the value key.
   """
   keys = split(rng)
   if tokens is None:
     tokens = jnp.ones((1, 2), jnp.int32)
+  network = steps.policy_network(model_config)
   if policy_params is None:
-    policy_params = models.t5(model_config).init(keys.policy, tokens, tokens)
+    policy_params = network.init(keys.policy, tokens, tokens)
   if algorithm is None or not algorithm.has_value:
     return policy_params, {}
-  encoded = jnp.zeros(tokens.shape + (model_config.d_model,))
-  value_params = value.value_network(model_config, algorithm.value_net).init(
-      keys.value, tokens, encoded)
+  # What the policy hands a shared value head: T5's encoder output
+  # [B, S, D], a decoder's state at the last prompt token [B, D].
+  encoded = jax.eval_shape(
+      lambda: network.apply.decode(policy_params, None, tokens, tokens)
+      ).encoded
+  encoded = jnp.zeros(encoded.shape, encoded.dtype)
+  value_params = value.value_network(
+      value_config or model_config, algorithm.value_net).init(
+          keys.value, tokens, encoded)
   if algorithm.value_net == "separate":
-    value_params = value.init_from_policy(value_params, policy_params)
+    value_params = value.init_from_policy(
+        value_params, policy_params if value_trunk is None else value_trunk)
   return policy_params, value_params

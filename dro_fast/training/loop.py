@@ -115,30 +115,72 @@ def _remove_if_empty(folder: str) -> None:
     pass
 
 
+def _overridden(config, run: RunConfig):
+  """A checkpoint's config with the run's MODEL_OVERRIDES it has."""
+  fields = {field.name for field in dataclasses.fields(config)}
+  return config.replace(**{name: getattr(run.model, name)
+                           for name in MODEL_OVERRIDES
+                           if name in fields and hasattr(run.model, name)})
+
+
+def _load_checkpoint(path: str, flag: str, tokenizer, run: RunConfig):
+  """(config with the run's overrides, parameters in its layout)."""
+  try:
+    config, params = pretrained.load(path)
+  except pretrained.CheckpointError as e:
+    raise TrainingError(f"`{flag}`: {e}") from None
+  if tokenizer.vocab_size > config.vocab_size:
+    which = (f"`tokenizer`={run.data.tokenizer}" if run.data.tokenizer else
+             "the tokenizer trained on the data (`tokenizer_vocab_size`="
+             f"{run.data.tokenizer_vocab_size})")
+    own = ("its own folder as `tokenizer`" if isinstance(
+        config, models.DecoderConfig) else "the checkpoint's own "
+        "spiece.model as `tokenizer`")
+    raise TrainingError(
+        f"{which} has {tokenizer.vocab_size} pieces but the checkpoint "
+        f"{path} embeds only {config.vocab_size}: pass {own}.")
+  config = _overridden(config, run)
+  return config, init.pretrained_params(params, config)
+
+
 def policy_config(run: RunConfig, tokenizer):
-  """(the policy's final T5Config, its --init_checkpoint parameters or None).
+  """(the policy's final config, its --init_checkpoint parameters or None).
 
   A preset takes the tokenizer's vocabulary; a checkpoint keeps its own
   architecture with the run's MODEL_OVERRIDES.
   """
   if not run.init_checkpoint:
     return run.model.replace(vocab_size=tokenizer.vocab_size), None
-  path = run.init_checkpoint
-  try:
-    config, params = pretrained.load(path)
-  except pretrained.CheckpointError as e:
-    raise TrainingError(f"`init_checkpoint`: {e}") from None
-  if tokenizer.vocab_size > config.vocab_size:
-    which = (f"`tokenizer`={run.data.tokenizer}" if run.data.tokenizer else
-             "the tokenizer trained on the data (`tokenizer_vocab_size`="
-             f"{run.data.tokenizer_vocab_size})")
+  config, params = _load_checkpoint(run.init_checkpoint, "init_checkpoint",
+                                    tokenizer, run)
+  if isinstance(config, models.DecoderConfig) != isinstance(
+      run.model, models.DecoderConfig):
     raise TrainingError(
-        f"{which} has {tokenizer.vocab_size} pieces but the checkpoint "
-        f"{path} embeds only {config.vocab_size}: pass the checkpoint's "
-        "own spiece.model as `tokenizer`.")
-  config = config.replace(**{name: getattr(run.model, name)
-                             for name in MODEL_OVERRIDES})
-  return config, pretrained.stack_layers(params, config)
+        f"`init_checkpoint`={run.init_checkpoint} holds a "
+        f"{type(config).__name__} but the run was set up for a "
+        f"{type(run.model).__name__}: pass the matching `model`, or let the "
+        "checkpoint decide (the trainer's CLI does).")
+  return config, params
+
+
+def value_config(run: RunConfig, model_config, tokenizer):
+  """(the separate value network's own config, its trunk) or (None, None).
+
+  From `value_init_checkpoint`, a decoder-only folder of the policy's
+  tokenizer; None: the value network copies the policy.
+  """
+  if not run.value_init_checkpoint:
+    return None, None
+  config, params = _load_checkpoint(run.value_init_checkpoint,
+                                    "value_init_checkpoint", tokenizer, run)
+  if not isinstance(config, models.DecoderConfig) or not isinstance(
+      model_config, models.DecoderConfig):
+    raise TrainingError(
+        f"`value_init_checkpoint`={run.value_init_checkpoint}: a separate "
+        "value network of its own size is a decoder-only model valuing a "
+        "decoder-only policy; for T5, drop `value_init_checkpoint` (the "
+        "value encoder copies the policy's).")
+  return config, params
 
 
 def _items(state: steps.TrainState) -> dict:
@@ -199,7 +241,8 @@ def _reference(run: RunConfig, dataset, model_config, params):
   return ref, ref_fn, outputs
 
 
-def trainer_for_run(run: RunConfig, model_config: models.T5Config,
+def trainer_for_run(run: RunConfig,
+                    model_config: models.T5Config | models.DecoderConfig,
                     mesh: jax.sharding.Mesh | None = None) -> steps.Trainer:
   """The run's Trainer: its algorithm, optimizers and their schedules.
 
@@ -214,7 +257,7 @@ def trainer_for_run(run: RunConfig, model_config: models.T5Config,
       optim.optimizer(run.value_optimizer),
       learning_rates=lambda step: {"policy_lr": policy_schedule(step),
                                    "value_lr": value_schedule(step)},
-      mesh=mesh)
+      mesh=mesh, value_config=run.value_model)
 
 
 def train(run: RunConfig) -> dict:
@@ -269,6 +312,8 @@ def _train(run: RunConfig, mesh) -> dict:
                           f"{len(arrays['inputs'])} training examples.")
     rng = jax.random.PRNGKey(run.seed)
     model_config, policy_params = policy_config(run, dataset.tokenizer)
+    value_model, value_trunk = value_config(run, model_config,
+                                            dataset.tokenizer)
     if primary:
       prepare.save_inputs(workdir, dataset)   # every input is checked
       # A save cut short by a kill or a second Ctrl-C: never read, and
@@ -282,9 +327,10 @@ def _train(run: RunConfig, mesh) -> dict:
           run, model_config, policy_params, arrays,
           jax.random.fold_in(init.split(rng).policy, 1), mesh)
     policy_params, value_params = init.init_params(
-        model_config, run.algorithm, rng, policy_params=policy_params)
+        model_config, run.algorithm, rng, policy_params=policy_params,
+        value_config=value_model, value_trunk=value_trunk)
     initial_params = jax.tree.map(jnp.copy, policy_params)
-    run = run.replace(model=model_config)
+    run = run.replace(model=model_config, value_model=value_model)
     if primary:
       fileio.atomic_write_bytes(os.path.join(workdir, "run_config.json"),
                                 (run.to_json() + "\n").encode())
@@ -298,7 +344,10 @@ def _train(run: RunConfig, mesh) -> dict:
     state_shardings = sharding.tree_shardings(state, mesh)
     state = jax.device_put(state, state_shardings)
 
-    iterator = pipeline.BatchIterator(arrays, run.batch_size, run.seed)
+    iterator = pipeline.BatchIterator(
+        arrays, run.batch_size, run.seed,
+        length_buckets=run.data.length_buckets,
+        pad_id=dataset.tokenizer.pad_id)
     checkpointer = checkpointing.Checkpointer(
         checkpoints, runs.ITEMS, keep=run.keep_checkpoints,
         async_save=run.async_checkpoints)
@@ -457,7 +506,7 @@ class ProgressLines:
     self.step_flops = flops.step_flops(
         run.model, run.algorithm.algo, run.algorithm.value_net,
         run.batch_size, run.data.max_input_length,
-        run.data.max_target_length)
+        run.data.max_target_length, value_config=run.value_model)
     self.peak = peak * jax.device_count() if peak else None
 
   def write(self, done: int, host: dict) -> None:

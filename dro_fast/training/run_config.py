@@ -25,12 +25,14 @@ from typing import Any
 from dro_fast.data.config import DataConfig
 from dro_fast.models.config import preset
 from dro_fast.models.config import T5Config
+from dro_fast.models.decoder_config import DecoderConfig
 from dro_fast.training.config import AlgorithmConfig
 from dro_fast.training.config import OptimizerConfig
 
 REF_LOGPROBS = ("cached", "online")
-# Fields of the policy's T5Config that the run sets on an --init_checkpoint's
-# own config (the rest, the architecture, comes from the checkpoint).
+# Fields of the policy's config that the run sets on an --init_checkpoint's
+# own config (the rest, the architecture, comes from the checkpoint), where
+# the config has them (a DecoderConfig has no dropout).
 MODEL_OVERRIDES = ("dtype", "remat", "attention", "dropout_rate",
                    "scan_layers", "matmul", "attention_interpret")
 # Fields that earlier versions wrote into run_config.json and that are now
@@ -51,7 +53,8 @@ class RunConfig:
   Attributes:
     workdir: the run's folder (checkpoints, metrics, summary...).
     data: what is trained on (DataConfig).
-    model: the policy's T5Config (see the module docstring).
+    model: the policy's T5Config, or DecoderConfig for a decoder-only LLM
+      (see the module docstring).
     algorithm: what is optimised (AlgorithmConfig; its `implementation` is
       the dro_fast.kernels implementation, named by dro_fast.backend.resolve
       unless given; whether it imports on this host is the trainer's
@@ -60,6 +63,11 @@ class RunConfig:
     value_optimizer: the value network's OptimizerConfig (DRO-V).
     init_checkpoint: the SFT policy, a T5X or Hugging Face checkpoint
       directory; None: random weights.
+    value_model: a separate value network's own DecoderConfig, from
+      value_init_checkpoint; None: the policy's architecture.
+    value_init_checkpoint: a Hugging Face folder whose trunk starts the
+      separate value network (e.g. a 1B model of the policy's tokenizer
+      valuing an 8B policy); None: a copy of the initial policy.
     sft_steps: SFT steps on the training completions before the main
       algorithm (dro_v, kto) when there is no init_checkpoint.
     sft_lr: the SFT warm start's learning rate; None: the policy's.
@@ -86,11 +94,13 @@ class RunConfig:
 
   workdir: str
   data: DataConfig = DataConfig()
-  model: T5Config = preset("tiny")
+  model: T5Config | DecoderConfig = preset("tiny")
   algorithm: AlgorithmConfig = AlgorithmConfig()
   policy_optimizer: OptimizerConfig = OptimizerConfig()
   value_optimizer: OptimizerConfig = OptimizerConfig()
   init_checkpoint: str | None = None
+  value_model: DecoderConfig | None = None
+  value_init_checkpoint: str | None = None
   sft_steps: int = 0
   sft_lr: float | None = None
   batch_size: int = 32
@@ -118,9 +128,16 @@ class RunConfig:
                          f"{getattr(self, name)}.")
     if self.sft_lr is not None and not self.sft_lr > 0:
       raise ValueError(f"`sft_lr` must be > 0, got {self.sft_lr}.")
-    if not 0 <= self.model.dropout_rate < 1:
-      raise ValueError("`dropout_rate` must be in [0, 1), got "
-                       f"{self.model.dropout_rate}.")
+    dropout = getattr(self.model, "dropout_rate", 0.0)
+    if not 0 <= dropout < 1:
+      raise ValueError(f"`dropout_rate` must be in [0, 1), got {dropout}.")
+    if self.value_init_checkpoint and (self.algorithm.value_net != "separate"
+                                       or not self.algorithm.has_value):
+      raise ValueError(
+          "`value_init_checkpoint` starts a separate value network, which "
+          f"`algo`={self.algorithm.algo} with `value_net`="
+          f"{self.algorithm.value_net} does not train: drop it, or use "
+          "`algo`=dro_v with `value_net`=separate.")
     if self.ref_logprobs not in REF_LOGPROBS:
       raise ValueError(f"`ref_logprobs`={self.ref_logprobs} is not one of "
                        f"{', '.join(REF_LOGPROBS)}.")
@@ -216,7 +233,7 @@ def _build(cls: type, value: Any, source: str, where: str) -> Any:
     raise RunConfigError(f"{source}: field {where}{missing[0]!r} is missing.")
   kwargs = {}
   for name, item in value.items():
-    hint = hints[name]
+    hint = _config_class(hints[name], item)
     if dataclasses.is_dataclass(hint):
       kwargs[name] = _build(hint, item, source, f"{where}{name}.")
     else:
@@ -228,6 +245,29 @@ def _build(cls: type, value: Any, source: str, where: str) -> Any:
                          f"{e}") from None
 
 
+def _tuples(item: list) -> tuple:
+  """A JSON list as a tuple, nested lists too (configs are hashable)."""
+  return tuple(_tuples(x) if isinstance(x, list) else x for x in item)
+
+
+def _config_class(hint: Any, item: Any) -> Any:
+  """The config class a field's JSON object is, for a union of configs.
+
+  A model is a DecoderConfig when it names its `family`, else a T5Config.
+  Any other hint is returned as it is.
+  """
+  options = [option for option in typing.get_args(hint)
+             if option in (T5Config, DecoderConfig)] if isinstance(
+                 hint, types.UnionType) else []
+  if not options or item is None:
+    return hint
+  if not isinstance(item, dict):
+    return options[0]        # _build says it must be an object
+  if DecoderConfig in options and (len(options) == 1 or "family" in item):
+    return DecoderConfig
+  return options[0]
+
+
 def _check_type(item: Any, hint: Any, source: str, name: str) -> Any:
   """`item` as the field's type (lists become tuples); raises if it is not."""
   options = typing.get_args(hint) if isinstance(
@@ -237,7 +277,7 @@ def _check_type(item: Any, hint: Any, source: str, name: str) -> Any:
       return None
     origin = typing.get_origin(option) or option
     if origin is tuple and isinstance(item, list):
-      return tuple(item)
+      return _tuples(item)
     if option is float and isinstance(item, int) and not isinstance(
         item, bool):
       return float(item)

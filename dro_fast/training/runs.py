@@ -16,6 +16,8 @@ import jax
 from dro_fast import backend
 from dro_fast import models
 from dro_fast.models import pretrained
+from dro_fast import hf_tokenizer
+from dro_fast.tokenizer import DecoderOnlyTokenizer
 from dro_fast.tokenizer import Tokenizer
 from dro_fast.training import checkpointing
 from dro_fast.training import init
@@ -57,9 +59,19 @@ def model_config(run: RunConfig, platform: str) -> models.T5Config:
   return backend.resolve(run, platform).model
 
 
-def tokenizer(run: RunConfig, workdir: str) -> Tokenizer:
-  """The run's tokenizer (its --tokenizer, or the one saved in `workdir`)."""
-  return Tokenizer.load(run.tokenizer_path(workdir))
+def tokenizer(run: RunConfig, workdir: str):
+  """The run's tokenizer (its --tokenizer, or the one saved in `workdir`).
+
+  In the run's batch layout: a Hugging Face folder's HFTokenizer, T5's
+  Tokenizer, or for a decoder-only model trained with a SentencePiece model
+  (tiny_decoder) that model as a DecoderOnlyTokenizer.
+  """
+  path = run.tokenizer_path(workdir)
+  if os.path.isdir(path):
+    return hf_tokenizer.HFTokenizer.load(path)
+  tok = Tokenizer.load(path)
+  tok.message_separator = run.data.message_separator
+  return DecoderOnlyTokenizer(tok) if run.data.decoder_only else tok
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -102,7 +114,7 @@ def load_initial_policy(workdir: str):
   config = _params_config(run)
   if run.init_checkpoint:
     _, params = pretrained.load(run.init_checkpoint)
-    return pretrained.stack_layers(params, config)
+    return init.pretrained_params(params, config)
   if run.sft_warm_start:
     checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, "sft_init"), (POLICY,))

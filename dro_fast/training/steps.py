@@ -19,6 +19,7 @@ import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -62,7 +63,8 @@ class Trainer(NamedTuple):
 
 
 def logprob_kernel(implementation: str | None,
-                   interpret: bool | None) -> Callable[..., jax.Array]:
+                   interpret: bool | None,
+                   softcap: float | None = None) -> Callable[..., jax.Array]:
   """kernels.linear_sequence_logprobs as the trainer calls it.
 
   (hidden [B, T, D], weight [D, V], targets [B, T], mask [B, T]) -> [B].
@@ -72,17 +74,52 @@ def logprob_kernel(implementation: str | None,
   (models.per_device): each device takes its rows of the batch and the
   whole output projection (gathered, as FSDP gathers every weight for its
   matmul).
+
+  softcap: a decoder's final_logit_softcapping (logits = c·tanh(z / c)),
+  which the fused kernel cannot apply: the logits are then materialised
+  and soft-capped first (no released Llama 3, Qwen or Gemma 3 sets it).
   """
+  if softcap:
+    def capped(hidden, weight, targets, mask):
+      logits = jnp.einsum("btd,dv->btv", hidden, weight,
+                          preferred_element_type=jnp.float32)
+      logits = jnp.tanh(logits / softcap) * softcap
+      token = jnp.take_along_axis(jax.nn.log_softmax(logits),
+                                  jnp.where(mask, targets, 0)[..., None],
+                                  axis=-1)[..., 0]
+      return jnp.sum(jnp.where(mask, token, 0.0), axis=-1)
+    return per_device.over_batch(capped, (True, False, True, True))
   native = (kernels.IMPLEMENTATIONS[implementation].native_backend
             if implementation in kernels.IMPLEMENTATIONS else None)
   mode = (None if native is None or interpret is None
           else kernels.interpret_mode(native, interpret))
-  fn = functools.partial(kernels.linear_sequence_logprobs,
-                         implementation=implementation, interpret=mode)
+  def fn(hidden, weight, targets, mask):
+    # Padding ids may be negative (decoder-only batches pad with -1); a
+    # masked position's id only has to index the vocabulary.
+    return kernels.linear_sequence_logprobs(
+        hidden, weight, jnp.where(mask, targets, 0), mask,
+        implementation=implementation, interpret=mode)
   return per_device.over_batch(fn, (True, False, True, True))
 
 
-def sequence_logprobs(policy: models.T5Apply, params: Any,
+def _softcap(config) -> float | None:
+  return getattr(config, "final_logit_softcapping", None)
+
+
+def policy_network(config: models.T5Config | models.DecoderConfig
+                   ) -> hk.MultiTransformed:
+  """The policy's network by its config: T5, or a decoder-only LLM.
+
+  Both apply tuples (models.T5Apply, models.DecoderApply) share `decode`
+  (-> models.DecoderStates) and `logits`, which is all the losses use.
+  """
+  if isinstance(config, models.DecoderConfig):
+    return models.decoder(config)
+  return models.t5(config)
+
+
+def sequence_logprobs(policy: models.T5Apply | models.DecoderApply,
+                      params: Any,
                       rng: jax.Array | None, inputs: jax.Array,
                       targets: jax.Array, mask: jax.Array, *,
                       is_training: bool,
@@ -111,13 +148,13 @@ class LossContext(NamedTuple):
   """What an algorithm's loss reads besides parameters, batch and key.
 
   algorithm: what is optimised.
-  policy: the policy's functions (models.t5(config).apply).
+  policy: the policy's functions (policy_network(config).apply).
   value_net: the value network's apply (value.value_network), or None for
     an algorithm without one.
   kernel: the log-probability kernel (logprob_kernel).
   """
   algorithm: AlgorithmConfig
-  policy: models.T5Apply
+  policy: models.T5Apply | models.DecoderApply
   value_net: Callable[..., jax.Array] | None
   kernel: Callable[..., jax.Array]
 
@@ -292,16 +329,20 @@ def _update(state: TrainState, batch: dict, *,
   return new_state, metrics
 
 
-def build_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
+def build_trainer(algorithm: AlgorithmConfig,
+                  model_config: models.T5Config | models.DecoderConfig,
                   policy_optimizer: optax.GradientTransformation,
                   value_optimizer: optax.GradientTransformation | None,
                   learning_rates: Callable[[jax.Array], dict] | None = None,
-                  mesh: Mesh | None = None) -> Trainer:
+                  mesh: Mesh | None = None,
+                  value_config: models.DecoderConfig | None = None
+                  ) -> Trainer:
   """The Trainer of one algorithm: its loss (LOSSES) and optimizers.
 
   Args:
     algorithm: what to optimise.
-    model_config: the policy's (and value encoder's) T5Config.
+    model_config: the policy's config (T5Config or DecoderConfig), also
+      the separate value network's unless value_config is given.
     policy_optimizer: optax transformation for the policy.
     value_optimizer: optax transformation for the value network (used only
       when algorithm.has_value; may be None otherwise).
@@ -309,6 +350,9 @@ def build_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
     mesh: the devices the update is sharded over; init and update are
       traced under it (jax.sharding.use_abstract_mesh), so that custom
       kernels run per device (models.per_device). None: one device.
+    value_config: a separate value network's own DecoderConfig (a smaller
+      model of the same tokenizer, RunConfig.value_model); None: the
+      policy's.
 
   Returns:
     Trainer(init(policy_params, value_params, rng), update(state, batch)).
@@ -318,10 +362,12 @@ def build_trainer(algorithm: AlgorithmConfig, model_config: models.T5Config,
                      "value_optimizer must not be None.")
   value_optimizer = value_optimizer if algorithm.has_value else None
   context = LossContext(
-      algorithm, models.t5(model_config).apply,
-      value.value_network(model_config, algorithm.value_net).apply
+      algorithm, policy_network(model_config).apply,
+      value.value_network(value_config or model_config,
+                          algorithm.value_net).apply
       if algorithm.has_value else None,
-      logprob_kernel(algorithm.implementation, algorithm.interpret))
+      logprob_kernel(algorithm.implementation, algorithm.interpret,
+                     _softcap(model_config)))
   init = functools.partial(_init, policy_optimizer=policy_optimizer,
                            value_optimizer=value_optimizer)
   update = functools.partial(
@@ -342,15 +388,15 @@ def _under_mesh(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
   return wrapped
 
 
-def reference_logprob_fn(model_config: models.T5Config,
+def reference_logprob_fn(model_config: models.T5Config | models.DecoderConfig,
                          implementation: str | None,
                          interpret: bool | None = None):
   """A jitted (params, inputs, targets, mask) -> [B] log π (no dropout).
 
   `implementation` and `interpret` are as for logprob_kernel.
   """
-  policy = models.t5(model_config).apply
-  kernel = logprob_kernel(implementation, interpret)
+  policy = policy_network(model_config).apply
+  kernel = logprob_kernel(implementation, interpret, _softcap(model_config))
 
   @jax.jit
   def fn(params, inputs, targets, mask):

@@ -153,12 +153,16 @@ def test_config_refusals_are_one_line():
   assert hash(GEMMA) == hash(GEMMA.replace())
 
 
-def test_cudnn_refuses_a_cpu():
-  if jax.default_backend() == "gpu":
-    pytest.skip("runs on a GPU here")
-  config = GEMMA.replace(dtype="bfloat16", attention="cudnn")
-  params = jax.jit(models.decoder(GEMMA).init)(jax.random.key(0), INPUTS,
-                                               TARGETS)
-  with pytest.raises(ValueError, match="DecoderConfig.attention='cudnn' "
-                     "needs a CUDA GPU"):
-    models.decoder(config).apply.logits(params, None, INPUTS, TARGETS)
+def test_cudnn_and_splash_are_refused_where_they_cannot_run():
+  """The run's backend decision refuses them, naming the field."""
+  from dro_fast import backend  # pylint: disable=g-import-not-at-top
+  from dro_fast.training.run_config import RunConfig  # pylint: disable=g-import-not-at-top
+  cudnn = RunConfig(workdir="", model=GEMMA.replace(dtype="bfloat16",
+                                                    attention="cudnn"))
+  with pytest.raises(ValueError, match="`attention`=cudnn .* needs a CUDA"):
+    backend.resolve(cudnn, "cpu")
+  assert backend.resolve(cudnn, "gpu").model.matmul == "xla"
+  splash = RunConfig(workdir="", model=GEMMA.replace(attention="splash"))
+  with pytest.raises(ValueError, match="`attention`=splash is a Pallas TPU"):
+    backend.resolve(splash, "gpu")
+  assert backend.resolve(splash, "cpu").model.attention_interpret

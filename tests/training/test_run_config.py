@@ -103,3 +103,17 @@ def test_sft_optimizer_takes_sft_lr_and_no_clipping():
   assert run.sft_optimizer == dataclasses.replace(
       run.policy_optimizer, learning_rate=2e-4, clip_norm=None)
   assert _run(sft_lr=None).sft_optimizer.learning_rate == 1e-3
+
+
+def test_a_decoder_only_run_reads_back_equal():
+  """A DecoderConfig (nested tuples: RoPE scaling, layer types) and a value
+  model of its own survive run_config.json, hashable."""
+  from dro_fast import models  # pylint: disable=g-import-not-at-top
+  run = RunConfig(workdir="/w", model=models.decoder_preset("gemma-3-4b"),
+                  value_model=models.decoder_preset("llama-3.2-1b"),
+                  value_init_checkpoint="/ckpt/1b")
+  back = RunConfig.from_json(run.to_json())
+  assert back == run
+  assert isinstance(back.model, models.DecoderConfig)
+  assert hash(back.model) == hash(run.model)
+  assert RunConfig.from_json(_run().to_json()).value_model is None
