@@ -154,16 +154,17 @@ def main(argv):
     if not _POLICY_A.value:
       raise evaluate.EvalError("give --policy_a (and optionally --policy_b), "
                                "or --best_checkpoint.")
+    judge = _judge(_POLICY_A.value)
     workdir_a, _ = evaluate.parse_policy(_POLICY_A.value)
-    is_run = evaluate.run_of(_POLICY_A.value) is not None
-    if not is_run and not (_POLICY_B.value and _OUTPUT_DIR.value):
+    if (evaluate.run_of(_POLICY_A.value) is None
+        and not (_POLICY_B.value and _OUTPUT_DIR.value)):
       raise evaluate.EvalError("--policy_a is a Hugging Face folder: give "
                                "--policy_b and --output_dir too.")
     spec_b = _POLICY_B.value or f"{workdir_a}:init"
     result = evaluate.compare(
         _POLICY_A.value, spec_b,
-        _OUTPUT_DIR.value or os.path.join(workdir_a, "eval"),
-        _judge(_POLICY_A.value), cfg, platform=platform)
+        _OUTPUT_DIR.value or os.path.join(workdir_a, "eval"), judge, cfg,
+        platform=platform)
     print(evaluate.table(result))
   except (evaluate.EvalError, runs.RunError, judges.JudgeError,
           data.DataError, checkpointing.CorruptCheckpointError) as e:
