@@ -12,8 +12,10 @@ A policy is WORKDIR (its newest checkpoint), WORKDIR:STEP, WORKDIR:init
 decoder-only model with its tokenizer; give --max_input_length and
 --max_target_length, and --judge, --prompts and --output_dir when no policy
 is a run). A decoder-only policy reads each prompt through its chat
-template when its tokenizer has one, as a one-user-message conversation. Both policies answer the same prompts
-(sampled with --temperature, or greedy at 0); the judge compares each pair
+template when its tokenizer has one, as a one-user-message conversation,
+stops at its EOS or end-of-turn tokens, and answers without special
+tokens. Both policies answer the same prompts (sampled with --temperature,
+or greedy at 0); the judge compares each pair
 twice with the positions swapped (position bias cancels; a disagreement is a
 tie). The win rate of A (ties count half) is reported as mean ± std over
 --folds folds of --prompts_per_fold prompts, with a per-fold table, a JSONL
