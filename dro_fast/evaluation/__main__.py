@@ -7,19 +7,18 @@ r"""The evaluation CLI: two policies side by side, as the paper reports them.
       --prompts=test_prompts.jsonl --judge_model=MODEL \
       --judge=http:http://127.0.0.1:8000/v1/chat/completions
 
-A policy is WORKDIR (its newest checkpoint), WORKDIR:STEP, WORKDIR:init
-(the run's initial, SFT policy), or hf:DIR (a Hugging Face folder: T5 or a
-decoder-only model with its tokenizer; give --max_input_length and
---max_target_length, and --judge, --prompts and --output_dir when no policy
-is a run). A decoder-only policy reads each prompt through its chat
-template when its tokenizer has one, as a one-user-message conversation,
-stops at its EOS or end-of-turn tokens, and answers without special
-tokens. Both policies answer the same prompts (sampled with --temperature,
-or greedy at 0); the judge compares each pair
-twice with the positions swapped (position bias cancels; a disagreement is a
-tie). The win rate of A (ties count half) is reported as mean ± std over
---folds folds of --prompts_per_fold prompts, with a per-fold table, a JSONL
-of every judged pair and a bar chart, in --output_dir.
+A policy is WORKDIR (its newest checkpoint), WORKDIR:STEP, WORKDIR:init (the
+run's initial, SFT policy), or hf:DIR (a Hugging Face folder: T5 or a decoder-
+only model with its tokenizer; give --max_input_length and --max_target_length,
+and --judge, --prompts and --output_dir when no policy is a run). A decoder-
+only policy reads each prompt through its chat template when its tokenizer has
+one, as a one-user-message conversation, stops at its EOS or end-of-turn
+tokens, and answers without special tokens. Both policies answer the same
+prompts (sampled with --temperature, or greedy at 0); the judge compares each
+pair twice with the positions swapped (position bias cancels; a disagreement is
+a tie). The win rate of A (ties count half) is reported as mean ± std over
+--folds folds of --prompts_per_fold prompts, with a per-fold table, a JSONL of
+every judged pair and a bar chart, in --output_dir.
 
 --best_checkpoint=WORKDIR instead compares every checkpoint of a run with its
 initial policy and records the best one in WORKDIR/best_checkpoint.json (the
