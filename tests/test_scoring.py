@@ -34,7 +34,7 @@ def write_tokenizer(folder):
   Words split at whitespace (dropped); no BOS. Returns the vocabulary size.
   """
   import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import models as tok_models  # pylint: disable=g-import-not-at-top
+  from tokenizers import models as tok_models  # pylint: disable=g-import-not-at-top,line-too-long
   from tokenizers import pre_tokenizers  # pylint: disable=g-import-not-at-top
   vocab = {w: i for i, w in enumerate(("[UNK]",) + SPECIAL + tuple(WORDS))}
   tokenizer = tokenizers.Tokenizer(tok_models.WordLevel(vocab, "[UNK]"))

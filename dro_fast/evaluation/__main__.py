@@ -7,17 +7,18 @@ r"""The evaluation CLI: two policies side by side, as the paper reports them.
       --prompts=test_prompts.jsonl --judge_model=MODEL \
       --judge=http:http://127.0.0.1:8000/v1/chat/completions
 
-A policy is WORKDIR (its newest checkpoint), WORKDIR:STEP, WORKDIR:init
-(the run's initial, SFT policy), or hf:DIR (a Hugging Face folder: T5 or a
-decoder-only model with its tokenizer; give --max_input_length and
---max_target_length, and --judge, --prompts and --output_dir when no policy
-is a run). A decoder-only policy reads each prompt through its chat
-template when its tokenizer has one, as a one-user-message conversation. Both policies answer the same prompts
-(sampled with --temperature, or greedy at 0); the judge compares each pair
-twice with the positions swapped (position bias cancels; a disagreement is a
-tie). The win rate of A (ties count half) is reported as mean ± std over
---folds folds of --prompts_per_fold prompts, with a per-fold table, a JSONL
-of every judged pair and a bar chart, in --output_dir.
+A policy is WORKDIR (its newest checkpoint), WORKDIR:STEP, WORKDIR:init (the
+run's initial, SFT policy), or hf:DIR (a Hugging Face folder: T5 or a decoder-
+only model with its tokenizer; give --max_input_length and --max_target_length,
+and --judge, --prompts and --output_dir when no policy is a run). A decoder-
+only policy reads each prompt through its chat template when its tokenizer has
+one, as a one-user-message conversation, stops at its EOS or end-of-turn
+tokens, and answers without special tokens. Both policies answer the same
+prompts (sampled with --temperature, or greedy at 0); the judge compares each
+pair twice with the positions swapped (position bias cancels; a disagreement is
+a tie). The win rate of A (ties count half) is reported as mean ± std over
+--folds folds of --prompts_per_fold prompts, with a per-fold table, a JSONL of
+every judged pair and a bar chart, in --output_dir.
 
 --best_checkpoint=WORKDIR instead compares every checkpoint of a run with its
 initial policy and records the best one in WORKDIR/best_checkpoint.json (the
@@ -154,16 +155,17 @@ def main(argv):
     if not _POLICY_A.value:
       raise evaluate.EvalError("give --policy_a (and optionally --policy_b), "
                                "or --best_checkpoint.")
+    judge = _judge(_POLICY_A.value)
     workdir_a, _ = evaluate.parse_policy(_POLICY_A.value)
-    is_run = evaluate.run_of(_POLICY_A.value) is not None
-    if not is_run and not (_POLICY_B.value and _OUTPUT_DIR.value):
+    if (evaluate.run_of(_POLICY_A.value) is None
+        and not (_POLICY_B.value and _OUTPUT_DIR.value)):
       raise evaluate.EvalError("--policy_a is a Hugging Face folder: give "
                                "--policy_b and --output_dir too.")
     spec_b = _POLICY_B.value or f"{workdir_a}:init"
     result = evaluate.compare(
         _POLICY_A.value, spec_b,
-        _OUTPUT_DIR.value or os.path.join(workdir_a, "eval"),
-        _judge(_POLICY_A.value), cfg, platform=platform)
+        _OUTPUT_DIR.value or os.path.join(workdir_a, "eval"), judge, cfg,
+        platform=platform)
     print(evaluate.table(result))
   except (evaluate.EvalError, runs.RunError, judges.JudgeError,
           data.DataError, checkpointing.CorruptCheckpointError) as e:
