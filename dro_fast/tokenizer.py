@@ -391,6 +391,7 @@ class DecoderOnlyTokenizer:
   """
 
   pad_id = -1
+  chat_template = None       # prompts are read as text (HFTokenizer's API)
 
   def __init__(self, tokenizer: Tokenizer):
     self._tokenizer = tokenizer
@@ -402,6 +403,11 @@ class DecoderOnlyTokenizer:
   def tokenizer(self) -> Tokenizer:
     """The wrapped T5-layout Tokenizer (its file is what is saved)."""
     return self._tokenizer
+
+  @property
+  def eos_ids(self) -> tuple[int, ...]:
+    """The ids that end a generated completion."""
+    return (self._tokenizer.eos_id,)
 
   def prompt_ids(self, prompt: Text) -> list[int]:
     """One prompt's ids, untruncated, without EOS."""

@@ -53,6 +53,14 @@ def main(site_dir: str, wheel_dir: str) -> None:
               "--helpfull")
   assert done.returncode == 1 and "--judge" in done.stdout, (
       done.returncode, done.stderr[-2000:])
+  # A decoder-only LLM's flagfile: its shape needs its checkpoint too.
+  done = _run(os.path.join(site_dir, "bin", "dro-fast-train"),
+              "--flagfile=qwen3-8b.flags")
+  assert done.returncode == 2 and "--model=qwen3-8b is meant to start " \
+      "from its SFT checkpoint" in done.stderr, done.stderr[-2000:]
+  done = _run(os.path.join(site_dir, "bin", "dro-fast-export"), "--helpfull")
+  assert done.returncode == 1 and "--max_shard_bytes" in done.stdout, (
+      done.returncode, done.stderr[-2000:])
   print(f"wheel OK: {os.path.basename(wheel)} -> {location}; flagfiles and "
         "console scripts work")
 

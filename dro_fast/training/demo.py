@@ -19,21 +19,26 @@ HELD_OUT_SEED = 10**6
 PROMPTS = 256
 
 
-def policy_reward(model_config: models.T5Config, params, tokenizer: Tokenizer,
+def policy_reward(model_config: models.T5Config | models.DecoderConfig,
+                  params, tokenizer: Tokenizer,
                   max_input_length: int, max_target_length: int,
                   num: int = PROMPTS) -> float:
   """Mean synthetic reward of greedy completions of held-out prompts."""
   prompts = [t.prompt for t in synthetic.make_triplets(num,
                                                         seed=HELD_OUT_SEED)]
-  inputs, _ = tokenizer.encode_batch(prompts, max_input_length)
+  inputs, _ = tokenizer.encode_prompts(prompts, max_input_length)
+  # T5 stops at its EOS by itself; a decoder-only model is told its stop ids.
+  stop = ({} if isinstance(model_config, models.T5Config)
+          else {"stop_ids": (tokenizer.eos_id,)})
   tokens = decoding.generate(params, jnp.asarray(inputs), config=model_config,
-                             max_length=max_target_length)
+                             max_length=max_target_length, **stop)
   texts = tokenizer.decode_batch(np.asarray(tokens))
   return float(np.mean([synthetic.reward(p, y)
                         for p, y in zip(prompts, texts)]))
 
 
-def rewards(model_config: models.T5Config, initial_params, final_params,
+def rewards(model_config: models.T5Config | models.DecoderConfig,
+            initial_params, final_params,
             tokenizer: Tokenizer, max_input_length: int,
             max_target_length: int) -> dict[str, float]:
   """{"behaviour_policy", "initial_policy", "final_policy"} mean rewards."""
