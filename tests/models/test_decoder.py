@@ -15,6 +15,11 @@ import pytest
 
 from dro_fast import models
 from dro_fast.models import value
+# By name: `dro_fast.models.decoder` is the builder function, which hides
+# the module of the same name.
+from dro_fast.models.decoder import _visible
+from dro_fast.models.decoder import cudnn_attention
+from dro_fast.models.decoder import xla_attention
 
 # Gemma-3-like: both window kinds, q/k norms, (1 + w) norms, post norms.
 GEMMA = models.DecoderConfig(
@@ -162,3 +167,24 @@ def test_cudnn_refuses_a_cpu():
   with pytest.raises(ValueError, match="DecoderConfig.attention='cudnn' "
                      "needs a CUDA GPU"):
     models.decoder(config).apply.logits(params, None, INPUTS, TARGETS)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_the_cudnn_call_masks_as_the_xla_core(window):
+  """The "cudnn" path's one dot_product_attention call, run by XLA here:
+  causal, right-padded keys, the window, grouped heads, the scale."""
+  keys_ = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(keys_[0], (2, 7, 4, 8))
+  k = jax.random.normal(keys_[1], (2, 7, 2, 8))
+  v = jax.random.normal(keys_[2], (2, 7, 2, 8))
+  lengths = jnp.asarray([7, 4])
+  index = jnp.arange(7)
+  visible = _visible(jnp.broadcast_to(index, (2, 7)), index,
+                     index[None] < lengths[:, None], window is not None,
+                     window)
+  want = xla_attention(q, k, v, visible, scale=0.3, softcap=None)
+  got = cudnn_attention(q, k, v, lengths, scale=0.3, window=window,
+                        implementation="xla")
+  # Rows past a row's length are padding (the model never reads them).
+  for b, n in enumerate([7, 4]):
+    np.testing.assert_allclose(got[b, :n], want[b, :n], atol=1e-5)

@@ -249,3 +249,58 @@ def test_wrongly_shaped_tensor_is_named(family, tmp_path):
           "expected (96, 64)") in message
   assert "missing tensor 'model.norm.weight' (expected shape (64,))" in (
       message)
+
+
+def _legacy(hf):
+  """A transformers 5 config.json dict in transformers 4's form (the hub's
+  Llama 3.1 / Gemma 3 files): rope_theta, rope_scaling, rope_local_base_freq,
+  sliding_window_pattern without layer_types."""
+  hf = dict(hf)
+  rope = hf.pop("rope_parameters")
+  if hf["model_type"] == "gemma3_text":
+    hf["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+    rope = dict(rope["full_attention"])
+    del hf["layer_types"]
+  hf["rope_theta"] = rope.pop("rope_theta")
+  hf["rope_scaling"] = None if rope == {"rope_type": "default"} else rope
+  return hf
+
+
+def test_transformers_4_config_files_read_the_same(family):
+  _, _, folder, config, _ = family
+  hf = json.loads((folder / "config.json").read_text())
+  assert hf_decoder.config_from_hf(_legacy(hf), "legacy") == config
+
+
+def test_multimodal_gemma3_folder_loads_its_text_model(family, tmp_path):
+  name, _, folder, config, params = family
+  if name != "gemma3":
+    pytest.skip("Gemma 3 only")
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  text = json.loads((folder / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"model_type": "gemma3", "architectures": [
+          "Gemma3ForConditionalGeneration"], "text_config": text}))
+  tensors = safetensors.numpy.load_file(str(folder / "model.safetensors"))
+  tensors = {name.replace("model.", "model.language_model.", 1): value
+             for name, value in tensors.items()}
+  tensors["model.vision_tower.patch.weight"] = np.zeros((2, 2), np.float32)
+  safetensors.numpy.save_file(tensors, str(tmp_path / "model.safetensors"))
+  loaded_config, loaded = pretrained.load(tmp_path)
+  assert loaded_config == config
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_bfloat16_export_reads_back_rounded(family, tmp_path):
+  name, _, _, config, params = family
+  if name != "llama":
+    pytest.skip("one family is enough")
+  hf_decoder.export_hf_decoder(config, params, tmp_path / "bf16",
+                               dtype="bfloat16")
+  assert (tmp_path / "bf16" / "model.safetensors").is_file()
+  hf = json.loads((tmp_path / "bf16" / "config.json").read_text())
+  assert hf["dtype"] == "bfloat16"
+  _, loaded = hf_decoder.load_hf_decoder(tmp_path / "bf16")
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+      a, np.asarray(b).astype(jnp.bfloat16).astype(np.float32)),
+               loaded, params)
