@@ -537,9 +537,11 @@ class DecoderApply(NamedTuple):
   logits(params, rng, inputs, targets, *, is_training=False) -> float32
     [B, T, V] of the same forward (soft-capped where set).
   prefill(params, rng, inputs [B, S], max_new_tokens) -> DecodeStep(logits
-    [B, V] of each row's next token, DecoderCache of M = S + max_new_tokens).
+    [B, V] of each row's next token, DecoderCache of M = S + max_new_tokens);
+    max_new_tokens is a Python int (static under jit).
   decode_step(params, rng, token [B], cache) -> DecodeStep: token takes the
-    position cache.length; logits [B, V] of the token after it.
+    position cache.length; logits [B, V] of the token after it. At most
+    M - length steps per row: a token past the cache is not stored.
   """
   decode: Callable[..., DecoderStates]
   logits: Callable[..., jax.Array]

@@ -83,7 +83,8 @@ class DecoderConfig:
       (informational; eos may be a tuple). The batch layout pads with PAD.
     dtype: compute dtype, "float32" or "bfloat16"; norms, softmax and
       logits are computed in float32.
-    param_dtype: parameter dtype ("float32").
+    param_dtype: the dtype export_hf_decoder writes by default; the network
+      creates its parameters in float32 whatever it says.
     scan_layers: one hk.layer_stack named "layers" with [L, ...] params.
     remat: REMAT_POLICIES, as T5Config.remat.
     attention: DECODER_ATTENTIONS, for the uncached forward; cached decoding

@@ -9,6 +9,7 @@ decoding, and the round trip export_hf_decoder -> from_pretrained.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -105,6 +106,13 @@ def _logprob_sums(logits, targets):
   return np.sum(np.where(targets >= 0, picked, 0.0), axis=1)
 
 
+@functools.lru_cache(maxsize=None)
+def _jit(config, function, *static):
+  """A jitted DecoderApply function, compiled once per config and shape."""
+  return jax.jit(getattr(models.decoder(config).apply, function),
+                 static_argnums=static)
+
+
 def test_config_from_hf_reads_the_family(family):
   name, model, _, config, _ = family
   assert config.family == name
@@ -123,8 +131,7 @@ def test_config_from_hf_reads_the_family(family):
 
 def test_logits_and_logprobs_match_transformers(family):
   _, model, _, config, params = family
-  net = models.decoder(config)
-  logits = np.asarray(jax.jit(net.apply.logits)(params, None, INPUTS,
+  logits = np.asarray(_jit(config, "logits")(params, None, INPUTS,
                                                  TARGETS))
   assert logits.shape == (3, TARGETS.shape[1], VOCAB)
   ours, theirs = [], []
@@ -142,8 +149,7 @@ def test_logits_and_logprobs_match_transformers(family):
 
 def test_decode_states_give_the_same_logits(family):
   _, _, _, config, params = family
-  net = models.decoder(config)
-  states = jax.jit(net.apply.decode)(params, None, INPUTS, TARGETS)
+  states = _jit(config, "decode")(params, None, INPUTS, TARGETS)
   assert states.hidden.shape == (3, TARGETS.shape[1], config.hidden_size)
   assert states.encoded.shape == (3, config.hidden_size)
   np.testing.assert_array_equal(states.encoded, states.hidden[:, 0])
@@ -152,7 +158,7 @@ def test_decode_states_give_the_same_logits(family):
   if cap:
     logits = jnp.tanh(logits / cap) * cap
   np.testing.assert_allclose(
-      logits, jax.jit(net.apply.logits)(params, None, INPUTS, TARGETS),
+      logits, _jit(config, "logits")(params, None, INPUTS, TARGETS),
       atol=1e-5)
 
 
@@ -164,20 +170,16 @@ def test_scan_layers_equals_unscanned(family):
   assert scanned["model/layers/self_attn/q_proj"]["kernel"].shape[0] == (
       config.num_layers)
   np.testing.assert_allclose(
-      jax.jit(models.decoder(scanned_config).apply.logits)(
-          scanned, None, INPUTS, TARGETS),
-      jax.jit(models.decoder(config).apply.logits)(params, None, INPUTS,
-                                                   TARGETS),
+      _jit(scanned_config, "logits")(scanned, None, INPUTS, TARGETS),
+      _jit(config, "logits")(params, None, INPUTS, TARGETS),
       rtol=1e-5, atol=1e-5)
 
 
 def test_cached_greedy_decoding_matches_the_full_forward(family):
   _, model, _, config, params = family
-  net = models.decoder(config)
   steps = 6
-  step = jax.jit(net.apply.prefill, static_argnums=3)(params, None, INPUTS,
-                                                     steps)
-  decode_step = jax.jit(net.apply.decode_step)
+  step = _jit(config, "prefill", 3)(params, None, INPUTS, steps)
+  decode_step = _jit(config, "decode_step")
   tokens, step_logits = [], []
   for _ in range(steps):
     token = jnp.argmax(step.logits, axis=-1).astype(jnp.int32)
@@ -186,7 +188,7 @@ def test_cached_greedy_decoding_matches_the_full_forward(family):
     step = decode_step(params, None, token, step.cache)
   tokens = np.stack(tokens, axis=1)                               # [B, steps]
   step_logits = np.stack(step_logits, axis=1)                     # [B,steps,V]
-  full = jax.jit(net.apply.logits)(params, None, INPUTS, tokens)
+  full = _jit(config, "logits")(params, None, INPUTS, tokens)
   np.testing.assert_allclose(step_logits, full, atol=2e-5, rtol=1e-5)
   # And transformers agrees on the greedy tokens' logits (past the window).
   for b in range(3):
