@@ -220,5 +220,21 @@ class DecoderConfig:
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
 
+  @property
+  def parameter_count(self) -> int:
+    """Number of parameters, from the config alone."""
+    d, k = self.hidden_size, self.head_dim
+    q, kv = self.num_heads * k, self.num_kv_heads * k
+    attention = 2 * d * q + 2 * d * kv
+    if self.attention_bias:
+      attention += q + 2 * kv
+    if self.qk_norm:
+      attention += 2 * k
+    norms = (4 if self.post_norms else 2) * d
+    layer = attention + 3 * d * self.intermediate_size + norms
+    embeddings = self.vocab_size * d * (
+        1 if self.tie_word_embeddings else 2)
+    return self.num_layers * layer + d + embeddings
+
   def replace(self, **changes) -> "DecoderConfig":
     return dataclasses.replace(self, **changes)

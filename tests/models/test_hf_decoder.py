@@ -129,6 +129,13 @@ def test_config_from_hf_reads_the_family(family):
   assert config.attention_bias == (name == "qwen2")
 
 
+def test_parameter_count_is_transformers(family):
+  _, model, _, config, params = family
+  assert config.parameter_count == sum(p.size for p in
+                                       jax.tree.leaves(params))
+  assert config.parameter_count == model.num_parameters()
+
+
 def test_logits_and_logprobs_match_transformers(family):
   _, model, _, config, params = family
   logits = np.asarray(_jit(config, "logits")(params, None, INPUTS,
