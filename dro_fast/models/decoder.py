@@ -40,6 +40,7 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
+from dro_fast.models import per_device
 from dro_fast.models.decoder_config import DecoderConfig
 from dro_fast.models.decoder_config import PAD
 from dro_fast.models.layers import Dense
@@ -212,17 +213,20 @@ def xla_attention(queries, keys, values, visible, *, scale: float,
 
 
 def cudnn_attention(queries, keys, values, lengths, *, scale: float,
-                    window: int | None) -> jax.Array:
+                    window: int | None, implementation: str = "cudnn"
+                    ) -> jax.Array:
   """cuDNN's fused attention: causal, right-padded keys, optional window.
 
-  A CUDA GPU's program only: dro_fast.backend.resolve refuses it for any
+  One jax.nn.dot_product_attention call; implementation "xla" runs the same
+  call in plain XLA (tests check its masks on a CPU that way). "cudnn" is a
+  CUDA GPU's program only: dro_fast.backend.resolve refuses it for any
   other platform.
   """
   return jax.nn.dot_product_attention(
       queries, keys, values, scale=scale, is_causal=True,
       key_value_seq_lengths=lengths,
       local_window_size=None if window is None else (window - 1, 0),
-      implementation="cudnn")
+      implementation=implementation)
 
 
 def splash_attention(queries, keys, values, lengths, *, scale: float,
@@ -267,7 +271,9 @@ def splash_attention(queries, keys, values, lengths, *, scale: float,
   def one(q, k, v, seg):
     return kernel(q, k, v, segment_ids=splash.SegmentIds(q=seg, kv=seg))
 
-  out = jax.vmap(one)(q, k, v, segments)                          # [B,H,n,K]
+  # A Pallas kernel on a mesh runs per device (per_device.over_batch).
+  out = per_device.over_batch(jax.vmap(one), (True, True, True, True))(
+      q, k, v, segments)                                          # [B,H,n,K]
   return jnp.swapaxes(out, 1, 2)[:, :n]
 
 
@@ -529,9 +535,11 @@ class DecoderApply(NamedTuple):
   logits(params, rng, inputs, targets, *, is_training=False) -> float32
     [B, T, V] of the same forward (soft-capped where set).
   prefill(params, rng, inputs [B, S], max_new_tokens) -> DecodeStep(logits
-    [B, V] of each row's next token, DecoderCache of M = S + max_new_tokens).
+    [B, V] of each row's next token, DecoderCache of M = S + max_new_tokens);
+    max_new_tokens is a Python int (static under jit).
   decode_step(params, rng, token [B], cache) -> DecodeStep: token takes the
-    position cache.length; logits [B, V] of the token after it.
+    position cache.length; logits [B, V] of the token after it. At most
+    M - length steps per row: a token past the cache is not stored.
   """
   decode: Callable[..., DecoderStates]
   logits: Callable[..., jax.Array]

@@ -83,7 +83,8 @@ class DecoderConfig:
       (informational; eos may be a tuple). The batch layout pads with PAD.
     dtype: compute dtype, "float32" or "bfloat16"; norms, softmax and
       logits are computed in float32.
-    param_dtype: parameter dtype ("float32").
+    param_dtype: the dtype export_hf_decoder writes by default; the network
+      creates its parameters in float32 whatever it says.
     scan_layers: one hk.layer_stack named "layers" with [L, ...] params.
     remat: REMAT_POLICIES, as T5Config.remat.
     attention: DECODER_ATTENTIONS, for the uncached forward; cached decoding
@@ -218,6 +219,22 @@ class DecoderConfig:
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
+
+  @property
+  def parameter_count(self) -> int:
+    """Number of parameters, from the config alone."""
+    d, k = self.hidden_size, self.head_dim
+    q, kv = self.num_heads * k, self.num_kv_heads * k
+    attention = 2 * d * q + 2 * d * kv
+    if self.attention_bias:
+      attention += q + 2 * kv
+    if self.qk_norm:
+      attention += 2 * k
+    norms = (4 if self.post_norms else 2) * d
+    layer = attention + 3 * d * self.intermediate_size + norms
+    embeddings = self.vocab_size * d * (
+        1 if self.tie_word_embeddings else 2)
+    return self.num_layers * layer + d + embeddings
 
   def replace(self, **changes) -> "DecoderConfig":
     return dataclasses.replace(self, **changes)

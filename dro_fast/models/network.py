@@ -303,8 +303,9 @@ class DecoderStates(NamedTuple):
     scale, so that kernels.linear_sequence_logprobs(hidden, weight, ...)
     never materialises the logits.
   weight: [D, V] output projection (DecoderOutput.weight).
-  encoded: [B, S, D] the encoder output the decoder attended to, for a value
-    head sharing the policy's encoder (value.value_network "shared").
+  encoded: what a value head sharing the policy reads (value.value_network
+    "shared"): T5's encoder output [B, S, D]; a decoder-only model's
+    final-normed state at the last prompt token [B, D].
   """
   hidden: jax.Array
   weight: jax.Array

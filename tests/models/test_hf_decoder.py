@@ -9,6 +9,7 @@ decoding, and the round trip export_hf_decoder -> from_pretrained.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -105,6 +106,13 @@ def _logprob_sums(logits, targets):
   return np.sum(np.where(targets >= 0, picked, 0.0), axis=1)
 
 
+@functools.lru_cache(maxsize=None)
+def _jit(config, function, *static):
+  """A jitted DecoderApply function, compiled once per config and shape."""
+  return jax.jit(getattr(models.decoder(config).apply, function),
+                 static_argnums=static)
+
+
 def test_config_from_hf_reads_the_family(family):
   name, model, _, config, _ = family
   assert config.family == name
@@ -121,10 +129,16 @@ def test_config_from_hf_reads_the_family(family):
   assert config.attention_bias == (name == "qwen2")
 
 
+def test_parameter_count_is_transformers(family):
+  _, model, _, config, params = family
+  assert config.parameter_count == sum(p.size for p in
+                                       jax.tree.leaves(params))
+  assert config.parameter_count == model.num_parameters()
+
+
 def test_logits_and_logprobs_match_transformers(family):
   _, model, _, config, params = family
-  net = models.decoder(config)
-  logits = np.asarray(jax.jit(net.apply.logits)(params, None, INPUTS,
+  logits = np.asarray(_jit(config, "logits")(params, None, INPUTS,
                                                  TARGETS))
   assert logits.shape == (3, TARGETS.shape[1], VOCAB)
   ours, theirs = [], []
@@ -142,8 +156,7 @@ def test_logits_and_logprobs_match_transformers(family):
 
 def test_decode_states_give_the_same_logits(family):
   _, _, _, config, params = family
-  net = models.decoder(config)
-  states = jax.jit(net.apply.decode)(params, None, INPUTS, TARGETS)
+  states = _jit(config, "decode")(params, None, INPUTS, TARGETS)
   assert states.hidden.shape == (3, TARGETS.shape[1], config.hidden_size)
   assert states.encoded.shape == (3, config.hidden_size)
   np.testing.assert_array_equal(states.encoded, states.hidden[:, 0])
@@ -152,7 +165,7 @@ def test_decode_states_give_the_same_logits(family):
   if cap:
     logits = jnp.tanh(logits / cap) * cap
   np.testing.assert_allclose(
-      logits, jax.jit(net.apply.logits)(params, None, INPUTS, TARGETS),
+      logits, _jit(config, "logits")(params, None, INPUTS, TARGETS),
       atol=1e-5)
 
 
@@ -164,20 +177,16 @@ def test_scan_layers_equals_unscanned(family):
   assert scanned["model/layers/self_attn/q_proj"]["kernel"].shape[0] == (
       config.num_layers)
   np.testing.assert_allclose(
-      jax.jit(models.decoder(scanned_config).apply.logits)(
-          scanned, None, INPUTS, TARGETS),
-      jax.jit(models.decoder(config).apply.logits)(params, None, INPUTS,
-                                                   TARGETS),
+      _jit(scanned_config, "logits")(scanned, None, INPUTS, TARGETS),
+      _jit(config, "logits")(params, None, INPUTS, TARGETS),
       rtol=1e-5, atol=1e-5)
 
 
 def test_cached_greedy_decoding_matches_the_full_forward(family):
   _, model, _, config, params = family
-  net = models.decoder(config)
   steps = 6
-  step = jax.jit(net.apply.prefill, static_argnums=3)(params, None, INPUTS,
-                                                     steps)
-  decode_step = jax.jit(net.apply.decode_step)
+  step = _jit(config, "prefill", 3)(params, None, INPUTS, steps)
+  decode_step = _jit(config, "decode_step")
   tokens, step_logits = [], []
   for _ in range(steps):
     token = jnp.argmax(step.logits, axis=-1).astype(jnp.int32)
@@ -186,7 +195,7 @@ def test_cached_greedy_decoding_matches_the_full_forward(family):
     step = decode_step(params, None, token, step.cache)
   tokens = np.stack(tokens, axis=1)                               # [B, steps]
   step_logits = np.stack(step_logits, axis=1)                     # [B,steps,V]
-  full = jax.jit(net.apply.logits)(params, None, INPUTS, tokens)
+  full = _jit(config, "logits")(params, None, INPUTS, tokens)
   np.testing.assert_allclose(step_logits, full, atol=2e-5, rtol=1e-5)
   # And transformers agrees on the greedy tokens' logits (past the window).
   for b in range(3):
@@ -249,3 +258,58 @@ def test_wrongly_shaped_tensor_is_named(family, tmp_path):
           "expected (96, 64)") in message
   assert "missing tensor 'model.norm.weight' (expected shape (64,))" in (
       message)
+
+
+def _legacy(hf):
+  """A transformers 5 config.json dict in transformers 4's form (the hub's
+  Llama 3.1 / Gemma 3 files): rope_theta, rope_scaling, rope_local_base_freq,
+  sliding_window_pattern without layer_types."""
+  hf = dict(hf)
+  rope = hf.pop("rope_parameters")
+  if hf["model_type"] == "gemma3_text":
+    hf["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+    rope = dict(rope["full_attention"])
+    del hf["layer_types"]
+  hf["rope_theta"] = rope.pop("rope_theta")
+  hf["rope_scaling"] = None if rope == {"rope_type": "default"} else rope
+  return hf
+
+
+def test_transformers_4_config_files_read_the_same(family):
+  _, _, folder, config, _ = family
+  hf = json.loads((folder / "config.json").read_text())
+  assert hf_decoder.config_from_hf(_legacy(hf), "legacy") == config
+
+
+def test_multimodal_gemma3_folder_loads_its_text_model(family, tmp_path):
+  name, _, folder, config, params = family
+  if name != "gemma3":
+    pytest.skip("Gemma 3 only")
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  text = json.loads((folder / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"model_type": "gemma3", "architectures": [
+          "Gemma3ForConditionalGeneration"], "text_config": text}))
+  tensors = safetensors.numpy.load_file(str(folder / "model.safetensors"))
+  tensors = {name.replace("model.", "model.language_model.", 1): value
+             for name, value in tensors.items()}
+  tensors["model.vision_tower.patch.weight"] = np.zeros((2, 2), np.float32)
+  safetensors.numpy.save_file(tensors, str(tmp_path / "model.safetensors"))
+  loaded_config, loaded = pretrained.load(tmp_path)
+  assert loaded_config == config
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_bfloat16_export_reads_back_rounded(family, tmp_path):
+  name, _, _, config, params = family
+  if name != "llama":
+    pytest.skip("one family is enough")
+  hf_decoder.export_hf_decoder(config, params, tmp_path / "bf16",
+                               dtype="bfloat16")
+  assert (tmp_path / "bf16" / "model.safetensors").is_file()
+  hf = json.loads((tmp_path / "bf16" / "config.json").read_text())
+  assert hf["dtype"] == "bfloat16"
+  _, loaded = hf_decoder.load_hf_decoder(tmp_path / "bf16")
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+      a, np.asarray(b).astype(jnp.bfloat16).astype(np.float32)),
+               loaded, params)
