@@ -166,3 +166,19 @@ def test_killed_and_preempted_runs_resume_bit_for_bit(folder, data, env,
   final = _train(flags, env)
   assert final["final_step"] == 8
   assert final["policy_params_sha256"] == reference["policy_params_sha256"]
+
+
+def test_the_tiny_decoder_flagfile_runs_sft_then_dro_v(env, tmp_path):
+  """The packaged CPU demo of a decoder-only model, shortened: SentencePiece
+  trained on the synthetic task, SFT, DRO-V and the demo's reward."""
+  summary = _train(["--flagfile=tiny_decoder.flags",
+                    f"--workdir={tmp_path / 'run'}", "--sft_steps=20",
+                    "--train_steps=4", "--log_every=2",
+                    "--checkpoint_every=2", "--demo_examples=256"], env)
+  assert summary["final_step"] == 4
+  rewards = summary["demo_reward"]
+  assert set(rewards) == {"behaviour_policy", "initial_policy",
+                          "final_policy"}
+  assert all(-1.0 <= r <= 1.0 for r in rewards.values())
+  run = json.loads((tmp_path / "run" / "run_config.json").read_text())
+  assert run["model"]["name"] == "tiny_decoder" and run["data"]["decoder_only"]
