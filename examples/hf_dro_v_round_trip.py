@@ -1,4 +1,4 @@
-r"""DRO-V on a Hugging Face LLM folder, exported back and scored by transformers.
+r"""DRO-V from a Hugging Face LLM folder, exported, scored by transformers.
 
   python examples/hf_dro_v_round_trip.py --model=HF_DIR --data=ROWS.jsonl \
       [--steps=3] [--workdir=DIR] [--out=DIR] [--rows=2]

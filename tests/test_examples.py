@@ -220,7 +220,7 @@ class TestHfRoundTrip:
 
   @pytest.mark.slow
   def test_export_scores_as_dro_fast_in_transformers(self, tmp_path):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    import safetensors.numpy  # pylint: disable=g-import-not-at-top
     from tests import hf_folders  # pylint: disable=g-import-not-at-top
     folder = hf_folders.build_model_folder(tmp_path / "gemma3", "gemma3")
     data = tmp_path / "rows.jsonl"
@@ -249,8 +249,9 @@ class TestHfRoundTrip:
     assert np.all(by_dro_fast < 0)
     assert any(line.startswith("trained 2 DRO-V steps") for line in lines)
     # The export holds the trained policy, not the folder's weights.
-    trained = load_file(tmp_path / "hf" / "model.safetensors")
-    initial = load_file(pathlib.Path(folder) / "model.safetensors")
+    weights = lambda path: safetensors.numpy.load_file(
+        pathlib.Path(path) / "model.safetensors")
+    trained, initial = weights(tmp_path / "hf"), weights(folder)
     name = "model.layers.0.mlp.down_proj.weight"
     assert trained[name].shape == initial[name].shape
     assert np.abs(trained[name] - initial[name]).max() > 1e-5
