@@ -5,14 +5,18 @@ float64 log-softmax gather over the completion's targets; V(x) sees the
 prompt only; training starts at π = π_ref (loss ½·mean r², log-ratio 0) and
 the loss falls. The judge example: verdicts follow the rewards, the swap
 cancels a position bias, and the CLI takes the judge in both documented
-forms. Each example runs as `python examples/NAME.py` from any directory.
+forms. The Hugging Face round trip: trained from a tiny folder, its export
+scores the rows in transformers as dro_fast.score does on the run. Each
+example runs as `python examples/NAME.py` from any directory.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -23,6 +27,7 @@ import pytest
 
 from examples import custom_judge
 from examples import flax_nnx_decoder_only
+from examples import hf_dro_v_round_trip
 from examples import plain_jax_decoder_only
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -32,6 +37,8 @@ EXAMPLES = {
     "plain_jax_decoder_only": "step 19 ",
     "flax_nnx_decoder_only": "step 19 ",
 }
+# Examples that need inputs, each run as a script by its own test.
+EXAMPLES_WITH_INPUTS = {"hf_dro_v_round_trip"}
 # Distinct small sizes (B, P, C, D, V = 5, 3, 4, 8, 11) so a swapped axis or
 # an off-by-one in the shift fails.
 SHAPES = dict(vocab=11, prompt_len=3, completion_len=4, width=8, heads=2,
@@ -179,7 +186,7 @@ class TestCustomJudge:
 
 def test_every_example_is_run():
   scripts = {p.stem for p in (REPO / "examples").glob("*.py")}
-  assert scripts - {"__init__"} == set(EXAMPLES)
+  assert scripts - {"__init__"} == set(EXAMPLES) | EXAMPLES_WITH_INPUTS
 
 
 @pytest.mark.parametrize("name", [
@@ -194,3 +201,82 @@ def test_runs_as_a_script_from_any_directory(name, tmp_path):
   assert result.returncode == 0, result.stderr[-4000:]
   last_line = result.stdout.strip().splitlines()[-1]
   assert last_line.startswith(EXAMPLES[name]), result.stdout[-2000:]
+
+
+class TestHfRoundTrip:
+  """examples/hf_dro_v_round_trip.py on a tiny Gemma 3 folder."""
+
+  @staticmethod
+  def _rows(n: int = 8) -> list[dict]:
+    rows = []
+    for i in range(n):
+      prompt = ([{"role": "system", "content": "Be brief."}] if i % 3 == 0
+                else []) + [{"role": "user",
+                             "content": f"What about the sky {i}?"}]
+      answer = "It is blue and warm." if i % 2 else "Count one two three."
+      rows.append({"prompt": prompt, "label": bool(i % 2),
+                   "completion": [{"role": "assistant", "content": answer}]})
+    return rows
+
+  @pytest.mark.slow
+  def test_export_scores_as_dro_fast_in_transformers(self, tmp_path):
+    import safetensors.numpy  # pylint: disable=g-import-not-at-top
+    from tests import hf_folders  # pylint: disable=g-import-not-at-top
+    folder = hf_folders.build_model_folder(tmp_path / "gemma3", "gemma3")
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in self._rows()))
+    # This tree's dro_fast, not an installed one, from another directory.
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    scratch = tmp_path / "cwd"
+    scratch.mkdir()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "hf_dro_v_round_trip.py"),
+         f"--model={folder}", f"--data={data}", "--steps=2", "--rows=3",
+         f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'hf'}"],
+        cwd=scratch, env=env, capture_output=True, text=True, timeout=600,
+        check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1].startswith("max |difference| "), result.stdout[-2000:]
+    scored = [re.fullmatch(r"row \d: log π\(y\|x\) transformers (\S+)  "
+                           r"dro_fast (\S+)  difference \S+", line)
+              for line in lines if line.startswith("row ")]
+    assert len(scored) == 3 and all(scored), lines
+    by_transformers, by_dro_fast = np.array(
+        [[float(m[1]), float(m[2])] for m in scored]).T
+    np.testing.assert_allclose(by_transformers, by_dro_fast, rtol=0,
+                               atol=1e-4)
+    assert np.all(by_dro_fast < 0)
+    assert any(line.startswith("trained 2 DRO-V steps") for line in lines)
+    # The export holds the trained policy, not the folder's weights.
+    weights = lambda path: safetensors.numpy.load_file(
+        pathlib.Path(path) / "model.safetensors")
+    trained, initial = weights(tmp_path / "hf"), weights(folder)
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert trained[name].shape == initial[name].shape
+    assert np.abs(trained[name] - initial[name]).max() > 1e-5
+
+  def test_refuses_a_folder_that_is_not_a_decoder(self, tmp_path):
+    cfg = hf_dro_v_round_trip.Config(model=str(tmp_path),
+                                     data=str(tmp_path / "rows.jsonl"))
+    with pytest.raises(ValueError, match="no decoder-only Hugging Face"):
+      hf_dro_v_round_trip.run_config(cfg, str(tmp_path / "run"))
+
+  def test_trl_ids_split_the_template_at_the_generation_prompt(
+      self, tmp_path):
+    from tests import hf_folders  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+    folder = hf_folders.build_tokenizer(tmp_path, "qwen")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    prompt = [{"role": "user", "content": "hello"}]
+    completion = [{"role": "assistant", "content": "again"}]
+    prompt_ids, completion_ids = hf_dro_v_round_trip.trl_ids(
+        tokenizer, prompt, completion)
+    assert tokenizer.decode(prompt_ids) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.decode(completion_ids) == "again<|im_end|>\n"
+    prompt_ids, completion_ids = hf_dro_v_round_trip.trl_ids(
+        tokenizer, "hello", " again")
+    assert tokenizer.decode(prompt_ids) == "hello"
+    assert tokenizer.decode(completion_ids) == " again<|im_end|>"

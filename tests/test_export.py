@@ -1,9 +1,10 @@
-"""dro_fast.export: a run's T5 policy as a transformers folder.
+"""dro_fast.export: a run's policy as a transformers folder.
 
-Checked against transformers itself: T5ForConditionalGeneration and
-AutoTokenizer load the exported folder, and give the log-probabilities and
-ids that dro_fast's model and tokenizer give. Bad input is one line, exit
-status 2, and leaves nothing behind.
+Checked against transformers itself: T5ForConditionalGeneration (T5) or
+AutoModelForCausalLM (decoder-only families, trained from a tiny Hugging
+Face folder) and AutoTokenizer load the exported folder, and give the
+log-probabilities and ids that dro_fast's model and tokenizer give. Bad
+input is one line, exit status 2, and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 import torch
 import transformers
 
+import dro_fast
 from dro_fast import export
 from dro_fast import models
 from dro_fast import tokenizer as tokenizer_lib
@@ -281,3 +283,140 @@ def test_init_exports_the_runs_initial_policy(run_dir, tmp_path):
   _, params = pretrained.load_hf(tmp_path / "hf")
   jax.tree.map(np.testing.assert_array_equal, params,
                runs.load_initial_policy(str(run_dir)))
+
+
+# ---------------------------------------------------------------------------
+# Decoder-only policies: trained from a tiny Hugging Face folder of each
+# family (tests/hf_folders.py) by the trainer's CLI, exported, and read back
+# by transformers alone.
+
+_DECODER_ROWS = [
+    ([{"role": "system", "content": "Be brief."},
+      {"role": "user", "content": "What about the sky?"}],
+     [{"role": "assistant", "content": "It is blue and warm today."}]),
+    ([{"role": "user", "content": "Count, please."}],
+     [{"role": "assistant", "content": "one two three four five"}]),
+    ("What is the capital of France?", " Paris is the capital."),
+]
+
+
+def _unpaired_rows(n=8):
+  rows = []
+  for i in range(n):
+    prompt, completion = _DECODER_ROWS[i % 2]
+    rows.append({"prompt": prompt, "completion": completion,
+                 "label": bool(i % 2)})
+  return rows
+
+
+def _trl_ids(tokenizer, prompt, completion):
+  """(prompt ids, completion ids) by TRL's rule (REFERENCE.md §9), with
+  transformers' tokenizer: a chat row split at the generation prompt's
+  text, each part without special tokens; a plain prompt with them, its
+  completion without, EOS appended."""
+  if isinstance(prompt, str):
+    return (tokenizer(prompt)["input_ids"],
+            tokenizer(completion + tokenizer.eos_token,
+                      add_special_tokens=False)["input_ids"])
+  prompt_text = tokenizer.apply_chat_template(
+      prompt, add_generation_prompt=True, tokenize=False)
+  full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+  assert full.startswith(prompt_text)
+  return (tokenizer(prompt_text, add_special_tokens=False)["input_ids"],
+          tokenizer(full[len(prompt_text):],
+                    add_special_tokens=False)["input_ids"])
+
+
+def _causal_lm_logprob(model, prompt_ids, completion_ids):
+  """Σ log π(completion | prompt) of a transformers causal LM."""
+  ids = torch.tensor([prompt_ids + completion_ids])
+  with torch.no_grad():
+    logits = model(input_ids=ids).logits[0]
+  start = len(prompt_ids) - 1     # position t predicts token t + 1
+  logp = torch.log_softmax(logits[start:start + len(completion_ids)], -1)
+  return float(logp.gather(-1, torch.tensor(completion_ids)[:, None]).sum())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_decoder_export_scores_and_tokenises_as_the_run(tmp_path, family):
+  from dro_fast import scoring  # pylint: disable=g-import-not-at-top
+  from tests import hf_folders  # pylint: disable=g-import-not-at-top
+  folder = hf_folders.build_model_folder(tmp_path / family, family)
+  data = tmp_path / "rows.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in _unpaired_rows()))
+  workdir = tmp_path / "run"
+  lengths = {"max_input_length": 64, "max_target_length": 32}
+  trained = subprocess.run(
+      [sys.executable, "-m", "dro_fast.train", f"--init_checkpoint={folder}",
+       f"--train_data={data}", "--data_format=unpaired",
+       f"--workdir={workdir}", "--batch_size=4", "--train_steps=2",
+       "--checkpoint_every=2", "--log_every=1", "--warmup_steps=1",
+       "--policy_lr=1e-3", "--value_lr=1e-3",
+       *[f"--{k}={v}" for k, v in lengths.items()]],
+      cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+
+  out = tmp_path / "hf"
+  result = export.export(str(workdir), str(out))
+  assert result["source"] == f"{workdir}:2"
+  assert {"config.json", "generation_config.json", "model.safetensors",
+          "tokenizer.json", "tokenizer_config.json"} <= set(result["files"])
+  hf_config = json.loads((out / "config.json").read_text())
+  assert hf_config["model_type"] == json.loads(
+      (tmp_path / family / "config.json").read_text())["model_type"]
+
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      out, attn_implementation="eager").eval()
+  assert model.dtype == torch.float32
+  hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  run_tokenizer = runs.tokenizer(runs.read_run_config(str(workdir)),
+                                 str(workdir))
+  prompts = [p for p, _ in _DECODER_ROWS]
+  completions = [c for _, c in _DECODER_ROWS]
+  expected = []
+  for prompt, completion in _DECODER_ROWS:
+    prompt_ids, completion_ids = _trl_ids(hf_tokenizer, prompt, completion)
+    example = scoring.as_example(prompt)
+    assert run_tokenizer.prompt_ids(example) == prompt_ids
+    assert run_tokenizer.completion_ids(
+        example, scoring.as_example(completion)) == completion_ids
+    # dro_fast's run truncates to its lengths; these rows fit.
+    assert len(prompt_ids) <= lengths["max_input_length"]
+    assert len(completion_ids) <= lengths["max_target_length"]
+    expected.append(_causal_lm_logprob(model, prompt_ids, completion_ids))
+
+  scored = dro_fast.score(str(workdir), prompts, completions)
+  # 1e-5, and 1e-6 of the sum: a float32 sum near 100 steps by 7.6e-6.
+  np.testing.assert_allclose(scored, expected, rtol=1e-6, atol=1e-5)
+  # The trained policy, not the folder's: that one scores otherwise.
+  initial = dro_fast.score(f"hf:{tmp_path / family}", prompts, completions)
+  assert np.abs(initial - scored).max() > 1e-3
+
+
+# Fields of a transformers config that the export may write otherwise,
+# because they change no computation of the model: the class list and
+# dtype (informational); max_window_layers (Qwen's sliding window, off
+# here); Gemma 3's sliding_window_pattern (layer_types, written, decides).
+_UNCOMPUTED_FIELDS = {"architectures", "dtype", "max_window_layers",
+                      "sliding_window_pattern", "_sliding_window_pattern"}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_decoder_config_json_survives_run_config_json(family):
+  """config.json -> DecoderConfig -> run_config.json -> the export's
+  config.json: transformers reads it (its strict field types) as the
+  original config."""
+  from dro_fast.models import hf_decoder  # pylint: disable=g-import-not-at-top
+  from tests import hf_folders  # pylint: disable=g-import-not-at-top
+  original = hf_folders.hf_model_config(family, 304)
+  config = hf_decoder.config_from_hf(original.to_dict(), "config.json")
+  read_back = RunConfig.from_json(
+      RunConfig("run", model=config).to_json()).model
+  exported = transformers.AutoConfig.for_model(
+      **hf_decoder.hf_config(read_back))
+  assert type(exported) is type(original)
+  want, got = original.to_dict(), exported.to_dict()
+  differ = {k: (want.get(k), got.get(k)) for k in set(want) | set(got)
+            if want.get(k) != got.get(k)}
+  assert set(differ) <= _UNCOMPUTED_FIELDS, differ

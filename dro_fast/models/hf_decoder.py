@@ -335,6 +335,10 @@ def _build(tensors: Mapping[str, np.ndarray], config: DecoderConfig,
 # Export.
 
 
+def _as_int_if_whole(value: float | None) -> float | int | None:
+  return int(value) if value is not None and value == int(value) else value
+
+
 def hf_config(config: DecoderConfig, dtype: str = "float32"
               ) -> dict[str, Any]:
   """The config.json dict transformers reads back into the same model."""
@@ -364,7 +368,9 @@ def hf_config(config: DecoderConfig, dtype: str = "float32"
   if family == "gemma3":
     out.update(
         hidden_activation="gelu_pytorch_tanh",
-        query_pre_attn_scalar=config.query_pre_attn_scalar,
+        # An int in transformers' Gemma3TextConfig, which refuses 24.0
+        # (run_config.json reads the field back as a float).
+        query_pre_attn_scalar=_as_int_if_whole(config.query_pre_attn_scalar),
         sliding_window=config.sliding_window,
         layer_types=list(config.layer_types) or (
             ["full_attention"] * config.num_layers),
