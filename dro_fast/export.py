@@ -142,6 +142,12 @@ def _writer(run, params, workdir: str, spec: str, *, dtype: str | None,
     hf_decoder.export_hf_decoder(config, params, folder,
                                  max_shard_bytes=max_shard_bytes, dtype=dtype)
     _copy_tokenizer_folder(run.tokenizer_path(workdir), folder)
+    # The source model's sampling defaults and end-of-turn ids (Qwen lists
+    # two EOS ids) rather than those config.json alone implies.
+    source = run.init_checkpoint and os.path.join(run.init_checkpoint,
+                                                  "generation_config.json")
+    if source and os.path.isfile(source):
+      shutil.copyfile(source, os.path.join(folder, "generation_config.json"))
   return write
 
 
