@@ -45,14 +45,17 @@ from dro_fast.models import pretrained
 from dro_fast.training import checkpointing
 from dro_fast.training import runs
 
-_DTYPE = flags.DEFINE_enum(
-    "dtype", None, list(hf_t5.DTYPES), "The weights' dtype in OUT_DIR "
-    "(default: the parameters' own, float32 for T5).")
-_MAX_SHARD_BYTES = flags.DEFINE_integer(
-    "max_shard_bytes", 2**30, "The most tensor bytes in one safetensors "
-    "file; past it the weights are sharded with an index.", lower_bound=1)
-_OVERWRITE = flags.DEFINE_boolean(
-    "overwrite", False, "Replace an OUT_DIR that exists and is not empty.")
+def _define_flags() -> None:
+  """The CLI's flags, defined when it runs, not when a library imports it
+  (export() is called from other programs, which have flags of their own)."""
+  flags.DEFINE_enum(
+      "dtype", None, list(hf_t5.DTYPES), "The weights' dtype in OUT_DIR "
+      "(default: the parameters' own, float32 for T5).")
+  flags.DEFINE_integer(
+      "max_shard_bytes", 2**30, "The most tensor bytes in one safetensors "
+      "file; past it the weights are sharded with an index.", lower_bound=1)
+  flags.DEFINE_boolean(
+      "overwrite", False, "Replace an OUT_DIR that exists and is not empty.")
 
 USAGE = ("usage: python -m dro_fast.export WORKDIR[:STEP] OUT_DIR "
          "[--dtype=bfloat16] [--max_shard_bytes=N] [--overwrite]")
@@ -191,9 +194,9 @@ def main(argv):
   runtime.hide_absent_tpu()
   spec, out_dir = argv[1], argv[2]
   try:
-    result = export(spec, out_dir, dtype=_DTYPE.value,
-                    max_shard_bytes=_MAX_SHARD_BYTES.value,
-                    overwrite=_OVERWRITE.value)
+    result = export(spec, out_dir, dtype=flags.FLAGS.dtype,
+                    max_shard_bytes=flags.FLAGS.max_shard_bytes,
+                    overwrite=flags.FLAGS.overwrite)
   except (ExportError, runs.RunError,
           pretrained.CheckpointError, checkpointing.CorruptCheckpointError,
           checkpointing.TemplateMismatchError) as e:
@@ -221,7 +224,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run() -> None:
-  """The `dro-fast-export` console script."""
+  """The `dro-fast-export` console script (and `python -m dro_fast.export`)."""
+  _define_flags()
   app.run(main, flags_parser=parse_flags)
 
 

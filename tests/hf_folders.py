@@ -152,8 +152,9 @@ def hf_model_config(family, vocab_size, **changes):
     return transformers.Qwen2Config(**common, tie_word_embeddings=True)
   if family == "qwen3":
     return transformers.Qwen3Config(**common)
+  common["num_hidden_layers"] = changes.get("num_hidden_layers", 3)
   return transformers.Gemma3TextConfig(
-      **{"num_hidden_layers": 3, **common}, sliding_window=4,
+      **common, sliding_window=4,
       sliding_window_pattern=2, query_pre_attn_scalar=24,
       rope_scaling={"rope_type": "linear", "factor": 8.0})
 

@@ -13,7 +13,6 @@ compile nothing.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -23,6 +22,7 @@ import time
 import pytest
 
 from tests.hf_folders import build_model_folder
+from tests.test_kill_resume import env  # pylint: disable=unused-import
 from tests.test_train import REPO
 
 pytestmark = pytest.mark.slow
@@ -51,14 +51,6 @@ def _rows(conversational: bool, n: int = 24) -> list[dict]:
 def _write(path: pathlib.Path, rows: list[dict]) -> str:
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   return str(path)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-  cache = tmp_path_factory.mktemp("jax_cache")
-  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,7 @@ from dro_fast.models.decoder_config import DecoderConfig
 from dro_fast.models.decoder_config import PAD
 from dro_fast.models.layers import Dense
 from dro_fast.models.layers import matmul
+from dro_fast.models.layers import RMSNorm
 from dro_fast.models.network import DecodeStep
 from dro_fast.models.network import DecoderStates
 from dro_fast.models.network import run_layers
@@ -124,28 +125,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 # ---------------------------------------------------------------------------
 # Layers.
-
-
-class RMSNorm(hk.Module):
-  """RMSNorm computed in float32: x·rsqrt(mean x² + eps)·w, or ·(1 + w).
-
-  `scale` is stored as transformers stores it: w (ones at init), or with
-  plus_one (Gemma) the w of (1 + w) (zeros at init).
-  """
-
-  def __init__(self, epsilon: float, plus_one: bool, name: str):
-    super().__init__(name=name)
-    self.epsilon = epsilon
-    self.plus_one = plus_one
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    scale = hk.get_parameter("scale", [x.shape[-1]], jnp.float32,
-                             init=jnp.zeros if self.plus_one else jnp.ones)
-    x32 = x.astype(jnp.float32)
-    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    weight = 1.0 + scale if self.plus_one else scale
-    return (x32 * jax.lax.rsqrt(variance + self.epsilon) * weight).astype(
-        x.dtype)
 
 
 class Projection(Dense):
@@ -338,7 +317,8 @@ class Decoder:
             for kind, inv in self.inv_freq.items()}
 
   def _norm(self, name: str) -> RMSNorm:
-    return RMSNorm(self.config.rms_norm_eps, self.config.norm_plus_one, name)
+    return RMSNorm(self.config.rms_norm_eps, name,
+                   plus_one=self.config.norm_plus_one)
 
   def _layer(self, x, rope, sliding, attend):
     """One block; attend(q, k, v, sliding) -> (out, kv to return)."""

@@ -274,19 +274,9 @@ def load_hf_decoder(path: str | os.PathLike,
   path = os.fspath(path)
   with pretrained._remote_errors(path):  # pylint: disable=protected-access
     directory = fileio.as_path(path)
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-      raise CheckpointError(f"{path}: no config.json; pass a folder written "
-                            f"by save_pretrained.")
-    try:
-      hf = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise CheckpointError(f"{config_file}: invalid JSON ({e}); copy it "
-                            "again or save the model again.") from None
-    if not isinstance(hf, dict):
-      raise CheckpointError(f"{config_file}: not a JSON object.")
+    hf, config_file = pretrained.read_hf_config(path, directory)
     if config is None:
-      config = config_from_hf(hf, str(config_file))
+      config = config_from_hf(hf, config_file)
     # pylint: disable-next=protected-access
     tensors = pretrained._read_hf_tensors(directory)
   return config, _build(tensors, config, path)

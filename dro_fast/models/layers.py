@@ -41,18 +41,25 @@ def matmul(x: jax.Array, kernel: jax.Array, *, form: str,
 
 
 class RMSNorm(hk.Module):
-  """T5's LayerNorm: scale only, no mean subtraction, computed in float32."""
+  """RMSNorm in float32: x·rsqrt(mean x² + eps)·w, or ·(1 + w).
 
-  def __init__(self, epsilon: float, name: str):
+  T5's LayerNorm and Llama's / Qwen's norm (scale only, no mean
+  subtraction); with plus_one, Gemma's, whose stored `scale` is the w of
+  (1 + w) (zeros at init), as transformers stores it.
+  """
+
+  def __init__(self, epsilon: float, name: str, plus_one: bool = False):
     super().__init__(name=name)
     self.epsilon = epsilon
+    self.plus_one = plus_one
 
   def __call__(self, x: jax.Array) -> jax.Array:
     scale = hk.get_parameter("scale", [x.shape[-1]], jnp.float32,
-                             init=jnp.ones)
+                             init=jnp.zeros if self.plus_one else jnp.ones)
     x32 = x.astype(jnp.float32)
     variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    return (x32 * jax.lax.rsqrt(variance + self.epsilon) * scale).astype(
+    weight = 1.0 + scale if self.plus_one else scale
+    return (x32 * jax.lax.rsqrt(variance + self.epsilon) * weight).astype(
         x.dtype)
 
 

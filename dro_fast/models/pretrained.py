@@ -352,7 +352,12 @@ def load_hf(path: str | os.PathLike) -> tuple[models.T5Config, Params]:
     return _load_hf(path, fileio.as_path(path))
 
 
-def _load_hf(path: str, directory) -> tuple[models.T5Config, Params]:
+def read_hf_config(path: str, directory) -> tuple[dict[str, Any], str]:
+  """(a Hugging Face folder's config.json as a dict, the file's name).
+
+  Raises:
+    CheckpointError: no config.json, invalid JSON, or not a JSON object.
+  """
   config_file = directory / "config.json"
   if not config_file.is_file():
     raise CheckpointError(f"{path}: no config.json; pass a directory written "
@@ -365,8 +370,13 @@ def _load_hf(path: str, directory) -> tuple[models.T5Config, Params]:
   if not isinstance(hf_config, dict):
     raise CheckpointError(f"{config_file}: holds a JSON "
                           f"{type(hf_config).__name__}, not a config object; "
-                          "is this a Hugging Face T5 checkpoint?")
-  config = config_from_hf(hf_config, str(config_file))
+                          "is this a Hugging Face checkpoint?")
+  return hf_config, str(config_file)
+
+
+def _load_hf(path: str, directory) -> tuple[models.T5Config, Params]:
+  hf_config, config_file = read_hf_config(path, directory)
+  config = config_from_hf(hf_config, config_file)
   tensors = _read_hf_tensors(directory)
   if config.tied_embeddings:
     lm_head = tensors.pop("lm_head.weight", None)

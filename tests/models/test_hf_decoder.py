@@ -20,34 +20,19 @@ import pytest
 from dro_fast import models
 from dro_fast.models import hf_decoder
 from dro_fast.models import pretrained
+from tests.hf_folders import hf_model_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 128
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-              num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16)
 
 
 def _hf_config(family):
-  if family == "llama":
-    return transformers.LlamaConfig(
-        **COMMON, rope_theta=500000.0, tie_word_embeddings=False,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0,
-                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 16})
-  if family == "qwen2":
-    return transformers.Qwen2Config(**COMMON, tie_word_embeddings=True)
-  if family == "qwen3":
-    return transformers.Qwen3Config(**COMMON)
-  # Three layers, sliding_window 4 and pattern 2: sliding, full, sliding;
-  # the sequences below are longer than the window.
-  return transformers.Gemma3TextConfig(
-      **{**COMMON, "num_hidden_layers": 3}, sliding_window=4,
-      sliding_window_pattern=2, query_pre_attn_scalar=24,
-      rope_scaling={"rope_type": "linear", "factor": 8.0},
-      final_logit_softcapping=3.0)
+  # Gemma 3: three layers (sliding, full, sliding) with windows of 4, shorter
+  # than the sequences below, and a final soft-cap.
+  extra = {"final_logit_softcapping": 3.0} if family == "gemma3" else {}
+  return hf_model_config(family, VOCAB, **extra)
 
 
 FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
