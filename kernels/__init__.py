@@ -7,6 +7,9 @@ Usable without the rest of dro_fast (no Haiku, no T5):
   delta, logp = kernels.dro_residual(logits, targets, mask, rewards,
                                      values, ref_logprobs, tau=1.0)
   logp = kernels.linear_sequence_logprobs(hidden, weight, targets, mask)
+  # The projection split over V on a mesh axis (no weight gathered):
+  logp = kernels.vocab_parallel(mesh, vocab_axis="model")(
+      hidden, weight, targets, mask)
   out = kernels.flash_attention(q, k, v, relative_bias=bias, lengths=lengths,
                                 interpret=kernels.interpret_for("tpu", "cpu"))
 
@@ -26,6 +29,9 @@ from dro_fast.kernels.config import interpret_mode
 from dro_fast.kernels.flash_attention.ops import flash_attention
 from dro_fast.kernels.linear_logprobs.ops import linear_sequence_logprobs
 from dro_fast.kernels.linear_logprobs.ops import linear_token_logprobs
+from dro_fast.kernels.linear_logprobs.vocab_parallel import vocab_parallel
+from dro_fast.kernels.linear_logprobs.vocab_parallel import vocab_parallel_linear_sequence_logprobs
+from dro_fast.kernels.linear_logprobs.vocab_parallel import vocab_parallel_linear_token_logprobs
 from dro_fast.kernels.platform import target_platform
 from dro_fast.kernels.registry import default_implementation
 from dro_fast.kernels.registry import implementation_for
@@ -41,4 +47,6 @@ __all__ = [
     "dro_residual", "flash_attention", "implementation_for", "interpret_for",
     "interpret_mode", "linear_sequence_logprobs", "linear_token_logprobs",
     "masked_sum", "sequence_logprobs", "target_platform", "token_logprobs",
+    "vocab_parallel", "vocab_parallel_linear_sequence_logprobs",
+    "vocab_parallel_linear_token_logprobs",
 ]
