@@ -66,7 +66,12 @@ from dro_fast.kernels.sequence_logprobs import ops as sequence_ops
 
 def _check_no_vma(weight: jax.Array, axis_name: str, implementation: str):
   """The custom-VJP path runs under shard_map(check_vma=False) only."""
-  if axis_name in getattr(jax.typeof(weight), "vma", frozenset()):
+  aval = jax.typeof(weight)
+  # The axes a value varies over: manual_axis_type.varying in this JAX,
+  # vma in the JAX releases before it.
+  mat = getattr(aval, "manual_axis_type", None)
+  varying = getattr(mat, "varying", None) or getattr(aval, "vma", ())
+  if axis_name in varying:
     raise ValueError(
         f"vocab-parallel implementation {implementation!r} must run under "
         f"jax.shard_map(..., check_vma=False) (its kernels declare no "
