@@ -29,9 +29,7 @@ from dro_fast.kernels.config import interpret_mode
 from dro_fast.kernels.flash_attention.ops import flash_attention
 from dro_fast.kernels.linear_logprobs.ops import linear_sequence_logprobs
 from dro_fast.kernels.linear_logprobs.ops import linear_token_logprobs
-from dro_fast.kernels.linear_logprobs.vocab_parallel import vocab_parallel
-from dro_fast.kernels.linear_logprobs.vocab_parallel import vocab_parallel_linear_sequence_logprobs
-from dro_fast.kernels.linear_logprobs.vocab_parallel import vocab_parallel_linear_token_logprobs
+from dro_fast.kernels.linear_logprobs import vocab_parallel as _vp
 from dro_fast.kernels.platform import target_platform
 from dro_fast.kernels.registry import default_implementation
 from dro_fast.kernels.registry import implementation_for
@@ -41,6 +39,11 @@ from dro_fast.kernels.sequence_logprobs.ops import dro_residual
 from dro_fast.kernels.sequence_logprobs.ops import masked_sum
 from dro_fast.kernels.sequence_logprobs.ops import sequence_logprobs
 from dro_fast.kernels.sequence_logprobs.ops import token_logprobs
+
+vocab_parallel = _vp.vocab_parallel
+vocab_parallel_linear_sequence_logprobs = (
+    _vp.vocab_parallel_linear_sequence_logprobs)
+vocab_parallel_linear_token_logprobs = _vp.vocab_parallel_linear_token_logprobs
 
 __all__ = [
     "BlockSizes", "IMPLEMENTATIONS", "Implementation", "default_implementation",

@@ -8,8 +8,8 @@ or a Mosaic error fails here, where interpret mode (test_tpu_interpret.py)
 and lowering (test_lowering.py) cannot see it. The whole matrix of
 generations, widths and lengths is benchmarks/tpu_kernels.py (--shapes=llm
 for the LLMs'). The vocabulary-parallel op (kernels.vocab_parallel) compiles
-per shard under shard_map on a v5e:2x2 mesh with a model axis. Without libtpu these tests fail with the install line: they
-are not skipped.
+per shard under shard_map on a v5e:2x2 mesh with a model axis. Without
+libtpu these tests fail with the install line: they are not skipped.
 """
 
 from __future__ import annotations

@@ -8,20 +8,27 @@ materialised logits, for every implementation; its output is the same on
 every device of the model axis.
 
 The simulated devices need XLA_FLAGS before JAX starts, so the sharded
-programs run in a subprocess: this file run as a script
+programs run in a subprocess started with them: this file run as a script
 (`python -m tests.kernels.test_vocab_parallel GROUP OUT.npz`) computes one
 group of cases and saves the arrays; the tests compare them here.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
+
+from benchmarks.lib import numpy_reference as ref
+from dro_fast import kernels
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
@@ -61,13 +68,32 @@ def inputs(mesh_name: str) -> dict[str, np.ndarray]:
       "g": (rng.normal(size=(b,)) + 1.5).astype(np.float32)}
 
 
+def _vjp(fn, x):
+  """(value, d hidden, d weight) of the jitted fn(hidden, weight) at x."""
+  value, pullback = jax.vjp(jax.jit(fn), jnp.asarray(x["hidden"]),
+                            jnp.asarray(x["weight"]))
+  return (value, *pullback(jnp.asarray(x["g"])))
+
+
+def _per_shard(mesh, batch_axes, *, check_vma, copies, **options):
+  """vocab_parallel_linear_sequence_logprobs under a shard_map of the mesh.
+
+  copies: return every model shard's own output, [B, M].
+  """
+  rows = P(batch_axes)
+
+  def fn(hidden, weight, targets, mask):
+    out = kernels.vocab_parallel_linear_sequence_logprobs(
+        hidden, weight, targets, mask, axis_name="model", **options)
+    return out[:, None] if copies else out
+  return jax.shard_map(fn, mesh=mesh,
+                       in_specs=(rows, P(None, "model"), rows, rows),
+                       out_specs=P(batch_axes, "model") if copies else rows,
+                       check_vma=check_vma)
+
+
 def _compute(group: str, out_path: str) -> None:
   """The subprocess: every (mesh, implementation) case of `group`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from dro_fast import kernels  # pylint: disable=g-import-not-at-top
-
   assert jax.device_count() == 8, jax.devices()
   # Tiles that split each shard's slice: two row tiles per device on the
   # data:2,model:4 mesh, and chunked_xla's (and the GPU backward's) two
@@ -78,57 +104,39 @@ def _compute(group: str, out_path: str) -> None:
     mesh = jax.make_mesh(tuple(sizes.values()), tuple(sizes),
                          axis_types=(jax.sharding.AxisType.Auto,) * len(sizes))
     x = inputs(mesh_name)
-    targets, mask, g = (jnp.asarray(x[k]) for k in ("targets", "mask", "g"))
-
-    def vjp(fn):
-      value, pullback = jax.vjp(jax.jit(fn), jnp.asarray(x["hidden"]),
-                                jnp.asarray(x["weight"]))
-      return (value, *pullback(g))
-
+    rest = (jnp.asarray(x["targets"]), jnp.asarray(x["mask"]))
     for implementation in GROUPS[group]:
       options = dict(implementation=implementation, block_sizes=blocks)
       key = f"{mesh_name}/{implementation}"
       sharded = kernels.vocab_parallel(mesh, vocab_axis="model",
                                        batch_axes=batch_axes, **options)
-      results = vjp(lambda h, w: sharded(h, w, targets, mask))  # pylint: disable=cell-var-from-loop
-      results += vjp(lambda h, w: kernels.linear_sequence_logprobs(  # pylint: disable=cell-var-from-loop
-          h, w, targets, mask, **options))
+      unsharded = functools.partial(kernels.linear_sequence_logprobs,
+                                    **options)
+      results = (_vjp(lambda h, w, f=sharded: f(h, w, *rest), x)
+                 + _vjp(lambda h, w, f=unsharded: f(h, w, *rest), x))
       for name, value in zip(("value", "dhidden", "dweight", "value_unsharded",
                               "dhidden_unsharded", "dweight_unsharded"),
                              results):
         out[f"{key}/{name}"] = np.asarray(value)
-
-      # Every model shard's own copy of the output: [B, M].
-      def per_shard(h, w, t, m):
-        return kernels.vocab_parallel_linear_sequence_logprobs(
-            h, w, t, m, axis_name="model", **options)[:, None]  # pylint: disable=cell-var-from-loop
-      rows = P(batch_axes)
-      copies = jax.jit(jax.shard_map(
-          per_shard, mesh=mesh,
-          in_specs=(rows, P(None, "model"), rows, rows),
-          out_specs=P(batch_axes, "model"), check_vma=False))(
-              x["hidden"], x["weight"], targets, mask)
-      out[f"{key}/per_shard"] = np.asarray(copies)
+      copies = _per_shard(mesh, batch_axes, check_vma=False, copies=True,
+                          **options)
+      out[f"{key}/per_shard"] = np.asarray(jax.jit(copies)(
+          x["hidden"], x["weight"], *rest))
 
     if group == "fast":
       # check_vma=True: "xla" is differentiated by JAX through its psum; a
       # custom-VJP implementation refuses with a message.
-      rows = P(batch_axes)
       for implementation in ("xla", "chunked_xla"):
-        fn = jax.shard_map(
-            lambda h, w, t, m: kernels.vocab_parallel_linear_sequence_logprobs(  # pylint: disable=cell-var-from-loop
-                h, w, t, m, axis_name="model", implementation=implementation),
-            mesh=mesh, in_specs=(rows, P(None, "model"), rows, rows),
-            out_specs=rows, check_vma=True)
+        key = f"{mesh_name}/{implementation}/check_vma"
+        fn = _per_shard(mesh, batch_axes, check_vma=True, copies=False,
+                        implementation=implementation)
         try:
-          results = vjp(lambda h, w: fn(h, w, targets, mask))  # pylint: disable=cell-var-from-loop
+          results = _vjp(lambda h, w, f=fn: f(h, w, *rest), x)
         except ValueError as e:
-          out[f"{mesh_name}/{implementation}/check_vma_error"] = np.asarray(
-              str(e))
+          out[f"{key}_error"] = np.asarray(str(e))
           continue
         for name, value in zip(("value", "dhidden", "dweight"), results):
-          out[f"{mesh_name}/{implementation}/check_vma_{name}"] = (
-              np.asarray(value))
+          out[f"{key}_{name}"] = np.asarray(value)
   np.savez(out_path, **out)
 
 
@@ -155,7 +163,6 @@ def computed(tmp_path_factory):
 
 
 def _float64_reference(mesh_name):
-  from benchmarks.lib import numpy_reference as ref  # pylint: disable=g-import-not-at-top
   x = inputs(mesh_name)
   args = (x["hidden"], x["weight"], x["targets"], x["mask"])
   return (ref.linear_sequence_logprobs(*args),
@@ -227,7 +234,6 @@ def test_check_vma(computed, mesh_name):
 
 
 def _abstract_mesh(**sizes):
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.sharding.AbstractMesh(
       tuple(sizes.values()), tuple(sizes),
       axis_types=(jax.sharding.AxisType.Auto,) * len(sizes))
@@ -240,8 +246,6 @@ def _abstract_mesh(**sizes):
      r"batch_axes \['fsdp'\] are not mesh axes"),
 ])
 def test_bad_mesh_is_named(sizes, options, message):
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dro_fast import kernels  # pylint: disable=g-import-not-at-top
   fn = kernels.vocab_parallel(_abstract_mesh(**sizes), **options)
   with pytest.raises(ValueError, match=message):
     fn(jnp.zeros((8, 2, 4)), jnp.zeros((4, 90)), jnp.zeros((8, 2), jnp.int32),
@@ -249,8 +253,6 @@ def test_bad_mesh_is_named(sizes, options, message):
 
 
 def test_without_a_mesh_is_named():
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dro_fast import kernels  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="needs a mesh"):
     kernels.vocab_parallel()(jnp.zeros((2, 2, 4)), jnp.zeros((4, 8)),
                              jnp.zeros((2, 2), jnp.int32),
