@@ -37,7 +37,8 @@ shard_map(check_vma=False), as dro_fast's kernels do (Pallas calls declare
 no varying mesh axes): shard_map then hands each device 1/M of a
 replicated output's cotangent and sums a replicated input's cotangents
 over the axis itself, so the backward psums g first and returns the local
-d(hidden) partial (the psum of the partials is shard_map's). "xla" runs
+d(hidden) partial (the psum of the partials is shard_map's, in hidden's
+dtype: bfloat16 partials are rounded before they are summed). "xla" runs
 under either setting (JAX differentiates its psum).
 
 `vocab_parallel` builds that shard_map from a mesh: global arrays in,
@@ -102,6 +103,7 @@ def _shard_forward(static, hidden, weight, targets):
   logprobs, lse_shard = impl.linear_token_logprobs(
       hidden, weight, jnp.where(in_shard, local, 0), static.block_sizes,
       static.interpret)
+  # (t − lse) + lse: t to within float32 rounding of the larger of the two.
   target_shard = jnp.where(in_shard, logprobs + lse_shard, 0.0)
   logprobs, lse = _combine(lse_shard, target_shard, static.axis_name)
   return logprobs, lse, jnp.where(in_shard, local, -1)
@@ -134,13 +136,13 @@ _rows_custom_vjp.defvjp(_rows_fwd, _rows_bwd)
 def _rows_autodiff(axis_name, hidden, weight, targets):
   """The "xla" form: shard logits materialised, JAX's autodiff throughout."""
   logits = jnp.dot(hidden, weight, preferred_element_type=jnp.float32)
-  local, in_shard = _local_targets(targets, weight.shape[1], axis_name)
+  local, _ = _local_targets(targets, weight.shape[1], axis_name)
   m_shard = lax.stop_gradient(jnp.max(logits, axis=-1))
   lse_shard = m_shard + jnp.log(jnp.sum(jnp.exp(logits - m_shard[:, None]),
                                         axis=-1))
   onehot = local[:, None] == jnp.arange(logits.shape[1])[None, :]
+  # The one-hot row is empty where the target is another shard's.
   target_shard = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
-  del in_shard                      # the one-hot is empty off the shard
   m = lax.pmax(lax.stop_gradient(lse_shard), axis_name)
   total, target = lax.psum((jnp.exp(lse_shard - m), target_shard),
                            axis_name)
