@@ -4,8 +4,8 @@ On a data:2,model:4 and a data:2,fsdp:2,model:2 mesh, kernels.vocab_parallel
 (the projection split over V on "model", the batch over the other axes)
 gives the values and the gradients (hidden and weight) of the unsharded
 linear_sequence_logprobs and of a float64 NumPy reference on the
-materialised logits, for every implementation; its output is the same on
-every device of the model axis.
+materialised logits, for every implementation (float32; bfloat16 for
+chunked_xla); its output is the same on every device of the model axis.
 
 The simulated devices need XLA_FLAGS before JAX starts, so the sharded
 programs run in a subprocess started with them: this file run as a script
@@ -124,6 +124,16 @@ def _compute(group: str, out_path: str) -> None:
           x["hidden"], x["weight"], *rest))
 
     if group == "fast":
+      # bfloat16 operands, chunked_xla: rounded d(hidden) partials summed.
+      options = dict(implementation="chunked_xla", block_sizes=blocks)
+      sharded = kernels.vocab_parallel(mesh, vocab_axis="model",
+                                       batch_axes=batch_axes, **options)
+      low = dict(x, hidden=x["hidden"].astype(jnp.bfloat16),
+                 weight=x["weight"].astype(jnp.bfloat16))
+      results = _vjp(lambda h, w, f=sharded: f(h, w, *rest), low)
+      for name, value in zip(("value", "dhidden", "dweight"), results):
+        out[f"{mesh_name}/bfloat16/{name}"] = np.asarray(value, np.float32)
+
       # check_vma=True: "xla" is differentiated by JAX through its psum; a
       # custom-VJP implementation refuses with a message.
       for implementation in ("xla", "chunked_xla"):
@@ -215,6 +225,26 @@ def test_matches_unsharded_and_float64(computed, mesh_name, implementation):
 def test_pallas_kernels_per_shard_in_interpret_mode(computed, mesh_name,
                                                     implementation):
   _check_case(computed("pallas"), mesh_name, implementation)
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_bfloat16_matches_float64(computed, mesh_name):
+  # The float64 reference takes the bfloat16-rounded operands; dlogits and
+  # each shard's d(hidden) partial are rounded to bfloat16.
+  data = computed("fast")
+  x = inputs(mesh_name)
+  rounded = {k: np.asarray(jnp.asarray(x[k], jnp.bfloat16), np.float64)
+             for k in ("hidden", "weight")}
+  args = (rounded["hidden"], rounded["weight"], x["targets"], x["mask"])
+  value_ref = ref.linear_sequence_logprobs(*args)
+  dh_ref, dw_ref = ref.linear_sequence_logprobs_vjp(*args, x["g"])
+  key = f"{mesh_name}/bfloat16"
+  np.testing.assert_allclose(data[f"{key}/value"], value_ref, rtol=1e-5,
+                             atol=5e-4)
+  np.testing.assert_allclose(data[f"{key}/dhidden"], dh_ref, rtol=3e-2,
+                             atol=3e-2)
+  np.testing.assert_allclose(data[f"{key}/dweight"], dw_ref, rtol=3e-2,
+                             atol=3e-2)
 
 
 @pytest.mark.parametrize("mesh_name", sorted(MESHES))
