@@ -7,6 +7,9 @@ Usable without the rest of dro_fast (no Haiku, no T5):
   delta, logp = kernels.dro_residual(logits, targets, mask, rewards,
                                      values, ref_logprobs, tau=1.0)
   logp = kernels.linear_sequence_logprobs(hidden, weight, targets, mask)
+  # The projection split over V on a mesh axis (no weight gathered):
+  logp = kernels.vocab_parallel(mesh, vocab_axis="model")(
+      hidden, weight, targets, mask)
   out = kernels.flash_attention(q, k, v, relative_bias=bias, lengths=lengths,
                                 interpret=kernels.interpret_for("tpu", "cpu"))
 
@@ -26,6 +29,7 @@ from dro_fast.kernels.config import interpret_mode
 from dro_fast.kernels.flash_attention.ops import flash_attention
 from dro_fast.kernels.linear_logprobs.ops import linear_sequence_logprobs
 from dro_fast.kernels.linear_logprobs.ops import linear_token_logprobs
+from dro_fast.kernels.linear_logprobs import vocab_parallel as _vp
 from dro_fast.kernels.platform import target_platform
 from dro_fast.kernels.registry import default_implementation
 from dro_fast.kernels.registry import implementation_for
@@ -36,9 +40,16 @@ from dro_fast.kernels.sequence_logprobs.ops import masked_sum
 from dro_fast.kernels.sequence_logprobs.ops import sequence_logprobs
 from dro_fast.kernels.sequence_logprobs.ops import token_logprobs
 
+vocab_parallel = _vp.vocab_parallel
+vocab_parallel_linear_sequence_logprobs = (
+    _vp.vocab_parallel_linear_sequence_logprobs)
+vocab_parallel_linear_token_logprobs = _vp.vocab_parallel_linear_token_logprobs
+
 __all__ = [
     "BlockSizes", "IMPLEMENTATIONS", "Implementation", "default_implementation",
     "dro_residual", "flash_attention", "implementation_for", "interpret_for",
     "interpret_mode", "linear_sequence_logprobs", "linear_token_logprobs",
     "masked_sum", "sequence_logprobs", "target_platform", "token_logprobs",
+    "vocab_parallel", "vocab_parallel_linear_sequence_logprobs",
+    "vocab_parallel_linear_token_logprobs",
 ]

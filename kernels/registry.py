@@ -34,7 +34,9 @@ class Implementation:
     linear_token_logprobs: (hidden [N,D], weight [D,V], targets, block_sizes,
       interpret) -> (logprobs [N], lse [N]).
     linear_token_logprobs_bwd: (hidden, weight, targets, lse, g, block_sizes,
-      interpret) -> (dhidden [N,D], dweight [D,V]).
+      interpret) -> (dhidden [N,D], dweight [D,V]). A target of −1 has no
+      one-hot term (g · (−softmax)): the vocabulary-parallel op passes it
+      for rows whose target is in another shard, with the global lse.
     autodiff: differentiate the forward with JAX instead of the backward.
     native_backend: the platform it compiles for (platform.PLATFORMS);
       elsewhere the Pallas entries run in interpret mode.

@@ -7,8 +7,9 @@ multiple of the vocabulary tile), with the default tiles: a VMEM overflow
 or a Mosaic error fails here, where interpret mode (test_tpu_interpret.py)
 and lowering (test_lowering.py) cannot see it. The whole matrix of
 generations, widths and lengths is benchmarks/tpu_kernels.py (--shapes=llm
-for the LLMs'). Without libtpu these tests fail with the install line: they
-are not skipped.
+for the LLMs'). The vocabulary-parallel op (kernels.vocab_parallel) compiles
+per shard under shard_map on a v5e:2x2 mesh with a model axis. Without
+libtpu these tests fail with the install line: they are not skipped.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from unittest import mock
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import tpu_kernels
+from benchmarks.lib import timing
 from benchmarks.lib import tpu
 from dro_fast import kernels
 from dro_fast.kernels.linear_logprobs import pallas_tpu as linear_pallas_tpu
@@ -143,3 +146,45 @@ def test_default_linear_tiles_by_width():
     linear_pallas_tpu.default_block_sizes(1024, "bfloat16", "v9")
   with pytest.raises(ValueError, match="chunked_xla"):
     linear_pallas_tpu.default_block_sizes(2 ** 20, "float32")
+
+
+@pytest.mark.parametrize("data, model, dtype", [(1, 4, "bfloat16"),
+                                                (2, 2, "float32")])
+def test_vocab_parallel_compiles_per_shard_for_v5e(data, model, dtype):
+  # The projection split over V on "model" of v5e:2x2 (T5's V = 32128:
+  # 8032 or 16064 columns per chip, a ragged last vocabulary tile): each
+  # chip's program holds the forward and both backward Mosaic kernels on
+  # its own slice, all-reduces [N] values (and d(hidden), d(weight) over
+  # the batch axis), and never gathers the weight or holds [N, V / M]
+  # float32 logits.
+  tpu.require_libtpu()
+  devices = tpu.devices("v5e:2x2")
+  mesh = jax.sharding.Mesh(
+      np.array(devices).reshape(data, model), ("data", "model"),
+      axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  b, t, d, v = 2 * data, 128, 1024, tpu_kernels.VOCAB
+  spec = lambda shape, dt, *axes: jax.ShapeDtypeStruct(
+      shape, jnp.dtype(dt), sharding=jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec(*axes)))
+  fn = kernels.vocab_parallel(mesh, vocab_axis="model", batch_axes=("data",),
+                              implementation="pallas_tpu", interpret=False)
+
+  def program(hidden, weight, targets, mask):
+    loss = lambda h, w: jnp.sum(fn(h, w, targets, mask))
+    return jax.value_and_grad(loss, argnums=(0, 1))(hidden, weight)
+
+  compiled = jax.jit(program).lower(
+      spec((b, t, d), dtype, "data"), spec((d, v), dtype, None, "model"),
+      spec((b, t), "int32", "data"), spec((b, t), "bool", "data")).compile()
+  hlo = compiled.as_text()
+  assert tpu.custom_call_targets(compiled).count("tpu_custom_call") == (
+      tpu_kernels.LAUNCHES[("linear_sequence_logprobs", "bwd")])
+  assert "all-reduce" in hlo and "all-gather" not in hlo
+  memory = timing.compiled_peak_bytes(compiled)
+  n, v_shard = (b // data) * t, v // model
+  itemsize = jnp.dtype(dtype).itemsize
+  # Over data > 1 the shard's d(weight) is a temporary until the data axis'
+  # all-reduce; besides it, less than one float32 [N, V / M].
+  summed = d * v_shard * itemsize if data > 1 else 0
+  assert memory["temp_bytes"] - summed < n * v_shard * 4
+  assert d * v_shard * itemsize <= memory["output_bytes"] < d * v * itemsize
