@@ -21,8 +21,8 @@ decoder-only LLM: a models.DECODER_PRESETS name (then --size is not read),
 its DecoderConfig fields changed by --decoder_fields FIELD=VALUE items
 (e.g. num_layers=4,hidden_size=512,vocab_size=4096; the backend fields
 dtype, remat, scan_layers, attention and matmul come from their flags and
-dro_fast.backend.resolve). Its batches use the decoder-only layout with
-every position valid; its PyTorch step (--compare_torch) is
+dro_fast.backend.resolve). Its batches are bench_step.random_batch's in
+the decoder-only layout; its PyTorch step (--compare_torch) is
 torch_step.DecoderDroVStep on transformers' model of that config. Records
 name the preset in "size" and the changes in "decoder_fields".
 Without a GPU, --memory_only plans --attention=cudnn with

@@ -42,8 +42,8 @@ our step with compute dtype bfloat16.
 
 Batches are the dicts of benchmarks/lib/step.py (NumPy arrays); `to_torch`
 converts one. Decoder-only batches pad prompts and completions with -1
-(models.decoder_config.PAD). Shapes: B batch, S prompt length, T completion length, D model
-width, V vocabulary.
+(models.decoder_config.PAD). Shapes: B batch, S prompt length, T completion
+length, D model width, V vocabulary.
 """
 
 from __future__ import annotations
