@@ -3,6 +3,8 @@ r"""Train-step throughput of DRO-V (and baselines) against the paper.
   python -m benchmarks.step_time --size=large --batch_size=32 \
       --input_length=512 --target_length=128 [--json_out=PATH]
   make bench-step-cpu        # JAX against PyTorch (torch_step.py) on a CPU
+  python -m benchmarks.step_time --decoder=tiny_decoder \
+      --decoder_fields=num_layers=4,hidden_size=512 --compare_torch ...
   python -m benchmarks.step_time --size=large,xl --remat=dots,full \
       --attention=xla,cudnn --memory_only --platform=gpu   # GPU plans, no GPU
 
@@ -14,6 +16,15 @@ variants (implementation x remat x attention, plus PyTorch with
 --compare_torch), compiled first and then timed interleaved
 (lib/timing.py). A variant that runs out of memory is recorded with its
 error, the others are still timed, and the script exits 1 naming it.
+The model is --size's T5 (FLAN-T5 / T5 v1.1 presets), or, with --decoder, a
+decoder-only LLM: a models.DECODER_PRESETS name (then --size is not read),
+its DecoderConfig fields changed by --decoder_fields FIELD=VALUE items
+(e.g. num_layers=4,hidden_size=512,vocab_size=4096; the backend fields
+dtype, remat, scan_layers, attention and matmul come from their flags and
+dro_fast.backend.resolve). Its batches are bench_step.random_batch's in
+the decoder-only layout; its PyTorch step (--compare_torch) is
+torch_step.DecoderDroVStep on transformers' model of that config. Records
+name the preset in "size" and the changes in "decoder_fields".
 Without a GPU, --memory_only plans --attention=cudnn with
 benchmarks/cudnn_stand_in.py ("attention_stand_in": true in the record).
 Claims: benchmarks/RESULTS.md#train-step-on-the-h100,
@@ -22,6 +33,7 @@ Claims: benchmarks/RESULTS.md#train-step-on-the-h100,
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import statistics
 import sys
@@ -38,6 +50,8 @@ from benchmarks.lib import records
 from benchmarks.lib import step as bench_step
 from benchmarks.lib import timing
 from dro_fast import kernels
+from dro_fast import models
+from dro_fast import runtime
 from dro_fast.models.config import REMAT_POLICIES
 from dro_fast.training import flops
 from dro_fast.training import steps
@@ -59,10 +73,19 @@ _TORCH_HOST_MEMORY = flags.DEFINE_list(
     "With --compare_torch, the PyTorch step(s): same (in this process, "
     "under --host_memory), keep / system (each in a child process under "
     "that setting). Speed-ups are against each; the first is the headline.")
+_DECODER = flags.DEFINE_string(
+    "decoder", None, "Time this decoder-only LLM instead of --size's T5s: a "
+    f"models.DECODER_PRESETS name, of {sorted(models.DECODER_PRESETS)}.")
+_DECODER_FIELDS = flags.DEFINE_list(
+    "decoder_fields", [], "With --decoder: DecoderConfig fields changed from "
+    "the preset, as FIELD=VALUE items (e.g. num_layers=4,hidden_size=512).")
 _MEMORY_ONLY = flags.DEFINE_bool("memory_only", False, "Only XLA's memory "
                                  "plan, compiled from shapes alone.")
 _PEAK_FLOPS = flags.DEFINE_float("peak_flops", None, "Device peak FLOP/s.")
 TORCH = "torch"
+# DecoderConfig fields that other flags (or backend.resolve) decide.
+_FLAG_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention",
+                "attention_interpret", "matmul")
 
 
 def _stand_in() -> bool:
@@ -70,7 +93,67 @@ def _stand_in() -> bool:
   return _MEMORY_ONLY.value and kernels.target_platform() != "gpu"
 
 
+def _parse_field(text: str, current: Any) -> Any:
+  """A --decoder_fields value, typed as the preset's value of the field."""
+  if isinstance(current, bool):
+    if text.lower() not in ("true", "false"):
+      raise ValueError("expected true or false")
+    return text.lower() == "true"
+  if isinstance(current, (int, float, str)):
+    return type(current)(text)
+  if current is None:
+    if text.lower() == "none":
+      return None
+    for kind in (int, float):
+      try:
+        return kind(text)
+      except ValueError:
+        pass
+    return text
+  raise ValueError(f"a {type(current).__name__} field cannot be set here")
+
+
+def decoder_changes() -> dict[str, Any]:
+  """--decoder_fields as DecoderConfig.replace's keyword arguments."""
+  base = models.DECODER_PRESETS[_DECODER.value]
+  known = [f.name for f in dataclasses.fields(models.DecoderConfig)
+           if f.name not in _FLAG_FIELDS]
+  changes = {}
+  for item in _DECODER_FIELDS.value:
+    name, sep, text = item.partition("=")
+    if name in _FLAG_FIELDS:
+      raise app.UsageError(f"--decoder_fields: {name} is set by its own flag "
+                           "(--dtype, --remat, --scan_layers, --attention) "
+                           "or by dro_fast.backend.resolve.")
+    if not sep or name not in known:
+      raise app.UsageError(f"--decoder_fields: {item!r} is not FIELD=VALUE "
+                           f"of a DecoderConfig field; fields: {known}.")
+    try:
+      changes[name] = _parse_field(text, getattr(base, name))
+    except ValueError as error:
+      raise app.UsageError(f"--decoder_fields: {item!r}: {error}.") from None
+  return changes
+
+
+def model_names() -> list[str]:
+  """The models timed: --decoder's preset, or --size's T5 sizes."""
+  return [_DECODER.value] if _DECODER.value else list(shared.SIZE.value)
+
+
+def decoder_config_for(remat: str, attention: str, platform: str | None = None
+                       ) -> models.DecoderConfig:
+  """--decoder's config with --decoder_fields, computing as the CLIs do."""
+  platform = platform or shared.program_platform()
+  return models.decoder_preset(
+      _DECODER.value, **decoder_changes(),
+      dtype=runtime.compute_dtype(shared.DTYPE.value, platform), remat=remat,
+      scan_layers=shared.SCAN.value, attention=attention)
+
+
 def config_for(size: str, remat: str, attention: str):
+  """The model of `size` (or --decoder's) under remat and attention."""
+  if _DECODER.value:
+    return decoder_config_for(remat, attention)
   stand_in = attention == "cudnn" and _stand_in()
   return bench_step.config_for(
       size, shared.DTYPE.value, remat=remat, scan_layers=shared.SCAN.value,
@@ -80,7 +163,21 @@ def config_for(size: str, remat: str, attention: str):
 
 def check_flags() -> None:
   """Raises app.UsageError for flag values this script cannot run."""
-  shared.check_sizes()
+  if _DECODER.value:
+    if _DECODER.value not in models.DECODER_PRESETS:
+      raise app.UsageError(f"--decoder: unknown {_DECODER.value!r}; choose "
+                           f"from {sorted(models.DECODER_PRESETS)}.")
+    try:
+      decoder_config_for("none", "xla")
+    except ValueError as error:
+      raise app.UsageError(f"--decoder_fields: {error}") from error
+    if "cudnn" in _ATTENTION.value and _stand_in():
+      raise app.UsageError("--decoder: --attention=cudnn is planned only on "
+                           "a GPU (the memory stand-in is T5's).")
+  elif _DECODER_FIELDS.value:
+    raise app.UsageError("--decoder_fields needs --decoder.")
+  else:
+    shared.check_sizes()
   shared.known_values("remat", _REMAT.value, REMAT_POLICIES)
   shared.known_values("attention", _ATTENTION.value, ("xla", "cudnn"))
   shared.known_values("implementation", shared.IMPLEMENTATION.value,
@@ -101,8 +198,11 @@ def check_flags() -> None:
       raise app.UsageError("--attention=cudnn plans the GPU's program: pass "
                            "--platform=gpu with --memory_only.")
     try:                      # the config holds cuDNN's other constraints
-      bench_step.config_for(shared.SIZE.value[0], shared.DTYPE.value,
-                            attention="cudnn", platform="gpu")
+      if _DECODER.value:
+        decoder_config_for("none", "xla", "gpu").replace(attention="cudnn")
+      else:
+        bench_step.config_for(shared.SIZE.value[0], shared.DTYPE.value,
+                              attention="cudnn", platform="gpu")
     except ValueError as error:
       raise app.UsageError(f"--attention=cudnn: {error}") from error
   if _COMPARE_TORCH.value and (_MEMORY_ONLY.value or _ALGO.value != "dro_v"):
@@ -196,6 +296,8 @@ def measure_point(size: str, b: int, t: int, host_memory: str
             "compute_dtype": config.dtype,
             "platform": shared.program_platform(),
             "scan_layers": shared.SCAN.value,
+            **({"decoder_fields": decoder_changes()} if _DECODER.value
+               else {}),
             "host_memory": host_memory if mode in ("jax", "same") else mode,
             **({"attention_stand_in": True}
                if attention == "cudnn" and _stand_in() else {}),
@@ -275,7 +377,7 @@ def main(argv):
   print(f"jax {jax.__version__}  {timing.device_description()}  host memory: "
         f"{how}" + "; cudnn planned with its stand-in" * stand_in)
   failed = []
-  for size, b, t in itertools.product(shared.SIZE.value, shared.BATCH.value,
+  for size, b, t in itertools.product(model_names(), shared.BATCH.value,
                                       shared.TARGET_LENGTH.value):
     point = measure_point(size, int(b), int(t), how)
     print_point(point)

@@ -1,6 +1,7 @@
-r"""The DRO-V train step in PyTorch on Hugging Face's T5: the baseline.
+r"""The DRO-V train step in PyTorch on Hugging Face's models: the baseline.
 
-Written the way a user of transformers would write it, with nothing fused:
+Written the way a user of transformers would write it, with nothing fused.
+T5 (DroVStep):
 
   - policy: transformers.T5ForConditionalGeneration; log π(y|x) from its
     [B, T, V] logits (cross-entropy per token, masked sum over T);
@@ -20,14 +21,29 @@ Written the way a user of transformers would write it, with nothing fused:
     learning rate warms up linearly from 0 over `warmup_steps` (the paper's
     150) by a LambdaLR schedule, as dro_fast.training.optim's does.
 
+Decoder-only LLMs (DecoderDroVStep, a models.DecoderConfig: Llama, Qwen 2 /
+3, Gemma 3 text), the same loss and optimizers over:
+
+  - policy: transformers' *ForCausalLM of the config (AutoModelForCausalLM
+    of dro_fast.models.hf_decoder.hf_config's config.json); each row is
+    its prompt followed directly by its completion, right-padded, with an
+    attention mask over the valid tokens and positions 0, 1, ... (the
+    layout dro_fast.models.decoder builds from the same batch); the hidden
+    states at prompt_len - 1 + t go through lm_head (only the T positions
+    that predict completion tokens, as ours: no [B, S + T, V] logits);
+  - value: a separate trunk of the same architecture (AutoModel, started as
+    a copy of the policy's, as init_from_policy does) over the prompt, a
+    linear head on the final-normed hidden state at the last prompt token.
+
 Mixed precision (`autocast=torch.bfloat16`): the loss's forward runs under
 torch.autocast("cpu", dtype=torch.bfloat16), PyTorch's recipe for bfloat16
 compute with float32 parameters, gradients and optimizer state; it matches
 our step with compute dtype bfloat16.
 
 Batches are the dicts of benchmarks/lib/step.py (NumPy arrays); `to_torch`
-converts one. Shapes: B batch, S prompt length, T completion length, D model
-width, V vocabulary.
+converts one. Decoder-only batches pad prompts and completions with -1
+(models.decoder_config.PAD). Shapes: B batch, S prompt length, T completion
+length, D model width, V vocabulary.
 """
 
 from __future__ import annotations
@@ -43,6 +59,7 @@ import transformers
 from transformers import optimization
 
 from dro_fast import models
+from dro_fast.models import hf_decoder
 
 # Which transformers options give each dro_fast T5 variant. transformers 5
 # reads tie_word_embeddings=False as "do not scale the decoder output by
@@ -167,20 +184,7 @@ class DroVStep:
                seed: int = 0, autocast: torch.dtype | None = None):
     torch.manual_seed(seed)
     self.autocast = autocast
-    hf = hf_config(config)
-    self.policy = transformers.T5ForConditionalGeneration(hf).train()
-    if not config.tied_embeddings:
-      # Its own output projection, drawn as dro_fast's logits_dense is
-      # (variance scaling, fan_in: std d_model^-½), so both steps start at
-      # the same loss scale (a copy of the std-1 embedding would give logits
-      # √D times ours).
-      self.policy.lm_head.weight = nn.Parameter(
-          self.policy.shared.weight.detach().clone() * hf.d_model**-0.5)
-    self.value = ValueNetwork(hf).train()
-    # The value encoder starts as a copy of the policy's (embedding included).
-    own = self.value.encoder.state_dict()
-    self.value.encoder.load_state_dict(
-        {k: v for k, v in self.policy.state_dict().items() if k in own})
+    self.policy, self.value = self._networks(config)
     self.tau = tau
     self.policy_optimizer = adafactor(self.policy.parameters(), learning_rate)
     self.value_optimizer = adafactor(self.value.parameters(), learning_rate)
@@ -190,6 +194,25 @@ class DroVStep:
     self.schedules = [
         torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
         for optimizer in (self.policy_optimizer, self.value_optimizer)]
+
+  def _networks(self, config: models.T5Config
+                ) -> tuple[nn.Module, nn.Module]:
+    """The policy and the value network, freshly drawn, in train mode."""
+    hf = hf_config(config)
+    policy = transformers.T5ForConditionalGeneration(hf).train()
+    if not config.tied_embeddings:
+      # Its own output projection, drawn as dro_fast's logits_dense is
+      # (variance scaling, fan_in: std d_model^-½), so both steps start at
+      # the same loss scale (a copy of the std-1 embedding would give logits
+      # √D times ours).
+      policy.lm_head.weight = nn.Parameter(
+          policy.shared.weight.detach().clone() * hf.d_model**-0.5)
+    value = ValueNetwork(hf).train()
+    # The value encoder starts as a copy of the policy's (embedding included).
+    own = value.encoder.state_dict()
+    value.encoder.load_state_dict(
+        {k: v for k, v in policy.state_dict().items() if k in own})
+    return policy, value
 
   def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The DRO-V loss of one batch (differentiable)."""
@@ -217,3 +240,118 @@ class DroVStep:
     for schedule in self.schedules:
       schedule.step()
     return loss
+
+
+# ---------------------------------------------------------------------------
+# Decoder-only LLMs.
+
+
+def decoder_hf_config(config: models.DecoderConfig
+                      ) -> transformers.PretrainedConfig:
+  """The transformers config of the same architecture as `config`.
+
+  Read from the config.json that dro_fast.models.hf_decoder.export_hf_decoder
+  writes, so both sides agree on every field; no KV cache (training).
+  """
+  fields = hf_decoder.hf_config(config)
+  hf = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+  hf.use_cache = False
+  return hf
+
+
+def join_prompt_completion(inputs: torch.Tensor, targets: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor,
+                                      torch.Tensor]:
+  """Each row's prompt followed by its completion, for a causal LM.
+
+  Args:
+    inputs: [B, S] prompts, right-padded with -1.
+    targets: [B, T] completions, right-padded with -1.
+
+  Returns:
+    (ids [B, S + T] with padding as 0, attention_mask [B, S + T] int64 of
+    the valid tokens, index [B, T]: the position whose hidden state
+    predicts targets[:, t], prompt_len - 1 + t).
+  """
+  s, t = inputs.shape[1], targets.shape[1]
+  lengths = (inputs >= 0).sum(1, keepdim=True)                       # [B, 1]
+  position = torch.arange(s + t).unsqueeze(0)                        # [1, n]
+  offset = position - lengths                                        # [B, n]
+  completion = targets.gather(1, offset.clamp(0, t - 1))
+  ids = torch.where(position < lengths, F.pad(inputs, (0, t), value=-1),
+                    torch.where(offset < t, completion, -1))
+  index = (lengths - 1).clamp(min=0) + torch.arange(t).unsqueeze(0)
+  return ids.clamp(min=0), (ids >= 0).long(), index
+
+
+def decoder_sequence_logprobs(policy: transformers.PreTrainedModel,
+                              inputs: torch.Tensor, targets: torch.Tensor,
+                              mask: torch.Tensor) -> torch.Tensor:
+  """log π(targets | inputs) [B] of a causal LM (masked sum over T)."""
+  ids, attention_mask, index = join_prompt_completion(inputs, targets)
+  hidden = policy.model(input_ids=ids,
+                        attention_mask=attention_mask).last_hidden_state
+  hidden = hidden.gather(                                        # [B, T, D]
+      1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+  logits = policy.lm_head(hidden)                                # [B, T, V]
+  cap = getattr(policy.config, "final_logit_softcapping", None)
+  if cap:
+    logits = cap * torch.tanh(logits / cap)
+  token_logprobs = -F.cross_entropy(
+      logits.flatten(0, 1).float(), targets.clamp(min=0).flatten(),
+      reduction="none").view_as(targets)                         # [B, T]
+  return torch.where(mask, token_logprobs, 0.0).sum(-1)
+
+
+class DecoderValueNetwork(nn.Module):
+  """V(x): a decoder trunk over the prompt, a linear head on its
+  final-normed hidden state at the last prompt token."""
+
+  def __init__(self, config: transformers.PretrainedConfig):
+    super().__init__()
+    self.trunk = transformers.AutoModel.from_config(copy.deepcopy(config))
+    self.head = nn.Linear(config.hidden_size, 1)
+
+  def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    """inputs [B, S] int64, right-padded with -1 -> values [B] float32."""
+    mask = inputs >= 0
+    hidden = self.trunk(input_ids=inputs.clamp(min=0),
+                        attention_mask=mask.long()).last_hidden_state
+    last = (mask.sum(1) - 1).clamp(min=0)                             # [B]
+    pooled = hidden[torch.arange(len(inputs)), last]                 # [B, D]
+    return self.head(pooled.float()).squeeze(-1)
+
+
+class DecoderDroVStep(DroVStep):
+  """DroVStep for a decoder-only LLM (a models.DecoderConfig).
+
+  Attributes:
+    policy: the *ForCausalLM being trained.
+    value: the DecoderValueNetwork being trained.
+    tau: τ.
+  """
+
+  def _networks(self, config: models.DecoderConfig
+                ) -> tuple[nn.Module, nn.Module]:
+    hf = decoder_hf_config(config)
+    policy = transformers.AutoModelForCausalLM.from_config(hf).train()
+    value = DecoderValueNetwork(hf).train()
+    # The value trunk starts as a copy of the policy's.
+    value.trunk.load_state_dict(policy.model.state_dict())
+    return policy, value
+
+  def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The DRO-V loss of one batch (differentiable)."""
+    logprobs = decoder_sequence_logprobs(
+        self.policy, batch["inputs"], batch["targets"], batch["target_mask"])
+    values = self.value(batch["inputs"])
+    return dro_v_loss(logprobs, batch["ref_logprobs"], values,
+                      batch["rewards"], tau=self.tau)
+
+
+def step_for(config: models.T5Config | models.DecoderConfig,
+             **kwargs) -> DroVStep:
+  """DroVStep (T5) or DecoderDroVStep (decoder-only) by the config."""
+  if isinstance(config, models.DecoderConfig):
+    return DecoderDroVStep(config, **kwargs)
+  return DroVStep(config, **kwargs)

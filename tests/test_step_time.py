@@ -15,6 +15,8 @@ import pytest
 from benchmarks import cudnn_stand_in
 from benchmarks import step_time
 from benchmarks.lib import step as bench_step
+from dro_fast import models
+from dro_fast.training import flops
 from dro_fast.training import steps
 
 FLAGS = flags.FLAGS
@@ -165,3 +167,27 @@ def test_a_failing_cudnn_variant(tiny_flags, monkeypatch, message):
   assert by_variant["default/cudnn"]["error"] == (
       "attention=cudnn variant failed: ValueError: cuDNN is not detected.")
   assert "error" not in by_variant["default/xla"]
+
+
+@pytest.mark.slow           # two compiles and a PyTorch model: ~40 s
+def test_a_decoder_is_timed_against_its_pytorch_step(tiny_flags):
+  del tiny_flags
+  pytest.importorskip("transformers")
+  with flagsaver.flagsaver(decoder="tiny_decoder",
+                           decoder_fields=["num_layers=1", "vocab_size=64"],
+                           compare_torch=True, torch_host_memory=["same"],
+                           implementation=["xla"]):
+    step_time.check_flags()
+    records = step_time.measure_point("tiny_decoder", 2, 4, "system")
+  by_variant = {r["variant"]: r for r in records}
+  assert set(by_variant) == {"xla", "torch"}
+  for r in records:
+    assert r["size"] == "tiny_decoder" and r["median_step_s"] > 0, r
+    assert r["decoder_fields"] == {"num_layers": 1, "vocab_size": 64}, r
+    assert np.isfinite(r["loss"]), r
+  assert by_variant["torch"]["framework"] == "torch"
+  # The decoder's FLOP model: prompt and completion through the policy, the
+  # prompt through the value trunk.
+  config = models.decoder_preset("tiny_decoder", num_layers=1, vocab_size=64)
+  assert by_variant["xla"]["flops_per_step"] == flops.step_flops(
+      config, "dro_v", "separate", 2, 8, 4)

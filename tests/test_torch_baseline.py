@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from benchmarks import torch_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dro_fast.models import hf_decoder  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.models import pretrained  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dro_fast.models import value  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -165,3 +166,59 @@ def test_baseline_policy_starts_near_uniform_like_ours():
   for logprobs in (ours, theirs):
     per_token = logprobs.sum() / tokens  # -5.30 and -5.38 (uniform: -4.57)
     assert 1.5 * uniform < per_token < uniform + 0.25, per_token
+
+
+# The decoder-only baseline (Qwen 3-shaped: q/k norms, grouped-query
+# attention, an untied lm_head), with distinct small dimensions.
+DECODER = models.decoder_preset("tiny_decoder", vocab_size=97, hidden_size=48,
+                                num_heads=4, num_kv_heads=2, head_dim=12,
+                                intermediate_size=80, scan_layers=True)
+
+
+def _decoder_batch():
+  # Prompts of different lengths and a masked completion: the layout of
+  # dro_fast.models.decoder (right-padded with -1).
+  batch = _batch()
+  batch["inputs"][1, 9:] = -1
+  batch["inputs"][0, 4:] = -1
+  batch["targets"][2, 4:] = -1
+  return batch
+
+
+def test_decoder_torch_step_matches_the_jax_step(tmp_path):
+  step = torch_step.DecoderDroVStep(DECODER, tau=TAU)
+  batch = _decoder_batch()
+  loss = float(step.backward(torch_step.to_torch(batch)))
+
+  # The same weights in ours: the torch policy through transformers'
+  # save_pretrained and our loader; the value trunk is a copy of the
+  # policy's in both frameworks.
+  step.policy.save_pretrained(tmp_path)
+  _, policy_params = hf_decoder.load_hf_decoder(tmp_path, DECODER)
+  tokens = np.ones((1, 2), np.int32)
+  value_params = value.init_from_policy(
+      jax.eval_shape(value.value_network(DECODER).init, jax.random.key(0),
+                     tokens, None), policy_params)
+  value_params["value_head"] = {
+      "w": step.value.head.weight.detach().numpy().T,              # [D, 1]
+      "b": step.value.head.bias.detach().numpy()}                  # [1]
+  trainer = steps.build_trainer(
+      steps.AlgorithmConfig(tau=TAU, implementation="xla"), DECODER,
+      optax.sgd(0.0), optax.sgd(0.0))
+  state = trainer.init(policy_params, value_params, jax.random.PRNGKey(0))
+  _, metrics = jax.jit(trainer.update)(state, batch)
+
+  np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["policy_grad_norm"]),
+                             _grad_norm(step.policy), rtol=1e-4)
+  np.testing.assert_allclose(float(metrics["value_grad_norm"]),
+                             _grad_norm(step.value), rtol=1e-4)
+
+
+def test_decoder_rows_join_prompt_and_completion():
+  inputs = torch.tensor([[5, 6, -1], [7, 8, 9]])
+  targets = torch.tensor([[1, 2], [3, -1]])
+  ids, mask, index = torch_step.join_prompt_completion(inputs, targets)
+  assert ids.tolist() == [[5, 6, 1, 2, 0], [7, 8, 9, 3, 0]]
+  assert mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]
+  assert index.tolist() == [[1, 2], [2, 3]]

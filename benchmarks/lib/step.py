@@ -162,13 +162,14 @@ class JaxStep:
 
 
 class TorchStep:
-  """benchmarks/torch_step.DroVStep on the same batches.
+  """benchmarks/torch_step's DRO-V step on the same batches.
 
-  In float32, or under torch.autocast to bfloat16 when the config computes
-  in bfloat16.
+  DroVStep for a T5Config, DecoderDroVStep for a DecoderConfig
+  (torch_step.step_for). In float32, or under torch.autocast to bfloat16
+  when the config computes in bfloat16.
   """
 
-  def __init__(self, config: models.T5Config,
+  def __init__(self, config: models.T5Config | models.DecoderConfig,
                batches: list[dict[str, np.ndarray]]):
     import torch  # pylint: disable=g-import-not-at-top
     from benchmarks import torch_step  # pylint: disable=g-import-not-at-top
@@ -176,7 +177,7 @@ class TorchStep:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     start = time.perf_counter()
     autocast = torch.bfloat16 if config.dtype == "bfloat16" else None
-    self._step = torch_step.DroVStep(config, autocast=autocast)
+    self._step = torch_step.step_for(config, autocast=autocast)
     self.compile_s = time.perf_counter() - start        # construction only
     self.memory = NO_PLAN
     self._batches = [torch_step.to_torch(b) for b in batches]
@@ -192,7 +193,8 @@ class TorchStep:
     return float(self._loss)
 
 
-def _torch_worker(conn, host_memory_mode: str, config: models.T5Config,
+def _torch_worker(conn, host_memory_mode: str,
+                  config: models.T5Config | models.DecoderConfig,
                   batches: list[dict[str, np.ndarray]]) -> None:
   """Child process of TorchProcessStep: serves steps until sent None."""
   if host_memory_mode == "keep":
@@ -214,7 +216,7 @@ class TorchProcessStep:
   of the time.
   """
 
-  def __init__(self, config: models.T5Config,
+  def __init__(self, config: models.T5Config | models.DecoderConfig,
                batches: list[dict[str, np.ndarray]], host_memory_mode: str):
     import multiprocessing  # pylint: disable=g-import-not-at-top
     context = multiprocessing.get_context("spawn")   # no forked JAX state
