@@ -21,6 +21,8 @@ from dro_fast.training import init
 from dro_fast.training import optim
 from dro_fast.training import sharding
 from dro_fast.training import steps
+from tests.test_bad_input import leftovers
+from tests.test_train import SMALL
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
@@ -183,6 +185,24 @@ def test_a_model_axis_that_does_not_divide_names_the_sizes(sizes, configs,
   assert "\n" not in str(error.value)
 
 
+def test_the_trainer_refuses_a_model_axis_that_does_not_divide(tmp_path):
+  # The check runs once the tokenizer (the vocabulary) is known, before
+  # anything but the demo data is written.
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "dro_fast.train", f"--workdir={workdir}",
+       *SMALL, "--mesh=model:3", "--batch_size=6"], cwd=REPO,
+      env=dict(os.environ,
+               XLA_FLAGS="--xla_force_host_platform_device_count=3"),
+      capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  assert ("--mesh=data:1,fsdp:1,model:3: model 3 does not divide num_heads "
+          "4 of the policy; model sizes that divide every split dimension: "
+          "1, 2, 4.") in result.stderr
+  assert leftovers(workdir) == []
+
+
 def test_a_model_axis_that_divides_passes():
   sharding.check_model_axis(MESH, [("policy", T5), ("value network",
                                                     DECODER)])
@@ -195,3 +215,8 @@ def test_tree_shardings_names_an_indivisible_parameter():
   with pytest.raises(ValueError, match=r"q_proj.*kernel.*size 6 .*'heads'"
                      r".*model axis of size 4"):
     sharding.tree_shardings(params, mesh)
+
+
+def test_every_logical_name_has_a_rule():
+  named = {a for _, axes in partitioning.PARAM_AXES for a in axes} - {None}
+  assert named <= set(dict(partitioning.RULES)), named
