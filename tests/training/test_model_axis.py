@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.lib import step as bench_step
+from benchmarks.lib import tpu
 from dro_fast import models
 from dro_fast.models import partitioning
 from dro_fast.training import init
@@ -220,3 +222,22 @@ def test_tree_shardings_names_an_indivisible_parameter():
 def test_every_logical_name_has_a_rule():
   named = {a for _, axes in partitioning.PARAM_AXES for a in axes} - {None}
   assert named <= set(dict(partitioning.RULES)), named
+
+
+@pytest.mark.slow
+def test_flash_attention_and_logprob_kernels_compile_for_v5e_on_a_model_axis():
+  # Deviceless (libtpu, as tests/benchmarks/test_tpu_compile.py): Mosaic
+  # lowers the Pallas kernels per device under shard_map on rows split
+  # over data x fsdp and replicated over model.
+  tpu.require_libtpu()
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "model": 2},
+                            tpu.devices("v5e:2x2"))
+  config = bench_step.config_for("tiny", "bfloat16", remat="dots",
+                                 attention="flash", scan_layers=True,
+                                 platform="tpu")
+  batch = bench_step.random_batch(config, 8, 24, 16,
+                                  np.random.default_rng(0))
+  step = bench_step.JaxStep(config, steps.AlgorithmConfig(algo="dro_v"),
+                            [batch], abstract=True, mesh=mesh)
+  text = step.compiled.as_text()
+  assert "tpu_custom_call" in text and "all-reduce" in text
