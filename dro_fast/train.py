@@ -211,8 +211,11 @@ _EVAL_FLAGS = flags.DEFINE_multi_string(
     "(default for the demo task: 1 fold of 200 held-out prompts, its "
     "reward as the judge).")
 flags.DEFINE_string(
-    "mesh", "", "Device mesh, e.g. data:4,fsdp:2 (batch over both axes, "
-    "parameters and optimizer states over fsdp). Unset: all on data.")
+    "mesh", "", "Device mesh, e.g. data:4,fsdp:2,model:2 (an axis left out "
+    "has size 1): the batch over data x fsdp; parameters and optimizer "
+    "states by logical axis rules, the width over fsdp, attention heads, "
+    "MLP units and the vocabulary over model (which must divide them). "
+    "Unset: all on data. See docs/SCALING.md.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process "
     "runs (jax.distributed.initialize; needs --num_processes and "

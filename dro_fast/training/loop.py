@@ -314,6 +314,13 @@ def _train(run: RunConfig, mesh) -> dict:
     model_config, policy_params = policy_config(run, dataset.tokenizer)
     value_model, value_trunk = value_config(run, model_config,
                                             dataset.tokenizer)
+    # The model axis splits heads, MLP units and the vocabulary, known
+    # only now (the vocabulary is the tokenizer's).
+    try:
+      sharding.check_model_axis(mesh, [("policy", model_config)] + (
+          [("value network", value_model)] if value_model else []))
+    except ValueError as e:
+      raise TrainingError(str(e)) from None
     if primary:
       prepare.save_inputs(workdir, dataset)   # every input is checked
       # A save cut short by a kill or a second Ctrl-C: never read, and

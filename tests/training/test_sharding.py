@@ -34,9 +34,9 @@ def test_eight_devices_match_one_within_1e5():
 
 
 @pytest.mark.parametrize("spec, devices, expected", [
-    ("data:4,fsdp:2", 8, {"data": 4, "fsdp": 2}),
-    ("fsdp:8", 8, {"data": 1, "fsdp": 8}),
-    ("", 2, {"data": 2, "fsdp": 1}),
+    ("data:4,fsdp:2", 8, {"data": 4, "fsdp": 2, "model": 1}),
+    ("fsdp:8", 8, {"data": 1, "fsdp": 8, "model": 1}),
+    ("", 2, {"data": 2, "fsdp": 1, "model": 1}),
 ])
 def test_parse_mesh(spec, devices, expected):
   assert sharding.parse_mesh(spec, devices) == expected
@@ -44,7 +44,7 @@ def test_parse_mesh(spec, devices, expected):
 
 @pytest.mark.parametrize("spec, message", [
     ("data:4,fsdp:3", "has 12 devices but 8"),
-    ("model:8", "is not AXIS:SIZE"),
+    ("tensor:8", "is not AXIS:SIZE"),
     ("data:x", "is not AXIS:SIZE"),
     ("data:4,data:2", "twice"),
 ])
