@@ -28,6 +28,7 @@ import optax
 from dro_fast import kernels
 from dro_fast import losses
 from dro_fast import models
+from dro_fast.models import partitioning
 from dro_fast.models import per_device
 from dro_fast.models import value
 from dro_fast.training.config import AlgorithmConfig
@@ -73,7 +74,9 @@ def logprob_kernel(implementation: str | None,
   (None: the kernels' own default). Under a mesh it runs per device
   (models.per_device): each device takes its rows of the batch and the
   whole output projection (gathered, as FSDP gathers every weight for its
-  matmul).
+  matmul). On a mesh with a `model` axis the projection is split over V
+  there, and kernels.vocab_parallel computes each device's shard and
+  combines them across the axis instead.
 
   softcap: a decoder's final_logit_softcapping (logits = c·tanh(z / c)),
   which the fused kernel cannot apply: the logits are then materialised
@@ -94,12 +97,27 @@ def logprob_kernel(implementation: str | None,
   mode = (None if native is None or interpret is None
           else kernels.interpret_mode(native, interpret))
   def fn(hidden, weight, targets, mask):
+    return kernels.linear_sequence_logprobs(
+        hidden, weight, targets, mask, implementation=implementation,
+        interpret=mode)
+  rows = per_device.over_batch(fn, (True, False, True, True))
+  vocab = kernels.vocab_parallel(
+      None, vocab_axis=partitioning.MODEL_AXIS,
+      batch_axes=partitioning.BATCH_AXES, implementation=implementation,
+      interpret=mode)
+
+  def dispatch(hidden, weight, targets, mask):
     # Padding ids may be negative (decoder-only batches pad with -1); a
     # masked position's id only has to index the vocabulary.
-    return kernels.linear_sequence_logprobs(
-        hidden, weight, jnp.where(mask, targets, 0), mask,
-        implementation=implementation, interpret=mode)
-  return per_device.over_batch(fn, (True, False, True, True))
+    targets = jnp.where(mask, targets, 0)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and dict(zip(mesh.axis_names, mesh.axis_sizes)).get(
+        partitioning.MODEL_AXIS, 1) > 1:
+      # The projection is split over V on `model` (partitioning.RULES):
+      # each device's shard, combined across the axis, never gathered.
+      return vocab(hidden, weight, targets, mask)
+    return rows(hidden, weight, targets, mask)
+  return dispatch
 
 
 def _softcap(config) -> float | None:
