@@ -95,6 +95,11 @@ def custom_call_targets(compiled) -> list[str]:
 PAPER_STEPS_PER_S = {"large": 0.5, "xl": 0.1}
 
 
+# How much of XLA:TPU's out-of-memory message (its largest allocations)
+# a record keeps.
+MEMORY_DETAIL_CHARS = 6000
+
+
 def _memory_error_line(error: Exception) -> str | None:
   """XLA:TPU's line on running out of HBM, or None for another error."""
   text = str(error)
@@ -204,7 +209,9 @@ def compile_update(size: str, topology: str, *, batch_size: int,
     line = _memory_error_line(e)
     if line is None:
       raise
-    return dict(record, fits=False, error=line)
+    # The compiler's account of the largest allocations, for the record.
+    return dict(record, fits=False, error=line,
+                error_detail=str(e)[:MEMORY_DETAIL_CHARS])
   # XLA's cost analysis counts a loop body once, not per trip: with
   # scanned layers its FLOPs and roofline describe no real step, so they
   # come from the same update with the layers unrolled.
