@@ -4,9 +4,17 @@ r"""The DRO-V train step compiled for a TPU slice, on a host without one.
   python -m benchmarks.tpu_compile --runs=large@v5e:4x4 --fsdp=1,4,16 \
       --remat=none,dots,full --attention=xla,flash
   python -m benchmarks.tpu_compile --runs=large@v5e:4x4 --max_batch
+  python -m benchmarks.tpu_compile --runs=llama-3.1-8b+llama-3.2-1b@v5e:4x4 \
+      --fsdp=all --remat=full --input_length=1024 --target_length=512 \
+      --implementation=default,xla --noroofline
 
-Needs libtpu (the `tpu` extra). For each run SIZE@TOPOLOGY and each
-variant (batch x remat x fsdp x attention) it builds the trainer's own
+Needs libtpu (the `tpu` extra). A run is POLICY[+VALUE]@TOPOLOGY: POLICY
+a T5 size (benchmarks/lib/flags.py's SIZES) or a decoder-only preset
+(dro_fast.models.DECODER_PRESETS), +VALUE for a decoder-only policy the
+preset of its separate value network (RunConfig.value_model: a 1B value
+network of an 8B policy; without it the value network has the policy's
+shape). For each run and each variant (batch x remat x fsdp x attention x
+log-prob implementation x value network) it builds the trainer's own
 update (benchmarks/lib/step.py's JaxStep: training.loop.trainer_for_run,
 the trainer's mesh and shardings laid over the topology's devices) from
 shapes alone, and compiles it with XLA:TPU and Mosaic
@@ -28,6 +36,12 @@ unrolled compiles of 1 and 2 layers would be faster, but misses part of the
 bytes: XLA fuses and schedules the full depth differently.
 
 The mesh: data over the chips not on fsdp (--fsdp=F puts F chips on fsdp).
+--implementation: the log-prob kernels; "default" is what
+dro_fast.backend.resolve picks for TPU (pallas_tpu: the fused linear
+log-probs, no [B, T, V] logits), "xla" materialises the float32 logits.
+Where both were compiled, a line per variant states the fused path's
+saving per chip beside the logits and their gradient per chip
+(2 x B/chips x T x V x 4 bytes; the batch is split over every chip).
 --max_batch: the largest global batch (a multiple of the chip count) that
 fits, per variant, by doubling from --batch_size and then bisecting.
 Claims: benchmarks/RESULTS.md#the-paper-set-ups-on-tpu-v5e.
@@ -54,15 +68,20 @@ from dro_fast.training import steps
 PAPER_RUNS = ("large@v5e:4x4", "xl@v5e:4x8")
 CONFIG_REMAT = {"large": "dots", "xl": "full"}
 
-_RUNS = flags.DEFINE_list("runs", list(PAPER_RUNS),
-                          "SIZE@TOPOLOGY items, e.g. large@v5e:4x4.")
+_RUNS = flags.DEFINE_list(
+    "runs", list(PAPER_RUNS), "POLICY[+VALUE]@TOPOLOGY items, e.g. "
+    "large@v5e:4x4 or llama-3.1-8b+llama-3.2-1b@v5e:4x4 (see above).")
 _REMAT = flags.DEFINE_list(
     "remat", ["config"], f"Remat policies of {REMAT_POLICIES}, or 'config' "
     "for the size's flagfile's (large: dots, xl: full).")
 _FSDP = flags.DEFINE_list("fsdp", ["1", "all"], "Chips on the mesh's fsdp "
                           "axis (the rest on data); 'all' for every chip.")
-_ATTENTION = flags.DEFINE_list("attention", ["xla"],
-                               "Attention implementations (xla, flash).")
+_ATTENTION = flags.DEFINE_list(
+    "attention", ["xla"], "Attention implementations (T5: xla, flash; "
+    "decoder-only: xla, splash).")
+_VALUE_NET = flags.DEFINE_list(
+    "value_net", ["separate"], "DRO-V's value network(s): separate (its "
+    "own trunk, +VALUE's shape) or shared (a head on the policy's).")
 _ALGO = flags.DEFINE_enum("algo", "dro_v", list(steps.ALGORITHMS),
                           "Algorithm whose update is compiled.")
 _ROOFLINE = flags.DEFINE_bool(
@@ -87,8 +106,12 @@ def variants(size: str, chips: int) -> list[dict[str, Any]]:
   for f in fsdps:
     if f < 1 or chips % f:
       raise app.UsageError(f"--fsdp={f} does not divide {chips} chips.")
-  return [{"remat": r, "fsdp": f, "attention": a} for r, f, a in
-          itertools.product(dict.fromkeys(remats), fsdps, _ATTENTION.value)]
+  implementations = [None if i == "default" else i
+                     for i in shared.IMPLEMENTATION.value]
+  return [{"remat": r, "fsdp": f, "attention": a, "implementation": i,
+           "value_net": v} for r, f, a, i, v in
+          itertools.product(dict.fromkeys(remats), fsdps, _ATTENTION.value,
+                            implementations, _VALUE_NET.value)]
 
 
 def _num(value, spec: str) -> str:
@@ -96,8 +119,11 @@ def _num(value, spec: str) -> str:
 
 
 def print_row(r: dict[str, Any]) -> None:
-  head = (f"{r['size']:>5} {r['topology']:>8} b{r['batch_size']:<4} "
-          f"{r['remat']:>22} {r['mesh']:>15} {r['attention']:>5}"
+  size = r["size"] + (f"+{r['value_size']}" if r.get("value_size") else "")
+  extra = ("" if "implementation" not in r else
+           f" {r['implementation']:>10} value:{r['value_net']}")
+  head = (f"{size:>5} {r['topology']:>8} b{r['batch_size']:<4} "
+          f"{r['remat']:>22} {r['mesh']:>15} {r['attention']:>5}{extra}"
           f"{'' if r['scan_layers'] else ' unrolled'}")
   if "total_gib" not in r:
     print(f"{head}  does not fit: {r['error']}", flush=True)
@@ -113,6 +139,43 @@ def print_row(r: dict[str, Any]) -> None:
         flush=True)
 
 
+def savings(records: list[dict[str, Any]]) -> list[str]:
+  """Per variant compiled both ways: the fused log-probs' saving per chip.
+
+  The total per chip with "xla" (materialised logits) less that with the
+  fused kernels, beside the logits and their gradient per chip.
+  """
+  def key(r):
+    return tuple((k, str(v)) for k, v in sorted(r.items())
+                 if k in ("size", "value_size", "topology", "batch_size",
+                          "input_length", "target_length", "remat", "mesh",
+                          "attention", "value_net", "scan_layers"))
+  fused = {key(r): r for r in records
+           if r.get("implementation") not in (None, "xla") and
+           "total_gib" in r}
+  lines = []
+  for r in records:
+    other = fused.get(key(r))
+    if r.get("implementation") != "xla" or other is None:
+      continue
+    if "total_gib" not in r:
+      lines.append(f"{other['size']} b{other['batch_size']} {other['remat']}"
+                   f" {other['mesh']}: xla does not fit ({r['error']}); "
+                   f"{other['implementation']} {other['total_gib']:.2f} GiB/"
+                   f"chip; logits + gradient "
+                   f"{r['logits_and_grad_gib_per_chip']:.2f} GiB/chip")
+      continue
+    lines.append(
+        f"{r['size']} b{r['batch_size']} {r['remat']} {r['mesh']}: "
+        f"{other['implementation']} saves "
+        f"{r['total_gib'] - other['total_gib']:.2f} GiB/chip (total "
+        f"{r['total_gib']:.2f} -> {other['total_gib']:.2f}, temp "
+        f"{r['temp_gib']:.2f} -> {other['temp_gib']:.2f}); logits + "
+        f"gradient [B/chips, T, V] float32: "
+        f"{r['logits_and_grad_gib_per_chip']:.2f} GiB/chip")
+  return lines
+
+
 def main(argv):
   timing.quiet_backend_probe()
   if len(argv) > 1:
@@ -123,9 +186,10 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   found = []
   for item in _RUNS.value:
-    size, _, topology = item.partition("@")
-    if size not in shared.SIZES or "@" not in item:
-      raise app.UsageError(f"--runs: unknown size in {item!r}.")
+    try:
+      size, value_size, topology = tpu.parse_run(item)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
     chips = len(tpu.devices(topology))
     if batch_size() % chips and not _MAX_BATCH.value:
       raise app.UsageError(f"--batch_size={batch_size()} is not a multiple "
@@ -134,7 +198,8 @@ def main(argv):
       fixed = dict(variant, input_length=shared.INPUT_LENGTH.value,
                    target_length=target_length(), algo=_ALGO.value,
                    dtype=shared.DTYPE.value, scan_layers=shared.SCAN.value,
-                   roofline=_ROOFLINE.value and not _MAX_BATCH.value)
+                   roofline=_ROOFLINE.value and not _MAX_BATCH.value,
+                   value_size=value_size)
       if _MAX_BATCH.value:
         best, tried = tpu.largest_batch(size, topology, batch_size(),
                                         print_row, **fixed)
@@ -144,6 +209,8 @@ def main(argv):
         found.append(tpu.compile_update(size, topology,
                                         batch_size=batch_size(), **fixed))
         print_row(found[-1])
+  for line in savings(found):
+    print(line, flush=True)
   if shared.JSON_OUT.value:
     records.append(shared.JSON_OUT.value, found)
   for record in found:

@@ -31,22 +31,33 @@ NO_PLAN = {"peak_bytes": -1, "temp_bytes": -1}
 
 
 def config_for(size: str, dtype: str, *, platform: str | None = None,
-               **fields) -> models.T5Config:
+               **fields) -> models.T5Config | models.DecoderConfig:
   """The benchmarked preset of `size`, without dropout, for `platform`.
 
+  `size` is a T5 size (benchmarks.lib.flags.SIZES: the FLAN-T5 preset,
+  "tiny" the test model) or a decoder-only preset's name
+  (models.DECODER_PRESETS, e.g. "llama-3.1-8b"; these have no dropout).
   It computes in what `runtime.compute_dtype` gives for `dtype` on
   `platform` (None: kernels.target_platform()), as the CLIs do; JaxStep
   resolves its backend fields.
   """
-  name = "tiny" if size == "tiny" else f"flan-t5-{size}"
   platform = platform or kernels.target_platform()
-  return models.preset(name, dtype=runtime.compute_dtype(dtype, platform),
-                       dropout_rate=0.0, **fields)
+  dtype = runtime.compute_dtype(dtype, platform)
+  if size in models.DECODER_PRESETS:
+    return models.decoder_preset(size, dtype=dtype, **fields)
+  name = "tiny" if size == "tiny" else f"flan-t5-{size}"
+  return models.preset(name, dtype=dtype, dropout_rate=0.0, **fields)
 
 
-def random_batch(config: models.T5Config, batch: int, s: int, t: int,
+def random_batch(config: models.T5Config | models.DecoderConfig, batch: int,
+                 s: int, t: int,
                  rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """A train batch of random tokens, every target position valid."""
+  """A train batch of random tokens, every target position valid.
+
+  The same keys serve both families: for a decoder-only model the prompts
+  fill all s positions and the completions all t (the layout's -1 padding
+  is absent, which changes no shape: the compiled program is the same).
+  """
   tokens = lambda n: rng.integers(2, config.vocab_size, (batch, n)).astype(
       np.int32)
   return {
@@ -82,7 +93,8 @@ class JaxStep:
                algorithm: steps.AlgorithmConfig,
                batches: list[dict[str, np.ndarray]], abstract: bool = False,
                reduce_with_dots: bool | None = None, mesh=None,
-               platform: str | None = None):
+               platform: str | None = None,
+               value_config: models.DecoderConfig | None = None):
     """Builds and compiles the step.
 
     Args:
@@ -101,12 +113,16 @@ class JaxStep:
       platform: the platform whose program is built (backend.resolve's
         `platform`); None: the mesh's, which always picks the kernels
         (a CPU's memory plan of a GPU's step: platform "gpu").
+      value_config: a separate value network's own DecoderConfig
+        (RunConfig.value_model: a 1B value network of an 8B policy); None:
+        the policy's shape.
     """
     if mesh is None:
       mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
     target = kernels.target_platform(mesh.devices)
     run = backend.resolve(
         RunConfig(workdir="", model=config, algorithm=algorithm,
+                  value_model=value_config,
                   batch_size=len(batches[0]["inputs"])),
         platform or target, target=target)
     if reduce_with_dots is not None:

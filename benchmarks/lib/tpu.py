@@ -95,6 +95,11 @@ def custom_call_targets(compiled) -> list[str]:
 PAPER_STEPS_PER_S = {"large": 0.5, "xl": 0.1}
 
 
+# How much of XLA:TPU's out-of-memory message (its largest allocations)
+# a record keeps.
+MEMORY_DETAIL_CHARS = 6000
+
+
 def _memory_error_line(error: Exception) -> str | None:
   """XLA:TPU's line on running out of HBM, or None for another error."""
   text = str(error)
@@ -104,22 +109,63 @@ def _memory_error_line(error: Exception) -> str | None:
   return (found.group(0) if found else text.splitlines()[0]).strip()[:300]
 
 
+def parse_run(item: str) -> tuple[str, str | None, str]:
+  """"POLICY[+VALUE]@TOPOLOGY" -> (policy, value or None, topology).
+
+  POLICY is a T5 size or a decoder-only preset (models.DECODER_PRESETS);
+  VALUE, for a decoder-only policy only, the preset of its separate value
+  network (RunConfig.value_model), e.g. "llama-3.1-8b+llama-3.2-1b@v5e:4x4".
+  Raises ValueError naming the item.
+  """
+  from benchmarks.lib import flags as shared  # pylint: disable=g-import-not-at-top
+  from dro_fast import models  # pylint: disable=g-import-not-at-top
+  sizes, at, topology = item.partition("@")
+  size, plus, value = sizes.partition("+")
+  decoders = models.DECODER_PRESETS
+  if not at or not topology or (size not in shared.SIZES
+                                and size not in decoders):
+    raise ValueError(f"--runs: {item!r} is not POLICY[+VALUE]@TOPOLOGY with "
+                     f"POLICY of {shared.SIZES} or {sorted(decoders)}.")
+  if plus and (size not in decoders or value not in decoders):
+    raise ValueError(f"--runs: in {item!r} +VALUE needs a decoder-only "
+                     f"policy and value preset, of {sorted(decoders)}.")
+  return size, (value or None), topology
+
+
+def logits_bytes_per_chip(batch_size: int, target_length: int,
+                          vocab_size: int, chips: int) -> float:
+  """The float32 logits [B, T, V] and their gradient, per chip.
+
+  What the "xla" log-prob implementation materialises for the policy's
+  targets (the batch is split over every chip) and a fused one does not.
+  """
+  return 2 * batch_size / chips * target_length * vocab_size * 4
+
+
 def compile_update(size: str, topology: str, *, batch_size: int,
                    input_length: int, target_length: int, remat: str,
                    fsdp: int, attention: str = "xla", algo: str = "dro_v",
                    dtype: str = "bfloat16", scan_layers: bool = True,
-                   roofline: bool = False) -> dict[str, Any]:
+                   roofline: bool = False, value_size: str | None = None,
+                   value_net: str = "separate",
+                   implementation: str | None = None) -> dict[str, Any]:
   """Compiles the trainer's update for a TPU topology; returns its record.
 
   The update is lib/step.py's abstract JaxStep (the trainer's own update,
   its mesh and shardings) over the topology's devices, on a data x fsdp
-  mesh with `fsdp` chips on fsdp. The record has the per-chip memory plan
-  in GiB, whether it fits the chip's HBM, the compiled and modelled FLOPs
-  per chip, and XLA's roofline (an upper bound on steps/s), which with
-  scan_layers needs `roofline` (a second compile, unrolled). A program
-  XLA:TPU rejects for memory is a record with fits False and the
-  compiler's line.
+  mesh with `fsdp` chips on fsdp. `size` is a T5 size or a decoder-only
+  preset, `value_size` a decoder-only preset for a separate value network
+  of its own shape (None: the policy's), `value_net` the algorithm's value
+  network ("separate" or "shared"), `implementation` the log-prob kernels'
+  (None: backend.resolve's for TPU, "pallas_tpu"; "xla" materialises the
+  logits). The record has the per-chip memory plan in GiB, whether it fits
+  the chip's HBM, the compiled and modelled FLOPs per chip, and XLA's
+  roofline (an upper bound on steps/s), which with scan_layers needs
+  `roofline` (a second compile, unrolled). A program XLA:TPU rejects for
+  memory is a record with fits False and the compiler's line.
   """
+  from dro_fast import kernels  # pylint: disable=g-import-not-at-top
+  from dro_fast import models  # pylint: disable=g-import-not-at-top
   from dro_fast.training import flops  # pylint: disable=g-import-not-at-top
   from benchmarks.lib import step as bench_step  # pylint: disable=g-import-not-at-top
   from dro_fast.training import sharding  # pylint: disable=g-import-not-at-top
@@ -131,11 +177,16 @@ def compile_update(size: str, topology: str, *, batch_size: int,
   hbm = HBM_BYTES.get(kind)
   mesh_sizes = {"data": chips // fsdp, "fsdp": fsdp}
   mesh = sharding.make_mesh(mesh_sizes, topology_devices)
-  config = bench_step.config_for(size, dtype, remat=remat,
-                                 attention=attention,
-                                 scan_layers=scan_layers,
-                                 platform="tpu")
-  algorithm = steps.AlgorithmConfig(algo=algo)
+  if value_net != "separate":          # no value network of its own
+    value_size = None
+  backend_fields = dict(remat=remat, attention=attention,
+                        scan_layers=scan_layers, platform="tpu")
+  config = bench_step.config_for(size, dtype, **backend_fields)
+  value_config = (None if value_size is None else
+                  bench_step.config_for(value_size, dtype, **backend_fields))
+  algorithm = steps.AlgorithmConfig(algo=algo, value_net=value_net,
+                                    implementation=implementation)
+  decoder = isinstance(config, models.DecoderConfig)
   batch = bench_step.random_batch(config, batch_size, input_length,
                                   target_length, np.random.default_rng(0))
   record = {"topology": topology, "chips": chips, "chip": kind,
@@ -143,17 +194,24 @@ def compile_update(size: str, topology: str, *, batch_size: int,
             "algo": algo, "batch_size": batch_size,
             "input_length": input_length, "target_length": target_length,
             "dtype": config.dtype, "remat": remat, "attention": attention,
-            "scan_layers": scan_layers,
+            "scan_layers": scan_layers, "value_size": value_size,
+            "value_net": value_net,
+            "implementation": (implementation
+                               or kernels.implementation_for("tpu")),
+            "logits_and_grad_gib_per_chip": logits_bytes_per_chip(
+                batch_size, target_length, config.vocab_size, chips) / GIB,
             "mesh": ",".join(f"{k}:{v}" for k, v in mesh_sizes.items()),
             "paper_steps_per_s": PAPER_STEPS_PER_S.get(size)}
   try:
     step = bench_step.JaxStep(config, algorithm, [batch], abstract=True,
-                              mesh=mesh)
+                              mesh=mesh, value_config=value_config)
   except Exception as e:  # pylint: disable=broad-except
     line = _memory_error_line(e)
     if line is None:
       raise
-    return dict(record, fits=False, error=line)
+    # The compiler's account of the largest allocations, for the record.
+    return dict(record, fits=False, error=line,
+                error_detail=str(e)[:MEMORY_DETAIL_CHARS])
   # XLA's cost analysis counts a loop body once, not per trip: with
   # scanned layers its FLOPs and roofline describe no real step, so they
   # come from the same update with the layers unrolled.
@@ -164,14 +222,17 @@ def compile_update(size: str, topology: str, *, batch_size: int,
     try:
       seconds = cost(bench_step.JaxStep(
           config.replace(scan_layers=False), algorithm, [batch],
-          abstract=True, mesh=mesh).compiled)
+          abstract=True, mesh=mesh,
+          value_config=(value_config and
+                        value_config.replace(scan_layers=False))).compiled)
     except Exception as e:  # pylint: disable=broad-except
       line = _memory_error_line(e)
       if line is None:
         raise
       record["roofline_error"] = f"unrolled: {line}"
-  model_flops = flops.step_flops(config, algo, algorithm.value_net,
-                                 batch_size, input_length, target_length)
+  model_flops = flops.step_flops(config, algo, value_net, batch_size,
+                                 input_length, target_length,
+                                 value_config=value_config)
   peak = flops.peak_flops(device_kind=kind)
   bound = None
   if seconds["flops"] is not None:
@@ -193,8 +254,13 @@ def compile_update(size: str, topology: str, *, batch_size: int,
       model_flops_at_peak_seconds=(model_flops / chips / peak
                                    if peak else None),
       custom_calls=sorted(set(custom_call_targets(step.compiled))),
-      encoder_score_arrays=len(score_arrays(step.compiled, config.num_heads,
-                                            input_length)))
+      # A decoder-only model's scores are [B, KV heads, group, L, L] over
+      # the L = S+T-1 positions it feeds (the last target is not an input).
+      encoder_score_arrays=len(score_arrays(
+          step.compiled,
+          config.num_heads // config.num_kv_heads if decoder
+          else config.num_heads,
+          input_length + target_length - 1 if decoder else input_length)))
   return record
 
 
@@ -214,7 +280,8 @@ def score_arrays(compiled, heads: int, length: int) -> list[str]:
   """The HLO values of shape [..., heads, length, length] in a compiled program.
 
   They are attention logits or weights over a length-long sequence, what a
-  flash attention never materialises.
+  flash attention never materialises (`heads`: the dimension before the
+  two lengths; a decoder-only model's query group).
   """
   return re.findall(rf"\b(?:bf16|f32)\[(?:\d+,)*{heads},{length},{length}\]"
                     r"[^ ]* \S+", compiled.as_text())

@@ -78,7 +78,9 @@ def init_params(model_config: models.T5Config | models.DecoderConfig,
     (policy_params, value_params). value_params is {} without a value
     network; the "separate" value network's encoder (T5) or trunk
     (decoder-only) is a copy of the policy's (value.init_from_policy), or
-    value_trunk where given; its head is drawn from the value key.
+    value_trunk where given, or drawn from the value key for a
+    value_config of another shape without value_trunk; its head is drawn
+    from the value key.
   """
   keys = split(rng)
   if tokens is None:
@@ -97,7 +99,11 @@ def init_params(model_config: models.T5Config | models.DecoderConfig,
   value_params = value.value_network(
       value_config or model_config, algorithm.value_net).init(
           keys.value, tokens, encoded)
-  if algorithm.value_net == "separate":
-    value_params = value.init_from_policy(
-        value_params, policy_params if value_trunk is None else value_trunk)
+  if algorithm.value_net == "separate" and value_trunk is not None:
+    value_params = value.init_from_policy(value_params, value_trunk)
+  elif algorithm.value_net == "separate" and value_config in (None,
+                                                              model_config):
+    value_params = value.init_from_policy(value_params, policy_params)
+  # Else a value network of its own shape without a value_trunk: the
+  # policy's trunk does not fit it, so it keeps its random trunk.
   return policy_params, value_params

@@ -67,3 +67,55 @@ def test_a_memory_rejection_is_a_record_not_a_traceback():
       "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of")
   assert tpu._memory_error_line(ValueError("a shape error")) is None
 
+
+
+def test_runs_name_a_policy_and_optionally_a_decoder_value_network():
+  assert tpu.parse_run("large@v5e:4x4") == ("large", None, "v5e:4x4")
+  assert tpu.parse_run("llama-3.1-8b+llama-3.2-1b@v5e:4x4") == (
+      "llama-3.1-8b", "llama-3.2-1b", "v5e:4x4")
+  for bad in ("large", "huge@v5e:4x4", "large+tiny_decoder@v5e:2x2",
+              "tiny_decoder+large@v5e:2x2", "tiny_decoder@"):
+    with pytest.raises(ValueError, match="--runs"):
+      tpu.parse_run(bad)
+
+
+def test_logits_per_chip_are_the_float32_logits_and_gradient_of_a_share():
+  # Llama 3's vocabulary, batch 32 over 16 chips, 512 completion tokens.
+  assert tpu.logits_bytes_per_chip(32, 512, 128256, 16) == (
+      2 * 2 * 512 * 128256 * 4)
+
+
+def test_savings_pair_the_fused_and_the_materialised_compile():
+  from benchmarks import tpu_compile  # pylint: disable=g-import-not-at-top
+  same = {"size": "llama-3.1-8b", "value_size": "llama-3.2-1b",
+          "topology": "v5e:4x4", "batch_size": 32, "input_length": 1024,
+          "target_length": 512, "remat": "full", "mesh": "data:1,fsdp:16",
+          "attention": "xla", "value_net": "separate", "scan_layers": True,
+          "logits_and_grad_gib_per_chip": 0.98}
+  fused = dict(same, implementation="pallas_tpu", total_gib=9.0,
+               temp_gib=5.0)
+  xla = dict(same, implementation="xla", total_gib=11.5, temp_gib=7.5)
+  other_batch = dict(xla, batch_size=64)
+  lines = tpu_compile.savings([fused, xla, other_batch])
+  assert len(lines) == 1
+  assert "pallas_tpu saves 2.50 GiB/chip" in lines[0]
+  assert "0.98 GiB/chip" in lines[0]
+
+
+@pytest.mark.slow
+def test_tiny_decoder_dro_v_with_its_own_value_network_compiles_for_v5e():
+  tpu.require_libtpu()
+  record = tpu.compile_update(
+      "tiny_decoder", "v5e:2x2", batch_size=8, input_length=24,
+      target_length=16, remat="full", fsdp=4, value_size="tiny_decoder")
+  assert record["mesh"] == "data:1,fsdp:4"
+  assert record["value_size"] == "tiny_decoder"
+  # What backend.resolve picks for TPU: the fused Pallas log-probs, through
+  # Mosaic.
+  assert record["implementation"] == "pallas_tpu"
+  assert "tpu_custom_call" in record["custom_calls"]
+  assert record["fits"] and 0 < record["total_gib"] < record["hbm_gib"]
+  # "xla" attention over the whole prompt + completion sequence.
+  assert record["encoder_score_arrays"] > 0
+  assert record["logits_and_grad_gib_per_chip"] == pytest.approx(
+      2 * 2 * 16 * 256 * 4 / tpu.GIB)
