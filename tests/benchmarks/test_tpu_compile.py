@@ -69,6 +69,39 @@ def test_a_memory_rejection_is_a_record_not_a_traceback():
 
 
 
+def test_mesh_sizes_put_the_batch_over_the_chips_off_the_model_axis():
+  # A model axis of 1 is left out: the data x fsdp mesh of before.
+  assert tpu.mesh_sizes(64, 32) == {"data": 2, "fsdp": 32}
+  assert tpu.mesh_sizes(64, 32, 2) == {"data": 1, "fsdp": 32, "model": 2}
+  assert tpu.mesh_sizes(64, 4, 4) == {"data": 4, "fsdp": 4, "model": 4}
+  for fsdp, model in ((32, 4), (3, 1), (1, 0), (0, 2)):
+    with pytest.raises(ValueError, match=f"--fsdp={fsdp} x --model={model} "
+                       "does not divide 64 chips"):
+      tpu.mesh_sizes(64, fsdp, model)
+
+
+def test_variants_cross_fsdp_with_the_model_axis(monkeypatch):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  from benchmarks import tpu_compile  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  common = dict(remat=["full"], attention=["xla"], implementation=["default"],
+                value_net=["separate"])
+  with flagsaver.flagsaver(fsdp=["1", "all"], **common):
+    # The default, no model axis: every variant as before.
+    assert [(v["fsdp"], v["model"]) for v in
+            tpu_compile.variants("xxl", 64)] == [(1, 1), (64, 1)]
+  with flagsaver.flagsaver(fsdp=["32", "all"], model=["1", "2"], **common):
+    # "all": every chip off the model axis.
+    assert [(v["fsdp"], v["model"]) for v in
+            tpu_compile.variants("xxl", 64)] == [(32, 1), (64, 1), (32, 2)]
+  with flagsaver.flagsaver(fsdp=["32"], model=["4"], **common):
+    with pytest.raises(app.UsageError, match="--fsdp=32 x --model=4"):
+      tpu_compile.variants("xxl", 64)
+
+
 def test_runs_name_a_policy_and_optionally_a_decoder_value_network():
   assert tpu.parse_run("large@v5e:4x4") == ("large", None, "v5e:4x4")
   assert tpu.parse_run("llama-3.1-8b+llama-3.2-1b@v5e:4x4") == (
