@@ -277,11 +277,12 @@ def compile_update(size: str, topology: str, *, batch_size: int,
                                    if peak else None),
       custom_calls=sorted(set(custom_call_targets(step.compiled))),
       # A decoder-only model's scores are [B, KV heads, group, L, L] over
-      # the L = S+T-1 positions it feeds (the last target is not an input).
+      # the L = S+T-1 positions it feeds (the last target is not an input);
+      # T5's [B, H, S, S], H split over the model axis on each chip.
       encoder_score_arrays=len(score_arrays(
           step.compiled,
           config.num_heads // config.num_kv_heads if decoder
-          else config.num_heads,
+          else config.num_heads // model,
           input_length + target_length - 1 if decoder else input_length)))
   return record
 

@@ -38,6 +38,20 @@ def test_tiny_dro_v_update_compiles_for_v5e_with_mosaic_kernels_on_a_mesh():
       1 / record["roofline_seconds"])
 
 
+def test_tiny_update_compiles_for_v5e_with_a_model_axis():
+  tpu.require_libtpu()
+  # 4 chips, 2 on model: the batch of 4 over data x fsdp = 2.
+  record = tpu.compile_update(
+      "tiny", "v5e:2x2", batch_size=4, input_length=24, target_length=16,
+      remat="dots", fsdp=1, model=2, scan_layers=False)
+  assert record["mesh"] == "data:2,fsdp:1,model:2" and record["model"] == 2
+  assert record["fits"] and 0 < record["total_gib"] < record["hbm_gib"]
+  # The vocabulary-parallel log-probs' Mosaic kernel, per shard.
+  assert "tpu_custom_call" in record["custom_calls"]
+  # "xla" attention's scores, found with the heads split over model.
+  assert record["encoder_score_arrays"] > 0
+
+
 def test_largest_batch_doubles_then_bisects_on_multiples_of_the_chips(
     monkeypatch):
   monkeypatch.setattr(tpu, "devices", lambda topology: (None,) * 4)
@@ -54,6 +68,10 @@ def test_largest_batch_doubles_then_bisects_on_multiples_of_the_chips(
   assert tried == [8, 16, 32, 64, 48, 40, 44]
   assert all(b % 4 == 0 for b in tried) and len(records) == len(tried)
   assert tpu.largest_batch("large", "v5e:4x4", 8)[0] == 44
+  # With 2 of the 4 chips on model, batches are multiples of data x fsdp = 2.
+  tried.clear()
+  assert tpu.largest_batch("large", "v5e:4x4", 6, model=2)[0] == 44
+  assert tried == [6, 12, 24, 48, 36, 42, 44, 46]
   monkeypatch.setattr(tpu, "compile_update", lambda *a, **k: {"fits": False})
   assert tpu.largest_batch("large", "v5e:4x4", 8)[0] is None
 
