@@ -83,7 +83,8 @@ _REMAT = flags.DEFINE_list(
     "remat", ["config"], f"Remat policies of {REMAT_POLICIES}, or 'config' "
     "for the size's flagfile's (large: dots, xl: full).")
 _FSDP = flags.DEFINE_list("fsdp", ["1", "all"], "Chips on the mesh's fsdp "
-                          "axis (the rest on data); 'all' for every chip.")
+                          "axis (those on neither fsdp nor model on data); "
+                          "'all' for every chip not on model.")
 _MODEL = flags.DEFINE_list(
     "model", ["1"], "Chips on the mesh's model axis (tensor parallel: heads, "
     "MLP units and vocabulary split); the batch goes over the rest.")
