@@ -7,6 +7,8 @@ r"""The DRO-V train step compiled for a TPU slice, on a host without one.
   python -m benchmarks.tpu_compile --runs=llama-3.1-8b+llama-3.2-1b@v5e:4x4 \
       --fsdp=all --remat=full --input_length=1024 --target_length=512 \
       --implementation=default,xla --noroofline
+  python -m benchmarks.tpu_compile --runs=xxl@v5e:8x8 --fsdp=32 --model=2 \
+      --remat=full --noroofline
 
 Needs libtpu (the `tpu` extra). A run is POLICY[+VALUE]@TOPOLOGY: POLICY
 a T5 size (benchmarks/lib/flags.py's SIZES) or a decoder-only preset
@@ -35,14 +37,20 @@ the roofline come from a second compile with the layers unrolled
 unrolled compiles of 1 and 2 layers would be faster, but misses part of the
 bytes: XLA fuses and schedules the full depth differently.
 
-The mesh: data over the chips not on fsdp (--fsdp=F puts F chips on fsdp).
+The mesh: --model=M puts M chips on the model axis (tensor parallel:
+attention heads, MLP units and the vocabulary split, the log-probs
+vocabulary-parallel; default 1, no model axis), --fsdp=F puts F chips on
+fsdp, and data takes the rest (chips / (F x M)). The batch is split over
+data x fsdp, so with a model axis a batch smaller than the chip count can
+use them all (T5-XXL at batch 32 on 64 chips: --fsdp=32 --model=2).
 --implementation: the log-prob kernels; "default" is what
 dro_fast.backend.resolve picks for TPU (pallas_tpu: the fused linear
 log-probs, no [B, T, V] logits), "xla" materialises the float32 logits.
 Where both were compiled, a line per variant states the fused path's
 saving per chip beside the logits and their gradient per chip
-(2 x B/chips x T x V x 4 bytes; the batch is split over every chip).
---max_batch: the largest global batch (a multiple of the chip count) that
+(2 x B/chips x T x V x 4 bytes; the batch is split over every chip, or
+with a model axis the batch over data x fsdp and the vocabulary over model).
+--max_batch: the largest global batch (a multiple of data x fsdp) that
 fits, per variant, by doubling from --batch_size and then bisecting.
 Claims: benchmarks/RESULTS.md#the-paper-set-ups-on-tpu-v5e.
 """
@@ -75,7 +83,11 @@ _REMAT = flags.DEFINE_list(
     "remat", ["config"], f"Remat policies of {REMAT_POLICIES}, or 'config' "
     "for the size's flagfile's (large: dots, xl: full).")
 _FSDP = flags.DEFINE_list("fsdp", ["1", "all"], "Chips on the mesh's fsdp "
-                          "axis (the rest on data); 'all' for every chip.")
+                          "axis (those on neither fsdp nor model on data); "
+                          "'all' for every chip not on model.")
+_MODEL = flags.DEFINE_list(
+    "model", ["1"], "Chips on the mesh's model axis (tensor parallel: heads, "
+    "MLP units and vocabulary split); the batch goes over the rest.")
 _ATTENTION = flags.DEFINE_list(
     "attention", ["xla"], "Attention implementations (T5: xla, flash; "
     "decoder-only: xla, splash).")
@@ -99,18 +111,27 @@ def target_length() -> int:
 
 
 def variants(size: str, chips: int) -> list[dict[str, Any]]:
-  """Every remat x fsdp x attention variant of a run."""
+  """Every remat x fsdp x model x attention x ... variant of a run.
+
+  --fsdp=all puts on fsdp every chip not on the model axis.
+  """
   remats = [CONFIG_REMAT.get(size, "dots") if r == "config" else r
             for r in _REMAT.value]
-  fsdps = sorted({chips if f == "all" else int(f) for f in _FSDP.value})
-  for f in fsdps:
-    if f < 1 or chips % f:
-      raise app.UsageError(f"--fsdp={f} does not divide {chips} chips.")
+  models = sorted({int(m) for m in _MODEL.value})
+  meshes = sorted({(chips // m if f == "all" else int(f), m)
+                   for f in _FSDP.value for m in models},
+                  key=lambda fm: (fm[1], fm[0]))
+  for f, m in meshes:
+    try:
+      tpu.mesh_sizes(chips, f, m)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
   implementations = [None if i == "default" else i
                      for i in shared.IMPLEMENTATION.value]
-  return [{"remat": r, "fsdp": f, "attention": a, "implementation": i,
-           "value_net": v} for r, f, a, i, v in
-          itertools.product(dict.fromkeys(remats), fsdps, _ATTENTION.value,
+  return [{"remat": r, "fsdp": f, "model": m, "attention": a,
+           "implementation": i, "value_net": v}
+          for r, (f, m), a, i, v in
+          itertools.product(dict.fromkeys(remats), meshes, _ATTENTION.value,
                             implementations, _VALUE_NET.value)]
 
 
@@ -191,10 +212,13 @@ def main(argv):
     except ValueError as e:
       raise app.UsageError(str(e)) from None
     chips = len(tpu.devices(topology))
-    if batch_size() % chips and not _MAX_BATCH.value:
-      raise app.UsageError(f"--batch_size={batch_size()} is not a multiple "
-                           f"of {topology}'s {chips} chips.")
     for variant in variants(size, chips):
+      shards = chips // variant["model"]           # data x fsdp
+      if batch_size() % shards and not _MAX_BATCH.value:
+        raise app.UsageError(
+            f"--batch_size={batch_size()} is not a multiple of data x fsdp "
+            f"= {shards} ({topology}'s {chips} chips over --model="
+            f"{variant['model']}).")
       fixed = dict(variant, input_length=shared.INPUT_LENGTH.value,
                    target_length=target_length(), algo=_ALGO.value,
                    dtype=shared.DTYPE.value, scan_layers=shared.SCAN.value,

@@ -137,14 +137,33 @@ def logits_bytes_per_chip(batch_size: int, target_length: int,
   """The float32 logits [B, T, V] and their gradient, per chip.
 
   What the "xla" log-prob implementation materialises for the policy's
-  targets (the batch is split over every chip) and a fused one does not.
+  targets (the batch is split over every chip; on a model axis the batch
+  over data x fsdp and the vocabulary over model, the same share) and a
+  fused one does not.
   """
   return 2 * batch_size / chips * target_length * vocab_size * 4
 
 
+def mesh_sizes(chips: int, fsdp: int, model: int = 1) -> dict[str, int]:
+  """{"data": chips / (fsdp * model), "fsdp": fsdp[, "model": model]}.
+
+  The model axis is named only when it is larger than 1, so a data x fsdp
+  mesh is spelled as before. Raises ValueError when fsdp x model does not
+  divide the chips.
+  """
+  if fsdp < 1 or model < 1 or chips % (fsdp * model):
+    raise ValueError(f"--fsdp={fsdp} x --model={model} does not divide "
+                     f"{chips} chips.")
+  sizes = {"data": chips // (fsdp * model), "fsdp": fsdp}
+  if model > 1:
+    sizes["model"] = model
+  return sizes
+
+
 def compile_update(size: str, topology: str, *, batch_size: int,
                    input_length: int, target_length: int, remat: str,
-                   fsdp: int, attention: str = "xla", algo: str = "dro_v",
+                   fsdp: int, model: int = 1, attention: str = "xla",
+                   algo: str = "dro_v",
                    dtype: str = "bfloat16", scan_layers: bool = True,
                    roofline: bool = False, value_size: str | None = None,
                    value_net: str = "separate",
@@ -152,8 +171,10 @@ def compile_update(size: str, topology: str, *, batch_size: int,
   """Compiles the trainer's update for a TPU topology; returns its record.
 
   The update is lib/step.py's abstract JaxStep (the trainer's own update,
-  its mesh and shardings) over the topology's devices, on a data x fsdp
-  mesh with `fsdp` chips on fsdp. `size` is a T5 size or a decoder-only
+  its mesh and shardings) over the topology's devices, on a data x fsdp x
+  model mesh (mesh_sizes) with `fsdp` chips on fsdp and `model` on model
+  (the batch over data x fsdp; a model axis of 1 is left out of the
+  record's mesh). `size` is a T5 size or a decoder-only
   preset, `value_size` a decoder-only preset for a separate value network
   of its own shape (None: the policy's), `value_net` the algorithm's value
   network ("separate" or "shared"), `implementation` the log-prob kernels'
@@ -175,8 +196,8 @@ def compile_update(size: str, topology: str, *, batch_size: int,
   chips = len(topology_devices)
   kind = topology_devices[0].device_kind
   hbm = HBM_BYTES.get(kind)
-  mesh_sizes = {"data": chips // fsdp, "fsdp": fsdp}
-  mesh = sharding.make_mesh(mesh_sizes, topology_devices)
+  sizes = mesh_sizes(chips, fsdp, model)
+  mesh = sharding.make_mesh(sizes, topology_devices)
   if value_net != "separate":          # no value network of its own
     value_size = None
   backend_fields = dict(remat=remat, attention=attention,
@@ -200,7 +221,8 @@ def compile_update(size: str, topology: str, *, batch_size: int,
                                or kernels.implementation_for("tpu")),
             "logits_and_grad_gib_per_chip": logits_bytes_per_chip(
                 batch_size, target_length, config.vocab_size, chips) / GIB,
-            "mesh": ",".join(f"{k}:{v}" for k, v in mesh_sizes.items()),
+            "mesh": ",".join(f"{k}:{v}" for k, v in sizes.items()),
+            "model": model,
             "paper_steps_per_s": PAPER_STEPS_PER_S.get(size)}
   try:
     step = bench_step.JaxStep(config, algorithm, [batch], abstract=True,
@@ -255,11 +277,12 @@ def compile_update(size: str, topology: str, *, batch_size: int,
                                    if peak else None),
       custom_calls=sorted(set(custom_call_targets(step.compiled))),
       # A decoder-only model's scores are [B, KV heads, group, L, L] over
-      # the L = S+T-1 positions it feeds (the last target is not an input).
+      # the L = S+T-1 positions it feeds (the last target is not an input);
+      # T5's [B, H, S, S], H split over the model axis on each chip.
       encoder_score_arrays=len(score_arrays(
           step.compiled,
           config.num_heads // config.num_kv_heads if decoder
-          else config.num_heads,
+          else config.num_heads // model,
           input_length + target_length - 1 if decoder else input_length)))
   return record
 
@@ -289,13 +312,13 @@ def score_arrays(compiled, heads: int, length: int) -> list[str]:
 
 def largest_batch(size: str, topology: str, start: int, on_record=None,
                   **variant) -> tuple[int | None, list[dict[str, Any]]]:
-  """The largest global batch, a multiple of the chip count, whose update fits.
+  """The largest global batch, a multiple of data x fsdp, whose update fits.
 
   Doubles from `start`, then bisects between the last fit and the first
-  miss. Returns it (None if not even one per chip fits) and every record
-  compiled on the way (each also passed to on_record).
+  miss. Returns it (None if not even one per batch shard fits) and every
+  record compiled on the way (each also passed to on_record).
   """
-  chips = len(devices(topology))
+  shards = len(devices(topology)) // variant.get("model", 1)  # data x fsdp
   tried = []
 
   def fits(batch):
@@ -304,10 +327,10 @@ def largest_batch(size: str, topology: str, start: int, on_record=None,
       on_record(tried[-1])
     return tried[-1]["fits"]
 
-  low, high = 0, max(chips, start // chips * chips)
+  low, high = 0, max(shards, start // shards * shards)
   while fits(high):
     low, high = high, high * 2
-  while high - low > chips:
-    mid = (low + high) // 2 // chips * chips
+  while high - low > shards:
+    mid = (low + high) // 2 // shards * shards
     low, high = (mid, high) if fits(mid) else (low, mid)
   return (low or None), tried

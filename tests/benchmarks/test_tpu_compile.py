@@ -38,6 +38,20 @@ def test_tiny_dro_v_update_compiles_for_v5e_with_mosaic_kernels_on_a_mesh():
       1 / record["roofline_seconds"])
 
 
+def test_tiny_update_compiles_for_v5e_with_a_model_axis():
+  tpu.require_libtpu()
+  # 4 chips, 2 on model: the batch of 4 over data x fsdp = 2.
+  record = tpu.compile_update(
+      "tiny", "v5e:2x2", batch_size=4, input_length=24, target_length=16,
+      remat="dots", fsdp=1, model=2, scan_layers=False)
+  assert record["mesh"] == "data:2,fsdp:1,model:2" and record["model"] == 2
+  assert record["fits"] and 0 < record["total_gib"] < record["hbm_gib"]
+  # The vocabulary-parallel log-probs' Mosaic kernel, per shard.
+  assert "tpu_custom_call" in record["custom_calls"]
+  # "xla" attention's scores, found with the heads split over model.
+  assert record["encoder_score_arrays"] > 0
+
+
 def test_largest_batch_doubles_then_bisects_on_multiples_of_the_chips(
     monkeypatch):
   monkeypatch.setattr(tpu, "devices", lambda topology: (None,) * 4)
@@ -54,6 +68,10 @@ def test_largest_batch_doubles_then_bisects_on_multiples_of_the_chips(
   assert tried == [8, 16, 32, 64, 48, 40, 44]
   assert all(b % 4 == 0 for b in tried) and len(records) == len(tried)
   assert tpu.largest_batch("large", "v5e:4x4", 8)[0] == 44
+  # With 2 of the 4 chips on model, batches are multiples of data x fsdp = 2.
+  tried.clear()
+  assert tpu.largest_batch("large", "v5e:4x4", 6, model=2)[0] == 44
+  assert tried == [6, 12, 24, 48, 36, 42, 44, 46]
   monkeypatch.setattr(tpu, "compile_update", lambda *a, **k: {"fits": False})
   assert tpu.largest_batch("large", "v5e:4x4", 8)[0] is None
 
@@ -67,6 +85,39 @@ def test_a_memory_rejection_is_a_record_not_a_traceback():
       "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of")
   assert tpu._memory_error_line(ValueError("a shape error")) is None
 
+
+
+def test_mesh_sizes_put_the_batch_over_the_chips_off_the_model_axis():
+  # A model axis of 1 is left out: the data x fsdp mesh of before.
+  assert tpu.mesh_sizes(64, 32) == {"data": 2, "fsdp": 32}
+  assert tpu.mesh_sizes(64, 32, 2) == {"data": 1, "fsdp": 32, "model": 2}
+  assert tpu.mesh_sizes(64, 4, 4) == {"data": 4, "fsdp": 4, "model": 4}
+  for fsdp, model in ((32, 4), (3, 1), (1, 0), (0, 2)):
+    with pytest.raises(ValueError, match=f"--fsdp={fsdp} x --model={model} "
+                       "does not divide 64 chips"):
+      tpu.mesh_sizes(64, fsdp, model)
+
+
+def test_variants_cross_fsdp_with_the_model_axis(monkeypatch):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  from benchmarks import tpu_compile  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  common = dict(remat=["full"], attention=["xla"], implementation=["default"],
+                value_net=["separate"])
+  with flagsaver.flagsaver(fsdp=["1", "all"], **common):
+    # The default, no model axis: every variant as before.
+    assert [(v["fsdp"], v["model"]) for v in
+            tpu_compile.variants("xxl", 64)] == [(1, 1), (64, 1)]
+  with flagsaver.flagsaver(fsdp=["32", "all"], model=["1", "2"], **common):
+    # "all": every chip off the model axis.
+    assert [(v["fsdp"], v["model"]) for v in
+            tpu_compile.variants("xxl", 64)] == [(32, 1), (64, 1), (32, 2)]
+  with flagsaver.flagsaver(fsdp=["32"], model=["4"], **common):
+    with pytest.raises(app.UsageError, match="--fsdp=32 x --model=4"):
+      tpu_compile.variants("xxl", 64)
 
 
 def test_runs_name_a_policy_and_optionally_a_decoder_value_network():
