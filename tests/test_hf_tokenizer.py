@@ -402,3 +402,18 @@ def test_prepare_reads_a_hugging_face_tokenizer_folder(tmp_path):
   with pytest.raises(prepare.DataError, match=r"the prompt has \d+ tokens, "
                      "more than `max_input_length`=8"):
     prepare.load_dataset(str(tmp_path / "run2"), long, "dro", 0)
+
+
+def test_a_prompt_without_tokens_is_refused_by_its_row(tmp_path):
+  """A decoder-only row needs a prompt token to predict the completion
+  from; an empty plain prompt (a tokenizer that adds no BOS) is named."""
+  from dro_fast.data import pipeline  # pylint: disable=g-import-not-at-top
+  from dro_fast.data.records import Triplet  # pylint: disable=g-import-not-at-top
+  from dro_fast.data.rows import DataError  # pylint: disable=g-import-not-at-top
+  tok = hf_tokenizer.HFTokenizer.load(_build(tmp_path / "qwen", "qwen"))
+  rows = [Triplet("Hi", " there", 1.0, "d.jsonl:1"),
+          Triplet("", " there", 0.0, "d.jsonl:2")]
+  with pytest.raises(DataError, match="d.jsonl:2: the prompt has no tokens"):
+    pipeline.tokenize_triplets(rows, tok, 8, 8)
+  arrays = pipeline.tokenize_triplets(rows[:1], tok, 8, 8)
+  assert (arrays["inputs"][0] >= 0).sum() > 0

@@ -44,6 +44,7 @@ import numpy as np
 from dro_fast.data.records import Pair
 from dro_fast.data.records import Triplet
 from dro_fast.data.rewards import RewardStats
+from dro_fast.data.rows import DataError
 from dro_fast.tokenizer import Text
 
 _STATE_KEYS = ("epoch", "position", "seed", "num_examples")
@@ -85,6 +86,18 @@ def _check_lengths(max_input_length: int, max_target_length: int) -> None:
                        f"got {value}.")
 
 
+def _check_prompts(mask: np.ndarray, records: Sequence) -> None:
+  """Every prompt must hold a token: a decoder-only model predicts the
+  completion's first token from the prompt's last (T5's has its EOS)."""
+  empty = np.flatnonzero(~mask.any(axis=1))
+  if len(empty):
+    raise DataError(
+        f"{records[empty[0]].source}: the prompt has no tokens "
+        f"({len(empty)} of {len(records)} rows): a decoder-only model reads "
+        "the completion after the prompt's last token. Give each row a "
+        "prompt, or use a chat template, which writes its own tokens.")
+
+
 def tokenize_triplets(triplets: Sequence[Triplet], tokenizer: Tokenizer,
                       max_input_length: int, max_target_length: int,
                       reward_stats: RewardStats | None = None
@@ -110,7 +123,8 @@ def tokenize_triplets(triplets: Sequence[Triplet], tokenizer: Tokenizer,
   """
   _check_lengths(max_input_length, max_target_length)
   prompts = [t.prompt for t in triplets]
-  inputs, _ = tokenizer.encode_prompts(prompts, max_input_length)  # [N, S]
+  inputs, prompt_mask = tokenizer.encode_prompts(prompts, max_input_length)
+  _check_prompts(prompt_mask, triplets)
   targets, target_mask = tokenizer.encode_completions(
       prompts, [t.completion for t in triplets], max_target_length)  # [N, T]
   rewards = np.array([t.reward for t in triplets], dtype=np.float64)  # [N]
@@ -146,7 +160,8 @@ def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Tokenizer,
   """
   _check_lengths(max_input_length, max_target_length)
   prompts = [p.prompt for p in pairs]
-  inputs, _ = tokenizer.encode_prompts(prompts, max_input_length)  # [N, S]
+  inputs, prompt_mask = tokenizer.encode_prompts(prompts, max_input_length)
+  _check_prompts(prompt_mask, pairs)
   chosen, chosen_mask = tokenizer.encode_completions(
       prompts, [p.chosen for p in pairs], max_target_length)  # [N, T]
   rejected, rejected_mask = tokenizer.encode_completions(
