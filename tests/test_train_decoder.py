@@ -100,8 +100,10 @@ def _train(flags: list[str], env) -> dict:
 def test_dro_v_trains_each_family_from_its_folder(family, folder, data, env,
                                                   tmp_path):
   init = folder(family)
+  # Qwen 2.5: plain rows and the value head on the policy's own trunk.
+  extra = {"value_net": "shared"} if family == "qwen2" else {}
   rows = "conversational" if family != "qwen2" else "plain"
-  summary = _train(_flags(init, data[rows], tmp_path / "run"), env)
+  summary = _train(_flags(init, data[rows], tmp_path / "run", **extra), env)
   assert summary["final_step"] == 3
   metrics = summary["final_metrics"]
   assert metrics["skipped_update"] == 0.0
