@@ -235,20 +235,7 @@ def unstack_layers(params: Params) -> Params:
 
 def stack_layers(params: Params) -> Params:
   """Per-layer params to the scan_layers layout (a leading [L] axis)."""
-  out: Params = {}
-  stacked: dict[str, list[tuple[int, Mapping[str, Any]]]] = {}
-  for module, leaves in params.items():
-    match = re.fullmatch(r"model/layers_(\d+)/(.*)", module)
-    if match:
-      stacked.setdefault(f"model/layers/{match[2]}", []).append(
-          (int(match[1]), leaves))
-    else:
-      out[module] = leaves
-  for module, items in stacked.items():
-    items.sort(key=lambda item: item[0])
-    out[module] = {name: np.stack([leaves[name] for _, leaves in items])
-                   for name in items[0][1]}
-  return out
+  return pretrained.stack_layer_modules(params, "model")
 
 
 # ---------------------------------------------------------------------------

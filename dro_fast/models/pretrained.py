@@ -70,10 +70,20 @@ def stack_layers(params: Params, config: models.T5Config) -> Params:
   """
   if not config.scan_layers:
     return params
+  return stack_layer_modules(params, "encoder|decoder")
+
+
+def stack_layer_modules(params: Params, stacks: str) -> Params:
+  """Modules "<stack>/layers_<i>/<rest>" as one "<stack>/layers/<rest>".
+
+  Each leaf gains a leading [L] axis in layer order; `stacks` is a regular
+  expression of the stacks' names (T5: "encoder|decoder", a decoder-only
+  model: "model"). Other modules are kept as they are.
+  """
   out: Params = {}
-  stacked: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+  stacked: dict[str, list[tuple[int, Mapping[str, Any]]]] = {}
   for module, leaves in params.items():
-    match = re.fullmatch(r"(encoder|decoder)/layers_(\d+)/(.*)", module)
+    match = re.fullmatch(rf"({stacks})/layers_(\d+)/(.*)", module)
     if match:
       key = f"{match[1]}/layers/{match[3]}"
       stacked.setdefault(key, []).append((int(match[2]), leaves))
