@@ -73,6 +73,21 @@ def _grad_norm(module) -> float:
                               if p.grad is not None)))
 
 
+def _assert_jax_step_matches(config, step, policy_params, value_params, batch,
+                             loss):
+  """Our update's loss and gradient norms equal the torch step's."""
+  trainer = steps.build_trainer(
+      steps.AlgorithmConfig(tau=TAU, implementation="xla"), config,
+      optax.sgd(0.0), optax.sgd(0.0))
+  state = trainer.init(policy_params, value_params, jax.random.PRNGKey(0))
+  _, metrics = jax.jit(trainer.update)(state, batch)
+  np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["policy_grad_norm"]),
+                             _grad_norm(step.policy), rtol=1e-4)
+  np.testing.assert_allclose(float(metrics["value_grad_norm"]),
+                             _grad_norm(step.value), rtol=1e-4)
+
+
 def test_torch_step_matches_the_jax_step():
   step = torch_step.DroVStep(CONFIG, tau=TAU)
   batch = _batch()
@@ -82,17 +97,8 @@ def test_torch_step_matches_the_jax_step():
   # Only the loss and the gradients are compared (the two Adafactors differ
   # in details such as which matrices they factor); a no-op optimizer keeps
   # the compile short.
-  trainer = steps.build_trainer(
-      steps.AlgorithmConfig(tau=TAU, implementation="xla"), CONFIG,
-      optax.sgd(0.0), optax.sgd(0.0))
-  state = trainer.init(policy_params, value_params, jax.random.PRNGKey(0))
-  _, metrics = jax.jit(trainer.update)(state, batch)
-
-  np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5)
-  np.testing.assert_allclose(float(metrics["policy_grad_norm"]),
-                             _grad_norm(step.policy), rtol=1e-4)
-  np.testing.assert_allclose(float(metrics["value_grad_norm"]),
-                             _grad_norm(step.value), rtol=1e-4)
+  _assert_jax_step_matches(CONFIG, step, policy_params, value_params, batch,
+                           loss)
 
 
 def test_rescale_divides_only_the_policy_gradient_by_tau():
@@ -202,17 +208,8 @@ def test_decoder_torch_step_matches_the_jax_step(tmp_path):
   value_params["value_head"] = {
       "w": step.value.head.weight.detach().numpy().T,              # [D, 1]
       "b": step.value.head.bias.detach().numpy()}                  # [1]
-  trainer = steps.build_trainer(
-      steps.AlgorithmConfig(tau=TAU, implementation="xla"), DECODER,
-      optax.sgd(0.0), optax.sgd(0.0))
-  state = trainer.init(policy_params, value_params, jax.random.PRNGKey(0))
-  _, metrics = jax.jit(trainer.update)(state, batch)
-
-  np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5)
-  np.testing.assert_allclose(float(metrics["policy_grad_norm"]),
-                             _grad_norm(step.policy), rtol=1e-4)
-  np.testing.assert_allclose(float(metrics["value_grad_norm"]),
-                             _grad_norm(step.value), rtol=1e-4)
+  _assert_jax_step_matches(DECODER, step, policy_params, value_params, batch,
+                           loss)
 
 
 def test_decoder_rows_join_prompt_and_completion():
