@@ -1,7 +1,7 @@
 r"""The export CLI: a trained policy as a Hugging Face transformers folder.
 
   python -m dro_fast.export WORKDIR[:STEP] OUT_DIR [--dtype=bfloat16]
-      [--max_shard_bytes=1073741824] [--overwrite]
+      [--max_shard_bytes=1073741824] [--overwrite] [--peft]
 
 WORKDIR is a dro_fast.train run; without STEP its newest checkpoint is
 exported, WORKDIR:init exports the run's initial (SFT) policy. OUT_DIR gets
@@ -11,7 +11,10 @@ generation_config.json, the weights as save_pretrained writes them
 model.safetensors.index.json past --max_shard_bytes) and the tokenizer
 files (T5: spiece.model and tokenizer_config.json for T5Tokenizer). A T5
 policy loads as T5ForConditionalGeneration (models.hf_t5), a decoder-only
-one as its family's causal LM (models.hf_decoder).
+one as its family's causal LM (models.hf_decoder). A LoRA run's policy is
+exported merged (W + scale · A B), or with --peft as a PEFT adapter folder
+(adapter_config.json, adapter_model.safetensors) for
+peft.PeftModel.from_pretrained on its base (models.hf_peft).
 
 The folder appears whole or not at all: it is written beside OUT_DIR and
 renamed into place at the end (models.hf_files.staged_directory). An
@@ -41,6 +44,7 @@ from dro_fast import runtime
 from dro_fast.evaluation import evaluate
 from dro_fast.models import hf_files
 from dro_fast.models import hf_t5
+from dro_fast.models import lora
 from dro_fast.models import pretrained
 from dro_fast.training import checkpointing
 from dro_fast.training import runs
@@ -56,9 +60,14 @@ def _define_flags() -> None:
       "file; past it the weights are sharded with an index.", lower_bound=1)
   flags.DEFINE_boolean(
       "overwrite", False, "Replace an OUT_DIR that exists and is not empty.")
+  flags.DEFINE_boolean(
+      "peft", False, "A LoRA run's adapters as a PEFT adapter folder "
+      "(adapter_config.json, adapter_model.safetensors) for "
+      "peft.PeftModel.from_pretrained on its base model, instead of the "
+      "merged weights.")
 
 USAGE = ("usage: python -m dro_fast.export WORKDIR[:STEP] OUT_DIR "
-         "[--dtype=bfloat16] [--max_shard_bytes=N] [--overwrite]")
+         "[--dtype=bfloat16] [--max_shard_bytes=N] [--overwrite] [--peft]")
 
 # Tokenizer files of a Hugging Face tokenizer folder, copied as they are.
 _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json",
@@ -122,9 +131,23 @@ def _copy_tokenizer_folder(source: str, out_dir: str) -> None:
 
 
 def _writer(run, params, workdir: str, spec: str, *, dtype: str | None,
-            max_shard_bytes: int):
+            max_shard_bytes: int, peft: bool = False):
   """write(folder) for the run's model family, its inputs checked first."""
   config = run.model
+  if peft:
+    if config.lora is None:
+      raise ExportError(f"{spec} trained every parameter (no --lora_rank): "
+                        "there are no adapters to export; drop --peft.")
+    from dro_fast.models import hf_peft  # pylint: disable=g-import-not-at-top
+    base = run.init_checkpoint or f"{workdir}:init"
+    return lambda folder: hf_peft.export_peft_adapters(config, params,
+                                                       folder, base)
+  if config.lora is not None:
+    # The adapted model as plain float32 weights (W + scale · A B; the
+    # frozen base's bfloat16 values exactly).
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32),
+                          lora.merge(params, config.lora))
+    config = config.replace(lora=None)
   if isinstance(config, models.T5Config):
     try:
       tokenizer = runs.tokenizer(run, workdir)
@@ -155,8 +178,12 @@ def _writer(run, params, workdir: str, spec: str, *, dtype: str | None,
 
 
 def export(spec: str, out_dir: str, *, dtype: str | None = None,
-           max_shard_bytes: int = 2**30, overwrite: bool = False) -> dict:
+           max_shard_bytes: int = 2**30, overwrite: bool = False,
+           peft: bool = False) -> dict:
   """Writes the policy `spec` (WORKDIR[:STEP|:init]) as an HF folder.
+
+  A LoRA run's policy is written with its adapters merged into the
+  weights, or with `peft` as a PEFT adapter folder (models.hf_peft).
 
   Returns:
     {"source": WORKDIR:STEP, "out_dir", "files": names written,
@@ -174,7 +201,7 @@ def export(spec: str, out_dir: str, *, dtype: str | None = None,
   hf_files.check_out_dir(out_dir, overwrite)     # before the slow reads
   run, params, described = load(spec)
   write = _writer(run, params, workdir, spec, dtype=dtype,
-                  max_shard_bytes=max_shard_bytes)
+                  max_shard_bytes=max_shard_bytes, peft=peft)
   with hf_files.staged_directory(out_dir, overwrite) as staging:
     write(staging)
     files = sorted(os.listdir(staging))
@@ -196,7 +223,8 @@ def main(argv):
   try:
     result = export(spec, out_dir, dtype=flags.FLAGS.dtype,
                     max_shard_bytes=flags.FLAGS.max_shard_bytes,
-                    overwrite=flags.FLAGS.overwrite)
+                    overwrite=flags.FLAGS.overwrite,
+                    peft=flags.FLAGS.peft)
   except (ExportError, runs.RunError,
           pretrained.CheckpointError, checkpointing.CorruptCheckpointError,
           checkpointing.TemplateMismatchError) as e:

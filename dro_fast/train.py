@@ -166,6 +166,20 @@ _ATTENTION = flags.DEFINE_enum(
     "training and scoring: xla materialises the [B, H, q, k] logits; cudnn "
     "(CUDA GPU), flash (T5 on TPU) and splash (decoder-only on TPU: JAX's "
     "splash attention) are fused kernels that do not.")
+_LORA_RANK = flags.DEFINE_integer(
+    "lora_rank", 0, "Train LoRA adapters of this rank on the frozen policy "
+    "(0: train every parameter). The checkpoints then hold the adapters.")
+_LORA_ALPHA = flags.DEFINE_float(
+    "lora_alpha", None, "LoRA's scale numerator (scale = alpha / rank). "
+    "Unset: 2 × --lora_rank.")
+_LORA_TARGETS = flags.DEFINE_list(
+    "lora_targets", ["attention", "mlp"], "Layers LoRA adapts: the groups "
+    "attention and mlp, or layer names (decoder-only: q_proj, k_proj, "
+    "v_proj, o_proj, gate_proj, up_proj, down_proj; T5: query, key, value, "
+    "out, wi_0, wi_1 (v1.0: wi), wo).")
+_LORA_BASE_DTYPE = flags.DEFINE_enum(
+    "lora_base_dtype", "bfloat16", ["bfloat16", "float32"],
+    "The dtype the frozen base weights are held in under LoRA.")
 _KEEP_HOST_MEMORY = flags.DEFINE_bool(
     "keep_freed_host_memory", True, "When JAX runs on the CPU alone, keep "
     "freed host memory for the next step (dro_fast/runtime.py).")
@@ -312,6 +326,17 @@ def run_config() -> RunConfig:
   else:
     model = models.preset(_MODEL.value, dropout_rate=_DROPOUT.value,
                           **model_fields)
+  if _LORA_RANK.value:
+    try:
+      model = model.replace(lora=models.LoraConfig(
+          rank=_LORA_RANK.value,
+          alpha=_LORA_ALPHA.value or 2.0 * _LORA_RANK.value,
+          targets=tuple(_LORA_TARGETS.value),
+          base_dtype=_LORA_BASE_DTYPE.value))
+    except ValueError as e:
+      flag = ("--lora_targets" if "target" in str(e) else
+              "--lora_alpha" if "alpha" in str(e) else "--lora_rank")
+      raise ValueError(f"{flag}: {e}") from None
   algorithm = AlgorithmConfig(
       algo=_ALGO.value, tau=_TAU.value,
       beta=_BETA.value if _BETA.value is not None else _TAU.value,

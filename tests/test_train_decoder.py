@@ -176,3 +176,64 @@ def test_the_tiny_decoder_flagfile_runs_sft_then_dro_v(env, tmp_path):
   assert all(-1.0 <= r <= 1.0 for r in rewards.values())
   run = json.loads((tmp_path / "run" / "run_config.json").read_text())
   assert run["model"]["name"] == "tiny_decoder" and run["data"]["decoder_only"]
+
+
+def _checkpointed_names(workdir: pathlib.Path, item: str) -> set[str]:
+  """The parameter names in the newest checkpoint's `item` (Orbax's tree
+  metadata), e.g. {"kernel", "lora_a", ...}."""
+  newest = max((p for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit()), key=lambda p: int(p.name))
+  tree = json.loads((newest / item / "_METADATA").read_text())
+  return {entry["key_metadata"][-1]["key"]
+          for entry in tree["tree_metadata"].values()}
+
+
+def test_a_lora_run_checkpoints_its_adapters_and_resumes_bit_for_bit(
+    folder, data, env, tmp_path):
+  """--lora_rank: the policy item holds the adapters alone; a run killed
+  after its step-2 checkpoint resumes to the uninterrupted run's
+  adapters."""
+  init = folder("llama")
+  lora = {"lora_rank": 4, "lora_targets": "attention,up_proj",
+          "train_steps": 4, "value_net": "shared"}
+  reference = _train(_flags(init, data["conversational"],
+                            tmp_path / "reference", **lora), env)
+  assert reference["final_metrics"]["skipped_update"] == 0.0
+  assert _checkpointed_names(tmp_path / "reference", "policy") == {
+      "lora_a", "lora_b"}
+  workdir = tmp_path / "interrupted"
+  flags = _flags(init, data["conversational"], workdir, **lora)
+  trainer = subprocess.Popen(
+      [sys.executable, "-m", "dro_fast.train", *flags], cwd=REPO, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.monotonic() + 600
+  while not _started(workdir, 3) and trainer.poll() is None:
+    assert time.monotonic() < deadline
+    time.sleep(0.02)
+  trainer.send_signal(signal.SIGKILL)
+  trainer.communicate(timeout=600)
+  final = _train(flags, env)
+  assert final["final_step"] == 4
+  assert final["policy_params_sha256"] == reference["policy_params_sha256"]
+  run = json.loads((workdir / "run_config.json").read_text())
+  assert run["model"]["lora"] == {"alpha": 8.0, "base_dtype": "bfloat16",
+                                  "rank": 4,
+                                  "targets": ["attention", "up_proj"]}
+
+
+def test_the_tiny_decoder_demo_with_lora_warm_starts_the_whole_model(
+    env, tmp_path):
+  """SFT trains every parameter (the base), then DRO-V the adapters."""
+  workdir = tmp_path / "run"
+  summary = _train(["--flagfile=tiny_decoder.flags", f"--workdir={workdir}",
+                    "--sft_steps=10", "--train_steps=2", "--log_every=1",
+                    "--checkpoint_every=2", "--demo_examples=128",
+                    "--lora_rank=8"], env)
+  assert summary["final_step"] == 2
+  assert set(summary["demo_reward"]) == {"behaviour_policy",
+                                         "initial_policy", "final_policy"}
+  assert _checkpointed_names(workdir, "policy") == {"lora_a", "lora_b"}
+  assert "kernel" in {
+      entry["key_metadata"][-1]["key"] for entry in json.loads(
+          next((workdir / "sft_init").glob("*/policy/_METADATA")).read_text()
+          )["tree_metadata"].values()}

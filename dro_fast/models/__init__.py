@@ -2,6 +2,7 @@
 3, Gemma 3) and value networks in Haiku."""
 
 from dro_fast.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from dro_fast.models.config import LoraConfig
 from dro_fast.models.config import parameter_count
 from dro_fast.models.config import preset
 from dro_fast.models.config import PRESETS
@@ -26,6 +27,6 @@ from dro_fast.models.network import t5
 __all__ = ["ATTENTION_IMPLEMENTATIONS", "DECODER_PRESETS", "DecodeStep",
            "Decoder", "decoder_preset",
            "DecoderApply", "DecoderCache", "DecoderConfig", "DecoderStates",
-           "LayerCache", "PAD", "PRESETS", "REMAT_POLICIES", "T5", "T5Apply",
+           "LayerCache", "LoraConfig", "PAD", "PRESETS", "REMAT_POLICIES", "T5", "T5Apply",
            "T5Config", "decoder", "parameter_count", "preset", "shift_right",
            "t5"]

@@ -42,7 +42,6 @@ checkpoint_name FUSED_RESIDUALS so that the "dots" remat policies keep them
 
 from __future__ import annotations
 
-import functools
 import types
 from typing import Mapping, NamedTuple
 
@@ -57,6 +56,7 @@ from dro_fast.models import per_device
 from dro_fast.models.config import AttentionImplementation
 from dro_fast.models.config import T5Config
 from dro_fast.models.layers import Dense
+from dro_fast.models.layers import lora_for
 from dro_fast.models.layers import RelativeBias
 
 # Attention logits at masked positions (finite: a fully masked row stays
@@ -337,8 +337,10 @@ class Attention(hk.Module):
       (output [B, q, D] or None, (keys, values) [B, k, H, K]).
     """
     config = self.config
-    dense = functools.partial(Dense, config.num_heads * config.d_kv,
-                              config.compute_dtype, form=config.matmul)
+    def dense(name, init_scale=1.0):
+      return Dense(config.num_heads * config.d_kv, config.compute_dtype,
+                   form=config.matmul, init_scale=init_scale, name=name,
+                   lora=lora_for(config, name))
     if kv_inputs is not None:
       keys = self._split_heads(checkpoint_name(dense(name="key")(kv_inputs),
                                                "attention_key"))
@@ -368,6 +370,6 @@ class Attention(hk.Module):
                   dropout_rng=dropout_rng, dropout_rate=config.dropout_rate,
                   **extra)                                        # [B,q,H,K]
     out = out.reshape(*out.shape[:2], -1)                         # [B,q,H·K]
-    out = Dense(config.d_model, config.compute_dtype,
-                form=config.matmul, name="out")(out)              # [B, q, D]
+    out = Dense(config.d_model, config.compute_dtype, form=config.matmul,
+                name="out", lora=lora_for(config, "out"))(out)   # [B, q, D]
     return checkpoint_name(out, "attention_out"), (keys, values)

@@ -28,6 +28,71 @@ ATTENTIONS = ("xla", "cudnn", "flash")
 # Value networks of DRO-V: its own encoder, or a head on the policy's.
 VALUE_NETS = ("separate", "shared")
 
+# LoRA targets: the Dense layers (their module names) each family can adapt,
+# by group. A target is a group or a layer name.
+T5_LORA_TARGETS = {"attention": ("query", "key", "value", "out"),
+                   "mlp": ("wi", "wi_0", "wi_1", "wo")}
+DECODER_LORA_TARGETS = {
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters on a model's Dense layers (a model config's `lora`).
+
+  Each targeted layer computes x·W + (alpha / rank)·(x·A)·B with A [in,
+  rank] drawn as PEFT draws it (uniform ±1/√in) and B [rank, out] zero, so
+  an adapted model equals its base at initialisation. Only A and B train;
+  the base weights are frozen and held in `base_dtype`.
+
+  Attributes:
+    rank: r, the adapters' inner width.
+    alpha: the scale's numerator (PEFT's lora_alpha; scale = alpha / rank).
+    targets: layer names or the groups "attention" and "mlp" of the
+      family's LoRA targets (T5_LORA_TARGETS, DECODER_LORA_TARGETS).
+    base_dtype: the frozen base weights' dtype, "bfloat16" or "float32".
+  """
+
+  rank: int = 16
+  alpha: float = 32.0
+  targets: tuple[str, ...] = ("attention", "mlp")
+  base_dtype: str = "bfloat16"
+
+  def __post_init__(self):
+    object.__setattr__(self, "targets", tuple(self.targets))
+    if self.rank <= 0:
+      raise ValueError(f"LoraConfig.rank must be positive, got {self.rank}.")
+    if not self.alpha > 0:
+      raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha}.")
+    if not self.targets:
+      raise ValueError("LoraConfig.targets is empty: name layers or the "
+                       "groups attention, mlp.")
+    if self.base_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"LoraConfig.base_dtype must be 'float32' or "
+                       f"'bfloat16', got {self.base_dtype!r}.")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  def modules(self, groups: dict[str, tuple[str, ...]],
+              present: tuple[str, ...], what: str) -> frozenset[str]:
+    """The Dense layer names `targets` name among a model's `present` ones.
+
+    Raises ValueError naming a target that names no layer of `what` (the
+    model) and the valid names.
+    """
+    names = set()
+    for target in self.targets:
+      layers = [n for n in groups.get(target, (target,)) if n in present]
+      if not layers:
+        valid = ", ".join(list(groups) + list(present))
+        raise ValueError(f"LoRA target {target!r} names no layer of {what}; "
+                         f"valid targets: {valid}.")
+      names.update(layers)
+    return frozenset(names)
+
 
 @dataclasses.dataclass(frozen=True)
 class AttentionImplementation:
@@ -107,6 +172,9 @@ class T5Config:
     pad_id: padding id (masked in attention); also the decoder start id.
     eos_id: end-of-sequence id.
     name: preset name, informational.
+    lora: low-rank adapters on the LoRA targets (T5_LORA_TARGETS: every
+      attention's query / key / value / out, the MLP's wi* / wo); None:
+      none.
   """
 
   vocab_size: int = 32128
@@ -130,6 +198,7 @@ class T5Config:
   pad_id: int = 0
   eos_id: int = 1
   name: str = "custom"
+  lora: LoraConfig | None = None
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
@@ -164,6 +233,17 @@ class T5Config:
       if getattr(self, field) <= 0:
         raise ValueError(f"T5Config.{field} must be positive, got "
                          f"{getattr(self, field)}.")
+    self.lora_modules        # checks lora's targets
+
+  @property
+  def lora_modules(self) -> frozenset[str]:
+    """The names of the Dense layers that carry LoRA adapters."""
+    if self.lora is None:
+      return frozenset()
+    mlp = ("wi_0", "wi_1") if self.gated else ("wi",)
+    return self.lora.modules(
+        T5_LORA_TARGETS, T5_LORA_TARGETS["attention"] + mlp + ("wo",),
+        f"T5 {self.variant}")
 
   @property
   def gated(self) -> bool:

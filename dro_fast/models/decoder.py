@@ -44,6 +44,7 @@ from dro_fast.models import per_device
 from dro_fast.models.decoder_config import DecoderConfig
 from dro_fast.models.decoder_config import PAD
 from dro_fast.models.layers import Dense
+from dro_fast.models.layers import lora_for
 from dro_fast.models.layers import matmul
 from dro_fast.models.layers import RMSNorm
 from dro_fast.models.network import DecodeStep
@@ -131,8 +132,8 @@ class Projection(Dense):
   """layers.Dense with an optional float32 bias (Qwen 2.5's q/k/v)."""
 
   def __init__(self, features: int, dtype, *, form: str, bias: bool = False,
-               name: str | None = None):
-    super().__init__(features, dtype, form=form, name=name)
+               name: str | None = None, lora=None):
+    super().__init__(features, dtype, form=form, name=name, lora=lora)
     self.bias = bias
 
   def __call__(self, x: jax.Array, return_kernel: bool = False) -> jax.Array:
@@ -323,8 +324,9 @@ class Decoder:
   def _layer(self, x, rope, sliding, attend):
     """One block; attend(q, k, v, sliding) -> (out, kv to return)."""
     config = self.config
-    dense = functools.partial(Projection, dtype=config.compute_dtype,
-                              form=config.matmul)
+    def dense(features, name, bias=False):
+      return Projection(features, config.compute_dtype, form=config.matmul,
+                        bias=bias, name=name, lora=lora_for(config, name))
     b, n, _ = x.shape
     h = self._norm("input_layernorm")(x)
     with hk.name_scope("self_attn"):

@@ -22,6 +22,8 @@ import math
 
 import jax.numpy as jnp
 
+from dro_fast.models.config import DECODER_LORA_TARGETS
+from dro_fast.models.config import LoraConfig
 from dro_fast.models.config import MATMULS
 from dro_fast.models.config import REMAT_POLICIES
 
@@ -93,6 +95,8 @@ class DecoderConfig:
     attention_interpret: run "splash" in the Pallas interpreter.
     matmul: MATMULS, the form of every Dense matmul (as T5Config.matmul).
     name: informational.
+    lora: low-rank adapters on the LoRA targets (DECODER_LORA_TARGETS:
+      q/k/v/o_proj, gate/up/down_proj); None: none.
   """
 
   family: str = "llama"
@@ -131,6 +135,7 @@ class DecoderConfig:
   attention_interpret: bool | None = None
   matmul: str = "xla"
   name: str = "custom"
+  lora: LoraConfig | None = None
 
   def __post_init__(self):
     def bad(field, allowed):
@@ -190,6 +195,16 @@ class DecoderConfig:
       raise ValueError(f"DecoderConfig.attention={self.attention!r} cannot "
                        f"soft-cap attention logits (attn_logit_softcapping="
                        f"{self.attn_logit_softcapping}): use attention='xla'.")
+    self.lora_modules        # checks lora's targets
+
+  @property
+  def lora_modules(self) -> frozenset[str]:
+    """The names of the Dense layers that carry LoRA adapters."""
+    if self.lora is None:
+      return frozenset()
+    return self.lora.modules(
+        DECODER_LORA_TARGETS, sum(DECODER_LORA_TARGETS.values(), ()),
+        f"a {self.family} model")
 
   @property
   def any_sliding(self) -> bool:

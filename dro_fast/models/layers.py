@@ -23,7 +23,11 @@ import jax.numpy as jnp
 
 from dro_fast.kernels.flash_attention.relative_bias import RelativeBias
 from dro_fast.models import cpu
+from dro_fast.models.config import LoraConfig
 from dro_fast.models.config import T5Config
+
+# The LoRA adapters' parameter names beside a Dense layer's `kernel`.
+LORA_A, LORA_B = "lora_a", "lora_b"
 
 
 def matmul(x: jax.Array, kernel: jax.Array, *, form: str,
@@ -63,23 +67,36 @@ class RMSNorm(hk.Module):
         x.dtype)
 
 
+def lora_for(config, name: str) -> LoraConfig | None:
+  """A model config's LoraConfig if the Dense layer `name` is targeted."""
+  return config.lora if name in config.lora_modules else None
+
+
 class Dense(hk.Module):
   """x @ kernel without bias; kernel [in, out] float32, used in `dtype`.
+
+  With `lora`, also x @ lora_a @ lora_b · lora.scale: lora_a [in, r] drawn
+  uniform in ±1/√in (PEFT's kaiming-uniform draw), lora_b [r, out] zeros,
+  float32 like the kernel. The kernel may be stored in another dtype (a
+  frozen LoRA base in bfloat16): it is cast to `dtype` either way.
 
   Attributes:
     features: output width.
     dtype: the compute dtype of inputs and output.
     form: T5Config.matmul, passed to `matmul`.
     init_scale: VarianceScaling (fan-in, truncated normal) scale.
+    lora: the layer's adapters (lora_for), or None.
   """
 
   def __init__(self, features: int, dtype, *, form: str,
-               init_scale: float = 1.0, name: str | None = None):
+               init_scale: float = 1.0, name: str | None = None,
+               lora: LoraConfig | None = None):
     super().__init__(name=name)
     self.features = features
     self.dtype = dtype
     self.form = form
     self.init_scale = init_scale
+    self.lora = lora
 
   def kernel_only(self, in_features: int) -> jax.Array:
     """The kernel [in, out] cast to `dtype`, for a caller that fuses it.
@@ -96,9 +113,23 @@ class Dense(hk.Module):
     kernel = hk.get_parameter("kernel", [x.shape[-1], self.features],
                               jnp.float32, init=init)
     if return_kernel:
+      if self.lora is not None:
+        raise ValueError(f"{self.module_name}: a LoRA-adapted layer has no "
+                         "single kernel to fuse.")
       return kernel.astype(self.dtype)
-    return matmul(x.astype(self.dtype), kernel, form=self.form,
-                  out_dtype=self.dtype)
+    x = x.astype(self.dtype)
+    y = matmul(x, kernel, form=self.form, out_dtype=self.dtype)
+    if self.lora is None:
+      return y
+    rank = self.lora.rank
+    a = hk.get_parameter(LORA_A, [x.shape[-1], rank], jnp.float32,
+                         init=hk.initializers.VarianceScaling(
+                             1.0 / 3.0, "fan_in", "uniform"))
+    b = hk.get_parameter(LORA_B, [rank, self.features], jnp.float32,
+                         init=jnp.zeros)
+    low = matmul(matmul(x, a, form=self.form, out_dtype=self.dtype), b,
+                 form=self.form, out_dtype=self.dtype)
+    return y + low * jnp.asarray(self.lora.scale, self.dtype)
 
 
 class Mlp(hk.Module):
@@ -113,8 +144,9 @@ class Mlp(hk.Module):
 
   def __call__(self, x: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
     config = self.config
-    dense = functools.partial(Dense, dtype=config.compute_dtype,
-                              form=config.matmul)
+    def dense(features, name):
+      return Dense(features, config.compute_dtype, form=config.matmul,
+                   name=name, lora=lora_for(config, name))
     if config.gated:
       hidden = (jax.nn.gelu(dense(config.d_ff, name="wi_0")(x),
                             approximate=True)

@@ -13,6 +13,8 @@ by the parameter's path (`module/name`, as Haiku names it):
   norm      a norm's scale [D]
   head_dim  a per-head norm's scale [K] (qk_norm)
   buckets   T5's relative-position buckets
+  lora_rank a LoRA adapter's rank r: lora_a [in, r] and lora_b [r, out]
+            take the in and out axes of the kernel they adapt
   None      a dimension no rule splits (the value head's output)
 
 `RULES` maps logical names to mesh axes (training/sharding.py builds the
@@ -55,6 +57,7 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("norm", None),
     ("head_dim", None),
     ("buckets", None),
+    ("lora_rank", None),
 )
 
 _ATTENTION = r"(attention|self_attention|encoder_decoder_attention)"
@@ -94,6 +97,8 @@ _COMPILED = tuple((re.compile(r"(^|/)" + pattern + r"$"), axes)
 # A stacked (scan_layers) stack's parameters live under .../layers/...;
 # unstacked ones under .../layers_{i}/...
 _STACKED = re.compile(r"(^|/)layers/")
+# A LoRA adapter beside its kernel (models/layers.py: LORA_A, LORA_B).
+_ADAPTER = re.compile(r"^(.*)/lora_(a|b)$")
 
 
 def logical_axes(path: str, ndim: int | None = None
@@ -104,6 +109,14 @@ def logical_axes(path: str, ndim: int | None = None
   for a path no pattern names, or when `ndim` is given and differs from the
   axes' count (an array that is not the parameter itself).
   """
+  adapter = _ADAPTER.match(path)
+  if adapter:
+    kernel = logical_axes(adapter.group(1) + "/kernel")
+    if kernel is None:
+      return None
+    axes = kernel[:-2] + ((kernel[-2], "lora_rank") if adapter.group(2) == "a"
+                          else ("lora_rank", kernel[-1]))
+    return None if ndim is not None and ndim != len(axes) else axes
   for pattern, axes in _COMPILED:
     if pattern.search(path):
       if _STACKED.search(path):

@@ -57,10 +57,15 @@ def value_network(config: T5Config | DecoderConfig,
 
   With a DecoderConfig: encoder_tokens are the prompts [B, S] (right-padded
   with PAD) and policy_encoded is DecoderStates.encoded [B, D].
+
+  A value network has no LoRA adapters (config.lora is ignored): a
+  "separate" one trains all its parameters.
   """
   if kind not in KINDS:
     raise ValueError(f"value network kind must be one of {KINDS}, got "
                      f"{kind!r}.")
+  if config.lora is not None:
+    config = config.replace(lora=None)
 
   if isinstance(config, DecoderConfig):
     def decoder_values(inputs, policy_encoded, *, is_training=False):
@@ -87,7 +92,8 @@ def value_network(config: T5Config | DecoderConfig,
 def init_from_policy(value_params: dict, policy_params: dict) -> dict:
   """The separate value network's params with the policy's encoder in them.
 
-  token_embedder and encoder/* (a decoder-only policy: model/*) are copied;
+  token_embedder and encoder/* (a decoder-only policy: model/*) are copied
+  (without a LoRA policy's adapters, as float32 from a bfloat16 base);
   value_head is kept as initialised.
   """
   missing = [k for k in value_params if k != "value_head"
@@ -96,7 +102,10 @@ def init_from_policy(value_params: dict, policy_params: dict) -> dict:
     raise ValueError(f"policy params lack {missing[:3]}...: is the value "
                      f"network built from the same T5Config (or "
                      f"DecoderConfig)?")
-  # Copies: the two networks train apart (and donated buffers must not alias).
-  return {k: (v if k == "value_head" else jax.tree.map(jnp.array,
-                                                       policy_params[k]))
+  # Copies: the two networks train apart (and donated buffers must not
+  # alias); only the parameters the value network has (a LoRA policy's
+  # adapters stay behind), in the value network's dtype.
+  return {k: (v if k == "value_head" else
+              {name: jnp.array(policy_params[k][name], v[name].dtype)
+               for name in v})
           for k, v in value_params.items()}

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from dro_fast import models
 from dro_fast.models import hf_decoder
+from dro_fast.models import lora
 from dro_fast.models import pretrained
 from dro_fast.models import value
 from dro_fast.training import steps
@@ -74,6 +75,12 @@ def init_params(model_config: models.T5Config | models.DecoderConfig,
     value_trunk: that value network's pretrained parameters
       (--value_init_checkpoint), its head still drawn from the value key.
 
+  With model_config.lora the policy's base parameters (all but the
+  adapters) are in lora.base_dtype and its adapters are drawn from the
+  policy key (lora_b zero: the policy equals its base); policy_params
+  without adapters (a pretrained checkpoint, an SFT warm start) get them
+  added, and ones with adapters are taken as they are.
+
   Returns:
     (policy_params, value_params). value_params is {} without a value
     network; the "separate" value network's encoder (T5) or trunk
@@ -88,6 +95,16 @@ def init_params(model_config: models.T5Config | models.DecoderConfig,
   network = steps.policy_network(model_config)
   if policy_params is None:
     policy_params = network.init(keys.policy, tokens, tokens)
+    if model_config.lora is not None:
+      policy_params = lora.with_adapters(policy_params, policy_params,
+                                         model_config.lora)
+  elif model_config.lora is not None and not lora.has_adapters(
+      policy_params):
+    # Only the adapters are kept, so XLA drops the rest of the draw.
+    fresh = jax.jit(lambda key: lora.split(
+        network.init(key, tokens, tokens))[0])(keys.policy)
+    policy_params = lora.with_adapters(policy_params, fresh,
+                                       model_config.lora)
   if algorithm is None or not algorithm.has_value:
     return policy_params, {}
   # What the policy hands a shared value head: T5's encoder output

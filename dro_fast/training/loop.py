@@ -139,7 +139,10 @@ def _load_checkpoint(path: str, flag: str, tokenizer, run: RunConfig):
     raise TrainingError(
         f"{which} has {tokenizer.vocab_size} pieces but the checkpoint "
         f"{path} embeds only {config.vocab_size}: pass {own}.")
-  config = _overridden(config, run)
+  try:
+    config = _overridden(config, run)
+  except ValueError as e:    # e.g. LoRA targets this architecture lacks
+    raise TrainingError(f"`{flag}`={path}: {e}") from None
   return config, init.pretrained_params(params, config)
 
 
@@ -180,12 +183,18 @@ def value_config(run: RunConfig, model_config, tokenizer):
         "value network of its own size is a decoder-only model valuing a "
         "decoder-only policy; for T5, drop `value_init_checkpoint` (the "
         "value encoder copies the policy's).")
-  return config, params
+  # A value network trains whole: the run's LoRA is the policy's.
+  return config.replace(lora=None), params
 
 
 def _items(state: steps.TrainState) -> dict:
-  """A TrainState as checkpoint items (runs.ITEMS)."""
+  """A TrainState as checkpoint items (runs.ITEMS).
+
+  A LoRA policy's frozen base is left out: the "policy" item is its
+  adapters, and the run rebuilds the base (runs.load_policy does too).
+  """
   rest = state._asdict()
+  del rest["frozen_params"]
   return {runs.POLICY: rest.pop("policy_params"), runs.TRAIN_STATE: rest}
 
 
@@ -205,6 +214,7 @@ def _restore(checkpointer: checkpointing.Checkpointer, state):
         f"copy, or start training afresh by moving it away (`mv {folder} "
         f"{folder}.damaged`) and rerunning the same command.") from None
   return steps.TrainState(policy_params=items[runs.POLICY],
+                          frozen_params=state.frozen_params,
                           **items[runs.TRAIN_STATE]), extra, step
 
 
@@ -328,10 +338,13 @@ def _train(run: RunConfig, mesh) -> dict:
       for folder in (checkpoints, os.path.join(workdir, "sft_init")):
         checkpointing.remove_unfinished(folder)
     if run.sft_warm_start:
+      # The warm start fine-tunes the whole model: with LoRA it is the base
+      # the adapters then start from.
+      base_config = model_config.replace(lora=None)
       if policy_params is None:
-        policy_params, _ = init.init_params(model_config, None, rng)
+        policy_params, _ = init.init_params(base_config, None, rng)
       policy_params = sft.warm_start(
-          run, model_config, policy_params, arrays,
+          run, base_config, policy_params, arrays,
           jax.random.fold_in(init.split(rng).policy, 1), mesh)
     policy_params, value_params = init.init_params(
         model_config, run.algorithm, rng, policy_params=policy_params,
@@ -405,7 +418,7 @@ def _train(run: RunConfig, mesh) -> dict:
     # The demo's task has a known reward: score greedy decoding before and
     # after training on held-out prompts.
     summary["demo_reward"] = demo.rewards(
-        model_config, initial_params, sharding.to_host(state.policy_params),
+        model_config, initial_params, sharding.to_host(state.policy),
         dataset.tokenizer, run.data.max_input_length,
         run.data.max_target_length)
   if not primary:

@@ -34,7 +34,7 @@ REF_LOGPROBS = ("cached", "online")
 # own config (the rest, the architecture, comes from the checkpoint), where
 # the config has them (a DecoderConfig has no dropout).
 MODEL_OVERRIDES = ("dtype", "remat", "attention", "dropout_rate",
-                   "scan_layers", "matmul", "attention_interpret")
+                   "scan_layers", "matmul", "attention_interpret", "lora")
 # Fields that earlier versions wrote into run_config.json and that are now
 # decided where a run is loaded ({config: fields}): T5Config.platform, whose
 # choices dro_fast.backend.resolve now records as the model's `matmul` and
@@ -253,12 +253,18 @@ def _tuples(item: list) -> tuple:
 def _config_class(hint: Any, item: Any) -> Any:
   """The config class a field's JSON object is, for a union of configs.
 
-  A model is a DecoderConfig when it names its `family`, else a T5Config.
-  Any other hint is returned as it is.
+  A model is a DecoderConfig when it names its `family`, else a T5Config;
+  an optional config (`X | None`) is X. Any other hint is returned as it
+  is.
   """
   options = [option for option in typing.get_args(hint)
              if option in (T5Config, DecoderConfig)] if isinstance(
                  hint, types.UnionType) else []
+  if not options and isinstance(item, dict) and isinstance(
+      hint, types.UnionType):
+    # An optional config of one class (a model's `lora`).
+    options = [option for option in typing.get_args(hint)
+               if dataclasses.is_dataclass(option)]
   if not options or item is None:
     return hint
   if not isinstance(item, dict):

@@ -15,6 +15,7 @@ import jax
 
 from dro_fast import backend
 from dro_fast import models
+from dro_fast.models import lora
 from dro_fast.models import pretrained
 from dro_fast import hf_tokenizer
 from dro_fast.tokenizer import DecoderOnlyTokenizer
@@ -95,29 +96,46 @@ def _policy_template(config: models.T5Config):
 
 
 def load_policy(workdir: str, step: int | None = None):
-  """(policy parameters of checkpoint `step` (None: the newest), its step)."""
+  """(policy parameters of checkpoint `step` (None: the newest), its step).
+
+  A LoRA run's checkpoints hold its adapters: they come back with the
+  run's base (load_initial_policy), as the whole adapted model.
+  """
   run = read_run_config(workdir)
   checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), ITEMS)
-  items, _, step = checkpointer.restore(
-      {POLICY: _policy_template(_params_config(run))}, step)
-  return items[POLICY], step
+  template = _policy_template(_params_config(run))
+  if run.model.lora is not None:
+    template = lora.split(template)[0]
+  items, _, step = checkpointer.restore({POLICY: template}, step)
+  if run.model.lora is None:
+    return items[POLICY], step
+  base = lora.split(load_initial_policy(workdir))[1]
+  return lora.combine(items[POLICY], base), step
 
 
 def load_initial_policy(workdir: str):
   """The run's initial (SFT) policy.
 
   Its init_checkpoint, its SFT warm start, or its seeded random
-  initialisation.
+  initialisation; for a LoRA run, with its initial adapters (equal to its
+  base) and the base in LoraConfig.base_dtype, as the trainer starts.
   """
   run = read_run_config(workdir)
   config = _params_config(run)
+  rng = jax.random.PRNGKey(run.seed)
   if run.init_checkpoint:
     _, params = pretrained.load(run.init_checkpoint)
-    return init.pretrained_params(params, config)
-  if run.sft_warm_start:
+    params = init.pretrained_params(params, config)
+  elif run.sft_warm_start:
+    # The warm start trains the whole model (a LoRA run's base).
     checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, "sft_init"), (POLICY,))
-    return checkpointer.restore({POLICY: _policy_template(config)}
-                                )[0][POLICY]
-  return init.init_params(config, None, jax.random.PRNGKey(run.seed))[0]
+    params = checkpointer.restore(
+        {POLICY: _policy_template(config.replace(lora=None))})[0][POLICY]
+  else:
+    return init.init_params(config, None, rng)[0]
+  if config.lora is None:
+    return params
+  # The adapters as the trainer drew them: lora_b zero, the base frozen.
+  return init.init_params(config, None, rng, policy_params=params)[0]

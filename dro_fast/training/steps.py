@@ -28,6 +28,7 @@ import optax
 from dro_fast import kernels
 from dro_fast import losses
 from dro_fast import models
+from dro_fast.models import lora
 from dro_fast.models import partitioning
 from dro_fast.models import per_device
 from dro_fast.models import value
@@ -43,6 +44,11 @@ class TrainState(NamedTuple):
   algorithms without a value network. bad_steps counts the consecutive
   updates skipped for a non-finite loss, gradient or updated parameter
   (see update).
+
+  With LoRA (the policy config's `lora`), policy_params holds only the
+  adapters (what trains) and frozen_params the base (models.lora.split),
+  which no gradient, optimizer state or checkpoint touches: a run rebuilds
+  it and the trainer's checkpoints leave it out. None without LoRA.
   """
   step: jax.Array
   policy_params: Any
@@ -51,6 +57,14 @@ class TrainState(NamedTuple):
   value_opt_state: Any
   rng: jax.Array
   bad_steps: jax.Array
+  frozen_params: Any = None
+
+  @property
+  def policy(self) -> Any:
+    """The policy's whole parameters (a LoRA policy's base and adapters)."""
+    if self.frozen_params is None:
+      return self.policy_params
+    return lora.combine(self.policy_params, self.frozen_params)
 
 
 class Trainer(NamedTuple):
@@ -276,16 +290,29 @@ LOSSES: dict[str, LossFn] = {
 
 def _init(policy_params, value_params, rng, *,
           policy_optimizer: optax.GradientTransformation,
-          value_optimizer: optax.GradientTransformation | None) -> TrainState:
-  """The first TrainState; value_optimizer None: no value network."""
+          value_optimizer: optax.GradientTransformation | None,
+          lora_config: models.LoraConfig | None) -> TrainState:
+  """The first TrainState; value_optimizer None: no value network.
+
+  With lora_config, policy_params are the adapted model's (adapters and
+  base, init.init_params): the adapters train, the base is frozen.
+  """
   has_value = value_optimizer is not None
   value_params = value_params if has_value else {}
+  frozen = None
+  if lora_config is not None:
+    if not lora.has_adapters(policy_params):
+      raise ValueError("the policy config has `lora` but its parameters "
+                       "have no adapters: build them with "
+                       "training.init.init_params.")
+    policy_params, frozen = lora.split(policy_params)
+    frozen = lora.freeze(frozen, lora_config)
   return TrainState(
       step=jnp.zeros((), jnp.int32), policy_params=policy_params,
       value_params=value_params,
       policy_opt_state=policy_optimizer.init(policy_params),
       value_opt_state=value_optimizer.init(value_params) if has_value else {},
-      rng=rng, bad_steps=jnp.zeros((), jnp.int32))
+      rng=rng, bad_steps=jnp.zeros((), jnp.int32), frozen_params=frozen)
 
 
 def _update(state: TrainState, batch: dict, *,
@@ -299,9 +326,15 @@ def _update(state: TrainState, batch: dict, *,
   value_optimizer None: no value network (its parameters stay {}).
   """
   rng, step_rng = jax.random.split(state.rng)
+
+  def loss_of(policy_params, value_params):
+    # Differentiated in what trains: a LoRA policy's adapters only.
+    return loss_fn(state._replace(policy_params=policy_params).policy,
+                   value_params, batch, step_rng)
+
   (loss, metrics), (policy_grads, value_grads) = jax.value_and_grad(
-      loss_fn, argnums=(0, 1), has_aux=True)(
-          state.policy_params, state.value_params, batch, step_rng)
+      loss_of, argnums=(0, 1), has_aux=True)(
+          state.policy_params, state.value_params)
   # Non-finite guard: a NaN/inf loss or gradient skips the whole update
   # (parameters and optimizer states stay as they were) and is counted,
   # and so does an update that would make a parameter non-finite (a
@@ -343,7 +376,8 @@ def _update(state: TrainState, batch: dict, *,
   if learning_rates is not None:
     metrics.update(learning_rates(state.step))
   new_state = TrainState(state.step + 1, policy_params, value_params,
-                         policy_opt_state, value_opt_state, rng, bad_steps)
+                         policy_opt_state, value_opt_state, rng, bad_steps,
+                         state.frozen_params)
   return new_state, metrics
 
 
@@ -372,6 +406,10 @@ def build_trainer(algorithm: AlgorithmConfig,
       model of the same tokenizer, RunConfig.value_model); None: the
       policy's.
 
+  With model_config.lora, init takes the adapted policy's parameters
+  (training.init.init_params) and the state trains only its adapters
+  (TrainState.frozen_params).
+
   Returns:
     Trainer(init(policy_params, value_params, rng), update(state, batch)).
   """
@@ -387,7 +425,8 @@ def build_trainer(algorithm: AlgorithmConfig,
       logprob_kernel(algorithm.implementation, algorithm.interpret,
                      _softcap(model_config)))
   init = functools.partial(_init, policy_optimizer=policy_optimizer,
-                           value_optimizer=value_optimizer)
+                           value_optimizer=value_optimizer,
+                           lora_config=model_config.lora)
   update = functools.partial(
       _update, loss_fn=functools.partial(LOSSES[algorithm.algo], context),
       policy_optimizer=policy_optimizer, value_optimizer=value_optimizer,
