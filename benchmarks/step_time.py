@@ -79,6 +79,14 @@ _DECODER = flags.DEFINE_string(
 _DECODER_FIELDS = flags.DEFINE_list(
     "decoder_fields", [], "With --decoder: DecoderConfig fields changed from "
     "the preset, as FIELD=VALUE items (e.g. num_layers=4,hidden_size=512).")
+_VALUE_NET = flags.DEFINE_enum(
+    "value_net", "separate", ["separate", "shared"], "DRO-V's value "
+    "network: its own (the policy's shape, or --value_decoder's) or a head "
+    "on the policy's trunk.")
+_VALUE_DECODER = flags.DEFINE_string(
+    "value_decoder", None, "With --decoder and --value_net=separate: the "
+    "value network's own preset (RunConfig.value_model, e.g. llama-3.2-1b "
+    "valuing llama-3.1-8b); unset: the policy's shape.")
 _MEMORY_ONLY = flags.DEFINE_bool("memory_only", False, "Only XLA's memory "
                                  "plan, compiled from shapes alone.")
 _PEAK_FLOPS = flags.DEFINE_float("peak_flops", None, "Device peak FLOP/s.")
@@ -144,10 +152,19 @@ def decoder_config_for(remat: str, attention: str, platform: str | None = None
                        ) -> models.DecoderConfig:
   """--decoder's config with --decoder_fields, computing as the CLIs do."""
   platform = platform or shared.program_platform()
-  return models.decoder_preset(
+  return shared.with_lora(models.decoder_preset(
       _DECODER.value, **decoder_changes(),
       dtype=runtime.compute_dtype(shared.DTYPE.value, platform), remat=remat,
-      scan_layers=shared.SCAN.value, attention=attention)
+      scan_layers=shared.SCAN.value, attention=attention))
+
+
+def value_config_for(config) -> models.DecoderConfig | None:
+  """--value_decoder's config beside `config` (None: the policy's shape)."""
+  if not _VALUE_DECODER.value:
+    return None
+  return models.decoder_preset(
+      _VALUE_DECODER.value, dtype=config.dtype, remat=config.remat,
+      scan_layers=config.scan_layers, attention=config.attention)
 
 
 def config_for(size: str, remat: str, attention: str):
@@ -155,10 +172,10 @@ def config_for(size: str, remat: str, attention: str):
   if _DECODER.value:
     return decoder_config_for(remat, attention)
   stand_in = attention == "cudnn" and _stand_in()
-  return bench_step.config_for(
+  return shared.with_lora(bench_step.config_for(
       size, shared.DTYPE.value, remat=remat, scan_layers=shared.SCAN.value,
       attention=cudnn_stand_in.IMPLEMENTATION if stand_in else attention,
-      platform=shared.program_platform())
+      platform=shared.program_platform()))
 
 
 def check_flags() -> None:
@@ -205,9 +222,21 @@ def check_flags() -> None:
                               attention="cudnn", platform="gpu")
     except ValueError as error:
       raise app.UsageError(f"--attention=cudnn: {error}") from error
-  if _COMPARE_TORCH.value and (_MEMORY_ONLY.value or _ALGO.value != "dro_v"):
+  if _COMPARE_TORCH.value and (_MEMORY_ONLY.value or _ALGO.value != "dro_v"
+                              or _VALUE_NET.value != "separate"
+                              or _VALUE_DECODER.value
+                              or shared.LORA_RANK.value):
     raise app.UsageError("--compare_torch times the PyTorch DRO-V step: it "
-                         "needs --algo=dro_v and no --memory_only.")
+                         "needs --algo=dro_v with --value_net=separate of the "
+                         "policy's shape, no --lora_rank and no "
+                         "--memory_only.")
+  if _VALUE_DECODER.value and (not _DECODER.value
+                               or _VALUE_NET.value != "separate"
+                               or _VALUE_DECODER.value
+                               not in models.DECODER_PRESETS):
+    raise app.UsageError("--value_decoder: a decoder preset (of "
+                         f"{sorted(models.DECODER_PRESETS)}) for the separate "
+                         "value network of a --decoder policy.")
   modes = _TORCH_HOST_MEMORY.value
   if (not modes or len(set(modes)) != len(modes)
       or not set(modes) <= {"same", "keep", "system"}):
@@ -226,12 +255,13 @@ def build_jax_step(config, implementation: str,
   stand-in's errors included, propagates.
   """
   algorithm = steps.AlgorithmConfig(
-      algo=_ALGO.value,
+      algo=_ALGO.value, value_net=_VALUE_NET.value,
       implementation=None if implementation == "default" else implementation)
   try:
     step = bench_step.JaxStep(config, algorithm, batches,
                               abstract=_MEMORY_ONLY.value,
-                              platform=shared.program_platform())
+                              platform=shared.program_platform(),
+                              value_config=value_config_for(config))
     if not _MEMORY_ONLY.value:
       step()                 # allocation fails here, not in a timed round
     return step
@@ -282,7 +312,8 @@ def measure_point(size: str, b: int, t: int, host_memory: str
       if isinstance(step, bench_step.TorchProcessStep):
         step.close()
 
-  model_flops = flops.step_flops(config, _ALGO.value, "separate", b, s, t)
+  model_flops = flops.step_flops(config, _ALGO.value, _VALUE_NET.value, b,
+                                 s, t, value_config=value_config_for(config))
   peak = flops.peak_flops(_PEAK_FLOPS.value)
   paper = flops.PAPER_EXAMPLES_PER_CHIP.get(size)
 
@@ -296,6 +327,9 @@ def measure_point(size: str, b: int, t: int, host_memory: str
             "compute_dtype": config.dtype,
             "platform": shared.program_platform(),
             "scan_layers": shared.SCAN.value,
+            "value_net": _VALUE_NET.value,
+            "value_decoder": _VALUE_DECODER.value,
+            "lora_rank": shared.LORA_RANK.value,
             **({"decoder_fields": decoder_changes()} if _DECODER.value
                else {}),
             "host_memory": host_memory if mode in ("jax", "same") else mode,

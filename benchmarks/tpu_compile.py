@@ -9,6 +9,9 @@ r"""The DRO-V train step compiled for a TPU slice, on a host without one.
       --implementation=default,xla --noroofline
   python -m benchmarks.tpu_compile --runs=xxl@v5e:8x8 --fsdp=32 --model=2 \
       --remat=full --noroofline
+  python -m benchmarks.tpu_compile --runs=llama-3.1-8b+llama-3.2-1b@v5e:2x2 \
+      --lora_rank=16 --fsdp=all --remat=full --attention=splash \
+      --input_length=1024 --target_length=512 --noroofline
 
 Needs libtpu (the `tpu` extra). A run is POLICY[+VALUE]@TOPOLOGY: POLICY
 a T5 size (benchmarks/lib/flags.py's SIZES) or a decoder-only preset
@@ -50,6 +53,9 @@ Where both were compiled, a line per variant states the fused path's
 saving per chip beside the logits and their gradient per chip
 (2 x B/chips x T x V x 4 bytes; the batch is split over every chip, or
 with a model axis the batch over data x fsdp and the vocabulary over model).
+--lora_rank: LoRA adapters of that rank on the frozen bfloat16 policy
+(the trainer's --lora_rank, alpha 2 x rank, --lora_targets), which trains
+them alone; the value network stays whole.
 --max_batch: the largest global batch (a multiple of data x fsdp) that
 fits, per variant, by doubling from --batch_size and then bisecting.
 Claims: benchmarks/RESULTS.md#the-paper-set-ups-on-tpu-v5e.
@@ -141,6 +147,8 @@ def _num(value, spec: str) -> str:
 
 def print_row(r: dict[str, Any]) -> None:
   size = r["size"] + (f"+{r['value_size']}" if r.get("value_size") else "")
+  if r.get("lora_rank"):
+    size += f" lora{r['lora_rank']}"
   extra = ("" if "implementation" not in r else
            f" {r['implementation']:>10} value:{r['value_net']}")
   head = (f"{size:>5} {r['topology']:>8} b{r['batch_size']:<4} "
@@ -223,7 +231,8 @@ def main(argv):
                    target_length=target_length(), algo=_ALGO.value,
                    dtype=shared.DTYPE.value, scan_layers=shared.SCAN.value,
                    roofline=_ROOFLINE.value and not _MAX_BATCH.value,
-                   value_size=value_size)
+                   value_size=value_size, lora_rank=shared.LORA_RANK.value,
+                   lora_targets=tuple(shared.LORA_TARGETS.value))
       if _MAX_BATCH.value:
         best, tried = tpu.largest_batch(size, topology, batch_size(),
                                         print_row, **fixed)

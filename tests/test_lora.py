@@ -315,3 +315,32 @@ def test_peft_export_of_a_full_fine_tune_is_refused(tmp_path):
   with pytest.raises(export.ExportError, match="no adapters to export"):
     export.export(str(tmp_path / "run"), str(tmp_path / "out"), peft=True)
   assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["t5", "decoder"])
+def test_the_flop_model_counts_each_adapter_it_builds(name):
+  """2 · (|A| + |B|) FLOPs per token through each adapter, counted from the
+  parameters themselves: T5's encoder and cross-attention key / value
+  adapters see S tokens, the rest of its decoder T; a decoder-only model's
+  every adapter S + T."""
+  from dro_fast.training import flops  # pylint: disable=g-import-not-at-top
+  config = CONFIGS[name](lora=models.LoraConfig(rank=3))
+  shapes = jax.eval_shape(lambda: init.init_params(
+      config, None, jax.random.PRNGKey(0))[0])
+  batch, s, t = 2, 7, 5
+  want = 0
+  for module, leaves in lora.split(shapes)[0].items():
+    per_token = 2 * (leaves["lora_a"].size + leaves["lora_b"].size)
+    if isinstance(config, models.DecoderConfig):
+      tokens = s + t
+    elif module.startswith("encoder/") or (
+        "encoder_decoder_attention/" in module
+        and module.endswith(("/key", "/value"))):
+      tokens = s
+    else:
+      tokens = t
+    want += batch * tokens * per_token
+  assert flops.lora_forward_flops(config, batch, s, t) == want
+  full = flops.step_flops(CONFIGS[name](), "sft", "shared", batch, s, t)
+  adapted = flops.step_flops(config, "sft", "shared", batch, s, t)
+  assert adapted == pytest.approx(full * 2 / 3 + 3 * want)

@@ -49,6 +49,25 @@ HOST_MEMORY = flags.DEFINE_enum(
     "the CPU alone, as `python -m dro_fast.train` does "
     "(benchmarks/RESULTS.md#host-memory).")
 JSON_OUT = flags.DEFINE_string("json_out", None, "Append JSON lines here.")
+LORA_RANK = flags.DEFINE_integer(
+    "lora_rank", 0, "LoRA adapters of this rank on the frozen policy, as "
+    "the trainer's --lora_rank (alpha 2 x rank, base in bfloat16); 0: full "
+    "fine-tuning.", lower_bound=0)
+LORA_TARGETS = flags.DEFINE_list(
+    "lora_targets", ["attention", "mlp"], "The trainer's --lora_targets.")
+
+
+def with_lora(config):
+  """`config` with --lora_rank's adapters (unchanged at rank 0)."""
+  if not LORA_RANK.value:
+    return config
+  from dro_fast import models  # pylint: disable=g-import-not-at-top
+  try:
+    return config.replace(lora=models.LoraConfig(
+        rank=LORA_RANK.value, alpha=2.0 * LORA_RANK.value,
+        targets=tuple(LORA_TARGETS.value)))
+  except ValueError as e:
+    raise app.UsageError(f"--lora_targets: {e}") from None
 
 
 def program_platform() -> str:

@@ -167,7 +167,9 @@ def compile_update(size: str, topology: str, *, batch_size: int,
                    dtype: str = "bfloat16", scan_layers: bool = True,
                    roofline: bool = False, value_size: str | None = None,
                    value_net: str = "separate",
-                   implementation: str | None = None) -> dict[str, Any]:
+                   implementation: str | None = None, lora_rank: int = 0,
+                   lora_targets: tuple[str, ...] = ("attention", "mlp")
+                   ) -> dict[str, Any]:
   """Compiles the trainer's update for a TPU topology; returns its record.
 
   The update is lib/step.py's abstract JaxStep (the trainer's own update,
@@ -179,7 +181,8 @@ def compile_update(size: str, topology: str, *, batch_size: int,
   of its own shape (None: the policy's), `value_net` the algorithm's value
   network ("separate" or "shared"), `implementation` the log-prob kernels'
   (None: backend.resolve's for TPU, "pallas_tpu"; "xla" materialises the
-  logits). The record has the per-chip memory plan in GiB, whether it fits
+  logits), `lora_rank` LoRA adapters of that rank on `lora_targets` of the
+  frozen bfloat16 policy (alpha 2 x rank; 0: full fine-tuning). The record has the per-chip memory plan in GiB, whether it fits
   the chip's HBM, the compiled and modelled FLOPs per chip, and XLA's
   roofline (an upper bound on steps/s), which with scan_layers needs
   `roofline` (a second compile, unrolled). A program XLA:TPU rejects for
@@ -203,6 +206,9 @@ def compile_update(size: str, topology: str, *, batch_size: int,
   backend_fields = dict(remat=remat, attention=attention,
                         scan_layers=scan_layers, platform="tpu")
   config = bench_step.config_for(size, dtype, **backend_fields)
+  if lora_rank:
+    config = config.replace(lora=models.LoraConfig(
+        rank=lora_rank, alpha=2.0 * lora_rank, targets=tuple(lora_targets)))
   value_config = (None if value_size is None else
                   bench_step.config_for(value_size, dtype, **backend_fields))
   algorithm = steps.AlgorithmConfig(algo=algo, value_net=value_net,
@@ -216,7 +222,7 @@ def compile_update(size: str, topology: str, *, batch_size: int,
             "input_length": input_length, "target_length": target_length,
             "dtype": config.dtype, "remat": remat, "attention": attention,
             "scan_layers": scan_layers, "value_size": value_size,
-            "value_net": value_net,
+            "value_net": value_net, "lora_rank": lora_rank,
             "implementation": (implementation
                                or kernels.implementation_for("tpu")),
             "logits_and_grad_gib_per_chip": logits_bytes_per_chip(

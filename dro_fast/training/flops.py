@@ -17,7 +17,10 @@ work are not.
     adds 4 · (S + T)² · H·K per layer (the full square, as the "xla"
     attention computes it; a causal or sliding mask skips none of it);
     its separate value network reads the S prompt tokens, no projection.
-  a trained network costs 3x its forward, a forward-only one 1x.
+  a trained network costs 3x its forward, a forward-only one 1x; a LoRA
+    policy (its config's `lora`) 2x (the backward's input gradients; its
+    frozen weights get none) plus 3x its adapters' forward, 2 · r · (in +
+    out) per token through each adapted layer.
   dro_v: policy trained + separate value encoder trained (a shared value
     head adds no matmul work); kto: policy trained on 2B sequences (examples
     and their mismatched completions); sft: policy trained.
@@ -73,6 +76,39 @@ def decoder_forward_flops(config: models.DecoderConfig, batch: int,
                   + 2 * d * config.vocab_size * output_tokens)
 
 
+def lora_forward_flops(config: models.T5Config | models.DecoderConfig,
+                       batch: int, s: int, t: int) -> float:
+  """Forward FLOPs of a LoRA policy's adapters (0 without `lora`).
+
+  A decoder-only model's layers see S + T tokens; T5's encoder layers S,
+  its decoder layers T (cross-attention's key and value adapters S).
+  """
+  if config.lora is None:
+    return 0.0
+  r, targets = config.lora.rank, config.lora_modules
+  per_token = lambda widths: sum(2 * r * (i + o) for name, (i, o) in
+                                 widths.items() if name in targets)
+  if isinstance(config, models.DecoderConfig):
+    d, f = config.hidden_size, config.intermediate_size
+    q, kv = config.num_heads * config.head_dim, (config.num_kv_heads
+                                                 * config.head_dim)
+    widths = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv),
+              "o_proj": (q, d), "gate_proj": (d, f), "up_proj": (d, f),
+              "down_proj": (f, d)}
+    return batch * config.num_layers * per_token(widths) * (s + t)
+  d, hk, ff = config.d_model, config.num_heads * config.d_kv, config.d_ff
+  attention = {"query": (d, hk), "key": (d, hk), "value": (d, hk),
+               "out": (hk, d)}
+  mlp = {"wi_0": (d, ff), "wi_1": (d, ff), "wo": (ff, d)} if config.gated \
+      else {"wi": (d, ff), "wo": (ff, d)}
+  kv = {"key": (d, hk), "value": (d, hk)}
+  encoder = config.num_encoder_layers * per_token(attention | mlp) * s
+  decoder = config.num_decoder_layers * (
+      per_token(attention | mlp) * t + per_token(attention) * t
+      - per_token(kv) * t + per_token(kv) * s)
+  return batch * (encoder + decoder)
+
+
 def step_flops(config: models.T5Config | models.DecoderConfig, algo: str,
                value_net: str, batch: int, s: int, t: int,
                value_config: models.DecoderConfig | None = None) -> float:
@@ -87,9 +123,13 @@ def step_flops(config: models.T5Config | models.DecoderConfig, algo: str,
     policy = (forward_flops(config, batch, s, t, "encoder")
               + forward_flops(config, batch, s, t, "decoder"))
     value = forward_flops(config, batch, s, t, "encoder")
+  # A LoRA policy's frozen weights get no gradient: 2x its forward, and 3x
+  # its adapters'.
+  trained = policy * (3 if config.lora is None else 2) + 3 * (
+      lora_forward_flops(config, batch, s, t))
   if algo == "kto":
-    return 3 * 2 * policy
-  flops = 3 * policy
+    return 2 * trained
+  flops = trained
   if algo == "dro_v" and value_net == "separate":
     flops += 3 * value
   return flops

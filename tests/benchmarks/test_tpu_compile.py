@@ -198,3 +198,19 @@ def test_tiny_decoder_dro_v_with_its_own_value_network_compiles_for_v5e():
   assert record["encoder_score_arrays"] > 0
   assert record["logits_and_grad_gib_per_chip"] == pytest.approx(
       2 * 2 * 16 * 256 * 4 / tpu.GIB)
+
+
+def test_a_lora_update_compiles_for_v5e_and_holds_less_state():
+  """LoRA on a tiny decoder over a model axis: the frozen bfloat16 base and
+  the adapters' optimizer states are smaller arguments than the whole
+  model's float32 parameters and states."""
+  tpu.require_libtpu()
+  common = dict(batch_size=4, input_length=24, target_length=16,
+                remat="full", fsdp=1, model=2, value_net="shared")
+  full = tpu.compile_update("tiny_decoder", "v5e:2x2", **common)
+  adapted = tpu.compile_update("tiny_decoder", "v5e:2x2", lora_rank=4,
+                               **common)
+  assert adapted["lora_rank"] == 4 and full["lora_rank"] == 0
+  assert adapted["fits"] and "tpu_custom_call" in adapted["custom_calls"]
+  assert adapted["argument_gib"] < 0.6 * full["argument_gib"]
+  assert adapted["model_flops_per_chip"] < full["model_flops_per_chip"]
