@@ -13,15 +13,16 @@ FLOP model's compute time at peak, the byte model's HBM and ICI traffic
 and their times (benchmarks/lib/byte_model.py: what a chip must move, not
 XLA's sum over fused ops), which of the three bounds the step, and, where
 --xla_records holds tpu_compile's unrolled compile of the same set-up,
-XLA's bytes accessed and their HBM time beside them. Nothing is compiled;
-the topology's chips and rates come from libtpu (the `tpu` extra). The
-mesh that moves the fewest ICI bytes is named per run.
+XLA's bytes accessed and their HBM time beside them. Nothing is compiled
+and libtpu is not needed. The mesh that moves the fewest ICI bytes is named
+per run.
 Claims: benchmarks/RESULTS.md#roofline-bounds-and-the-mesh.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from absl import app
@@ -64,13 +65,25 @@ def _xla_bytes(record: dict[str, Any], found: list[dict[str, Any]]
   return None
 
 
+# libtpu's device_kind of each topology's chip generation.
+_KINDS = {"v5e": "TPU v5 lite", "v6e": "TPU v6 lite", "v5p": "TPU v5",
+          "v4": "TPU v4"}
+
+
+def chips_of(topology: str) -> tuple[str, int]:
+  """(device kind, chips) of "v5e:8x8"-style names, without libtpu."""
+  generation, _, shape = topology.partition(":")
+  try:
+    chips = math.prod(int(n) for n in shape.split("x"))
+    return _KINDS[generation], chips
+  except (KeyError, ValueError):
+    raise app.UsageError(f"--runs: topology {topology!r} is not GEN:AxB[xC] "
+                         f"with GEN one of {sorted(_KINDS)}.") from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  try:
-    tpu.require_libtpu()
-  except RuntimeError as e:
-    raise app.UsageError(str(e)) from None
   found = []
   if _XLA_RECORDS.value:
     with open(_XLA_RECORDS.value) as f:
@@ -84,8 +97,7 @@ def main(argv):
       size, value_size, topology = tpu.parse_run(item)
     except ValueError as e:
       raise app.UsageError(str(e)) from None
-    devices = tpu.devices(topology)
-    kind, chips = devices[0].device_kind, len(devices)
+    kind, chips = chips_of(topology)
     config = shared.with_lora(bench_step.config_for(
         size, shared.DTYPE.value, platform="tpu"))
     value_config = (bench_step.config_for(value_size, shared.DTYPE.value,
@@ -133,10 +145,7 @@ def main(argv):
           f"({least['ici_bytes'] / 1e9:.1f} GB per chip per step)",
           flush=True)
     out.extend(rows)
-  if shared.JSON_OUT.value:
-    records.append(shared.JSON_OUT.value, out)
-  for record in out:
-    print(json.dumps(record))
+  records.emit(shared.JSON_OUT.value, out)
 
 
 if __name__ == "__main__":

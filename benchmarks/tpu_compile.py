@@ -64,7 +64,6 @@ Claims: benchmarks/RESULTS.md#the-paper-set-ups-on-tpu-v5e.
 from __future__ import annotations
 
 import itertools
-import json
 from typing import Any
 
 from absl import app
@@ -244,10 +243,7 @@ def main(argv):
         print_row(found[-1])
   for line in savings(found):
     print(line, flush=True)
-  if shared.JSON_OUT.value:
-    records.append(shared.JSON_OUT.value, found)
-  for record in found:
-    print(json.dumps(record))
+  records.emit(shared.JSON_OUT.value, found)
 
 
 if __name__ == "__main__":

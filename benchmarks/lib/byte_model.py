@@ -34,6 +34,10 @@ ICI, per chip (bytes sent; a ring moves (n-1)/n of the data per chip)
   block, in the forward, the recompute and the backward (the column-
   parallel projections' input gradients): 3 per block.
 
+Without remat ("none") nothing is recomputed: the weights are read twice
+(forward, input gradients), the activations see three passes (the forward
+writes what the backward reads) and a model axis all-reduces in two.
+
 Times: HBM bytes at the chip's HBM bandwidth, ICI bytes at its ICI
 bandwidth (every link at once), and the FLOP model's compute
 (dro_fast/training/flops.py, plus the forward that remat "full" recomputes)

@@ -26,3 +26,12 @@ def append(path: str | None, records: Iterable[dict[str, Any]]) -> None:
     return
   with open(path, "a") as out:
     out.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def emit(path: str | None, records: Iterable[dict[str, Any]]) -> None:
+  """Appends the records to `path` (as `append`) and prints each as a JSON
+  line."""
+  records = list(records)
+  append(path, records)
+  for record in records:
+    print(json.dumps(record), flush=True)

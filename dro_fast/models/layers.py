@@ -27,7 +27,8 @@ from dro_fast.models.config import LoraConfig
 from dro_fast.models.config import T5Config
 
 # The LoRA adapters' parameter names beside a Dense layer's `kernel`.
-LORA_A, LORA_B = "lora_a", "lora_b"
+LORA_A = "lora_a"
+LORA_B = "lora_b"
 
 
 def matmul(x: jax.Array, kernel: jax.Array, *, form: str,
