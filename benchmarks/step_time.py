@@ -330,6 +330,8 @@ def measure_point(size: str, b: int, t: int, host_memory: str
             "value_net": _VALUE_NET.value,
             "value_decoder": _VALUE_DECODER.value,
             "lora_rank": shared.LORA_RANK.value,
+            "lora_base_dtype": (shared.LORA_BASE_DTYPE.value
+                                if shared.LORA_RANK.value else None),
             **({"decoder_fields": decoder_changes()} if _DECODER.value
                else {}),
             "host_memory": host_memory if mode in ("jax", "same") else mode,

@@ -6,6 +6,7 @@ the GPU.
 
 from __future__ import annotations
 
+from absl import app
 from absl import flags
 from absl.testing import flagsaver
 import jax
@@ -50,9 +51,10 @@ def test_a_variant_out_of_memory_is_recorded_and_the_others_are_timed(
             "56.21GiB with allocator GPU_0_bfc on device 0.\nmore detail")
       super().__call__()
 
-  def build(config, algorithm, batches, abstract, platform):
+  def build(config, algorithm, batches, abstract, platform,
+            value_config=None):
     step = OutOfMemoryOnChunked(config, algorithm, batches, abstract,
-                                platform=platform)
+                                platform=platform, value_config=value_config)
     step.implementation = algorithm.implementation
     return step
 
@@ -148,10 +150,12 @@ def test_a_failing_cudnn_variant(tiny_flags, monkeypatch, message):
   del tiny_flags
   real_step = bench_step.JaxStep
 
-  def build(config, algorithm, batches, abstract, platform):
+  def build(config, algorithm, batches, abstract, platform,
+            value_config=None):
     if config.attention in ("cudnn", cudnn_stand_in.IMPLEMENTATION):
       raise ValueError(message or "cuDNN is not detected.\nmore")
-    return real_step(config, algorithm, batches, abstract, platform=platform)
+    return real_step(config, algorithm, batches, abstract, platform=platform,
+                     value_config=value_config)
 
   monkeypatch.setattr(bench_step, "JaxStep", build)
   if message is None:
@@ -191,3 +195,26 @@ def test_a_decoder_is_timed_against_its_pytorch_step(tiny_flags):
   config = models.decoder_preset("tiny_decoder", num_layers=1, vocab_size=64)
   assert by_variant["xla"]["flops_per_step"] == flops.step_flops(
       config, "dro_v", "separate", 2, 8, 4)
+
+
+def test_a_lora_plan_with_its_own_value_network(tiny_flags):
+  """--lora_rank and --value_decoder reach the planned step and its FLOP
+  model; the PyTorch comparison refuses them."""
+  del tiny_flags
+  with flagsaver.flagsaver(decoder="tiny_decoder",
+                           decoder_fields=["num_layers=1", "vocab_size=64"],
+                           memory_only=True, lora_rank=2,
+                           value_decoder="tiny_decoder",
+                           implementation=["xla"]):
+    step_time.check_flags()
+    (record,) = step_time.measure_point("tiny_decoder", 2, 4, "system")
+    assert record["lora_rank"] == 2 and record["planned_peak_bytes"] > 0
+    assert record["value_decoder"] == "tiny_decoder"
+    config = step_time.config_for("tiny_decoder", "none", "xla")
+    assert config.lora.rank == 2
+    assert record["flops_per_step"] == flops.step_flops(
+        config, "dro_v", "separate", 2, 8, 4,
+        value_config=models.decoder_preset("tiny_decoder"))
+    with flagsaver.flagsaver(memory_only=False, compare_torch=True):
+      with pytest.raises(app.UsageError, match="no --lora_rank"):
+        step_time.check_flags()

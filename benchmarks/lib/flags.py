@@ -51,21 +51,31 @@ HOST_MEMORY = flags.DEFINE_enum(
 JSON_OUT = flags.DEFINE_string("json_out", None, "Append JSON lines here.")
 LORA_RANK = flags.DEFINE_integer(
     "lora_rank", 0, "LoRA adapters of this rank on the frozen policy, as "
-    "the trainer's --lora_rank (alpha 2 x rank, base in bfloat16); 0: full "
-    "fine-tuning.", lower_bound=0)
+    "the trainer's --lora_rank (alpha 2 x rank); 0: full fine-tuning.",
+    lower_bound=0)
 LORA_TARGETS = flags.DEFINE_list(
     "lora_targets", ["attention", "mlp"], "The trainer's --lora_targets.")
+LORA_BASE_DTYPE = flags.DEFINE_enum(
+    "lora_base_dtype", "bfloat16", ["bfloat16", "float32"],
+    "The trainer's --lora_base_dtype. XLA:CPU converts a bfloat16 base to "
+    "float32 whole (hoisted out of the layer loop), so its CPU plans hold a "
+    "float32 copy that a GPU or TPU program does not.")
 
 
 def with_lora(config):
-  """`config` with --lora_rank's adapters (unchanged at rank 0)."""
+  """`config` with --lora_rank's adapters (unchanged at rank 0).
+
+  Alpha is 2 x rank; targets and base dtype are --lora_targets' and
+  --lora_base_dtype's.
+  """
   if not LORA_RANK.value:
     return config
   from dro_fast import models  # pylint: disable=g-import-not-at-top
   try:
     return config.replace(lora=models.LoraConfig(
         rank=LORA_RANK.value, alpha=2.0 * LORA_RANK.value,
-        targets=tuple(LORA_TARGETS.value)))
+        targets=tuple(LORA_TARGETS.value),
+        base_dtype=LORA_BASE_DTYPE.value))
   except ValueError as e:
     raise app.UsageError(f"--lora_targets: {e}") from None
 
