@@ -237,3 +237,29 @@ def test_the_tiny_decoder_demo_with_lora_warm_starts_the_whole_model(
       entry["key_metadata"][-1]["key"] for entry in json.loads(
           next((workdir / "sft_init").glob("*/policy/_METADATA")).read_text()
           )["tree_metadata"].values()}
+
+
+def test_a_lora_run_refuses_to_resume_onto_a_changed_base(folder, data, env,
+                                                          tmp_path):
+  """The base is not checkpointed: a changed --init_checkpoint folder is
+  one line and exit status 2, the checkpoints kept."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  base = tmp_path / "base"
+  shutil.copytree(folder("llama"), base)
+  workdir = tmp_path / "run"
+  lora = {"lora_rank": 2, "value_net": "shared", "train_steps": 2}
+  _train(_flags(str(base), data["plain"], workdir, **lora), env)
+  other = build_model_folder(tmp_path / "other", "llama", seed=1)
+  shutil.copyfile(pathlib.Path(other) / "model.safetensors",
+                  base / "model.safetensors")
+  done = subprocess.run(
+      [sys.executable, "-m", "dro_fast.train",
+       *_flags(str(base), data["plain"], workdir, **dict(lora,
+                                                          train_steps=4))],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert "Traceback" not in done.stderr
+  assert ("adapters were trained on another base model than "
+          f"--init_checkpoint={base}") in done.stderr
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit()) == ["2"]

@@ -35,6 +35,7 @@ from dro_fast import fileio
 from dro_fast import models
 from dro_fast.data import pipeline
 from dro_fast.data import prepare
+from dro_fast.models import lora
 from dro_fast.models import pretrained
 from dro_fast.training import checkpointing
 from dro_fast.training import demo
@@ -350,6 +351,10 @@ def _train(run: RunConfig, mesh) -> dict:
         model_config, run.algorithm, rng, policy_params=policy_params,
         value_config=value_model, value_trunk=value_trunk)
     initial_params = jax.tree.map(jnp.copy, policy_params)
+    # A LoRA run's checkpoints hold its adapters alone: they resume only
+    # onto the base they were trained on, which this digest names.
+    lora_base = (metrics_lib.params_digest(lora.split(policy_params)[1])
+                 if model_config.lora is not None else None)
     run = run.replace(model=model_config, value_model=value_model)
     if primary:
       fileio.atomic_write_bytes(os.path.join(workdir, "run_config.json"),
@@ -374,6 +379,12 @@ def _train(run: RunConfig, mesh) -> dict:
     start = 0
     if checkpointer.latest_step() is not None:
       state, extra, start = _restore(checkpointer, state)
+      if extra.get("lora_base", lora_base) != lora_base:
+        raise TrainingError(
+            f"cannot resume from {checkpointer.directory}/{start}: its LoRA "
+            "adapters were trained on another base model than "
+            f"`init_checkpoint`={run.init_checkpoint} holds now (the base is "
+            "not checkpointed): restore that base, or use a new `workdir`.")
       state = jax.device_put(state, state_shardings)
       try:
         iterator.set_state(extra["data"])
@@ -397,7 +408,7 @@ def _train(run: RunConfig, mesh) -> dict:
   try:
     summary, state = train_loop(run, state, update, iterator,
                                 sharding.batch_sharding(mesh), checkpointer,
-                                writer, online_ref)
+                                writer, online_ref, lora_base=lora_base)
   finally:
     if writer is not None:
       writer.close()
@@ -433,9 +444,12 @@ def _train(run: RunConfig, mesh) -> dict:
 
 
 def train_loop(run: RunConfig, state, update, iterator, batch_sharding,
-               checkpointer, writer, online_ref
+               checkpointer, writer, online_ref, lora_base: str | None = None
                ) -> tuple[dict, steps.TrainState]:
-  """Steps to run.train_steps; logs, checkpoints; returns (summary, state)."""
+  """Steps to run.train_steps; logs, checkpoints; returns (summary, state).
+
+  lora_base: a LoRA run's base digest, recorded with each checkpoint.
+  """
   train_steps = run.train_steps
   start = int(state.step)
   last_metrics: dict = {}
@@ -490,8 +504,9 @@ def train_loop(run: RunConfig, state, update, iterator, batch_sharding,
       if (done % run.checkpoint_every == 0 or done == train_steps
           or stopping):
         try:
-          checkpointer.save(done, _items(state),
-                            {"data": iterator.get_state()})
+          checkpointer.save(done, _items(state), dict(
+              {"data": iterator.get_state()},
+              **({"lora_base": lora_base} if lora_base else {})))
         except ValueError as e:     # non-finite parameters, a step taken
           raise TrainingError(f"cannot save the checkpoint of step {done}: "
                               f"{e}") from None
