@@ -246,9 +246,11 @@ def flash_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
         causal=mask.causal, implementation="pallas_tpu", interpret=interpret,
         residual_names=FUSED_RESIDUALS)
 
-  # A Pallas kernel on a mesh runs per device (per_device.over_batch).
-  return per_device.over_batch(attend, (True, True, True, False, True))(
-      queries, keys, values, bias, mask.lengths())
+  # A Pallas kernel on a mesh runs per device (per_device.over_batch), on
+  # its rows and, on a model axis, its heads (the bias table's rows too).
+  return per_device.over_batch(
+      attend, (True, True, True, False, True), heads=(2, 2, 2, 0, None),
+      out_heads=2)(queries, keys, values, bias, mask.lengths())
 
 
 IMPLEMENTATIONS: Mapping[str, AttentionImplementation] = (

@@ -224,10 +224,10 @@ def splash_attention(queries, keys, values, lengths, *, scale: float,
   from jax.experimental.pallas.ops.tpu.splash_attention import (
       splash_attention_mask as masks)
   # pylint: enable=g-import-not-at-top
-  b, n, h, _ = queries.shape
+  n = queries.shape[1]
   block = 128
   padded = -(-n // block) * block
-  groups = h // keys.shape[2]
+  groups = queries.shape[2] // keys.shape[2]
 
   def heads_first(x):
     x = jnp.pad(x, ((0, 0), (0, padded - n), (0, 0), (0, 0)))
@@ -244,16 +244,20 @@ def splash_attention(queries, keys, values, lengths, *, scale: float,
                             block_kv_compute=block, block_q_dkv=block,
                             block_kv_dkv=block, block_kv_dkv_compute=block,
                             block_q_dq=block, block_kv_dq=block)
-  kernel = splash.make_splash_mha(
-      masks.MultiHeadMask([mask] * h), block_sizes=sizes, head_shards=1,
-      q_seq_shards=1, interpret=bool(interpret))
 
-  def one(q, k, v, seg):
-    return kernel(q, k, v, segment_ids=splash.SegmentIds(q=seg, kv=seg))
+  def attend(q, k, v, seg):
+    # Built for the heads this device holds (a model axis splits them).
+    kernel = splash.make_splash_mha(
+        masks.MultiHeadMask([mask] * q.shape[1]), block_sizes=sizes,
+        head_shards=1, q_seq_shards=1, interpret=bool(interpret))
+    return jax.vmap(lambda q, k, v, seg: kernel(
+        q, k, v, segment_ids=splash.SegmentIds(q=seg, kv=seg)))(q, k, v, seg)
 
-  # A Pallas kernel on a mesh runs per device (per_device.over_batch).
-  out = per_device.over_batch(jax.vmap(one), (True, True, True, True))(
-      q, k, v, segments)                                          # [B,H,n,K]
+  # A Pallas kernel on a mesh runs per device (per_device.over_batch), on
+  # its rows and, on a model axis, its heads.
+  out = per_device.over_batch(attend, (True, True, True, True),
+                              heads=(1, 1, 1, None), out_heads=1)(
+                                  q, k, v, segments)              # [B,H,n,K]
   return jnp.swapaxes(out, 1, 2)[:, :n]
 
 

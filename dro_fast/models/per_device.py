@@ -21,8 +21,9 @@ from jax.sharding import PartitionSpec as P
 from dro_fast.models import partitioning
 
 
-def over_batch(fn: Callable[..., jax.Array], batched: tuple[bool, ...]
-               ) -> Callable[..., jax.Array]:
+def over_batch(fn: Callable[..., jax.Array], batched: tuple[bool, ...],
+               heads: tuple[int | None, ...] | None = None,
+               out_heads: int | None = None) -> Callable[..., jax.Array]:
   """fn run per device under the ambient mesh.
 
   Positional arguments marked True in `batched` are split on their leading
@@ -35,16 +36,34 @@ def over_batch(fn: Callable[..., jax.Array], batched: tuple[bool, ...]
   times (tests/training/test_model_axis.py). The output is split on its
   leading axis over the batch axes. Without an ambient mesh of more than one
   device this is fn itself.
+
+  heads: per argument, the axis of its attention heads, or None; on a mesh
+  with a `model` axis those axes are split over it (each model shard
+  computes its own heads, as the projections around attention are split,
+  partitioning.RULES), and the output's `out_heads` axis too. fn must then
+  work on any whole number of heads; the model axis divides them
+  (sharding.check_model_axis).
   """
   def wrapped(*args):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
       return fn(*args)
-    rows = P(tuple(a for a in mesh.axis_names
-                   if a in partitioning.BATCH_AXES))
+    batch = tuple(a for a in mesh.axis_names if a in partitioning.BATCH_AXES)
+    split = heads is not None and dict(zip(
+        mesh.axis_names, mesh.axis_sizes)).get(partitioning.MODEL_AXIS, 1) > 1
+
+    def spec(is_batched: bool, head_axis: int | None) -> P:
+      parts = [batch if is_batched else None]
+      if split and head_axis is not None:
+        parts += [None] * (head_axis + 1 - len(parts))
+        parts[head_axis] = partitioning.MODEL_AXIS
+      return P(*parts)
+
+    in_heads = heads if split else (None,) * len(batched)
     # check_vma=False: Pallas calls declare no varying mesh axes on their
     # outputs; every output here is per-device rows by construction.
-    return jax.shard_map(fn, in_specs=tuple(rows if b else P()
-                                            for b in batched),
-                         out_specs=rows, check_vma=False)(*args)
+    return jax.shard_map(
+        fn, in_specs=tuple(spec(b, h) for b, h in zip(batched, in_heads)),
+        out_specs=spec(True, out_heads if split else None),
+        check_vma=False)(*args)
   return wrapped

@@ -214,3 +214,4 @@ def test_a_lora_update_compiles_for_v5e_and_holds_less_state():
   assert adapted["fits"] and "tpu_custom_call" in adapted["custom_calls"]
   assert adapted["argument_gib"] < 0.6 * full["argument_gib"]
   assert adapted["model_flops_per_chip"] < full["model_flops_per_chip"]
+

@@ -1,6 +1,8 @@
 """DRO-V updates on one device and on a data:2,fsdp:2,model:2 mesh; JSON.
 
-For a tiny T5 and a tiny decoder-only LLM: two updates with the trainer's
+For a tiny T5 and a tiny decoder-only LLM (the decoder also with splash
+attention in the Pallas TPU interpreter, its heads split over model, and
+with LoRA adapters): two updates with the trainer's
 Adafactor behind a transformation that keeps each step's gradients in its
 state, unsharded and on the mesh, the state placed by
 sharding.tree_shardings and the batch by sharding.batch_sharding as
@@ -29,6 +31,13 @@ from dro_fast.training import steps
 B, S, T = 8, 6, 5
 T5 = models.preset("tiny", dropout_rate=0.1)
 DECODER = models.decoder_preset("tiny_decoder", vocab_size=64)
+# Splash attention in the Pallas TPU interpreter, its heads split over model
+# (T5's flash kernel hangs in the interpreter on several CPU devices); LoRA,
+# whose adapters train and follow their kernels' axes.
+DECODER_SPLASH = DECODER.replace(attention="splash", attention_interpret=True)
+DECODER_LORA = DECODER.replace(lora=models.LoraConfig(
+    rank=2, alpha=4.0, targets=("attention", "down_proj"),
+    base_dtype="float32"))
 PROBES = {
     "t5": ("encoder/layers_0/attention/query", "decoder/layers_1/mlp/wi_0"),
     "decoder": ("model/layers_0/self_attn/q_proj",
@@ -58,7 +67,7 @@ def keep_gradients() -> optax.GradientTransformation:
       lambda updates, state, params=None: (updates, updates))
 
 
-def run(config, mesh, pad):
+def run(config, mesh, pad, name):
   policy, value = init.init_params(config, steps.AlgorithmConfig(),
                                    jax.random.PRNGKey(0))
   optimizer = optax.chain(keep_gradients(), optim.make_optimizer(1e-2, 0))
@@ -84,9 +93,13 @@ def run(config, mesh, pad):
         (state.policy_opt_state[0], state.value_opt_state[0]))))
   out["params"] = flat(sharding.to_host((state.policy_params,
                                          state.value_params)))
-  if mesh is not None:
+  if mesh is not None and name in PROBES:
     out["specs"] = [str(state.policy_params[p]["kernel"].sharding.spec)
-                    for p in PROBES[name_of(config)]]
+                    for p in PROBES[name]]
+  if mesh is not None and config.lora is not None:
+    out["specs"] = [str(state.policy_params[
+        "model/layers_0/self_attn/q_proj"][a].sharding.spec)
+                    for a in ("lora_a", "lora_b")]
   return out
 
 
@@ -95,15 +108,13 @@ def flat(tree) -> list[list[float]]:
   return [np.ravel(x).tolist() for x in jax.tree.leaves(tree)]
 
 
-def name_of(config):
-  return "decoder" if isinstance(config, models.DecoderConfig) else "t5"
-
-
 if __name__ == "__main__":
   assert jax.device_count() == 8, jax.device_count()
   mesh = sharding.make_mesh(sharding.parse_mesh("data:2,fsdp:2,model:2"))
   print(json.dumps({
-      name: {"single": run(config, None, pad), "sharded": run(config, mesh,
-                                                               pad)}
-      for name, config, pad in (("t5", T5, T5.pad_id),
-                                ("decoder", DECODER, decoder_config.PAD))}))
+      name: {"single": run(config, None, pad, name),
+             "sharded": run(config, mesh, pad, name)}
+      for name, config, pad in (
+          ("t5", T5, T5.pad_id), ("decoder", DECODER, decoder_config.PAD),
+          ("decoder_splash", DECODER_SPLASH, decoder_config.PAD),
+          ("decoder_lora", DECODER_LORA, decoder_config.PAD))}))

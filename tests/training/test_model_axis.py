@@ -44,7 +44,7 @@ def test_data_fsdp_model_mesh_matches_one_device_within_1e5():
       env=env, capture_output=True, text=True, timeout=900, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])
-  for name in ("t5", "decoder"):
+  for name in ("t5", "decoder", "decoder_splash", "decoder_lora"):
     single, sharded = out[name]["single"], out[name]["sharded"]
     assert len(single["metrics"]) == 2
     for one, eight in zip(single["metrics"], sharded["metrics"]):
@@ -68,6 +68,10 @@ def test_data_fsdp_model_mesh_matches_one_device_within_1e5():
   assert out["t5"]["sharded"]["specs"] == ["P('fsdp', 'model')"] * 2
   assert out["decoder"]["sharded"]["specs"] == ["P('fsdp', 'model')",
                                                 "P('model', 'fsdp')"]
+  # A q_proj adapter: lora_a on the kernel's input axis, lora_b on its
+  # output axis.
+  assert out["decoder_lora"]["sharded"]["specs"] == ["P('fsdp', None)",
+                                                     "P('fsdp', 'model')"]
 
 
 @pytest.mark.parametrize("spec, expected", [
