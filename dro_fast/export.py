@@ -136,8 +136,9 @@ def _writer(run, params, workdir: str, spec: str, *, dtype: str | None,
   config = run.model
   if peft:
     if config.lora is None:
-      raise ExportError(f"{spec} trained every parameter (no --lora_rank): "
-                        "there are no adapters to export; drop --peft.")
+      raise ExportError(f"{spec} trained every parameter (its model has no "
+                        "`lora`): there are no adapters to export; drop "
+                        "`peft`.")
     from dro_fast.models import hf_peft  # pylint: disable=g-import-not-at-top
     base = run.init_checkpoint or f"{workdir}:init"
     return lambda folder: hf_peft.export_peft_adapters(config, params,
