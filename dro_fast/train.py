@@ -168,10 +168,13 @@ _ATTENTION = flags.DEFINE_enum(
     "splash attention) are fused kernels that do not.")
 _LORA_RANK = flags.DEFINE_integer(
     "lora_rank", 0, "Train LoRA adapters of this rank on the frozen policy "
-    "(0: train every parameter). The checkpoints then hold the adapters.")
+    "(0: train every parameter). The checkpoints then hold the adapters.",
+    lower_bound=0)
 _LORA_ALPHA = flags.DEFINE_float(
     "lora_alpha", None, "LoRA's scale numerator (scale = alpha / rank). "
     "Unset: 2 × --lora_rank.")
+flags.register_validator("lora_alpha", lambda v: v is None or v > 0,
+                         "must be > 0 (unset: 2 × --lora_rank)")
 _LORA_TARGETS = flags.DEFINE_list(
     "lora_targets", ["attention", "mlp"], "Layers LoRA adapts: the groups "
     "attention and mlp, or layer names (decoder-only: q_proj, k_proj, "
@@ -333,10 +336,8 @@ def run_config() -> RunConfig:
           alpha=_LORA_ALPHA.value or 2.0 * _LORA_RANK.value,
           targets=tuple(_LORA_TARGETS.value),
           base_dtype=_LORA_BASE_DTYPE.value))
-    except ValueError as e:
-      flag = ("--lora_targets" if "target" in str(e) else
-              "--lora_alpha" if "alpha" in str(e) else "--lora_rank")
-      raise ValueError(f"{flag}: {e}") from None
+    except ValueError as e:   # rank and alpha are checked as flags
+      raise ValueError(f"--lora_targets: {e}") from None
   algorithm = AlgorithmConfig(
       algo=_ALGO.value, tau=_TAU.value,
       beta=_BETA.value if _BETA.value is not None else _TAU.value,

@@ -140,6 +140,30 @@ def test_the_trainer_bad_targets_flag_is_one_line(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flag, line", [
+    ("--lora_alpha=0", "flag --lora_alpha=0.0: must be > 0"),
+    ("--lora_rank=-2", "flag --lora_rank=-2: -2 is not a non-negative"),
+])
+def test_the_trainer_bad_rank_or_alpha_flag_is_one_line(tmp_path, flag,
+                                                        line):
+  done = subprocess.run(
+      [sys.executable, "-m", "dro_fast.train", "--lora_rank=4", flag,
+       f"--workdir={tmp_path / 'run'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 2 and "Traceback" not in done.stderr
+  assert line in done.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_lora_config_refuses_bad_fields():
+  for fields, message in (({"rank": 0}, "rank must be positive"),
+                          ({"alpha": -1.0}, "alpha must be > 0"),
+                          ({"targets": ()}, "targets is empty"),
+                          ({"base_dtype": "float16"}, "base_dtype must be")):
+    with pytest.raises(ValueError, match=message):
+      models.LoraConfig(**fields)
+
+
 def test_adapters_take_their_kernels_axes():
   for path, want in (
       ("model/layers/self_attn/q_proj/lora_a",
